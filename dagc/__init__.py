@@ -1,0 +1,37 @@
+"""dagc: an ahead-of-time compiler for Ray actor DAGs.
+
+    import dagc
+    from dagc import InputNode, MultiOutputNode
+    with InputNode() as inp:
+        dag = b.fwd.bind(a.fwd.bind(inp))
+    with dagc.compile(dag) as cg:
+        print(cg.execute(1).get())
+"""
+__version__ = "0.1.0"
+
+from ray.dag import InputNode, MultiOutputNode  # noqa: E402  (the same classes as Ray's)
+
+from dagc.api import compile, get  # noqa: E402
+from dagc.errors import (ActorDiedError, CapacityError, CompileError, DagClosedError,  # noqa: E402
+                         DagcError, DagTimeoutError, DeadlockError, ExecuteArgumentError,
+                         TaskError)
+
+
+def __getattr__(name):
+    # heavy or optional pieces load on first use
+    if name in ("Schedule", "Action"):
+        from dagc import schedule
+        return getattr(schedule, name)
+    if name in ("CompiledDag", "DagRef", "Profile", "Profile"):
+        from dagc.runtime import compiled
+        return getattr(compiled, name)
+    if name in ("Communicator", "GlooCommunicator", "NcclCommunicator"):
+        from dagc.runtime import communicator
+        return getattr(communicator, name)
+    raise AttributeError(f"module 'dagc' has no attribute {name!r}")
+
+
+__all__ = ["compile", "get", "InputNode", "MultiOutputNode", "CompiledDag", "DagRef", "Profile",
+           "Schedule", "Action", "Communicator", "GlooCommunicator", "NcclCommunicator",
+           "DagcError", "CompileError", "DeadlockError", "TaskError", "DagTimeoutError",
+           "CapacityError", "ActorDiedError", "DagClosedError", "ExecuteArgumentError"]

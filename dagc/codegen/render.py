@@ -1,0 +1,240 @@
+"""Render the per-actor loop modules from Jinja2 templates in ``templates/``.
+
+The render model is built here; templates only loop and branch over it. Every identifier
+in generated code comes from one namespace (:func:`local`), and no live object is ever
+``repr()``-ed into source: constants, methods and channel ends are fetched from the runtime
+by name when the module is bound on its actor.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+import dagc
+from dagc.ir import DRIVER, IR
+from dagc.passes.assign_channels import INPUT
+from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT, WRITE,
+                           Action, Schedule)
+
+
+@dataclass(frozen=True)
+class GeneratedModule:
+    actor: str          # "a1" or "driver"
+    label: str          # "a1:Stage"
+    filename: str       # the name tracebacks show: "<dagc a1:Stage 3f2a9c1d0e4b>"
+    source: str
+    line_steps: tuple   # (generated line number, schedule step) pairs, for error reports
+
+    def step_at(self, lineno: int) -> int | None:
+        best = None
+        for ln, step in self.line_steps:
+            if ln <= lineno:
+                best = step
+        return best
+
+
+def template_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent.parent / "templates"
+    if (here / "actor_loop.py.j2").exists():
+        return here
+    from importlib import resources
+    return Path(str(resources.files("dagc._templates")))
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir())),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True,
+                              autoescape=False)
+
+
+_IDENT = re.compile(r"[^0-9a-zA-Z_]")
+
+
+def local(ref: str, nfields: int) -> str:
+    """The generated-code name of a ref: t3 -> t3, t3.1 -> t3_1, $0 -> inp / inp[0], #2 -> k2."""
+    if ref == INPUT:
+        return "inp"
+    if ref.startswith("$"):
+        return "inp" if nfields == 1 else f"inp[{int(ref[1:])}]"
+    if ref.startswith("#"):
+        return f"k{int(ref[1:])}"
+    return ref.replace(".", "_")
+
+
+def _ident(s: str) -> str:
+    return _IDENT.sub("_", s)
+
+
+class _Model:
+    """Collects the bindings (methods, constants, channel ends) an actor's loop needs."""
+
+    def __init__(self, nfields: int):
+        self.nfields = nfields
+        self.bindings: dict[str, str] = {}   # local name -> runtime expression
+
+    def bind(self, name: str, expr: str) -> str:
+        self.bindings.setdefault(name, expr)
+        return name
+
+    def ref(self, r: str) -> str:
+        if r.startswith("#"):
+            k = int(r[1:])
+            return self.bind(f"k{k}", f"rt.constant({k})")
+        return local(r, self.nfields)
+
+
+def _action_model(a: Action, m: _Model, actor: str) -> dict:
+    d = {"kind": a.kind, "step": a.step, "comment": f"step {a.step}  {a.detail()}"}
+    if a.kind in (CALL, COLL):
+        if a.kind == CALL:
+            fn = m.bind(f"m_{_ident(a.method)}", f"rt.method({a.method!r})")
+        else:
+            fn = m.bind(f"coll_{a.group}", f"rt.collective({a.group!r})")
+        args = [m.ref(x) for x in a.args]
+        kwargs = [f"{k}={m.ref(v)}" for k, v in a.kwargs]
+        checks = sorted({local(x, m.nfields) for x in [*a.args, *(v for _, v in a.kwargs)]
+                         if x.startswith("t")})
+        d.update(fn=fn, call_args=", ".join(args + kwargs), checks=checks,
+                 target=local(a.value, m.nfields), method=a.method, actor=actor,
+                 outs=[f"{a.value}_{i}" for i in range(a.num_returns)]
+                 if a.num_returns != 1 else [], num_returns=a.num_returns)
+    elif a.kind == READ:
+        d.update(fn=m.bind(f"read_{a.channel}", f"rt.reader({a.channel!r}).read"),
+                 target=local(a.value, m.nfields))
+    elif a.kind == WRITE:
+        d.update(fn=m.bind(f"write_{a.channel}", f"rt.writer({a.channel!r}).write"),
+                 source=local(a.value, m.nfields))
+    elif a.kind in (CSEND, ISEND):
+        cw = m.bind(f"cw_{a.channel}", f"rt.comm_writer({a.channel!r})")
+        d.update(obj=cw, source=local(a.value, m.nfields), peer=a.peers[0],
+                 handle=f"h_{local(a.value, m.nfields)}_{a.peers[0]}")
+    elif a.kind in (CRECV, ICRECV):
+        cr = m.bind(f"cr_{a.channel}", f"rt.comm_reader({a.channel!r})")
+        d.update(obj=cr, target=local(a.value, m.nfields),
+                 handle=f"h_{local(a.value, m.nfields)}")
+    elif a.kind == WAIT:
+        is_recv = not a.peers and a.channel and a.actor == actor
+        d.update(target=local(a.value, m.nfields), handle=f"h_{local(a.value, m.nfields)}",
+                 recv=is_recv)
+    return d
+
+
+def _wait_models(acts) -> None:
+    # a send's wait names the peer's handle; a receive's wait assigns the value
+    sends = {}
+    for a in acts:
+        if a["kind"] == ISEND:
+            sends.setdefault(a["target"] if "target" in a else a["source"], []).append(a)
+    for a in acts:
+        if a["kind"] == WAIT:
+            s = sends.get(a["target"])
+            if s:
+                a["send_handles"] = [x["handle"] for x in s]
+                a["recv"] = False
+                sends.pop(a["target"])
+            else:
+                a["send_handles"] = []
+                a["recv"] = True
+
+
+def _header(ir: IR, actor: str, label: str, origin: str) -> dict:
+    return {"version": dagc.__version__, "graph": ir.fingerprint(), "actor": actor,
+            "label": label, "pipeline": ",".join(ir.passes), "origin": origin or "<unknown>"}
+
+
+def render_actor(ir: IR, sched: Schedule, actor: str, origin: str = "",
+                 profile: bool = False) -> GeneratedModule:
+    nfields = len(ir.inputs.fields)
+    m = _Model(nfields)
+    acts = [_action_model(a, m, actor) for a in sched.of(actor)]
+    _wait_models(acts)
+    label = sched.labels.get(actor, actor)
+    model = {"h": _header(ir, actor, label, origin), "actions": acts,
+             "bindings": sorted(m.bindings.items(), key=_binding_order), "profile": profile}
+    src = environment().get_template("actor_loop.py.j2").render(**model)
+    return _finish(actor, label, ir, src)
+
+
+def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
+    nfields = len(ir.inputs.fields)
+    m = _Model(nfields)
+    inp = None
+    outputs = []
+    for a in sched.of(DRIVER):
+        if a.kind == WRITE:
+            inp = {"fn": m.bind(f"write_{a.channel}", f"rt.writer({a.channel!r}).write")}
+        elif a.kind == READ:
+            outputs.append({"target": local(a.value, nfields), "channel": a.channel,
+                            "wait": m.bind(f"ready_{a.channel}",
+                                           f"rt.reader({a.channel!r}).wait_ready"),
+                            "fn": m.bind(f"read_{a.channel}", f"rt.reader({a.channel!r}).read"),
+                            "comment": f"step {a.step}  {a.detail()}"})
+    fields = []
+    for f in ir.inputs.fields:
+        fields.append(f"args[{f}]" if isinstance(f, int) else f"kwargs[{f!r}]")
+    kws = list(ir.inputs.kwargs)
+    cond = [f"len(args) != {ir.inputs.num_positional}"]
+    cond += [f"{k!r} not in kwargs" for k in kws]
+    if not kws:
+        cond.append("kwargs")
+    result = [local(r.text, nfields) for r in ir.output.refs]
+    model = {"h": _header(ir, DRIVER, DRIVER, origin), "inp": inp, "fields": fields,
+             "bad_input": " or ".join(cond), "outputs": outputs,
+             "result": ("[" + ", ".join(result) + "]") if ir.output.multi else result[0],
+             "failure_checks": sorted(set(result)),
+             "bindings": sorted(m.bindings.items(), key=_binding_order)}
+    src = environment().get_template("driver.py.j2").render(**model)
+    return _finish(DRIVER, DRIVER, ir, src)
+
+
+def _binding_order(item):
+    name = item[0]
+    order = {"m": 0, "k": 1, "coll": 2, "read": 3, "ready": 3, "cr": 4, "write": 5, "cw": 6}
+    prefix = name.split("_", 1)[0] if "_" in name else name[:1]
+    return (order.get(prefix, 9), name)
+
+
+_STEP_MARK = re.compile(r"# step (\d+) ")
+
+
+def _finish(actor: str, label: str, ir: IR, src: str) -> GeneratedModule:
+    line_steps = []
+    for i, line in enumerate(src.splitlines(), start=1):
+        mt = _STEP_MARK.search(line)
+        if mt:
+            line_steps.append((i, int(mt.group(1))))
+    filename = f"<dagc {label} {ir.fingerprint()}>"
+    return GeneratedModule(actor=actor, label=label, filename=filename, source=src,
+                           line_steps=tuple(line_steps))
+
+
+def render_all(ir: IR, origin: str = "", profile: bool = False) -> dict[str, GeneratedModule]:
+    """Every module of a scheduled IR: driver first, then actors in schedule order."""
+    sched = ir.schedule
+    out = {DRIVER: render_driver(ir, sched, origin)}
+    for a in sched.actors:
+        if a != DRIVER:
+            out[a] = render_actor(ir, sched, a, origin, profile)
+    return out
+
+
+def source_digest(mods: dict[str, GeneratedModule]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(mods):
+        h.update(mods[k].source.encode())
+    return h.hexdigest()[:12]
+
+
+def relative_origin(path: str) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return path

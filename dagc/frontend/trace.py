@@ -1,0 +1,304 @@
+"""Ray DAG -> dagc IR.
+
+``trace(dag)`` returns ``(ir, side)``: the IR names actors "a0", "a1", ... in order of first
+appearance and values "t0", "t1", ... in a deterministic depth-first order over the
+arguments, so the same DAG always gives the same IR. Live objects (actor handles,
+constants, user communicators) go into the side table, never into the IR.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+
+from dagc.errors import CompileError
+from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec,
+                     SideTable)
+
+
+def _ray_dag():
+    import ray.dag as rd
+    from ray.dag.collective_node import CollectiveOutputNode
+    from ray.dag.input_node import InputAttributeNode
+    return rd, CollectiveOutputNode, InputAttributeNode
+
+
+def describe(node) -> str:
+    """A short human name for a Ray DAG node, for error messages."""
+    try:
+        rd, _, _ = _ray_dag()
+        if isinstance(node, rd.ClassMethodNode):
+            handle = node._get_actor_handle()
+            cls = handle._ray_actor_creation_function_descriptor.class_name if handle else "?"
+            return f"{cls}.{node.get_method_name()}"
+        if isinstance(node, rd.FunctionNode):
+            return f"function {getattr(node._body, '__name__', node._body)}"
+        if isinstance(node, rd.ClassNode):
+            return f"class {getattr(node._body, '__name__', node._body)}"
+    except Exception:  # pragma: no cover - describing must never fail
+        pass
+    return type(node).__name__
+
+
+class _Tracer:
+    def __init__(self):
+        self.rd, self.CollectiveOutputNode, self.InputAttributeNode = _ray_dag()
+        self.graph = nx.DiGraph()
+        self.side = SideTable()
+        self.memo: dict[int, Arg] = {}          # id(ray node) -> Arg
+        self.keep_alive: list = []              # nodes whose id() we memoised
+        self.actor_ids: dict[Any, str] = {}     # ActorId -> "aN"
+        self.actor_specs: list[ActorSpec] = []
+        self.groups: dict[int, str] = {}
+        self.group_objs: dict[str, Any] = {}
+        self.pos_keys: set[int] = set()
+        self.kw_keys: set[str] = set()
+        self.direct = False
+        self.input_node = None
+        self.input_uses: list[tuple[str, Any]] = []  # ("direct", None) | ("pos", i) | ("kw", k)
+        self.n_ops = 0
+
+    # -- actors --------------------------------------------------------------------------
+    def actor_of(self, node) -> str:
+        handle = node._get_actor_handle()
+        if handle is None:
+            raise CompileError(
+                f"{describe(node)}: the method is bound on an actor class (Actor.bind()), not a "
+                f"live actor. Create the actor first: a = Actor.remote(); a.method.bind(...).")
+        key = handle._ray_actor_id
+        aid = self.actor_ids.get(key)
+        if aid is None:
+            aid = f"a{len(self.actor_ids)}"
+            self.actor_ids[key] = aid
+            cls = handle._ray_actor_creation_function_descriptor.class_name
+            self.actor_specs.append(ActorSpec(id=aid, cls=cls.rsplit(".", 1)[-1], name=aid))
+            self.side.handles[aid] = handle
+        return aid
+
+    # -- arguments -----------------------------------------------------------------------
+    def arg(self, value, consumer) -> Arg:
+        rd = self.rd
+        if isinstance(value, rd.DAGNode):
+            return self.node(value)
+        import ray
+        if isinstance(value, ray.ObjectRef):
+            raise CompileError(
+                f"{describe(consumer)}: an ObjectRef is bound as an argument; compiled DAGs "
+                f"take values, not ObjectRefs. Pass the value (ray.get it first) or feed it "
+                f"through the InputNode.")
+        if isinstance(value, (list, tuple, dict, set)) and _contains_dag_node(value, rd.DAGNode):
+            raise CompileError(
+                f"{describe(consumer)}: a DAG node is nested inside a {type(value).__name__} "
+                f"argument; compiled DAGs need DAG nodes as top-level arguments. Pass each node "
+                f"as its own argument.")
+        self.side.constants.append(value)
+        return Arg(f"#{len(self.side.constants) - 1}")
+
+    def input_field(self, kind: str, key) -> Arg:
+        self.input_uses.append((kind, key))
+        if kind == "direct":
+            self.direct = True
+        elif kind == "pos":
+            self.pos_keys.add(key)
+        else:
+            self.kw_keys.add(key)
+        return Arg(f"${kind}:{key}")  # placeholder, renumbered in finish()
+
+    def check_input(self, node):
+        if self.input_node is None:
+            self.input_node = node
+        elif node is not self.input_node:
+            raise CompileError("the DAG uses two different InputNodes; a compiled DAG has one "
+                               "InputNode: build the whole DAG inside one `with InputNode() as inp:`.")
+
+    # -- nodes ---------------------------------------------------------------------------
+    def node(self, node) -> Arg:
+        key = id(node)
+        if key in self.memo:
+            return self.memo[key]
+        self.keep_alive.append(node)
+        rd = self.rd
+        if isinstance(node, rd.InputNode):
+            self.check_input(node)
+            result = self.input_field("direct", None)
+        elif isinstance(node, self.InputAttributeNode):
+            self.check_input(node._dag_input_node)
+            k = node.key
+            if isinstance(k, bool) or not isinstance(k, (int, str)):
+                raise CompileError(f"input attribute {k!r}: use inp[i] (int) or inp['key'] (str).")
+            result = self.input_field("pos" if isinstance(k, int) else "kw", k)
+        elif isinstance(node, rd.ClassMethodNode):
+            result = self.method(node)
+        elif isinstance(node, rd.MultiOutputNode):
+            raise CompileError("a MultiOutputNode must be the root of the DAG, not an argument.")
+        elif isinstance(node, rd.FunctionNode):
+            raise CompileError(
+                f"{describe(node)}: function task nodes (f.bind()) cannot be compiled; compiled "
+                f"DAGs run actor methods. Move the function into an actor method.")
+        elif isinstance(node, rd.ClassNode):
+            raise CompileError(
+                f"{describe(node)}: actor creation inside the DAG (Actor.bind()) cannot be "
+                f"compiled. Create the actor with Actor.remote() and bind its methods.")
+        else:
+            raise CompileError(f"{describe(node)}: unsupported DAG node type "
+                               f"{type(node).__name__}.")
+        self.memo[key] = result
+        return result
+
+    def new_id(self) -> str:
+        i = self.n_ops
+        self.n_ops += 1
+        return f"t{i}"
+
+    def method(self, node) -> Arg:
+        rd = self.rd
+        if node.is_class_method_output:
+            parent = node.class_method_call
+            base = self.node(parent)
+            return Arg(f"{base.text}.{node.output_idx}")
+        is_coll = isinstance(node, self.CollectiveOutputNode) and node.collective_op is not None
+        args = tuple(self.arg(a, node) for a in node.get_args())
+        kwargs = tuple((k, self.arg(v, node)) for k, v in node.get_kwargs().items())
+        aid = self.actor_of(node)   # after the arguments: actors number in dataflow order
+        num_returns = 1
+        if not is_coll:
+            try:
+                num_returns = node.num_returns
+            except Exception:
+                num_returns = 1
+            if num_returns in (None, "streaming", "dynamic") or not isinstance(num_returns, int):
+                raise CompileError(f"{describe(node)}: num_returns={num_returns!r} is not "
+                                   f"supported; use a fixed number of returns.")
+        op_id = self.new_id()
+        transport = self.transport_of(node)
+        group = None
+        method_name = node.get_method_name()
+        if is_coll:
+            cop = node.collective_op
+            gid = self.groups.get(id(cop))
+            if gid is None:
+                gid = f"g{len(self.groups)}"
+                self.groups[id(cop)] = gid
+                self.group_objs[gid] = cop
+                self.keep_alive.append(cop)
+            group = gid
+            transport = self.collective_transport(cop)
+            reduce_name = getattr(getattr(cop._op, "reduceOp", None), "name", "SUM").lower()
+            kind_name = type(cop._op).__name__
+            if kind_name != "AllReduceOp":
+                raise CompileError(f"{describe(node)}: collective {kind_name} is not supported "
+                                   f"yet; dagc compiles allreduce.")
+            method_name = f"allreduce.{reduce_name}"
+        op = Op(id=op_id, kind=COLLECTIVE if is_coll else CALL, actor=aid, method=method_name,
+                args=args, kwargs=kwargs, num_returns=num_returns, transport=transport,
+                group=group)
+        self.graph.add_node(op_id, op=op)
+        for a in op.refs():
+            if a.is_value:
+                self.graph.add_edge(a.op, op_id)
+        return Arg(op_id)
+
+    def transport_of(self, node) -> str | None:
+        hint = getattr(node, "_type_hint", None)
+        if hint is None:
+            return None
+        name = type(hint).__name__
+        if name == "AutoTransportType":
+            return "auto"
+        if name == "TorchTensorType":
+            t = getattr(hint, "transport", None)
+            if isinstance(t, str):
+                if t in ("accelerator", "nccl"):
+                    return "nccl"
+                return None  # "shm" tensors travel through shared memory like any value
+            if t is not None:
+                return self.custom_communicator(t)
+        return None
+
+    def collective_transport(self, cop) -> str:
+        t = getattr(cop._type_hint, "transport", None)
+        if isinstance(t, str) or t is None:
+            return "nccl" if t in (None, "accelerator", "nccl") else str(t)
+        return self.custom_communicator(t)
+
+    def custom_communicator(self, comm) -> str:
+        for name, c in self.side.communicators.items():
+            if c is comm:
+                return name
+        name = f"custom{len(self.side.communicators)}"
+        self.side.communicators[name] = comm
+        return name
+
+    # -- finish --------------------------------------------------------------------------
+    def finish(self, out_refs: list[Arg], multi: bool, pipeline_names=()) -> tuple[IR, SideTable]:
+        pos = sorted(self.pos_keys | ({0} if self.direct else set()))
+        kws = sorted(self.kw_keys)
+        fields = tuple(pos) + tuple(kws)
+        index = {("pos", k): i for i, k in enumerate(pos)}
+        index.update({("kw", k): len(pos) + i for i, k in enumerate(kws)})
+        index[("direct", None)] = index.get(("pos", 0), 0)
+
+        def renumber(a: Arg) -> Arg:
+            if not a.is_input:
+                return a
+            kind, _, key = a.text[1:].partition(":")
+            k = None if kind == "direct" else (int(key) if kind == "pos" else key)
+            return Arg(f"${index[(kind, k)]}")
+
+        for n, data in self.graph.nodes(data=True):
+            op = data["op"]
+            if any(a.is_input for a in op.refs()):
+                data["op"] = Op(**{**op.__dict__,
+                                   "args": tuple(renumber(a) for a in op.args),
+                                   "kwargs": tuple((k, renumber(v)) for k, v in op.kwargs)})
+        out = tuple(renumber(a) for a in out_refs)
+        num_positional = (max(pos) + 1) if pos else 0
+        inputs = InputSpec(fields=fields, num_positional=num_positional, kwargs=tuple(kws),
+                           direct=self.direct)
+        ir = IR(graph=self.graph, actors=tuple(self.actor_specs), inputs=inputs,
+                output=OutputSpec(refs=out, multi=multi))
+        self.side.group_objs = self.group_objs  # type: ignore[attr-defined]
+        return ir, self.side
+
+
+def _contains_dag_node(value, dag_cls, depth=0) -> bool:
+    if depth > 4:
+        return False
+    if isinstance(value, dag_cls):
+        return True
+    if isinstance(value, dict):
+        return any(_contains_dag_node(v, dag_cls, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_contains_dag_node(v, dag_cls, depth + 1) for v in value)
+    return False
+
+
+def trace(dag) -> tuple[IR, SideTable]:
+    """Walk a Ray DAG into dagc IR. Raises CompileError naming the unsupported node."""
+    try:
+        rd, _, _ = _ray_dag()
+    except ImportError as e:  # pragma: no cover
+        raise CompileError(f"ray is not importable ({e}); install ray to compile Ray DAGs.")
+    t = _Tracer()
+    if isinstance(dag, (list, tuple)):
+        raise CompileError("compile() takes one DAG node; wrap several outputs in "
+                           "MultiOutputNode([...]).")
+    if isinstance(dag, rd.MultiOutputNode):
+        refs = [t.node(n) if isinstance(n, rd.DAGNode) else _not_node(n)
+                for n in dag.get_args()]
+        multi = True
+    elif isinstance(dag, rd.DAGNode):
+        refs = [t.node(dag)]
+        multi = False
+    else:
+        raise CompileError(f"compile() needs a Ray DAG node (from .bind()), got "
+                           f"{type(dag).__name__}.")
+    if not t.actor_specs:
+        raise CompileError("the DAG has no actor method calls; bind at least one actor method "
+                           "(actor.method.bind(inp)).")
+    return t.finish(refs, multi)
+
+
+def _not_node(n):
+    raise CompileError(f"MultiOutputNode holds {type(n).__name__}, not a DAG node; list the "
+                       f"nodes to return.")

@@ -1,0 +1,356 @@
+"""Profiling output from per-op timing records.
+
+A loop compiled with profiling records, per actor, one tuple per executed action::
+
+    (execution_index, step, t_start_ns, t_end_ns)       # time.monotonic_ns()
+
+``records`` maps actor id ("a0", "driver") to that actor's list, in the order recorded.
+The clock is shared by all processes of one node, so spans of different actors line up.
+
+- :func:`chrome_trace` turns them into Chrome trace-event JSON (opens in Perfetto or
+  chrome://tracing): one track per actor, one span per op.
+- :func:`summary_dict` / :func:`summary` give per-op statistics and the critical path of
+  a representative execution, as JSON-able data / as a text table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT, WRITE,
+                           Action, Schedule)
+
+PID = 1
+
+
+@dataclass(frozen=True)
+class Span:
+    """One recorded action: which one, in which execution, and when."""
+
+    actor: str
+    execution: int
+    step: int
+    index: int                  # position in the actor's action list; -1 if unmatched
+    action: Optional[Action]
+    start_ns: int
+    end_ns: int
+
+    @property
+    def name(self) -> str:
+        return op_name(self.action) if self.action is not None else f"step {self.step}"
+
+    @property
+    def dur_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+
+def op_name(action: Action) -> str:
+    """The span name of an action: the method for calls (``fwd``), else ``recv t2<a0``."""
+    return action.method if action.kind in (CALL, COLL) else str(action)
+
+
+def _actor_order(schedule: Schedule, records: dict) -> list[str]:
+    """Schedule columns first, then any recorded actor the schedule does not name."""
+    return list(schedule.actors) + sorted(a for a in records if a not in schedule.actors)
+
+
+def match_spans(schedule: Schedule, records: dict) -> list[Span]:
+    """Pair each record with its action; spans ordered by actor column, execution, start.
+
+    Within one execution an actor's records come in program order, so the k-th record
+    with step s is the k-th action at step s (several actions may share a step).
+    """
+    spans = []
+    for actor in _actor_order(schedule, records):
+        acts = schedule.of(actor)
+        at_step: dict[int, list[int]] = {}
+        for i, a in enumerate(acts):
+            at_step.setdefault(a.step, []).append(i)
+        used: dict[tuple[int, int], int] = {}       # (execution, step) -> records matched
+        for rec in records.get(actor, ()):
+            n, step, t0, t1 = (int(x) for x in rec[:4])
+            k = used.get((n, step), 0)
+            used[(n, step)] = k + 1
+            candidates = at_step.get(step, [])
+            idx = candidates[k] if k < len(candidates) else -1
+            spans.append(Span(actor, n, step, idx, acts[idx] if idx >= 0 else None, t0, t1))
+    order = {a: i for i, a in enumerate(_actor_order(schedule, records))}
+    spans.sort(key=lambda s: (order[s.actor], s.execution, s.start_ns, s.index))
+    return spans
+
+
+def _us(ns: float) -> float:
+    return round(ns / 1000.0, 3)
+
+
+# -- Chrome trace -------------------------------------------------------------------------
+
+def chrome_trace(schedule: Schedule, records: dict) -> dict:
+    """Chrome trace-event JSON, object form, for Perfetto / chrome://tracing::
+
+        {"traceEvents": [
+            {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "dagc"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "a0:Stage"}},
+            {"ph": "X", "name": "fwd", "cat": "call", "pid": 1, "tid": 2,
+             "ts": 12.5, "dur": 3.25,
+             "args": {"execution": 0, "step": 2, "value": "t0", "op": "t0 = fwd($0)"}},
+            ...],
+         "displayTimeUnit": "ns"}
+
+    One track (tid) per actor in schedule column order; timestamps in microseconds from
+    the earliest record.
+    """
+    spans = match_spans(schedule, records)
+    t0 = min((s.start_ns for s in spans), default=0)
+    events: list[dict] = [{"ph": "M", "name": "process_name", "pid": PID, "tid": 0,
+                           "args": {"name": "dagc"}}]
+    tids = {}
+    for i, actor in enumerate(_actor_order(schedule, records)):
+        if actor not in records:
+            continue
+        tids[actor] = i + 1
+        label = schedule.labels.get(actor, actor)
+        events.append({"ph": "M", "name": "thread_name", "pid": PID, "tid": i + 1,
+                       "args": {"name": label}})
+        events.append({"ph": "M", "name": "thread_sort_index", "pid": PID, "tid": i + 1,
+                       "args": {"sort_index": i}})
+    for s in spans:
+        a = s.action
+        events.append({
+            "ph": "X", "name": s.name, "cat": a.kind if a else "unknown", "pid": PID,
+            "tid": tids[s.actor], "ts": _us(s.start_ns - t0), "dur": _us(s.dur_ns),
+            "args": {"execution": s.execution, "step": s.step,
+                     "value": a.value if a else "", "op": a.detail() if a else ""}})
+    return {"traceEvents": events, "displayTimeUnit": "ns"}
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+def _percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list (p in 0..100)."""
+    if not sorted_values:
+        return 0.0
+    k = max(0, math.ceil(p / 100.0 * len(sorted_values)) - 1)
+    return sorted_values[min(k, len(sorted_values) - 1)]
+
+
+def _op_stats(schedule: Schedule, spans: list[Span]) -> list[dict]:
+    groups: dict[tuple[str, int, int], list[Span]] = {}
+    for s in spans:
+        groups.setdefault((s.actor, s.index, s.step), []).append(s)
+    order = {a: i for i, a in enumerate(_actor_order(schedule, {s.actor: () for s in spans}))}
+    rows = []
+    for (actor, index, step), ss in sorted(groups.items(),
+                                           key=lambda kv: (order[kv[0][0]], kv[0][2],
+                                                           kv[0][1])):
+        durs = sorted(s.dur_ns for s in ss)
+        a = ss[0].action
+        rows.append({"actor": actor, "label": schedule.labels.get(actor, actor),
+                     "step": step, "index": index, "action": str(a) if a else ss[0].name,
+                     "kind": a.kind if a else "unknown", "value": a.value if a else "",
+                     "count": len(durs), "mean_us": _us(sum(durs) / len(durs)),
+                     "p50_us": _us(_percentile(durs, 50)),
+                     "p99_us": _us(_percentile(durs, 99))})
+    return rows
+
+
+def _executions(schedule: Schedule, spans: list[Span]) -> tuple[dict, list[int]]:
+    """(execution -> its spans, the executions every recorded actor finished)."""
+    by_exec: dict[int, list[Span]] = {}
+    for s in spans:
+        by_exec.setdefault(s.execution, []).append(s)
+    actors = sorted({s.actor for s in spans})
+    complete = []
+    for n, ss in sorted(by_exec.items()):
+        counts = {a: 0 for a in actors}
+        for s in ss:
+            counts[s.actor] += 1
+        if all(counts[a] >= len(schedule.of(a)) for a in actors if schedule.of(a)):
+            complete.append(n)
+    return by_exec, complete
+
+
+def _span_ns(ss: list[Span]) -> int:
+    return max(s.end_ns for s in ss) - min(s.start_ns for s in ss)
+
+
+def _representative(by_exec: dict, complete: list[int]) -> tuple[int, str]:
+    pool = complete or sorted(by_exec)
+    ranked = sorted(pool, key=lambda n: (_span_ns(by_exec[n]), n))
+    n = ranked[(len(ranked) - 1) // 2]
+    what = "complete" if complete else "recorded (none complete)"
+    return n, f"median end-to-end span of {len(pool)} {what} executions"
+
+
+# -- critical path ------------------------------------------------------------------------
+
+def _senders(a: Action, me: str, acts_of: dict) -> list[tuple[str, str]]:
+    """(peer actor, kinds) whose matching action released receive-like action ``a``."""
+    if a.kind == READ:
+        return [(a.peers[0], WRITE)] if a.peers else []
+    if a.kind in (CRECV, ICRECV):
+        return [(a.peers[0], "comm-send")] if a.peers else []
+    if a.kind == WAIT and not a.peers:
+        for x in acts_of.get(me, ()):
+            if x.kind in (ICRECV, CRECV) and x.value == a.value and x.peers:
+                return [(x.peers[0], "comm-send")]
+    return []
+
+
+def _predecessors(x: Span, spans: dict, schedule: Schedule) -> list[tuple[Span, str]]:
+    """Spans of the same execution that could have released ``x``, with how they link."""
+    out = []
+    prev = spans.get((x.actor, x.index - 1))
+    if prev is not None:
+        out.append((prev, "same actor"))
+    a = x.action
+    if a is None:
+        return out
+    acts_of = {p: schedule.of(p) for p in schedule.actors}
+    for peer, kind in _senders(a, x.actor, acts_of):
+        for i, y in enumerate(acts_of.get(peer, ())):
+            s = spans.get((peer, i))
+            if s is None or y.value != a.value:
+                continue
+            if kind == WRITE and y.kind == WRITE and (not a.channel or y.channel == a.channel):
+                out.append((s, f"{a.value} via {a.channel or 'channel'} from {peer}"))
+            elif kind == "comm-send" and y.kind in (CSEND, ISEND) and x.actor in y.peers:
+                out.append((s, f"{a.value} via communicator from {peer}"))
+    if a.kind == COLL:
+        for p in schedule.actors:
+            if p == x.actor:
+                continue
+            for i, y in enumerate(schedule.of(p)):
+                if y.kind == COLL and y.group == a.group and (p, i - 1) in spans:
+                    out.append((spans[(p, i - 1)], f"collective {a.group} waits for {p}"))
+    return out
+
+
+def critical_path(schedule: Schedule, spans: list[Span]) -> list[tuple[Span, str]]:
+    """Walk back from the last-finishing span through whatever released each one.
+
+    Of a span's predecessors (the previous op of the same actor; the writer of the value
+    it received; the other participants of its collective) the one that finished last is
+    on the path. Returns (span, link) pairs in time order; link says how the span follows
+    the one before it ("same actor", "t2 via c1 from a0", ...; "" for the first).
+    """
+    by_key = {(s.actor, s.index): s for s in spans if s.index >= 0}
+    if not by_key:
+        return []
+    cur = max(by_key.values(), key=lambda s: (s.end_ns, s.start_ns, s.actor, s.index))
+    path: list[tuple[Span, str]] = []
+    seen = set()
+    while cur is not None and (cur.actor, cur.index) not in seen:
+        seen.add((cur.actor, cur.index))
+        preds = _predecessors(cur, by_key, schedule)
+        best = max(preds, key=lambda p: (p[0].end_ns, p[1] == "same actor"), default=None)
+        path.append((cur, best[1] if best else ""))
+        cur = best[0] if best else None
+    path.reverse()
+    return [(s, link if i > 0 else "") for i, (s, link) in enumerate(path)]
+
+
+# -- summary ------------------------------------------------------------------------------
+
+def summary_dict(schedule: Schedule, records: dict) -> dict:
+    """Per-op statistics and one critical path, as JSON-able data::
+
+        {"executions": 100, "complete_executions": 100,
+         "ops": [{"actor": "a0", "label": "a0:Stage", "step": 2, "index": 1,
+                  "action": "fwd t0", "kind": "call", "value": "t0", "count": 100,
+                  "mean_us": 3.1, "p50_us": 2.9, "p99_us": 7.4}, ...],
+         "critical_path": {"execution": 57, "chosen": "median end-to-end span of ...",
+                           "span_us": 41.0, "path_us": 40.2, "busy_us": 35.5,
+                           "gaps_us": 4.7,
+                           "ops": [{"actor": "a0", "label": "a0:Stage", "step": 1,
+                                    "action": "recv in<driver", "start_us": 0.0,
+                                    "dur_us": 1.2, "adds_us": 1.2, "via": ""}, ...]}}
+
+    ``start_us`` counts from the start of the chosen execution. An op's ``dur_us`` is its
+    whole span (a receive's includes its wait); ``adds_us`` is the part after its
+    predecessor on the path ended, i.e. what it adds to the path. ``path_us`` (first start
+    to last end along the path) = ``busy_us`` (sum of adds) + ``gaps_us`` (hand-off time
+    between one op's end and the next one's start).
+    """
+    spans = match_spans(schedule, records)
+    by_exec, complete = _executions(schedule, spans)
+    out = {"executions": len(by_exec), "complete_executions": len(complete),
+           "ops": _op_stats(schedule, spans), "critical_path": None}
+    if not by_exec:
+        return out
+    n, chosen = _representative(by_exec, complete)
+    ss = by_exec[n]
+    t0 = min(s.start_ns for s in ss)
+    path = critical_path(schedule, ss)
+    ops, busy, gaps, prev_end = [], 0, 0, None
+    for s, link in path:
+        begin = s.start_ns if prev_end is None else max(s.start_ns, prev_end)
+        adds = max(0, s.end_ns - begin)
+        gaps += 0 if prev_end is None else max(0, s.start_ns - prev_end)
+        busy += adds
+        prev_end = s.end_ns if prev_end is None else max(prev_end, s.end_ns)
+        ops.append({"actor": s.actor, "label": schedule.labels.get(s.actor, s.actor),
+                    "step": s.step, "action": str(s.action) if s.action else s.name,
+                    "start_us": _us(s.start_ns - t0), "dur_us": _us(s.dur_ns),
+                    "adds_us": _us(adds), "via": link})
+    out["critical_path"] = {
+        "execution": n, "chosen": chosen, "span_us": _us(_span_ns(ss)),
+        "path_us": _us(path[-1][0].end_ns - path[0][0].start_ns) if path else 0.0,
+        "busy_us": _us(busy), "gaps_us": _us(gaps), "ops": ops}
+    return out
+
+
+def _table(heads: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [heads] + rows) for i in range(len(heads))]
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return [fmt(heads), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
+def format_summary(d: dict) -> str:
+    """Text form of :func:`summary_dict`'s result (see :func:`summary`)."""
+    lines = [f"per-op time over {d['executions']} executions (µs)"]
+    rows = [[o["label"], str(o["step"]), o["action"], str(o["count"]), f"{o['mean_us']:.2f}",
+             f"{o['p50_us']:.2f}", f"{o['p99_us']:.2f}"] for o in d["ops"]]
+    lines += _table(["actor", "step", "action", "count", "mean", "p50", "p99"], rows,
+                    right={1, 3, 4, 5, 6})
+    cp = d["critical_path"]
+    if cp is None:
+        lines.append("")
+        lines.append("critical path: no records")
+        return "\n".join(lines) + "\n"
+    lines += ["", f"critical path of execution {cp['execution']} ({cp['chosen']})"]
+    rows = [[f"{o['start_us']:.2f}", f"{o['dur_us']:.2f}", f"{o['adds_us']:.2f}",
+             o["label"], str(o["step"]), o["action"], o["via"]] for o in cp["ops"]]
+    lines += _table(["start", "dur", "adds", "actor", "step", "action", "link"], rows,
+                    right={0, 1, 2, 4})
+    lines.append(f"total: {cp['path_us']:.2f} µs along {len(cp['ops'])} ops = "
+                 f"{cp['busy_us']:.2f} µs in ops + {cp['gaps_us']:.2f} µs between them; "
+                 f"execution span {cp['span_us']:.2f} µs")
+    return "\n".join(lines) + "\n"
+
+
+def summary(schedule: Schedule, records: dict) -> str:
+    """Per-op timing table, then the critical path of one execution, as text::
+
+        per-op time over 100 executions (µs)
+        actor     step  action          count  mean   p50   p99
+        --------  ----  --------------  -----  ----  ----  ----
+        a0:Stage     1  recv in<driver    100  1.20  1.10  3.40
+        ...
+
+        critical path of execution 57 (median end-to-end span of 100 complete executions)
+        start   dur  adds  actor     step  action          link
+        -----  ----  ----  --------  ----  --------------  ----------
+         0.00  1.20  1.20  a0:Stage     1  recv in<driver
+         1.30  3.10  3.10  a0:Stage     2  fwd t0          same actor
+         ...
+        total: 24.00 µs along 7 ops = 23.50 µs in ops + 0.50 µs between them; ...
+
+    ``dur`` is an op's whole span (a receive's includes waiting for the sender); ``adds``
+    what it adds to the path after its predecessor on the path ended.
+    """
+    return format_summary(summary_dict(schedule, records))

@@ -1,0 +1,263 @@
+"""The dagc IR: a networkx DiGraph of plain-data ops plus the tables the passes fill in.
+
+Nothing here holds a live Ray object. Actors are named by stable ids ("a0", "a1", ...) in
+order of first appearance; values by op ids ("t0", "t1", ...). Live handles and constants
+are kept by the frontend in a :class:`SideTable` that travels beside the IR.
+
+Argument notation (used in the IR, the schedule and the generated code comments)::
+
+    t3      the value of op t3
+    t3.1    element 1 of op t3's return tuple (``num_returns > 1``)
+    $0      input field 0 (``inp``, ``inp[i]`` or ``inp["key"]``, see InputSpec)
+    #2      constant 2 of the side table
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import networkx as nx
+
+DRIVER = "driver"
+
+# Op kinds: a closed set.
+CALL = "call"              # actor method call
+COLLECTIVE = "collective"  # one participant of a collective (allreduce)
+KINDS = (CALL, COLLECTIVE)
+
+
+@dataclass(frozen=True, order=True)
+class Arg:
+    """An argument: a value ref ("t3", "t3.1"), an input field ("$0") or a constant ("#2")."""
+
+    text: str
+
+    @property
+    def is_value(self) -> bool:
+        return self.text.startswith("t")
+
+    @property
+    def is_input(self) -> bool:
+        return self.text.startswith("$")
+
+    @property
+    def is_const(self) -> bool:
+        return self.text.startswith("#")
+
+    @property
+    def op(self) -> str:
+        """The producing op id of a value ref ("t3.1" -> "t3")."""
+        return self.text.split(".", 1)[0]
+
+    @property
+    def index(self) -> Optional[int]:
+        if self.is_value and "." in self.text:
+            return int(self.text.split(".", 1)[1])
+        return None
+
+    @property
+    def number(self) -> int:
+        """The field or constant number of "$k" / "#k"."""
+        return int(self.text[1:])
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Op:
+    """One node of the IR graph."""
+
+    id: str                                   # "t3"
+    kind: str                                 # CALL | COLLECTIVE
+    actor: str                                # "a1"
+    method: str                               # "fwd", or "allreduce.sum"
+    args: tuple[Arg, ...] = ()
+    kwargs: tuple[tuple[str, Arg], ...] = ()
+    num_returns: int = 1
+    transport: Optional[str] = None           # None (shm), "nccl", "auto", "gloo", "custom"
+    group: Optional[str] = None               # collective group id "g0"
+    where: str = ""                           # the user's file:line where the node was bound
+
+    def refs(self) -> list[Arg]:
+        return [a for a in (*self.args, *(v for _, v in self.kwargs))]
+
+    def __str__(self) -> str:
+        parts = [str(a) for a in self.args] + [f"{k}={v}" for k, v in self.kwargs]
+        s = f"{self.id} = {self.actor}.{self.method}({', '.join(parts)})"
+        if self.num_returns != 1:
+            s += f" -> {self.num_returns}"
+        if self.transport:
+            s += f" [{self.transport}]"
+        if self.group:
+            s += f" [{self.group}]"
+        return s
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    id: str                    # "a0"
+    cls: str                   # the actor class name, for people
+    node: str = ""             # Ray node id, filled by place
+    gpu_ids: tuple = ()        # filled by place
+    name: str = ""             # "a0" or the Ray actor name when it has one
+
+    @property
+    def label(self) -> str:
+        return f"{self.id}:{self.cls}"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How ``execute(*args, **kwargs)`` maps to input fields $0, $1, ...
+
+    ``fields`` lists, per field, either an int (positional index) or a str (keyword).
+    ``direct`` is True when the InputNode itself is used: then there is one field, args[0].
+    """
+
+    fields: tuple = ()
+    num_positional: int = 0
+    kwargs: tuple = ()
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    refs: tuple[Arg, ...] = ()
+    multi: bool = False
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """One edge carrier between processes. Plain data, printed in the schedule."""
+
+    id: str                          # "c0"
+    value: str                       # the value ref it carries: "t3", "t3.1", or "in" (input)
+    writer: str                      # actor id or DRIVER
+    readers: tuple[str, ...]         # actor ids and/or DRIVER, sorted
+    transport: str = "shm"           # "shm" | "tcp" | "comm" (tensor metadata + communicator)
+    buffer_size: int = 1 << 20
+    slots: int = 8
+    communicator: str = ""           # for transport "comm": the CommGroup id ("k0")
+
+    def __str__(self) -> str:
+        comm = f" via {self.communicator}" if self.communicator else ""
+        return (f"{self.id}: {self.value} {self.writer} -> {','.join(self.readers)} "
+                f"[{self.transport}{comm}, {self.slots} x {self.buffer_size} B]")
+
+
+@dataclass(frozen=True)
+class CommGroup:
+    """A communicator the DAG needs: a backend over a fixed, ordered set of actors (rank = index)."""
+
+    id: str                          # "k0"
+    backend: str                     # "gloo" | "nccl" | "customN"
+    members: tuple[str, ...]         # actor ids; rank = position
+
+    def rank(self, actor: str) -> int:
+        return self.members.index(actor)
+
+    def __str__(self) -> str:
+        return f"{self.id}: {self.backend} over {','.join(self.members)}"
+
+
+@dataclass(frozen=True)
+class IR:
+    """The compiler's state between passes. Passes return new IRs; nothing mutates one."""
+
+    graph: nx.DiGraph
+    actors: tuple[ActorSpec, ...]
+    inputs: InputSpec
+    output: OutputSpec
+    channels: tuple[ChannelSpec, ...] = ()
+    comm_groups: tuple[CommGroup, ...] = ()
+    collectives: tuple = ()          # (group id "g0", CommGroup id) pairs, set by lower-comm
+    schedule: Any = None             # dagc.schedule.Schedule once the schedule pass ran
+    passes: tuple[str, ...] = ()     # names of the passes run so far
+    options: tuple = ()              # compile options that change the output (sorted pairs)
+
+    # -- helpers -------------------------------------------------------------------------
+    def op(self, op_id: str) -> Op:
+        return self.graph.nodes[op_id]["op"]
+
+    def ops(self) -> list[Op]:
+        return [self.graph.nodes[n]["op"] for n in self.graph.nodes]
+
+    def actor(self, actor_id: str) -> ActorSpec:
+        for a in self.actors:
+            if a.id == actor_id:
+                return a
+        raise KeyError(actor_id)
+
+    def replace(self, **changes) -> "IR":
+        return dataclasses.replace(self, **changes)
+
+    def option(self, name: str, default=None):
+        return dict(self.options).get(name, default)
+
+    def __str__(self) -> str:
+        lines = ["actors: " + ", ".join(a.label for a in self.actors)]
+        lines.append(f"inputs: fields={list(self.inputs.fields)} direct={self.inputs.direct}")
+        for n in nx.lexicographical_topological_sort(self.graph, key=op_sort_key):
+            lines.append("  " + str(self.op(n)))
+        lines.append("output: " + ("[" if self.output.multi else "")
+                     + ", ".join(map(str, self.output.refs)) + ("]" if self.output.multi else ""))
+        for c in self.channels:
+            lines.append("  " + str(c))
+        for g in self.comm_groups:
+            lines.append("  " + str(g))
+        return "\n".join(lines)
+
+    def verify(self) -> None:
+        """Check the IR's internal invariants; the error shows the printed IR."""
+        problems = []
+        actor_ids = {a.id for a in self.actors}
+        if not nx.is_directed_acyclic_graph(self.graph):
+            problems.append("graph has a cycle")
+        for n, data in self.graph.nodes(data=True):
+            op = data.get("op")
+            if not isinstance(op, Op) or op.id != n:
+                problems.append(f"node {n} has no matching Op")
+                continue
+            if op.kind not in KINDS:
+                problems.append(f"{n}: unknown kind {op.kind}")
+            if op.actor not in actor_ids:
+                problems.append(f"{n}: unknown actor {op.actor}")
+            for a in op.refs():
+                if a.is_value and a.op not in self.graph:
+                    problems.append(f"{n}: argument {a} names no op")
+                elif a.is_value and not self.graph.has_edge(a.op, n):
+                    problems.append(f"{n}: missing edge {a.op} -> {n}")
+                elif a.is_input and a.number >= len(self.inputs.fields):
+                    problems.append(f"{n}: argument {a} names no input field")
+        for r in self.output.refs:
+            if r.is_value and r.op not in self.graph:
+                problems.append(f"output {r} names no op")
+        if problems:
+            raise AssertionError("IR verification failed:\n  " + "\n  ".join(problems)
+                                 + "\n--- IR ---\n" + str(self))
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that decides the generated code."""
+        h = hashlib.sha256()
+        h.update(str(self).encode())
+        h.update(json.dumps([dataclasses.astuple(a)[:2] for a in self.actors]).encode())
+        h.update(repr(self.options).encode())
+        return h.hexdigest()[:12]
+
+
+def op_sort_key(op_id: str) -> str:
+    """Sort "t2" before "t10": numeric order of op ids, as a string key."""
+    return f"{int(op_id[1:]):09d}" if op_id[1:].isdigit() else op_id
+
+
+@dataclass
+class SideTable:
+    """Live objects the IR refers to by id: actor handles, constants, communicators."""
+
+    handles: dict = field(default_factory=dict)        # actor id -> ActorHandle
+    constants: list = field(default_factory=list)      # "#k" -> object
+    communicators: dict = field(default_factory=dict)  # transport name -> user Communicator

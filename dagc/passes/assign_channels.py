@@ -1,0 +1,91 @@
+"""channels: IR -> IR with one ChannelSpec per (value, transport, reader node) edge group.
+
+Rule: a value read only on its own actor stays a local variable (no channel). Otherwise
+readers on the writer's node share one shared-memory ring ("shm"); readers on another node
+share one TCP channel per node ("tcp"); actor readers of a tensor-transport value get a
+"comm" channel (metadata through shared memory, tensors through a communicator) while a
+driver reading that value still gets plain shared memory. The input is channel "in" from the
+driver to every actor that reads an input field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import networkx as nx
+
+from dagc.ir import DRIVER, IR, ChannelSpec, op_sort_key
+from dagc.passes import Pass, PassContext
+
+INPUT = "in"
+
+
+def consumers(ir: IR) -> dict[str, list[str]]:
+    """value ref ("t3", "t3.1", "in") -> processes that read it (in op order, no repeats)."""
+    out: dict[str, list[str]] = {}
+    for n in nx.lexicographical_topological_sort(ir.graph, key=op_sort_key):
+        op = ir.op(n)
+        for a in op.refs():
+            key = a.text if a.is_value else (INPUT if a.is_input else None)
+            if key and op.actor not in out.setdefault(key, []):
+                out[key].append(op.actor)
+    for r in ir.output.refs:
+        if DRIVER not in out.setdefault(r.text, []):
+            out[r.text].append(DRIVER)
+    return out
+
+
+@dataclass(frozen=True)
+class AssignChannels(Pass):
+    name: ClassVar[str] = "channels"
+
+    def run(self, ir: IR, ctx: PassContext) -> IR:
+        buffer_size = int(ctx.options.get("buffer_size", 1 << 20))
+        slots = int(ctx.options.get("max_inflight", 8))
+        node_of = {a.id: a.node for a in ir.actors}
+        node_of[DRIVER] = ctx.driver_node
+        chans: list[ChannelSpec] = []
+
+        def add(value, writer, readers, transport):
+            chans.append(ChannelSpec(id=f"c{len(chans)}", value=value, writer=writer,
+                                     readers=tuple(sorted(readers, key=_proc_key)),
+                                     transport=transport, buffer_size=buffer_size,
+                                     slots=slots))
+
+        def split(value, writer, readers, tensor):
+            local = [r for r in readers if r != writer]
+            if tensor:
+                comm = [r for r in local if r != DRIVER]
+                if comm:
+                    add(value, writer, comm, "comm")
+                local = [r for r in local if r == DRIVER]
+            same = [r for r in local if node_of.get(r, "") == node_of.get(writer, "")]
+            if same:
+                add(value, writer, same, "shm")
+            remote_nodes = sorted({node_of[r] for r in local} - {node_of.get(writer, "")})
+            for node in remote_nodes:
+                add(value, writer, [r for r in local if node_of[r] == node], "tcp")
+
+        uses = consumers(ir)
+        # every actor must be paced by some read; one that reads nothing from another
+        # process is triggered by the input channel
+        fed = {r for k, procs in uses.items() if k != INPUT
+               for r in procs if r != ir.op(k.split(".", 1)[0]).actor}
+        for a in ir.actors:
+            if a.id not in fed and a.id not in uses.get(INPUT, []):
+                uses.setdefault(INPUT, []).append(a.id)
+        if INPUT in uses:
+            split(INPUT, DRIVER, uses[INPUT], tensor=False)
+        for value in sorted((v for v in uses if v != INPUT), key=_value_key):
+            op = ir.op(value.split(".", 1)[0])
+            split(value, op.actor, uses[value], tensor=op.transport is not None)
+        return ir.replace(channels=tuple(chans))
+
+
+def _proc_key(p: str):
+    return (0, 0) if p == DRIVER else (1, int(p[1:]) if p[1:].isdigit() else p)
+
+
+def _value_key(v: str):
+    base, _, idx = v.partition(".")
+    return (int(base[1:]), int(idx) if idx else -1)

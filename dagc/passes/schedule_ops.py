@@ -1,0 +1,155 @@
+"""schedule: IR -> IR with a Schedule (per-actor ordered actions), proven deadlock-free.
+
+Rule: every process executes the restriction of ONE global order (a topological order of
+the ops in which each collective is a single node), and each communicator exchange sits in
+that order right after the op that produced it, so all blocking communicator ops pair up
+in the same relative order on every participant. Shared-memory reads go just before first
+use (they are buffered, so they cannot close a cycle). Steps are assigned as soon as
+possible, so the Step x Actor table shows what may run at once. The simulator
+(``dagc.passes.simulate``) then runs the schedule with blocking rendezvous semantics and
+raises DeadlockError if it can get stuck.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import networkx as nx
+
+from dagc.errors import DeadlockError
+from dagc.ir import COLLECTIVE, DRIVER, IR, op_sort_key
+from dagc.passes import Pass, PassContext
+from dagc.passes.assign_channels import INPUT
+from dagc.passes.simulate import simulate
+from dagc.schedule import CALL, COLL, CRECV, CSEND, READ, WRITE, Action, Schedule
+
+
+def global_order(ir: IR) -> list[list[str]]:
+    """A deterministic topological order; each entry is one op, or all ops of a collective."""
+    g = ir.graph
+    group_of = {n: ir.op(n).group for n in g.nodes if ir.op(n).kind == COLLECTIVE}
+    rep = {n: (f"~{group_of[n]}" if n in group_of else n) for n in g.nodes}
+    cg = nx.DiGraph()
+    for n in g.nodes:
+        cg.add_node(rep[n])
+    for u, v in g.edges:
+        if rep[u] != rep[v]:
+            cg.add_edge(rep[u], rep[v])
+    if not nx.is_directed_acyclic_graph(cg):
+        cyc = " -> ".join(u for u, _ in nx.find_cycle(cg))
+        raise DeadlockError(f"collectives depend on each other's results in a cycle ({cyc}); "
+                            f"no order of communicator ops can complete. Split the collective "
+                            f"or reorder the binds.")
+    members: dict[str, list[str]] = {}
+    for n in g.nodes:
+        members.setdefault(rep[n], []).append(n)
+
+    def key(r: str) -> str:
+        return min(op_sort_key(n) for n in members[r])
+
+    return [sorted(members[r], key=op_sort_key)
+            for r in nx.lexicographical_topological_sort(cg, key=key)]
+
+
+def build_schedule(ir: IR) -> Schedule:
+    procs = [DRIVER] + [a.id for a in ir.actors]
+    acts: dict[str, list[Action]] = {p: [] for p in procs}
+    ready = {p: 0 for p in procs}                 # next free step per process
+    avail: dict[tuple[str, str], int] = {}        # (channel id) -> first step a reader may read
+    have: dict[str, set] = {p: set() for p in procs}
+    by_value: dict[tuple[str, str], object] = {}  # (value, reader) -> ChannelSpec
+    written_by: dict[str, list] = {}              # value -> channels written after it exists
+    for c in ir.channels:
+        for r in c.readers:
+            by_value[(c.value, r)] = c
+        written_by.setdefault(c.value, []).append(c)
+
+    def emit(p: str, step: int, **kw) -> Action:
+        a = Action(step=step, actor=p, **kw)
+        acts[p].append(a)
+        ready[p] = step + 1
+        return a
+
+    def fetch(p: str, value: str) -> None:
+        """Make ``value`` (a value ref or INPUT) present on process p."""
+        if value in have[p]:
+            return
+        c = by_value.get((value, p))
+        if c is None:  # produced on p itself
+            have[p].add(value)
+            return
+        if c.transport == "comm":
+            raise AssertionError(f"{value} on {p}: comm values arrive when produced")
+        emit(p, max(ready[p], avail[c.id]), kind=READ, value=value, peers=(c.writer,),
+             channel=c.id)
+        have[p].add(value)
+
+    def produced(p: str, op_id: str, num_returns: int) -> None:
+        values = [op_id] if num_returns == 1 else [f"{op_id}.{i}" for i in range(num_returns)]
+        for v in values:
+            have[p].add(v)
+            for c in written_by.get(v, []):
+                if c.transport == "comm":
+                    for r in c.readers:
+                        s = max(ready[p], ready[r])
+                        emit(p, s, kind=CSEND, value=v, peers=(r,), channel=c.id)
+                        emit(r, s, kind=CRECV, value=v, peers=(p,), channel=c.id)
+                        have[r].add(v)
+                else:
+                    a = emit(p, ready[p], kind=WRITE, value=v, peers=c.readers, channel=c.id)
+                    avail[c.id] = a.step + 1
+        if num_returns != 1:
+            have[p].add(op_id)
+
+    for c in ir.channels:
+        if c.value == INPUT:
+            a = emit(DRIVER, 0, kind=WRITE, value=INPUT, peers=c.readers, channel=c.id)
+            avail[c.id] = a.step + 1
+            have[DRIVER].add(INPUT)
+
+    input_readers = set()
+    for c in ir.channels:
+        if c.value == INPUT:
+            input_readers.update(c.readers)
+    for entry in global_order(ir):
+        ops = [ir.op(n) for n in entry]
+        for op in ops:
+            if op.actor in input_readers:
+                fetch(op.actor, INPUT)
+            for a in op.refs():
+                if a.is_value:
+                    fetch(op.actor, a.text)
+                elif a.is_input:
+                    fetch(op.actor, INPUT)
+        step = max(ready[op.actor] for op in ops)
+        for op in ops:
+            emit(op.actor, step if op.kind == COLLECTIVE else ready[op.actor],
+                 kind=COLL if op.kind == COLLECTIVE else CALL, value=op.id,
+                 method=op.method, args=tuple(a.text for a in op.args),
+                 kwargs=tuple((k, v.text) for k, v in op.kwargs), group=op.group or "",
+                 num_returns=op.num_returns)
+        for op in ops:
+            produced(op.actor, op.id, op.num_returns)
+
+    for r in dict.fromkeys(x.text for x in ir.output.refs):
+        fetch(DRIVER, r)
+
+    labels = {DRIVER: DRIVER}
+    labels.update({a.id: a.label for a in ir.actors})
+    return Schedule(actors=tuple(procs), actions={p: tuple(v) for p, v in acts.items()},
+                    channels=ir.channels, labels=labels)
+
+
+@dataclass(frozen=True)
+class ScheduleOps(Pass):
+    name: ClassVar[str] = "schedule"
+
+    def run(self, ir: IR, ctx: PassContext) -> IR:
+        sched = build_schedule(ir)
+        steps = simulate(sched)
+        return ir.replace(schedule=_with_steps(sched, steps))
+
+
+def _with_steps(s: Schedule, steps: int) -> Schedule:
+    from dataclasses import replace
+    return replace(s, simulated_steps=steps)

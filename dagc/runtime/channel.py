@@ -1,0 +1,523 @@
+"""Shared-memory ring channels: one writer, any number of readers, ``slots`` messages.
+
+Memory layout of one segment (all words are little-endian int64; each hot word has its
+own 64-byte cache line so the writer and readers do not false-share)::
+
+    offset  word            written by   meaning
+    0       magic           creator      0x64616763 ("dagc")
+    8       nslots          creator      ring length (= max_inflight)
+    16      slot_stride     creator      bytes per slot, header included
+    24      nreaders        creator
+    64      write_seq       writer       messages published; readers futex-wait on it
+    128     writer_sleeping writer       1 while the writer blocks on a full ring
+    192+128r  read_seq[r]     reader r     messages reader r has consumed; writer waits on it
+    256+128r  reader_sleeping[r] reader r  1 while reader r blocks in futex_wait
+    H       slot 0 .. slot nslots-1, each: [length, kind, ...pad to 64] + payload
+
+States of slot k for message m (k = m % nslots)::
+
+    free      m >= write_seq and every read_seq > m - nslots   writer may fill it
+    filled    write_seq > m, some read_seq <= m                 readers copy it out
+    released  every read_seq > m                                free again for m + nslots
+
+The writer stores the payload, then ``write_seq``; a reader loads ``write_seq``, then the
+payload, copies it out, then stores its ``read_seq``. x86-64 keeps stores in order, which
+is what this relies on (see docs/architecture.md on other architectures).
+
+Payload kinds: PICKLE (pickle protocol 5; out-of-band buffers — numpy arrays and CPU torch
+tensors — are copied once into the slot after the pickle bytes) and MOVED (the writer
+outgrew the slot size: the message names a bigger segment and the same message number is
+found there; readers follow, nobody fails).
+
+Waiting (``wait`` mode, see :class:`Waiter`): spin briefly, then poll with sched_yield for a
+self-tuning budget, then sleep in FUTEX_WAIT with a short timeout; a writer issues
+FUTEX_WAKE only when some reader's sleeping flag is set. Every sleep slice also checks the
+DAG's control word (teardown, a death noticed elsewhere) and the peer's pid, so no wait
+outlives a dead peer by more than a fraction of a second.
+"""
+from __future__ import annotations
+
+import copyreg
+import io
+import os
+import pickle
+import sys
+import time
+
+from dagc.runtime import shm
+
+MAGIC = 0x64616763
+W_NSLOTS, W_STRIDE, W_NREADERS = 1, 2, 3
+W_WSEQ = 8
+W_WSLEEP = 16
+SLOT_HDR = 64
+KIND_PICKLE, KIND_MOVED = 1, 2
+
+# control segment words
+C_STATE, C_WHO = 0, 1
+C_PIDS = 8                     # pid of process i at word C_PIDS + i (0 = driver)
+RUNNING, CLOSED, FAILED = 0, 1, 2
+
+_monotonic = time.monotonic
+_yield = os.sched_yield
+_loads = pickle.loads
+_dumps = pickle.dumps
+
+
+class ChannelClosed(Exception):
+    """The DAG is being torn down; the loop should stop quietly."""
+
+
+class PeerDied(Exception):
+    """A process of the DAG died (``who`` names it)."""
+
+    def __init__(self, who: str):
+        super().__init__(who)
+        self.who = who
+
+
+class WaitTimeout(Exception):
+    pass
+
+
+def header_size(nreaders: int) -> int:
+    return 256 + 128 * nreaders
+
+
+def rseq_word(r: int) -> int:
+    return (192 + 128 * r) // 8
+
+
+def rsleep_word(r: int) -> int:
+    return (256 + 128 * r) // 8
+
+
+def _round64(n: int) -> int:
+    return (n + 63) & ~63
+
+
+def segment_size(nreaders: int, slots: int, capacity: int) -> tuple[int, int]:
+    stride = SLOT_HDR + _round64(capacity)
+    return header_size(nreaders) + slots * stride, stride
+
+
+def create_segment(name: str, nreaders: int, slots: int, capacity: int, start_seq: int = 0):
+    size, stride = segment_size(nreaders, slots, capacity)
+    mm = shm.create(name, size)
+    w = memoryview(mm).cast("q")
+    w[W_NSLOTS], w[W_STRIDE], w[W_NREADERS] = slots, stride, nreaders
+    w[W_WSEQ] = start_seq
+    for r in range(nreaders):
+        w[rseq_word(r)] = start_seq
+    w[0] = MAGIC
+    w.release()
+    return mm
+
+
+class Control:
+    """The DAG-wide control segment: run state and every process's pid."""
+
+    def __init__(self, name: str, create: bool = False, nprocs: int = 0):
+        self.name = name
+        self.mm = shm.create(name, 4096) if create else shm.open_existing(name)
+        self.words = memoryview(self.mm).cast("q")
+        self.names: list[str] = []
+
+    @property
+    def state(self) -> int:
+        return self.words[C_STATE]
+
+    def set_pid(self, index: int, pid: int) -> None:
+        self.words[C_PIDS + index] = pid
+
+    def pid(self, index: int) -> int:
+        return self.words[C_PIDS + index]
+
+    def fail(self, who_index: int) -> None:
+        if self.words[C_STATE] == RUNNING:
+            self.words[C_WHO] = who_index + 1
+            self.words[C_STATE] = FAILED
+
+    def close(self) -> None:
+        try:
+            if self.words[C_STATE] == RUNNING:
+                self.words[C_STATE] = CLOSED
+        except ValueError:  # already released
+            pass
+
+    def release(self) -> None:
+        try:
+            self.words.release()
+            self.mm.close()
+        except (BufferError, ValueError):
+            pass
+
+
+class Waiter:
+    """How a process waits: the wait mode, the adaptive budget, and the health checks.
+
+    ``procs`` are the DAG's process names by control index (0 = driver).
+    """
+
+    SPIN, BLOCK, ADAPTIVE = "spin", "block", "adaptive"
+    MIN_BUDGET, MAX_BUDGET = 20e-6, 2e-3
+    SLICE = 0.1                       # longest futex sleep between health checks
+
+    def __init__(self, control: Control, procs: list[str], mode: str = "adaptive",
+                 pids: list[int] | None = None):
+        self.control = control
+        self.cw = control.words
+        self.procs = procs
+        self.mode = mode
+        self.budget = 200e-6 if mode == self.ADAPTIVE else (1e9 if mode == self.SPIN else 0.0)
+        self._last_liveness = 0.0
+        self.pids = pids
+
+    def check(self, peers: tuple, deadline: float | None) -> None:
+        """Raise ChannelClosed / PeerDied / WaitTimeout when the wait must end."""
+        st = self.cw[C_STATE]
+        if st != RUNNING:
+            if st == FAILED:
+                who = self.cw[C_WHO] - 1
+                raise PeerDied(self.procs[who] if 0 <= who < len(self.procs) else "?")
+            raise ChannelClosed()
+        now = _monotonic()
+        if now - self._last_liveness > 0.2:
+            self._last_liveness = now
+            for i in peers:
+                pid = self.cw[C_PIDS + i]
+                if pid and not shm.pid_alive(pid):
+                    self.control.fail(i)
+                    raise PeerDied(self.procs[i] if i < len(self.procs) else "?")
+        if deadline is not None and now >= deadline:
+            raise WaitTimeout()
+
+    def wait(self, words, idx: int, target: int, addr: int, sleep_idx: int,
+             peers: tuple, deadline: float | None = None) -> None:
+        """Return once ``words[idx] >= target``."""
+        for _ in range(32):
+            if words[idx] >= target:
+                return
+        budget = self.budget
+        if budget > 0.0:
+            t0 = _monotonic()
+            n = 0
+            while True:
+                _yield()
+                if words[idx] >= target:
+                    if self.mode == self.ADAPTIVE:
+                        self._tune(_monotonic() - t0, True)
+                    return
+                n += 1
+                if not n & 31:
+                    now = _monotonic()
+                    if now - t0 > budget:
+                        break
+                    if not n & 1023 or (deadline is not None and now >= deadline):
+                        self.check(peers, deadline)
+        t1 = _monotonic()
+        while True:
+            words[sleep_idx] = 1
+            v = words[idx]
+            if v >= target:
+                words[sleep_idx] = 0
+                break
+            slice_ = self.SLICE
+            if deadline is not None:
+                slice_ = max(0.0, min(slice_, deadline - _monotonic()))
+            shm.futex_wait(addr + idx * 8, v, slice_)
+            words[sleep_idx] = 0
+            if words[idx] >= target:
+                break
+            self.check(peers, deadline)
+        if self.mode == self.ADAPTIVE:
+            self._tune(_monotonic() - t1, False)
+
+    def _tune(self, waited: float, in_budget: bool) -> None:
+        # Waits that end inside the polling budget keep it; a wake-up shortly after the
+        # budget ran out means the budget was a little short: double it. Long idle
+        # sleeps shrink it back, so an idle DAG polls less before sleeping next time.
+        if in_budget:
+            return
+        if waited < 4 * self.budget:
+            self.budget = min(self.MAX_BUDGET, self.budget * 2)
+        elif waited > 0.05:
+            self.budget = max(self.MIN_BUDGET, self.budget / 2)
+
+
+def _tensor_reducer():
+    """A pickle dispatch table that sends CPU torch tensors as numpy out-of-band buffers."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    np_ok = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
+             torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
+             torch.complex128}
+
+    def reduce_tensor(t):
+        if t.device.type != "cpu" or t.layout != torch.strided or t.dtype not in np_ok:
+            return t.__reduce_ex__(5)
+        return (_rebuild_tensor, (t.detach().contiguous().numpy(), t.requires_grad))
+
+    table = dict(copyreg.dispatch_table)
+    table[torch.Tensor] = reduce_tensor
+    return table
+
+
+def _rebuild_tensor(arr, requires_grad):
+    import torch
+    t = torch.from_numpy(arr)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+class Writer:
+    """The writing end of a channel. ``write(value)`` never fails for size: it grows."""
+
+    def __init__(self, name: str, nreaders: int, slots: int, capacity: int, waiter: Waiter,
+                 reader_procs: tuple = (), create: bool = True):
+        self.base = name
+        self.gen = 0
+        self.waiter = waiter
+        self.nreaders = nreaders
+        self.slots = slots
+        self.peers = tuple(reader_procs)
+        self.seq = 0
+        self._old: list = []
+        self._bufs: list = []
+        self._dispatch = None
+        self._map(create_segment(name, nreaders, slots, capacity) if create
+                  else shm.open_existing(name))
+
+    def _map(self, mm) -> None:
+        self.mm = mm
+        self.mv = memoryview(mm)
+        self.w = self.mv.cast("q")
+        self.addr = shm.address(mm)
+        self.stride = self.w[W_STRIDE]
+        self.capacity = self.stride - SLOT_HDR
+        hdr = header_size(self.nreaders)
+        self.slot_off = [hdr + k * self.stride for k in range(self.slots)]
+        self.rseq = [rseq_word(r) for r in range(self.nreaders)]
+        self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
+
+    def _encode(self, value):
+        bufs = self._bufs
+        bufs.clear()
+        if self._dispatch is None and "torch" in sys.modules:
+            self._dispatch = _tensor_reducer() or {}
+        if self._dispatch:
+            bio = io.BytesIO()
+            p = pickle.Pickler(bio, 5, buffer_callback=bufs.append)
+            p.dispatch_table = self._dispatch
+            p.dump(value)
+            return bio.getbuffer()
+        return _dumps(value, 5, buffer_callback=bufs.append)
+
+    on_encode_error = None   # set by actor loops: turns an unpicklable value into a Failure
+
+    def write(self, value, deadline: float | None = None) -> None:
+        try:
+            main = self._encode(value)
+        except Exception as e:
+            if self.on_encode_error is None:
+                raise
+            main = self._encode(self.on_encode_error(e, value))
+        bufs = self._bufs
+        if bufs:
+            raws = [b.raw() for b in bufs]
+            need = _round64(16 + 8 * len(raws)) + _round64(len(main)) + sum(_round64(r.nbytes) for r in raws)
+        else:
+            raws = None
+            need = len(main)
+        seq = self.seq
+        w = self.w
+        # wait for every reader to release message seq - slots
+        low = seq - self.slots + 1
+        for i in self.rseq:
+            if w[i] < low:
+                self.waiter.wait(w, i, low, self.addr, W_WSLEEP, self.peers, deadline)
+        if need > self.capacity:
+            self._grow(need, deadline)
+            w = self.w
+            seq = self.seq
+        off = self.slot_off[seq % self.slots]
+        mv = self.mv
+        p = off + SLOT_HDR
+        if raws is None:
+            mv[p:p + need] = main
+            w[off >> 3] = need
+            w[(off >> 3) + 1] = KIND_PICKLE
+        else:
+            hw = (p >> 3)
+            w[hw] = len(raws)
+            w[hw + 1] = len(main)
+            for j, r in enumerate(raws):
+                w[hw + 2 + j] = r.nbytes
+            q = p + 16 + 8 * len(raws)
+            q = (q + 63) & ~63
+            mv[q:q + len(main)] = main
+            q = (q + len(main) + 63) & ~63
+            for r in raws:
+                n = r.nbytes
+                mv[q:q + n] = r
+                q = (q + n + 63) & ~63
+            w[off >> 3] = -need          # negative length: out-of-band layout
+            w[(off >> 3) + 1] = KIND_PICKLE
+            bufs.clear()
+        self.seq = seq + 1
+        w[W_WSEQ] = seq + 1
+        for i in self.rsleep:
+            if w[i]:
+                shm.futex_wake(self.addr + W_WSEQ * 8)
+                break
+        if self._old:
+            self._retire()
+
+    def _grow(self, need: int, deadline) -> None:
+        """Publish a MOVED record at the current sequence number and switch segments."""
+        new_cap = max(need, 2 * self.capacity)
+        self.gen += 1
+        new_name = f"{self.base}.g{self.gen}"
+        mm = create_segment(new_name, self.nreaders, self.slots, new_cap, start_seq=self.seq + 1)
+        rec = _dumps((new_name, self.seq))
+        off = self.slot_off[self.seq % self.slots]
+        self.mv[off + SLOT_HDR:off + SLOT_HDR + len(rec)] = rec
+        self.w[off >> 3] = len(rec)
+        self.w[(off >> 3) + 1] = KIND_MOVED
+        seq = self.seq
+        self.w[W_WSEQ] = seq + 1
+        for i in self.rsleep:
+            if self.w[i]:
+                shm.futex_wake(self.addr + W_WSEQ * 8)
+                break
+        self._old.append((self.mm, self.mv, self.w, seq + 1,
+                          self.base if self.gen == 1 else f"{self.base}.g{self.gen - 1}"))
+        self._map(mm)
+        # the new segment numbers its messages from seq + 1; keep ours continuous
+        self.seq = seq + 1
+
+    def _retire(self) -> None:
+        """Unmap old segments once every reader has followed the MOVED record."""
+        keep = []
+        for entry in self._old:
+            mm, mv, w, done, name = entry
+            if all(w[i] >= done for i in self.rseq):
+                shm.unlink(name)
+                w.release()
+                mv.release()
+                mm.close()
+            else:
+                keep.append(entry)
+        self._old = keep
+
+    def wake_all(self) -> None:
+        try:
+            shm.futex_wake(self.addr + W_WSEQ * 8)
+            for r in range(self.nreaders):
+                shm.futex_wake(self.addr + rseq_word(r) * 8)
+        except (ValueError, TypeError):
+            pass
+
+    def close(self) -> None:
+        for mm, mv, w, _, _ in self._old:
+            _release(w, mv, mm)
+        self._old = []
+        _release(self.w, self.mv, self.mm)
+
+
+class Reader:
+    """The reading end of a channel for reader number ``index``."""
+
+    def __init__(self, name: str, index: int, waiter: Waiter, writer_proc: int = -1):
+        self.waiter = waiter
+        self.index = index
+        self.peers = (writer_proc,) if writer_proc >= 0 else ()
+        self.seq = 0
+        self._map(shm.open_existing(name))
+
+    def _map(self, mm) -> None:
+        self.mm = mm
+        self.mv = memoryview(mm)
+        self.w = self.mv.cast("q")
+        self.addr = shm.address(mm)
+        nreaders = self.w[W_NREADERS]
+        slots = self.w[W_NSLOTS]
+        stride = self.w[W_STRIDE]
+        hdr = header_size(nreaders)
+        self.slots = slots
+        self.slot_off = [hdr + k * stride for k in range(slots)]
+        self.my_seq = rseq_word(self.index)
+        self.my_sleep = rsleep_word(self.index)
+
+    def ready(self) -> bool:
+        return self.w[W_WSEQ] > self.seq
+
+    def wait_ready(self, deadline: float | None = None) -> None:
+        """Wait until a message is there, without consuming it."""
+        if self.w[W_WSEQ] <= self.seq:
+            self.waiter.wait(self.w, W_WSEQ, self.seq + 1, self.addr, self.my_sleep,
+                             self.peers, deadline)
+
+    def read(self, deadline: float | None = None):
+        seq = self.seq
+        w = self.w
+        if w[W_WSEQ] <= seq:
+            self.waiter.wait(w, W_WSEQ, seq + 1, self.addr, self.my_sleep, self.peers, deadline)
+        off = self.slot_off[seq % self.slots]
+        n = w[off >> 3]
+        if w[(off >> 3) + 1] != KIND_PICKLE:
+            return self._follow(off, n, deadline)
+        p = off + SLOT_HDR
+        if n >= 0:
+            value = _loads(self.mv[p:p + n])
+        else:
+            hw = p >> 3
+            nbufs = w[hw]
+            mlen = w[hw + 1]
+            lens = [w[hw + 2 + j] for j in range(nbufs)]
+            q = (p + 16 + 8 * nbufs + 63) & ~63
+            blob = bytearray(self.mv[q:p - n])   # one copy: the value owns its memory
+            bv = memoryview(blob)
+            pos = (mlen + 63) & ~63
+            parts = []
+            for ln in lens:
+                parts.append(bv[pos:pos + ln])
+                pos = (pos + ln + 63) & ~63
+            value = _loads(bv[:mlen], buffers=parts)
+        self.seq = seq + 1
+        w[self.my_seq] = seq + 1
+        if w[W_WSLEEP]:
+            shm.futex_wake(self.addr + self.my_seq * 8)
+        return value
+
+    def _follow(self, off: int, n: int, deadline):
+        name, _ = _loads(self.mv[off + SLOT_HDR:off + SLOT_HDR + n])
+        seq = self.seq + 1
+        self.w[self.my_seq] = seq
+        if self.w[W_WSLEEP]:
+            shm.futex_wake(self.addr + self.my_seq * 8)
+        old = (self.w, self.mv, self.mm)
+        self._map(shm.open_existing(name))
+        _release(*old)
+        self.seq = seq
+        return self.read(deadline)
+
+    def wake(self) -> None:
+        try:
+            shm.futex_wake(self.addr + W_WSEQ * 8)
+        except (ValueError, TypeError):
+            pass
+
+    def close(self) -> None:
+        _release(self.w, self.mv, self.mm)
+
+
+def _release(w, mv, mm) -> None:
+    try:
+        w.release()
+        mv.release()
+        mm.close()
+    except (BufferError, ValueError):
+        pass

@@ -1,0 +1,468 @@
+"""Driver side: CompiledDag, DagRef, and starting/stopping the actor loops."""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import secrets
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+from dagc.errors import (ActorDiedError, CapacityError, CompileError, DagClosedError,
+                         DagTimeoutError, ExecuteArgumentError)
+from dagc.ir import DRIVER
+from dagc.runtime import channel as ch
+from dagc.runtime import shm, worker
+from dagc.runtime.failure import Failure
+from dagc.runtime.calls import ray_get
+from dagc.runtime.inspection import InspectMixin, Profile  # noqa: F401
+
+_LIVE: "weakref.WeakSet[CompiledDag]" = weakref.WeakSet()
+_ATEXIT = False
+_monotonic = time.monotonic
+
+
+def _teardown_all() -> None:
+    for cg in list(_LIVE):
+        try:
+            cg.teardown()
+        except Exception:
+            pass
+
+
+class DagRef:
+    """The result of one execution. ``get()`` blocks until it is there; may be called again."""
+
+    __slots__ = ("_dag", "_idx", "_state", "_value", "__weakref__")
+
+    def __init__(self, dag: "CompiledDag", idx: int):
+        self._dag = dag
+        self._idx = idx
+        self._state = 0          # 0 pending, 1 value, 2 error
+
+    def get(self, timeout: float | None = None):
+        if self._state == 1:
+            return self._value
+        if self._state == 2:
+            raise self._value
+        value = self._dag._fetch(self._idx, timeout)
+        if value.__class__ is Failure:
+            self._value = value.to_error()
+            self._state = 2
+            raise self._value
+        if value.__class__ is list:
+            for v in value:
+                if v.__class__ is Failure:
+                    self._value = v.to_error()
+                    self._state = 2
+                    raise self._value
+        self._value = value
+        self._state = 1
+        return value
+
+    def ready(self) -> bool:
+        return self._state != 0 or self._dag._ready(self._idx)
+
+    async def get_async(self):
+        if self.ready():
+            return self.get()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._dag._async_executor(), self.get)
+
+    def __await__(self):
+        return self.get_async().__await__()
+
+    def __del__(self):
+        if self._state == 0:
+            try:
+                self._dag._abandon(self._idx)
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        return f"DagRef(execution={self._idx})"
+
+
+class _DriverRuntime:
+    """The ``rt`` object the generated driver module binds against."""
+
+    Failure = Failure
+
+    def __init__(self, readers, writers, ir):
+        self._readers = readers
+        self._writers = writers
+        self._inputs = ir.inputs
+
+    def reader(self, cid):
+        return self._readers[cid]
+
+    def writer(self, cid):
+        return self._writers[cid]
+
+    def bad_input(self, args, kwargs):
+        spec = self._inputs
+        want = f"{spec.num_positional} positional argument(s)"
+        if spec.kwargs:
+            want += " and keyword argument(s) " + ", ".join(spec.kwargs)
+        raise ExecuteArgumentError(
+            f"execute() takes {want} (as the DAG uses its InputNode), got "
+            f"{len(args)} positional and keyword(s) {sorted(kwargs) or 'none'}.")
+
+
+class CompiledDag(InspectMixin):
+    """A compiled DAG whose actor loops are running. See DESIGN.md for the contract."""
+
+    def __init__(self, ir, side, modules, options: dict, probes: list, origin: str = "",
+                 profile_modules=None, timings=None):
+        self._probes = probes
+        self._ir = ir
+        self._side = side
+        self._modules = modules
+        self._profile_modules = profile_modules or {}
+        self._options = options
+        self._origin = origin
+        self.timings = timings or {}
+        self.schedule = ir.schedule
+        self._max_inflight = options["max_inflight"]
+        self._get_timeout = options["get_timeout"]
+        self._token = secrets.token_hex(12)
+        self._prefix = f"{shm.PREFIX}{self._token}-"
+        self._submitted = 0
+        self._fetched = 0
+        self._read_next = 0
+        self._results: dict[int, object] = {}
+        self._abandoned: set[int] = set()
+        self._submit_lock = threading.Lock()
+        self._read_lock = threading.RLock()
+        self._closed = False
+        self._dead: str | None = None
+        self._executor = None
+        self._profile_records = None
+        self._procs = [DRIVER] + [a.label for a in ir.actors]
+        self._index = {DRIVER: 0}
+        self._index.update({a.id: i + 1 for i, a in enumerate(ir.actors)})
+        self._handles = [side.handles[a.id] for a in ir.actors]
+        self._control = None
+        self._readers: dict = {}
+        self._writers: dict = {}
+        self._start()
+        _LIVE.add(self)
+        global _ATEXIT
+        if not _ATEXIT:
+            atexit.register(_teardown_all)
+            _ATEXIT = True
+        weakref.finalize(self, _finalize, self._prefix)
+
+    # -- start ---------------------------------------------------------------------------------
+    def _start(self) -> None:
+        import ray
+        ir, opts = self._ir, self._options
+        self._control = ch.Control(self._prefix + "ctl", create=True)
+        try:
+            self._control.set_pid(0, __import__("os").getpid())
+            for a, probe in zip(ir.actors, self._probes):
+                self._control.set_pid(self._index[a.id], probe["pid"])
+            waiter = ch.Waiter(self._control, self._procs, opts["wait"])
+            all_actors = tuple(range(1, len(self._procs)))
+            # the driver creates every segment (all actors share its node; see place)
+            for c in ir.channels:
+                seg = self._prefix + c.id
+                ch.create_segment(seg, len(c.readers), c.slots, c.buffer_size).close()
+            for c in ir.channels:
+                seg = self._prefix + c.id
+                if c.writer == DRIVER:
+                    self._writers[c.id] = ch.Writer(seg, len(c.readers), c.slots,
+                                                    c.buffer_size, waiter, all_actors,
+                                                    create=False)
+                if DRIVER in c.readers:
+                    self._readers[c.id] = ch.Reader(seg, c.readers.index(DRIVER), waiter, -1)
+                    self._readers[c.id].peers = all_actors
+            rdv = self._prepare_comms()
+            plans = [self._plan(a, rdv) for a in ir.actors]
+            refs = [h.__ray_call__.remote(worker.start, p) for h, p in zip(self._handles, plans)]
+            ray_get(refs, self._options["start_timeout"], self._procs, what="start the loops")
+            ns_drv = {}
+            mod = self._modules[DRIVER]
+            exec(compile(mod.source, mod.filename, "exec"), ns_drv)
+            import linecache
+            linecache.cache[mod.filename] = (len(mod.source), None,
+                                             mod.source.splitlines(True), mod.filename)
+            self._submit, self._collect = ns_drv["bind"](_DriverRuntime(self._readers,
+                                                                        self._writers, ir))
+        except BaseException:
+            self._closed = True
+            self._stop_actors(wait=True)
+            self._release()
+            raise
+
+    def _prepare_comms(self) -> dict:
+        """Rank 0 of every communicator group makes its rendezvous info."""
+        import ray
+        if not self._ir.comm_groups:
+            return {}
+        from dagc.runtime.communicator import make_communicator
+        self._comm_objs = {}
+        refs = {}
+        for g in self._ir.comm_groups:
+            comm = self._side.communicators.get(g.backend)
+            if comm is None:
+                if g.backend == "custom-option":
+                    comm = self._options["communicator"]
+                else:
+                    comm = make_communicator(g.backend)
+            self._comm_objs[g.id] = comm
+            h = self._side.handles[g.members[0]]
+            refs[g.id] = h.__ray_call__.remote(worker.comm_prepare, comm)
+        vals = ray_get(list(refs.values()), self._options["start_timeout"], self._procs,
+                        what="prepare communicators")
+        return dict(zip(refs.keys(), vals))
+
+    def _plan(self, actor, rdv) -> worker.ActorPlan:
+        ir = self._ir
+        readers, writers, comm_channels = {}, {}, {}
+        groups = {g.id: g for g in ir.comm_groups}
+        for c in ir.channels:
+            seg = self._prefix + c.id
+            if c.writer == actor.id:
+                writers[c.id] = (seg, len(c.readers), c.slots, c.buffer_size,
+                                 tuple(self._index[r] for r in c.readers))
+                if c.transport == "comm":
+                    g = groups[c.communicator]
+                    comm_channels[c.id] = ("w", c.communicator,
+                                           {r: g.rank(r) for r in c.readers}, c.readers)
+            if actor.id in c.readers:
+                readers[c.id] = (seg, c.readers.index(actor.id), self._index[c.writer])
+                if c.transport == "comm":
+                    g = groups[c.communicator]
+                    comm_channels[c.id] = ("r", c.communicator, g.rank(c.writer))
+        comm_groups = {}
+        for g in ir.comm_groups:
+            if actor.id in g.members:
+                comm_groups[g.id] = (self._comm_objs[g.id], g.rank(actor.id), len(g.members),
+                                     rdv[g.id])
+        collectives = {}
+        for gid, kid in ir.collectives:
+            ops = [o for o in ir.ops() if o.group == gid and o.actor == actor.id]
+            if ops:
+                collectives[gid] = (kid, ops[0].method.split(".", 1)[1])
+        mod = self._modules[actor.id]
+        pmod = self._profile_modules.get(actor.id)
+        return worker.ActorPlan(
+            token=self._token, prefix=self._prefix, index=self._index[actor.id],
+            procs=self._procs, actor=actor.id, label=actor.label, filename=mod.filename,
+            source=mod.source, profile_source=pmod.source if pmod else "",
+            constants=self._side.constants, readers=readers, writers=writers,
+            wait=self._options["wait"], comm_groups=comm_groups, comm_channels=comm_channels,
+            collectives=collectives)
+
+    # -- execute / get ---------------------------------------------------------------------------
+    def execute(self, *args, **kwargs) -> DagRef:
+        if self._closed or self._dead:
+            self._raise_closed()
+        with self._submit_lock:
+            if self._submitted - self._fetched >= self._max_inflight:
+                self._make_room()
+            try:
+                self._submit(args, kwargs)
+            except (ch.PeerDied, ch.ChannelClosed) as e:
+                self._on_stop(e)
+            i = self._submitted
+            self._submitted = i + 1
+        return DagRef(self, i)
+
+    async def execute_async(self, *args, **kwargs):
+        """Submit one execution; the awaitable yields its value (a list for MultiOutputNode)."""
+        return await self.execute(*args, **kwargs).get_async()
+
+    def _make_room(self) -> None:
+        # executions whose DagRefs were dropped unfetched free their places once read
+        with self._read_lock:
+            while self._abandoned and self._submitted - self._fetched >= self._max_inflight:
+                self._read_one(self._deadline(None))
+        if self._submitted - self._fetched >= self._max_inflight:
+            raise CapacityError(
+                f"{self._submitted - self._fetched} executions are submitted and not fetched "
+                f"(max_inflight={self._max_inflight}); get() earlier results first, or compile "
+                f"with a larger max_inflight.")
+
+    def _deadline(self, timeout):
+        if timeout is None:
+            timeout = self._get_timeout
+        return None if timeout is None else _monotonic() + timeout
+
+    def _read_one(self, deadline) -> None:
+        """Read the oldest unread execution's outputs into the result buffer."""
+        try:
+            value = self._collect(deadline)
+        except ch.WaitTimeout:
+            raise DagTimeoutError(
+                f"execution {self._read_next} did not finish within the timeout; its result "
+                f"can still be fetched later with get().") from None
+        except (ch.PeerDied, ch.ChannelClosed) as e:
+            self._on_stop(e)
+        i = self._read_next
+        self._read_next = i + 1
+        if i in self._abandoned:
+            self._abandoned.discard(i)
+            self._fetched += 1
+        else:
+            self._results[i] = value
+
+    def _fetch(self, idx: int, timeout):
+        with self._read_lock:
+            r = self._results.pop(idx, self)
+            if r is self:
+                if self._closed or self._dead:
+                    self._raise_closed()
+                if idx >= self._submitted or idx < self._read_next:
+                    raise ValueError(f"execution {idx} was never submitted or already fetched")
+                deadline = self._deadline(timeout)
+                while self._read_next <= idx:
+                    self._read_one(deadline)
+                r = self._results.pop(idx)
+            self._fetched += 1
+            return r
+
+    def _ready(self, idx: int) -> bool:
+        if idx in self._results:
+            return True
+        if idx != self._read_next:
+            return False
+        return all(r.ready() for r in self._readers.values())
+
+    def _abandon(self, idx: int) -> None:
+        if self._closed:
+            return
+        with self._read_lock:
+            if self._results.pop(idx, self) is not self:
+                self._fetched += 1
+            elif idx >= self._read_next:
+                self._abandoned.add(idx)
+
+    def _crash_report(self, who: str) -> str | None:
+        """If ``who``'s process is alive, its loop crashed: fetch the traceback."""
+        import ray
+        i = self._procs.index(who) if who in self._procs else -1
+        if i <= 0 or not shm.pid_alive(self._probes[i - 1]["pid"]):
+            return None
+        try:
+            st = ray.get(self._handles[i - 1].__ray_call__.remote(worker.status, self._token),
+                         timeout=2.0)
+            return st.get("crash")
+        except Exception:
+            return None
+
+    def _raise_closed(self):
+        if self._dead:
+            raise ActorDiedError(self._death_message())
+        raise DagClosedError("this compiled DAG was torn down; compile the DAG again to run it.")
+
+    def _death_message(self) -> str:
+        what = self._dead if "crashed" in self._dead else f"{self._dead} died (its process is gone)"
+        return (f"{what}; the compiled DAG is closed and every pending result is lost. "
+                f"Recreate the actor and compile again.")
+
+    def _on_stop(self, e):
+        if isinstance(e, ch.PeerDied) and not self._closed:
+            self._dead = e.who
+            crash = self._crash_report(e.who)
+            if crash:
+                self._dead = f"{e.who} (its dagc loop crashed: {crash.strip()})"
+            self._stop_actors(wait=False)
+            shm.unlink_prefix(self._prefix)
+            raise ActorDiedError(self._death_message()) from None
+        self._raise_closed()
+
+    # -- teardown ----------------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Stop every loop and release every segment. Idempotent; bounded in time."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        self._stop_actors(wait=True)
+        self._release()
+
+    def _stop_actors(self, wait: bool) -> None:
+        if self._control is not None:
+            try:
+                self._control.close()
+            except Exception:
+                pass
+        for r in self._readers.values():
+            r.wake()
+        for w in self._writers.values():
+            w.wake_all()
+        refs = []
+        for h in self._handles:
+            try:
+                refs.append(h.__ray_call__.remote(worker.stop, self._token, 2.0))
+            except Exception:
+                pass
+        if wait and refs:
+            import ray
+            try:
+                ray.wait(refs, num_returns=len(refs), timeout=self._options["teardown_timeout"])
+            except Exception:
+                pass
+
+    def _release(self) -> None:
+        # a get() in another thread sees the closed state within a wait slice and lets go
+        got = self._read_lock.acquire(timeout=1.0)
+        try:
+            if got:
+                for r in self._readers.values():
+                    r.close()
+                for w in self._writers.values():
+                    w.close()
+        finally:
+            if got:
+                self._read_lock.release()
+        if self._control is not None:
+            self._control.release()
+        shm.unlink_prefix(self._prefix)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.teardown()
+
+    def _async_executor(self):
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagc-get")
+        return self._executor
+
+    # -- inspection ---------------------------------------------------------------------------------
+    def _actor_id(self, actor) -> str:
+        if isinstance(actor, str):
+            for a in self._ir.actors:
+                if actor in (a.id, a.label, a.name):
+                    return a.id
+            if actor == DRIVER:
+                return DRIVER
+            raise KeyError(f"no actor {actor!r} in this DAG; actors: "
+                           + ", ".join(a.label for a in self._ir.actors))
+        for a in self._ir.actors:
+            if self._side.handles[a.id] == actor:
+                return a.id
+        raise KeyError(f"{actor!r} is not an actor of this DAG")
+
+    def source(self, actor) -> str:
+        """The generated loop module of ``actor`` (an ActorHandle or its schedule name)."""
+        return self._modules[self._actor_id(actor)].source
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("dead" if self._dead else "running")
+        return (f"<dagc.CompiledDag {len(self._ir.actors)} actors, "
+                f"{len(self._ir.channels)} channels, {state}>")
+
+
+def _finalize(prefix: str) -> None:
+    try:
+        shm.unlink_prefix(prefix)
+    except Exception:
+        pass

@@ -1,0 +1,100 @@
+"""A user method's exception, carried through channels like any value.
+
+A ``Failure`` replaces the op's result; every downstream op that reads it skips its call
+and passes the same Failure on, so the error reaches ``get()`` with the actor, method,
+step and remote traceback of where it started, and the loop keeps running.
+"""
+from __future__ import annotations
+
+import pickle
+import traceback
+
+from dagc.errors import TaskError, make_task_error
+
+
+class Failure:
+    __slots__ = ("exc_bytes", "cls_bytes", "type_name", "message", "tb", "actor", "method",
+                 "step")
+
+    def __init__(self, exc_bytes, cls_bytes, type_name, message, tb, actor, method, step):
+        self.exc_bytes = exc_bytes
+        self.cls_bytes = cls_bytes
+        self.type_name = type_name
+        self.message = message
+        self.tb = tb
+        self.actor = actor
+        self.method = method
+        self.step = step
+
+    def __reduce__(self):
+        return (Failure, (self.exc_bytes, self.cls_bytes, self.type_name, self.message,
+                          self.tb, self.actor, self.method, self.step))
+
+    def to_error(self) -> TaskError:
+        cause = None
+        cause_type = Exception
+        try:
+            if self.exc_bytes is not None:
+                cause = pickle.loads(self.exc_bytes)
+                cause_type = type(cause)
+            elif self.cls_bytes is not None:
+                cause_type = pickle.loads(self.cls_bytes)
+        except Exception:
+            cause = None
+        if isinstance(cause, TaskError):
+            return cause
+        msg = (f"{self.type_name}: {self.message}\n\n"
+               f"raised by {self.actor}.{self.method} (schedule step {self.step}); "
+               f"remote traceback:\n{self.tb}")
+        return make_task_error(cause, cause_type, msg, self.actor, self.method, self.tb)
+
+    def __repr__(self) -> str:
+        return f"Failure({self.type_name} in {self.actor}.{self.method})"
+
+
+def capture(exc: BaseException, actor: str, method: str, step: int) -> Failure:
+    """Turn an exception raised by a user method into a Failure value."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc_bytes = None
+    try:
+        exc_bytes = pickle.dumps(exc, 5)
+        pickle.loads(exc_bytes)  # it must also come back
+    except Exception:
+        try:  # an __init__ that wants other arguments: carry class, args and __dict__
+            exc_bytes = pickle.dumps(_Shell(type(exc), exc.args, dict(vars(exc))), 5)
+            pickle.loads(exc_bytes)
+        except Exception:
+            exc_bytes = None
+    try:
+        cls_bytes = pickle.dumps(type(exc))
+    except Exception:
+        cls_bytes = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<unprintable exception>"
+    return Failure(exc_bytes, cls_bytes, type(exc).__name__, message, tb, actor, method, step)
+
+
+class _Shell:
+    """Rebuilds an exception without calling its __init__."""
+
+    def __init__(self, cls, args, state):
+        self.cls, self.args, self.state = cls, args, state
+
+    def __reduce__(self):
+        return (_rebuild_exception, (self.cls, self.args, self.state))
+
+
+def _rebuild_exception(cls, args, state):
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+def first_failure(*values):
+    for v in values:
+        if v.__class__ is Failure:
+            return v
+    return None

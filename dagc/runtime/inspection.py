@@ -1,0 +1,110 @@
+"""CompiledDag's inspection methods: sources, visualize, dump, profile, HTML."""
+from __future__ import annotations
+
+import time
+
+from dagc.ir import DRIVER
+from dagc.runtime import channel as ch
+from dagc.runtime import worker
+from dagc.runtime.calls import ray_get
+
+
+class Profile:
+    """Per-op timings of ``n`` executions: ``str()`` is the summary, ``trace()`` Chrome JSON."""
+
+    def __init__(self, schedule, records: dict):
+        self.schedule = schedule
+        self.records = records
+
+    def summary(self) -> str:
+        from dagc.inspect.trace import summary
+        return summary(self.schedule, self.records)
+
+    def to_dict(self) -> dict:
+        from dagc.inspect.trace import summary_dict
+        return summary_dict(self.schedule, self.records)
+
+    def trace(self) -> dict:
+        from dagc.inspect.trace import chrome_trace
+        return chrome_trace(self.schedule, self.records)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        n = sum(len(v) for v in self.records.values())
+        return f"<dagc.Profile {n} op records over {len(self.records)} processes>"
+
+
+class InspectMixin:
+    """CompiledDag's inspection side: it reads plain data (schedule, sources, timings)."""
+
+    _last_profile = None
+
+    def sources(self) -> dict:
+        return {a: m.source for a, m in self._modules.items()}
+
+    def visualize(self, format: str = "ascii"):
+        """The dataflow graph: "ascii" (always), "dot", "svg" or "png" (need Graphviz)."""
+        from dagc.inspect.graph import render
+        return render(self.schedule, format)
+
+    def dump(self, directory) -> None:
+        """Write the generated modules, schedule.{txt,json,csv}, graph.dot (+ trace.json)."""
+        from dagc.inspect.artifacts import write_artifacts
+        trace = self._last_profile.trace() if self._last_profile is not None else None
+        write_artifacts(directory, self.schedule, self.sources(), trace)
+
+    def _repr_html_(self) -> str:
+        from dagc.inspect.html import compiled_html
+        return compiled_html(self.schedule, self.sources())
+
+    def profile(self, n: int, *args, **kwargs) -> Profile:
+        """Run ``n`` executions of ``execute(*args, **kwargs)`` with per-op timing.
+
+        The loops switch to their profiling variant (timing calls compiled in) for these
+        executions and back afterwards, so an unprofiled DAG pays nothing.
+        """
+        import ray
+        from dagc.errors import DagcError
+        if self._closed or self._dead:
+            self._raise_closed()
+        if self._submitted != self._fetched:
+            raise DagcError("profile() needs every earlier execution fetched first; call "
+                            "get() on the pending DagRefs.")
+        sched = self.schedule
+        wstep = next((a.step for a in sched.of(DRIVER) if a.kind == "send"), 0)
+        rstep = max((a.step for a in sched.of(DRIVER) if a.kind == "recv"), default=0)
+        self._swap(True)
+        drv = []
+        try:
+            clock = time.monotonic_ns
+            for i in range(n):
+                s0 = clock()
+                ref = self.execute(*args, **kwargs)
+                s1 = clock()
+                ref.get()
+                drv.append((i, wstep, s0, s1))
+                drv.append((i, rstep, s1, clock()))
+            recs = ray_get([h.__ray_call__.remote(worker.fetch_profile, self._token)
+                             for h in self._handles], 30.0, self._procs, "report timings")
+        finally:
+            self._swap(False)
+        records = {DRIVER: drv}
+        records.update({a.id: r for a, r in zip(self._ir.actors, recs)})
+        self._last_profile = Profile(sched, records)
+        return self._last_profile
+
+    def _swap(self, profile: bool) -> None:
+        """Park every loop, have it rebind to the (un)profiled module, resume."""
+        from dagc.errors import DagcError
+        from dagc.runtime.worker import SWAP
+        self._control.words[ch.C_STATE] = SWAP
+        try:
+            ok = ray_get([h.__ray_call__.remote(worker.swap, self._token, profile)
+                           for h in self._handles], 30.0, self._procs, "switch loops")
+        finally:
+            self._control.words[ch.C_STATE] = ch.RUNNING
+        if not all(ok):
+            raise DagcError("an actor loop did not pause to switch its profiling mode")
+

@@ -1,0 +1,122 @@
+"""Shared-memory segments and futexes: the two kernel facilities dagc's channels stand on.
+
+Segments are files in /dev/shm created with O_EXCL and mode 0600 under unguessable names
+(``dagc-<compile token>-<what>``), so only this user's processes can map them and nobody can
+pre-create one. Everything a compiled DAG creates shares its prefix; teardown (or any
+survivor noticing a death) removes the whole prefix, so a crash leaves nothing behind.
+
+Futexes: FUTEX_WAIT/FUTEX_WAKE on a 32-bit word inside a shared mapping, called through
+ctypes (which releases the GIL for the call). Without the shared flag cleared (no
+FUTEX_PRIVATE_FLAG) they work across processes.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import mmap
+import os
+import platform
+
+SHM_DIR = "/dev/shm"
+PREFIX = "dagc-"
+
+_FUTEX_WAIT = 0
+_FUTEX_WAKE = 1
+_SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(
+    platform.machine().lower())
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def futex_wait(addr: int, expected: int, timeout: float) -> None:
+    """Sleep while the u32 at ``addr`` equals ``expected``, at most ``timeout`` seconds."""
+    if _SYS_FUTEX is None:  # pragma: no cover - unknown architecture: nap instead
+        import time
+        time.sleep(min(timeout, 0.001))
+        return
+    ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
+    _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAIT),
+             ctypes.c_long(ctypes.c_int32(expected & 0xFFFFFFFF).value), ctypes.byref(ts),
+             ctypes.c_void_p(0), ctypes.c_long(0))
+
+
+def futex_wake(addr: int) -> None:
+    """Wake every sleeper on the u32 at ``addr``."""
+    if _SYS_FUTEX is None:  # pragma: no cover
+        return
+    _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAKE),
+             ctypes.c_long(0x7FFFFFFF), ctypes.c_void_p(0), ctypes.c_void_p(0),
+             ctypes.c_long(0))
+
+
+def path(name: str) -> str:
+    return os.path.join(SHM_DIR, name)
+
+
+def create(name: str, size: int) -> mmap.mmap:
+    """Create a new segment (fails if the name exists) and map it."""
+    fd = os.open(path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def open_existing(name: str) -> mmap.mmap:
+    fd = os.open(path(name), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def address(mm: mmap.mmap) -> int:
+    """The address of a mapping's first byte (for futex calls)."""
+    buf = (ctypes.c_char * 1).from_buffer(mm)
+    addr = ctypes.addressof(buf)
+    del buf
+    return addr
+
+
+def unlink(name: str) -> None:
+    try:
+        os.unlink(path(name))
+    except FileNotFoundError:
+        pass
+
+
+def unlink_prefix(prefix: str) -> int:
+    """Remove every segment whose name starts with ``prefix``; returns how many."""
+    assert prefix.startswith(PREFIX) and len(prefix) > len(PREFIX) + 8, prefix
+    n = 0
+    for p in glob.glob(path(glob.escape(prefix)) + "*"):
+        try:
+            os.unlink(p)
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists and is not a zombie."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] not in (b"Z", b"X")
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,308 @@
+"""Actor side: load a generated loop module onto this actor and run it on a thread.
+
+The driver reaches these functions through ``actor.__ray_call__.remote(fn, ...)``, which
+calls ``fn(instance, ...)`` inside the actor process, so the user's class needs nothing
+from dagc. The loop runs on a daemon thread; the actor's own thread stays free for
+ordinary ``.remote()`` calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import linecache
+import os
+import threading
+import time
+import traceback
+import types
+from dataclasses import dataclass, field
+
+from dagc.runtime import channel as ch
+from dagc.runtime import shm
+from dagc.runtime.failure import Failure, capture, first_failure
+
+_LOOPS: dict[str, "ActorLoop"] = {}     # compile token -> this process's loop
+_LOCK = threading.Lock()
+
+SWAP = 3                                  # control state: loops park, then run a new body
+
+
+@dataclass
+class ActorPlan:
+    """Everything one actor needs to run its part of a compiled DAG (plain data + constants)."""
+
+    token: str
+    prefix: str
+    index: int                       # this process's control index (driver = 0)
+    procs: list                      # names by control index, for error messages
+    actor: str                       # "a1"
+    label: str                       # "a1:Stage"
+    filename: str
+    source: str
+    profile_source: str = ""
+    constants: list = field(default_factory=list)
+    readers: dict = field(default_factory=dict)    # cid -> (segment, reader index, writer idx)
+    writers: dict = field(default_factory=dict)    # cid -> (segment, nreaders, slots, cap, reader idxs)
+    wait: str = "adaptive"
+    comm_groups: dict = field(default_factory=dict)   # kid -> (communicator, rank, world, rendezvous)
+    comm_channels: dict = field(default_factory=dict) # cid -> ("w", kid, ranks, readers) | ("r", kid, writer_rank)
+    collectives: dict = field(default_factory=dict)   # gid -> (kid, op name)
+    comm_timeout: float = 60.0
+
+
+def probe(instance, token: str) -> dict:
+    """Where this actor lives, and whether it already runs another compiled DAG."""
+    import ray
+    busy = [t for t, lp in _LOOPS.items() if lp.running() and t != token]
+    ctx = ray.get_runtime_context()
+    try:
+        gpus = tuple(ray.get_gpu_ids())
+    except Exception:
+        gpus = ()
+    return {"pid": os.getpid(), "node": ctx.get_node_id(), "gpus": gpus, "busy": busy,
+            "ip": ray.util.get_node_ip_address()}
+
+
+def comm_prepare(instance, communicator) -> dict:
+    """Rank 0 of a communicator group: make the rendezvous info the others need."""
+    return communicator.prepare()
+
+
+def start(instance, plan: ActorPlan) -> dict:
+    with _LOCK:
+        for t, lp in list(_LOOPS.items()):
+            if not lp.running():
+                _LOOPS.pop(t, None)
+        busy = [t for t, lp in _LOOPS.items() if lp.running()]
+        if busy:
+            from dagc.errors import CompileError
+            raise CompileError(f"actor {plan.label} already runs compiled DAG {busy[0]}; "
+                               f"tear that DAG down before compiling another on this actor.")
+        loop = ActorLoop(instance, plan)
+        _LOOPS[plan.token] = loop
+    try:
+        loop.start()
+    except BaseException:
+        _LOOPS.pop(plan.token, None)
+        loop.close()
+        raise
+    return {"pid": os.getpid()}
+
+
+def stop(instance, token: str, timeout: float = 2.0) -> dict:
+    loop = _LOOPS.pop(token, None)
+    if loop is None:
+        return {"stopped": False}
+    return loop.stop(timeout)
+
+
+def swap(instance, token: str, profile: bool, timeout: float = 5.0) -> bool:
+    loop = _LOOPS.get(token)
+    return loop.swap(profile, timeout) if loop else False
+
+
+def fetch_profile(instance, token: str) -> list:
+    loop = _LOOPS.get(token)
+    return list(loop.records) if loop else []
+
+
+def status(instance, token: str) -> dict:
+    loop = _LOOPS.get(token)
+    return {"running": bool(loop and loop.running()), "crash": loop.crash if loop else None}
+
+
+def _sync_method(fn):
+    """Run a coroutine method to completion on a private event loop of the loop thread."""
+    if not inspect.iscoroutinefunction(fn):
+        return fn
+    ev = asyncio.new_event_loop()
+
+    def call(*args, **kwargs):
+        return ev.run_until_complete(fn(*args, **kwargs))
+
+    call.__name__ = getattr(fn, "__name__", "method")
+    return call
+
+
+class ActorLoop:
+    """The runtime object ``rt`` a generated module's ``bind(rt)`` sees."""
+
+    Failure = Failure
+    capture = staticmethod(capture)
+    first_failure = staticmethod(first_failure)
+    clock = staticmethod(time.monotonic_ns)
+
+    def __init__(self, instance, plan: ActorPlan):
+        self.instance = instance
+        self.plan = plan
+        self.crash: str | None = None
+        self.records: list = []
+        self.thread: threading.Thread | None = None
+        self._readers: dict[str, ch.Reader] = {}
+        self._writers: dict[str, ch.Writer] = {}
+        self._comms: dict = {}
+        self._comm_ends: dict = {}
+        self._next_fn = None
+        self._parked = threading.Event()
+        self.control = ch.Control(plan.prefix + "ctl")
+        self.waiter = ch.Waiter(self.control, plan.procs, plan.wait)
+        for cid, (seg, nreaders, slots, cap, ridx) in plan.writers.items():
+            w = self._writers[cid] = ch.Writer(seg, nreaders, slots, cap, self.waiter,
+                                               tuple(ridx), create=False)
+            w.on_encode_error = self._encode_error
+        for cid, (seg, index, widx) in plan.readers.items():
+            self._readers[cid] = ch.Reader(seg, index, self.waiter, widx)
+        self.control.set_pid(plan.index, os.getpid())
+
+    # -- the rt interface used by generated code -------------------------------------------
+    def method(self, name: str):
+        fn = getattr(self.instance, name, None)
+        if fn is None:
+            from dagc.errors import CompileError
+            raise CompileError(f"{self.plan.label} has no method {name!r}.")
+        # Ray wraps actor methods for tracing; the loop calls the user's function itself
+        func = getattr(fn, "__func__", None)
+        if getattr(func, "__ray_tracing_wrapped__", False) and hasattr(func, "__wrapped__"):
+            fn = types.MethodType(func.__wrapped__, self.instance)
+        return _sync_method(fn)
+
+    def constant(self, k: int):
+        return self.plan.constants[k]
+
+    def reader(self, cid: str) -> ch.Reader:
+        return self._readers[cid]
+
+    def writer(self, cid: str) -> ch.Writer:
+        return self._writers[cid]
+
+    def _comm(self, kid: str):
+        comm = self._comms.get(kid)
+        if comm is None:
+            communicator, rank, world, rdv = self.plan.comm_groups[kid]
+            communicator.setup(rank, world, rdv, self.plan.comm_timeout)
+            comm = self._comms[kid] = communicator
+        return comm
+
+    def comm_writer(self, cid: str):
+        from dagc.runtime.comm_ends import CommWriter
+        end = self._comm_ends.get(cid)
+        if end is None:
+            _, kid, ranks, readers = self.plan.comm_channels[cid]
+            end = self._comm_ends[cid] = CommWriter(self._writers[cid], self._comm(kid),
+                                                    ranks, tuple(readers))
+        return end
+
+    def comm_reader(self, cid: str):
+        from dagc.runtime.comm_ends import CommReader
+        end = self._comm_ends.get(cid)
+        if end is None:
+            _, kid, writer_rank = self.plan.comm_channels[cid]
+            comm = self._comm(kid)
+            end = self._comm_ends[cid] = CommReader(self._readers[cid], comm, writer_rank,
+                                                    getattr(comm, "device", "cpu"))
+        return end
+
+    def collective(self, gid: str):
+        from dagc.runtime.comm_ends import Collective
+        end = self._comm_ends.get(gid)
+        if end is None:
+            kid, op = self.plan.collectives[gid]
+            end = self._comm_ends[gid] = Collective(self._comm(kid), op)
+        return end
+
+    def _encode_error(self, exc: Exception, value) -> Failure:
+        err = TypeError(f"{self.plan.label} produced a {type(value).__name__} that cannot be "
+                        f"pickled to send it on: {exc}. Return picklable values.")
+        return capture(err, self.plan.actor, "<send>", -1)
+
+    def record(self, n: int, step: int, start: int, end: int) -> None:
+        self.records.append((n, step, start, end))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _bind(self, source: str):
+        code = compile(source, self.plan.filename, "exec")
+        linecache.cache[self.plan.filename] = (len(source), None,
+                                               source.splitlines(True), self.plan.filename)
+        ns: dict = {"__name__": f"dagc_loop_{self.plan.actor}"}
+        exec(code, ns)
+        return ns["bind"](self)
+
+    def start(self) -> None:
+        # communicators form here, concurrently on every member actor (setup blocks)
+        for kid in self.plan.comm_groups:
+            self._comm(kid)
+        fn = self._bind(self.plan.source)
+        self.thread = threading.Thread(target=self._main, args=(fn,),
+                                       name=f"dagc-loop-{self.plan.actor}", daemon=True)
+        self.thread.start()
+
+    def running(self) -> bool:
+        try:
+            return (self.thread is not None and self.thread.is_alive()
+                    and self.control.state in (ch.RUNNING, SWAP))
+        except ValueError:  # control already released
+            return False
+
+    def _main(self, fn) -> None:
+        try:
+            while True:
+                try:
+                    fn()
+                except ch.ChannelClosed:
+                    if self.control.state != SWAP:
+                        return
+                    self._parked.set()
+                    deadline = time.monotonic() + 30
+                    while self.control.state == SWAP and time.monotonic() < deadline:
+                        time.sleep(0.0005)
+                    self._parked.clear()
+                    if self._next_fn is None or self.control.state != ch.RUNNING:
+                        return
+                    fn, self._next_fn = self._next_fn, None
+        except ch.PeerDied:
+            pass
+        except BaseException:
+            self.crash = traceback.format_exc()
+            self.control.fail(self.plan.index)
+        finally:
+            failed = self.control.state == ch.FAILED
+            self.close()
+            if failed:
+                shm.unlink_prefix(self.plan.prefix)
+
+    def swap(self, profile: bool, timeout: float) -> bool:
+        self._next_fn = self._bind(self.plan.profile_source if profile else self.plan.source)
+        self.records = []
+        self._wake()
+        return self._parked.wait(timeout)
+
+    def _wake(self) -> None:
+        for r in self._readers.values():
+            r.wake()
+        for w in self._writers.values():
+            w.wake_all()
+
+    def stop(self, timeout: float) -> dict:
+        self.control.close()
+        self._wake()
+        t = self.thread
+        if t is not None:
+            t.join(timeout)
+        alive = bool(t and t.is_alive())
+        if not alive:
+            self.close()
+        return {"stopped": not alive, "crash": self.crash}
+
+    def close(self) -> None:
+        for comm in self._comms.values():
+            try:
+                comm.destroy()
+            except Exception:
+                pass
+        self._comms = {}
+        for r in self._readers.values():
+            r.close()
+        for w in self._writers.values():
+            w.close()
+        self._readers, self._writers = {}, {}
+        self.control.release()

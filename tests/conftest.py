@@ -1,0 +1,34 @@
+"""Shared fixtures. End-to-end tests share one Ray session per test run."""
+import glob
+import os
+
+import pytest
+
+
+def _dagc_segments():
+    return sorted(os.path.basename(p) for p in glob.glob("/dev/shm/dagc-*"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=32, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def no_shm_leak():
+    """Fail the test if it leaves dagc shared-memory segments behind."""
+    before = set(_dagc_segments())
+    yield
+    import time
+    deadline = time.monotonic() + 5
+    while True:
+        left = set(_dagc_segments()) - before
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not left, f"leaked /dev/shm segments: {sorted(left)}"

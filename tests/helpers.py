@@ -1,0 +1,46 @@
+"""Build dagc IR by hand for tests that need no Ray."""
+import networkx as nx
+
+from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec
+from dagc.passes import PassContext, default_pipeline, run_pipeline
+
+
+def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None):
+    """ops: [(op_id, actor, method, [arg refs], {kw: ref}, num_returns?, group?)]"""
+    g = nx.DiGraph()
+    actors = []
+    transports = transports or {}
+    for spec in ops:
+        oid, actor, method, args = spec[:4]
+        kwargs = spec[4] if len(spec) > 4 else {}
+        nret = spec[5] if len(spec) > 5 else 1
+        group = spec[6] if len(spec) > 6 else None
+        op = Op(id=oid, kind=COLLECTIVE if group else CALL, actor=actor,
+                method=f"allreduce.sum" if group else method,
+                args=tuple(Arg(a) for a in args),
+                kwargs=tuple((k, Arg(v)) for k, v in kwargs.items()), num_returns=nret,
+                transport=transports.get(oid, "nccl" if group else None), group=group)
+        g.add_node(oid, op=op)
+        for a in op.refs():
+            if a.is_value:
+                g.add_edge(a.op, oid)
+        if actor not in [a.id for a in actors]:
+            actors.append(ActorSpec(id=actor, cls="Stage", name=actor))
+    actors.sort(key=lambda a: int(a.id[1:]))
+    fields = tuple(range(nfields))
+    ir = IR(graph=g, actors=tuple(actors),
+            inputs=InputSpec(fields=fields, num_positional=nfields, direct=nfields == 1),
+            output=OutputSpec(refs=tuple(Arg(o) for o in outputs),
+                              multi=len(outputs) > 1 if multi is None else multi))
+    ir.verify()
+    return ir
+
+
+def compile_ir(ir, overlap=False, gpus=(), **options):
+    ctx = PassContext(driver_node="n0", options=options,
+                      placement={a.id: ("n0", (0,) if a.id in gpus else ()) for a in ir.actors})
+    return run_pipeline(ir, default_pipeline(overlap), ctx, callback=lambda p, x: x.verify())
+
+
+def column(sched, actor):
+    return [str(a) for a in sched.of(actor)]
