@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import sys
 import threading
 import time
 import uuid
@@ -153,12 +154,14 @@ def make_communicator(backend: str) -> Communicator:
 
 def node_ip() -> str:
     """This node's IP as Ray knows it when Ray is up in this process, else loopback."""
-    try:
-        import ray
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:
-        pass
+    ray = sys.modules.get("ray")          # not imported: certainly not initialised here
+    if ray is not None:
+        try:
+            if ray.is_initialized():
+                import ray.util
+                return ray.util.get_node_ip_address()
+        except Exception:
+            pass
     return "127.0.0.1"
 
 
@@ -255,7 +258,8 @@ class GlooCommunicator(Communicator):
             if rank == 0:
                 with _MASTERS_LOCK:
                     store = _MASTERS.pop((host, port), None)
-                store = store or self._master
+                if store is None:
+                    store = self._master
             if store is None:
                 # the client retries its connection until the timeout
                 store = TCPStore(host, port, None, False, tmo, wait_for_workers=False)
@@ -268,7 +272,8 @@ class GlooCommunicator(Communicator):
             pg = ProcessGroupGloo(prefixed, rank, world_size, opts)
         except Exception as e:
             self._master = None
-            raise TimeoutError(
+            timed_out = time.monotonic() >= deadline - 0.05 or "timeout" in str(e).lower()
+            raise (TimeoutError if timed_out else RuntimeError)(
                 f"gloo communicator set-up failed for rank {rank} of {world_size} "
                 f"(rendezvous {host}:{port}) within {timeout:g} s: {e}. Every member must "
                 f"reach setup(); check that all actors of the group are alive and that "

@@ -152,7 +152,8 @@ class CompiledDag(InspectMixin):
         if not _ATEXIT:
             atexit.register(_teardown_all)
             _ATEXIT = True
-        weakref.finalize(self, _finalize, self._prefix)
+        # dropped without teardown: stop the loops (closed state) and remove the segments
+        weakref.finalize(self, _finalize, self._prefix, self._control)
 
     # -- start ---------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -325,8 +326,8 @@ class CompiledDag(InspectMixin):
             return r
 
     def _ready(self, idx: int) -> bool:
-        if idx in self._results:
-            return True
+        if idx in self._results or self._closed or self._dead:
+            return True            # get() answers at once: the value, or why there is none
         if idx != self._read_next:
             return False
         return all(r.ready() for r in self._readers.values())
@@ -371,6 +372,10 @@ class CompiledDag(InspectMixin):
                 self._dead = f"{e.who} (its dagc loop crashed: {crash.strip()})"
             self._stop_actors(wait=False)
             shm.unlink_prefix(self._prefix)
+            # unmap our ends now unless another thread is inside execute()/get();
+            # teardown() (or garbage collection) does it otherwise
+            if self._close_ends(None) and self._control is not None:
+                self._control.release()
             raise ActorDiedError(self._death_message()) from None
         self._raise_closed()
 
@@ -381,8 +386,10 @@ class CompiledDag(InspectMixin):
             return
         self._closed = True
         _LIVE.discard(self)
-        self._stop_actors(wait=True)
-        self._release()
+        try:
+            self._stop_actors(wait=True)
+        finally:                   # even on Ctrl-C while waiting for the actors
+            self._release()
 
     def _stop_actors(self, wait: bool) -> None:
         if self._control is not None:
@@ -408,22 +415,37 @@ class CompiledDag(InspectMixin):
                 pass
 
     def _release(self) -> None:
-        # a get() in another thread sees the closed state within a wait slice and lets go
-        got = self._read_lock.acquire(timeout=1.0)
-        try:
-            if got:
-                for r in self._readers.values():
-                    r.close()
-                for w in self._writers.values():
-                    w.close()
-        finally:
-            if got:
-                self._read_lock.release()
-        if self._control is not None:
+        # an execute()/get() in another thread sees the closed state within a wait slice
+        # and lets go; if it does not, its ends (and the control it polls) stay mapped
+        # until garbage collection rather than vanish under it
+        if self._close_ends(1.0) and self._control is not None:
             self._control.release()
         shm.unlink_prefix(self._prefix)
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+
+    def _close_ends(self, wait: float | None) -> bool:
+        """Unmap the driver's channel ends once no execute() or get() uses them.
+
+        Takes the submit lock, then the read lock (the order execute() takes them), each
+        for at most ``wait`` seconds, or only if free at once when ``wait`` is None.
+        Returns whether the ends were closed.
+        """
+        held = []
+        try:
+            for lock in (self._submit_lock, self._read_lock):
+                if not (lock.acquire(blocking=False) if wait is None
+                        else lock.acquire(timeout=wait)):
+                    return False
+                held.append(lock)
+            for r in self._readers.values():
+                r.close()
+            for w in self._writers.values():
+                w.close()
+            return True
+        finally:
+            for lock in reversed(held):
+                lock.release()
 
     def __enter__(self):
         return self
@@ -461,8 +483,11 @@ class CompiledDag(InspectMixin):
                 f"{len(self._ir.channels)} channels, {state}>")
 
 
-def _finalize(prefix: str) -> None:
+def _finalize(prefix: str, control=None) -> None:
+    """A CompiledDag was garbage-collected (or the interpreter exits) without teardown."""
     try:
+        if control is not None:
+            control.close()        # the loops see the closed state and stop by themselves
         shm.unlink_prefix(prefix)
     except Exception:
         pass

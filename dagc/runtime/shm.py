@@ -4,6 +4,8 @@ Segments are files in /dev/shm created with O_EXCL and mode 0600 under unguessab
 (``dagc-<compile token>-<what>``), so only this user's processes can map them and nobody can
 pre-create one. Everything a compiled DAG creates shares its prefix; teardown (or any
 survivor noticing a death) removes the whole prefix, so a crash leaves nothing behind.
+When every process of a DAG died at once (nobody left to clean), the next compile on the
+node removes its segments (:func:`sweep_stale`).
 
 Futexes: FUTEX_WAIT/FUTEX_WAKE on a 32-bit word inside a shared mapping, called through
 ctypes (which releases the GIL for the call). Without the shared flag cleared (no
@@ -16,9 +18,13 @@ import glob
 import mmap
 import os
 import platform
+import re
+import struct
 
 SHM_DIR = "/dev/shm"
 PREFIX = "dagc-"
+CTL_PIDS = 8          # word of the first pid in a control segment (= channel.C_PIDS)
+_CTL_NAME = re.compile(r"^dagc-[0-9a-f]{24}-ctl$")
 
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
@@ -101,6 +107,45 @@ def unlink_prefix(prefix: str) -> int:
             n += 1
         except FileNotFoundError:
             pass
+    return n
+
+
+def stale_prefixes() -> list[str]:
+    """Prefixes of compiled DAGs whose every recorded process is gone.
+
+    A DAG's segments are removed by teardown or by a survivor noticing a death; when the
+    driver and all its actors die together (the driver is SIGKILLed and Ray then kills
+    the actors it owned) nobody is left to do it. The control segment lists every
+    process's pid (driver first); a DAG whose list is non-empty and all dead is stale.
+    A DAG still being created has a zero driver pid and is never stale.
+    """
+    out = []
+    for p in glob.glob(path(PREFIX) + "*-ctl"):
+        name = os.path.basename(p)
+        if not _CTL_NAME.match(name):
+            continue
+        try:
+            with open(p, "rb") as f:
+                data = f.read(4096)
+        except OSError:           # removed meanwhile, or another user's
+            continue
+        if len(data) < 4096:
+            continue
+        pids = []
+        for pid in struct.unpack_from(f"<{512 - CTL_PIDS}q", data, CTL_PIDS * 8):
+            if pid <= 0:
+                break
+            pids.append(pid)
+        if pids and not any(pid_alive(pid) for pid in pids):
+            out.append(name[:-len("ctl")])
+    return out
+
+
+def sweep_stale() -> int:
+    """Remove the segments of every stale DAG (see :func:`stale_prefixes`); how many."""
+    n = 0
+    for prefix in stale_prefixes():
+        n += unlink_prefix(prefix)
     return n
 
 

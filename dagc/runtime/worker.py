@@ -69,6 +69,10 @@ def comm_prepare(instance, communicator) -> dict:
 
 
 def start(instance, plan: ActorPlan) -> dict:
+    try:   # segments of DAGs whose processes all died together (see shm.stale_prefixes)
+        shm.sweep_stale()
+    except OSError:
+        pass
     with _LOCK:
         for t, lp in list(_LOOPS.items()):
             if not lp.running():
@@ -111,11 +115,17 @@ def status(instance, token: str) -> dict:
     return {"running": bool(loop and loop.running()), "crash": loop.crash if loop else None}
 
 
-def _sync_method(fn):
-    """Run a coroutine method to completion on a private event loop of the loop thread."""
+def _sync_method(fn, event_loops: list | None = None):
+    """Run a coroutine method to completion on a private event loop of the loop thread.
+
+    The event loop (a selector and a self-pipe: three fds) is appended to ``event_loops``
+    so the ActorLoop closes it with its channels instead of leaking it per compile.
+    """
     if not inspect.iscoroutinefunction(fn):
         return fn
     ev = asyncio.new_event_loop()
+    if event_loops is not None:
+        event_loops.append(ev)
 
     def call(*args, **kwargs):
         return ev.run_until_complete(fn(*args, **kwargs))
@@ -144,14 +154,20 @@ class ActorLoop:
         self._comm_ends: dict = {}
         self._next_fn = None
         self._parked = threading.Event()
+        self._event_loops: list = []
         self.control = ch.Control(plan.prefix + "ctl")
         self.waiter = ch.Waiter(self.control, plan.procs, plan.wait)
+        # every wait watches every other process of the DAG, not only the channel's peer:
+        # a death anywhere (or the driver's) stops this loop within a wait slice, even
+        # when nothing flows to this actor any more
+        others = tuple(i for i in range(len(plan.procs)) if i != plan.index)
         for cid, (seg, nreaders, slots, cap, ridx) in plan.writers.items():
             w = self._writers[cid] = ch.Writer(seg, nreaders, slots, cap, self.waiter,
-                                               tuple(ridx), create=False)
+                                               others, create=False)
             w.on_encode_error = self._encode_error
         for cid, (seg, index, widx) in plan.readers.items():
-            self._readers[cid] = ch.Reader(seg, index, self.waiter, widx)
+            r = self._readers[cid] = ch.Reader(seg, index, self.waiter, widx)
+            r.peers = others
         self.control.set_pid(plan.index, os.getpid())
 
     # -- the rt interface used by generated code -------------------------------------------
@@ -164,7 +180,7 @@ class ActorLoop:
         func = getattr(fn, "__func__", None)
         if getattr(func, "__ray_tracing_wrapped__", False) and hasattr(func, "__wrapped__"):
             fn = types.MethodType(func.__wrapped__, self.instance)
-        return _sync_method(fn)
+        return _sync_method(fn, self._event_loops)
 
     def constant(self, k: int):
         return self.plan.constants[k]
@@ -269,6 +285,10 @@ class ActorLoop:
             self.close()
             if failed:
                 shm.unlink_prefix(self.plan.prefix)
+            if self.crash is None:   # a crash stays listed: status() reports it
+                with _LOCK:
+                    if _LOOPS.get(self.plan.token) is self:
+                        del _LOOPS[self.plan.token]
 
     def swap(self, profile: bool, timeout: float) -> bool:
         self._next_fn = self._bind(self.plan.profile_source if profile else self.plan.source)
@@ -305,4 +325,10 @@ class ActorLoop:
         for w in self._writers.values():
             w.close()
         self._readers, self._writers = {}, {}
+        for ev in self._event_loops:
+            try:
+                ev.close()
+            except Exception:
+                pass
+        self._event_loops = []
         self.control.release()

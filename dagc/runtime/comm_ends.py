@@ -1,0 +1,498 @@
+"""The ends of communicator channels and collectives: what the generated loops call.
+
+A "comm" channel carries one value per execution in two parts::
+
+    metadata  the channel's shared-memory ring (a channel.Writer / channel.Reader):
+                Failure              the upstream op failed; no tensors follow
+                (skeleton, specs)    specs: one (shape, dtype code) per tensor, in send
+                                     order; skeleton: the value with each tensor replaced
+                                     by _Slot(i), or None when the value is one bare tensor
+    tensors   the Communicator: one send per non-empty tensor, in spec order, per reader
+
+Tensors are found in dicts, lists, tuples (named too) and dataclass fields, nested; a tensor
+inside any other object travels inside the metadata, pickled (CPU tensors as out-of-band
+buffers; CUDA tensors through torch's own pickling, which is slow). The same tensor object
+twice in a value is sent once and comes back as one tensor in both places.
+
+The metadata of an execution is written once, when the value is sent to the first reader in
+``readers``; every reader gets the tensors by its own send. The writer sends contiguous
+tensors on the communicator's device (copies where needed); the reader allocates on its
+device and receives into them.
+
+Deferred receives. ``irecv`` (overlap) cannot post the tensor receives before the metadata
+is there, and must not block for it: the schedule may hoist it above ops the sender needs.
+So a handle whose metadata is not there yet is queued on the communicator, and is posted
+(blocking for its metadata) by its own ``wait()`` or by the next op on the same
+communicator, whichever comes first. That keeps every process's communicator ops in issue
+order - the order the schedule's deadlock proof assumes and gloo/NCCL pair messages by.
+
+Collectives first all-reduce (MAX) a small int64 flag: failed?, dtype, shape hash, so a
+participant whose input is a Failure (or no tensor, or a tensor that does not match the
+others') never leaves the others hanging: every participant then returns a Failure - a failed
+one its own, the others the first failed rank's (sent along with one more all-reduce), so
+``get()`` shows the error where it started.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import zlib
+
+import torch
+from torch import Tensor
+
+from dagc.runtime.communicator import DONE, REDUCE_OPS, Communicator, Work
+from dagc.runtime.failure import Failure, capture
+
+_DTYPES = tuple(d for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+    getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None),
+    getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+    getattr(torch, "uint64", None)) if d is not None)
+_CODE = {d: i for i, d in enumerate(_DTYPES)}
+_ATOMIC = frozenset({int, float, str, bytes, bool, type(None), complex})
+_MASK = (1 << 62) - 1
+_LOW = -(1 << 62)
+_is_dataclass = dataclasses.is_dataclass
+_fields = dataclasses.fields
+_empty = torch.empty
+
+
+class _Slot:
+    """Where tensor ``i`` of the spec list goes back in the value."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __reduce__(self):
+        return (_Slot, (self.i,))
+
+    def __repr__(self) -> str:
+        return f"<tensor {self.i}>"
+
+
+# -- value <-> skeleton + tensors -----------------------------------------------------------
+def _strip(v, out: list, seen: dict):
+    """``v`` with every tensor replaced by a _Slot (appended to ``out``); ``v`` itself when it
+    holds none. Never mutates ``v``."""
+    cls = v.__class__
+    if cls in _ATOMIC:
+        return v
+    if isinstance(v, Tensor):
+        slot = seen.get(id(v))
+        if slot is None:
+            slot = seen[id(v)] = _Slot(len(out))
+            out.append(v)
+        return slot
+    if isinstance(v, dict):
+        new = None
+        for k, x in v.items():
+            y = _strip(x, out, seen)
+            if y is not x:
+                if new is None:
+                    new = dict(v) if cls is dict else copy.copy(v)
+                new[k] = y
+        return v if new is None else new
+    if isinstance(v, list):
+        new = None
+        for i, x in enumerate(v):
+            y = _strip(x, out, seen)
+            if y is not x:
+                if new is None:
+                    new = list(v) if cls is list else copy.copy(v)
+                new[i] = y
+        return v if new is None else new
+    if isinstance(v, tuple):
+        items = [_strip(x, out, seen) for x in v]
+        for a, b in zip(items, v):
+            if a is not b:
+                return _remake(v, items)
+        return v
+    if _is_dataclass(v) and not isinstance(v, type):
+        new = None
+        for f in _fields(v):
+            x = getattr(v, f.name)
+            y = _strip(x, out, seen)
+            if y is not x:
+                if new is None:
+                    new = copy.copy(v)
+                object.__setattr__(new, f.name, y)
+        return v if new is None else new
+    return v
+
+
+def _fill(v, ts: list):
+    """Put the received tensors back into the (freshly unpickled, so ours) skeleton."""
+    cls = v.__class__
+    if cls is _Slot:
+        return ts[v.i]
+    if cls in _ATOMIC:
+        return v
+    if isinstance(v, dict):
+        for k, x in v.items():
+            y = _fill(x, ts)
+            if y is not x:
+                v[k] = y
+        return v
+    if isinstance(v, list):
+        for i, x in enumerate(v):
+            y = _fill(x, ts)
+            if y is not x:
+                v[i] = y
+        return v
+    if isinstance(v, tuple):
+        items = [_fill(x, ts) for x in v]
+        for a, b in zip(items, v):
+            if a is not b:
+                return _remake(v, items)
+        return v
+    if _is_dataclass(v) and not isinstance(v, type):
+        for f in _fields(v):
+            x = getattr(v, f.name)
+            y = _fill(x, ts)
+            if y is not x:
+                object.__setattr__(v, f.name, y)
+        return v
+    return v
+
+
+def _remake(v: tuple, items: list) -> tuple:
+    cls = v.__class__
+    if cls is tuple:
+        return tuple(items)
+    if hasattr(cls, "_make"):          # namedtuple
+        return cls._make(items)
+    return cls(items)
+
+
+def _spec(t: Tensor) -> tuple:
+    return (tuple(t.shape), _CODE.get(t.dtype, t.dtype))
+
+
+def device_of(comm: Communicator, device=None) -> torch.device:
+    """The torch device tensors of ``comm`` live on ("cuda" -> the comm's GPU)."""
+    d = device if device is not None else getattr(comm, "device", "cpu")
+    if isinstance(d, torch.device):
+        return d
+    if d == "cuda":
+        index = getattr(comm, "_index", None)
+        return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+    return torch.device(d)
+
+
+# -- ordering of one process's ops on one communicator --------------------------------------
+def _pending_of(comm: Communicator) -> list:
+    """The FIFO of this process's deferred receives on ``comm``, shared by all its ends."""
+    try:
+        return comm._dagc_pending
+    except AttributeError:
+        comm._dagc_pending = pending = []
+        return pending
+
+
+def _flush(pending: list, upto=None) -> None:
+    """Post queued receives in issue order (each blocks for its metadata), through ``upto``."""
+    while pending:
+        h = pending.pop(0)
+        h._post()
+        if h is upto:
+            return
+
+
+class _Works(Work):
+    """Several Works as one; holds the tensors until they are done."""
+
+    __slots__ = ("works", "tensors")
+
+    def __init__(self, works, tensors):
+        self.works = works
+        self.tensors = tensors
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.tensors = None
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+
+# -- writer ---------------------------------------------------------------------------------
+class CommWriter:
+    """The writing end of a comm channel: ``send(value, peer)`` / ``isend(value, peer)``.
+
+    ``writer`` is the channel's shared-memory Writer (metadata), ``ranks`` maps actor ids to
+    ranks in ``comm``, ``readers`` lists the channel's readers in the order the schedule sends
+    to them (the channel spec's order).
+    """
+
+    def __init__(self, writer, comm: Communicator, ranks: dict, readers: tuple,
+                 actor: str = ""):
+        readers = tuple(readers)
+        if not readers:
+            raise ValueError("a comm channel needs at least one reader")
+        missing = [r for r in readers if r not in ranks]
+        if missing:
+            raise ValueError(f"readers {missing} have no rank in the communicator "
+                             f"(ranks: {dict(ranks)})")
+        self.writer = writer
+        self.comm = comm
+        self.readers = readers
+        self.actor = actor
+        self._write = writer.write
+        self._send = comm.send
+        self._isend = comm.isend
+        self._dev = device_of(comm)
+        last = len(readers) - 1
+        # peer -> (rank, writes the metadata, last reader of the execution)
+        self._plan = {r: (ranks[r], i == 0, i == last) for i, r in enumerate(readers)}
+        self._held = ()
+        self._pending = _pending_of(comm)
+
+    def _prep(self, t: Tensor) -> Tensor:
+        if t.device != self._dev:
+            t = t.to(self._dev)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        if t.requires_grad:
+            t = t.detach()
+        return t
+
+    def _publish(self, value, peer: str) -> tuple:
+        """Write the metadata; return the (prepared, non-empty) tensors to send."""
+        if value.__class__ is Failure:
+            self._write(value)
+            return ()
+        if isinstance(value, Tensor):
+            t = self._prep(value)
+            self._write((None, (_spec(t),)))
+            return (t,) if t.numel() else ()
+        out: list = []
+        skel = _strip(value, out, {})
+        ts = [self._prep(t) for t in out]
+        try:
+            self._write((skel, tuple(_spec(t) for t in ts)))
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            # nothing reached the ring: tell the readers instead of killing the loop
+            self._write(capture(TypeError(
+                f"the value sent to {peer} on a tensor-transport edge cannot be pickled "
+                f"({type(value).__name__}: {e}); only its tensors travel through the "
+                f"communicator, everything else must pickle"), self.actor, "send", -1))
+            return ()
+        return tuple(t for t in ts if t.numel())
+
+    def send(self, value, peer: str) -> None:
+        rank, first, last = self._plan[peer]
+        if self._pending:
+            _flush(self._pending)
+        ts = self._publish(value, peer) if first else self._held
+        send = self._send
+        for t in ts:
+            send(t, rank)
+        self._held = () if last else ts
+
+    def isend(self, value, peer: str) -> Work:
+        rank, first, last = self._plan[peer]
+        if self._pending:
+            _flush(self._pending)
+        ts = self._publish(value, peer) if first else self._held
+        self._held = () if last else ts
+        if not ts:
+            return DONE
+        isend = self._isend
+        return _Works([isend(t, rank) for t in ts], ts)
+
+
+# -- reader ---------------------------------------------------------------------------------
+class _RecvHandle:
+    """An issued ``irecv``; ``wait()`` returns the value."""
+
+    __slots__ = ("cr", "skel", "ts", "works", "posted")
+
+    def __init__(self, cr: "CommReader"):
+        self.cr = cr
+        self.posted = False
+        self.works = ()
+        self.ts = None
+        self.skel = None
+
+    def _post(self) -> None:
+        cr = self.cr
+        meta = cr._read()
+        self.posted = True
+        if meta.__class__ is Failure:
+            self.skel = meta
+            return
+        skel, specs = meta
+        self.skel = skel
+        if specs:
+            ts = cr._alloc(specs)
+            irecv, src = cr._irecv, cr._src
+            self.works = [irecv(t, src) for t in ts if t.numel()]
+            self.ts = ts
+
+    def wait(self):
+        if not self.posted:
+            _flush(self.cr._pending, self)
+        for w in self.works:
+            w.wait()
+        self.works = ()
+        ts = self.ts
+        if ts is None:
+            return self.skel                  # a Failure, or a value with no tensors
+        return ts[0] if self.skel is None else _fill(self.skel, ts)
+
+    def is_completed(self) -> bool:
+        return self.posted and all(w.is_completed() for w in self.works)
+
+
+class CommReader:
+    """The reading end of a comm channel: ``recv()`` / ``irecv().wait()`` return the value.
+
+    ``reader`` is this process's shared-memory Reader of the channel (metadata),
+    ``writer_rank`` the writer's rank in ``comm``, ``device`` where received tensors are
+    allocated ("cpu" for gloo, "cuda" for NCCL).
+    """
+
+    def __init__(self, reader, comm: Communicator, writer_rank: int, device="cpu"):
+        self.reader = reader
+        self.comm = comm
+        self._read = reader.read
+        self._ready = reader.ready
+        self._recv = comm.recv
+        self._irecv = comm.irecv
+        self._src = writer_rank
+        self._dev = device_of(comm, device)
+        self._pending = _pending_of(comm)
+
+    def _alloc(self, specs) -> list:
+        dev = self._dev
+        return [_empty(s, dtype=_DTYPES[c] if c.__class__ is int else c, device=dev)
+                for s, c in specs]
+
+    def recv(self):
+        if self._pending:
+            _flush(self._pending)
+        meta = self._read()
+        if meta.__class__ is Failure:
+            return meta
+        skel, specs = meta
+        if not specs:
+            return skel
+        ts = self._alloc(specs)
+        recv, src = self._recv, self._src
+        for t in ts:
+            if t.numel():
+                recv(t, src)
+        return ts[0] if skel is None else _fill(skel, ts)
+
+    def irecv(self) -> _RecvHandle:
+        h = _RecvHandle(self)
+        pending = self._pending
+        if not pending and self._ready():
+            h._post()                         # metadata is there: receive right away
+        else:
+            pending.append(h)
+        return h
+
+
+# -- collectives ----------------------------------------------------------------------------
+# flag words, all-reduced with MAX: [failed rank code, failure blob length, dtype, -dtype,
+# shape hash, -shape hash]
+_NFLAG = 6
+
+
+class Collective:
+    """One participant of an all-reduce: ``coll(value)`` returns a new reduced tensor (the
+    input is not modified) or a Failure. ``actor``/``method``/``step`` name the op in the
+    Failures it builds."""
+
+    def __init__(self, comm: Communicator, op: str, actor: str = "", method: str = "",
+                 step: int = -1):
+        if op not in REDUCE_OPS:
+            raise ValueError(f"unknown reduce op {op!r}; expected one of "
+                             f"{', '.join(REDUCE_OPS)}")
+        self.comm = comm
+        self.op = op
+        self.where = (actor, method or f"allreduce.{op}", step)
+        self._allreduce = comm.allreduce
+        self._dev = device_of(comm)
+        self._flag = torch.zeros(_NFLAG, dtype=torch.int64)
+        self._flag_np = self._flag.numpy()
+        self._flag_dev = (self._flag if self._dev.type == "cpu"
+                          else torch.zeros(_NFLAG, dtype=torch.int64, device=self._dev))
+        self._pending = _pending_of(comm)
+
+    def __call__(self, value):
+        if self._pending:
+            _flush(self._pending)
+        own = None
+        if value.__class__ is Failure:
+            own = value
+        elif not isinstance(value, Tensor):
+            own = capture(TypeError(f"{self.where[1]} expects a torch.Tensor, got "
+                                    f"{type(value).__name__}"), *self.where)
+        flag = self._flag_np
+        if own is None:
+            code = _CODE.get(value.dtype)
+            if code is None:           # str hashes differ per process; crc32 does not
+                code = zlib.crc32(str(value.dtype).encode())
+            sh = hash(tuple(value.shape)) & _MASK
+            flag[0] = 0
+            flag[1] = 0
+            flag[2] = code
+            flag[3] = -code
+            flag[4] = sh
+            flag[5] = -sh
+        else:
+            blob = pickle.dumps(own, 5)
+            flag[0] = self.comm.world_size - self.comm.rank
+            flag[1] = len(blob)
+            flag[2:] = _LOW
+        fd = self._flag_dev
+        if fd is not self._flag:
+            fd.copy_(self._flag)
+        self._allreduce(fd, "max")
+        if fd is not self._flag:
+            self._flag.copy_(fd)
+        failed, blen, c_hi, c_lo, s_hi, s_lo = flag.tolist()
+        if failed:
+            return self._spread_failure(own, blob if own is not None else b"", failed, blen)
+        if c_hi != -c_lo or s_hi != -s_lo:
+            return capture(ValueError(
+                f"{self.where[1]}: the participants' inputs differ in "
+                f"{'dtype' if c_hi != -c_lo else 'shape'}; this one (rank {self.comm.rank}) "
+                f"got {tuple(value.shape)} {value.dtype}. Every participant of a "
+                f"collective must pass a tensor of the same shape and dtype."), *self.where)
+        out = value.detach()
+        if out.device != self._dev:
+            out = out.to(self._dev)
+        else:
+            out = out.clone(memory_format=torch.contiguous_format)
+        if not out.is_contiguous():
+            out = out.contiguous()
+        self._allreduce(out, self.op)
+        return out
+
+    def _spread_failure(self, own, blob: bytes, failed: int, blen: int):
+        """The lowest failed rank sends its Failure to all (one uint8 SUM all-reduce)."""
+        first = self.comm.world_size - failed
+        buf = torch.zeros(blen, dtype=torch.uint8)
+        if self.comm.rank == first:
+            buf[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        dev = buf if self._dev.type == "cpu" else buf.to(self._dev)
+        self._allreduce(dev, "sum")
+        if own is not None:
+            return own
+        try:
+            got = pickle.loads(dev.cpu().numpy().tobytes())
+            if got.__class__ is Failure:
+                return got
+        except Exception:
+            pass
+        return capture(RuntimeError(f"{self.where[1]}: participant rank {first} failed "
+                                    f"before the collective"), *self.where)

@@ -1,0 +1,154 @@
+"""Tools for the fault-injection tests: probes run inside actors, polling with deadlines,
+and a subprocess driver that can be killed.
+
+Functions here run inside actor processes through ``actor.__ray_call__`` too, so this
+module must stay importable there (it imports nothing from pytest).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def segments(token: str) -> list[str]:
+    """The /dev/shm segments of one compiled DAG."""
+    return sorted(os.path.basename(p) for p in glob.glob(f"/dev/shm/dagc-{token}-*"))
+
+
+def mapped(pid: int, token: str) -> int:
+    """How many mappings of this DAG's segments process ``pid`` still holds."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return sum(1 for line in f if f"/dev/shm/dagc-{token}-" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
+def inside(instance, token: str) -> dict:
+    """Run in an actor (``h.__ray_call__.remote(inside, token)``): its dagc state for one DAG."""
+    from dagc.runtime import worker
+    st = worker.status(instance, token)
+    return {
+        "pid": os.getpid(),
+        "running": st["running"],
+        "crash": st["crash"],
+        "loop_threads": sorted(t.name for t in threading.enumerate()
+                               if t.name.startswith("dagc-loop") and t.is_alive()),
+        "maps": mapped(os.getpid(), token),
+        "fds": len(os.listdir("/proc/self/fd")),
+    }
+
+
+def state(handle, token: str, timeout: float = 10.0) -> dict:
+    import ray
+    return ray.get(handle.__ray_call__.remote(inside, token), timeout=timeout)
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll ``pred`` until true; returns the seconds it took, or fails naming ``what``."""
+    t0 = time.monotonic()
+    while True:
+        last = pred()
+        if last:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: still not true after {timeout} s")
+        time.sleep(interval)
+
+
+def loops_stopped(handles, token: str) -> bool:
+    for h in handles:
+        s = state(h, token)
+        if s["running"] or s["loop_threads"] or s["maps"]:
+            return False
+    return True
+
+
+class ChildDriver:
+    """A driver process (tests/faults/child_driver.py) joined to the test's Ray cluster.
+
+    It prints one JSON line (token, pid, actor pids) once its DAG runs; ``kill()`` and
+    ``wait()`` always reap it, so no test leaves a process behind.
+    """
+
+    def __init__(self, mode: str, *names: str, timeout: float = 120.0):
+        import ray
+        ctx = ray.get_runtime_context()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("RAY_ADDRESS", None)
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.child_driver", ctx.gcs_address,
+             ctx.namespace, mode, *names],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._err,
+            start_new_session=True)
+        self.info = self._read_info(timeout)
+
+    def _read_info(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+                for line in buf.splitlines():
+                    if line.startswith(b"DAGC-CHILD "):
+                        return json.loads(line[len(b"DAGC-CHILD "):])
+            elif self.proc.poll() is not None:
+                break
+        err = self.kill_and_reap()
+        raise AssertionError(f"child driver gave no info within {timeout} s; "
+                             f"stdout={buf[-2000:]!r} stderr={err[-4000:]!r}")
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_and_reap()
+            raise AssertionError(f"child driver did not exit within {timeout} s")
+
+    def stderr(self) -> str:
+        try:
+            self._err.seek(0)
+            return self._err.read().decode(errors="replace")
+        except (ValueError, OSError):
+            return ""
+
+    def kill_and_reap(self) -> str:
+        self.kill()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        err = self.stderr()
+        self.close()
+        return err
+
+    def close(self) -> None:
+        for f in (self.proc.stdout, self._err):
+            try:
+                f.close()
+            except OSError:
+                pass

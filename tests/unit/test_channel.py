@@ -1,0 +1,177 @@
+"""The shared-memory ring channel, in one process and under seeded multi-process stress."""
+import multiprocessing as mp
+import os
+import random
+import secrets
+import stat
+import time
+
+import numpy as np
+import pytest
+
+from dagc.runtime import channel as ch
+from dagc.runtime import shm
+
+
+@pytest.fixture
+def prefix():
+    p = f"dagc-{secrets.token_hex(12)}-"
+    yield p
+    shm.unlink_prefix(p)
+
+
+def _setup(prefix, nreaders=1, slots=4, capacity=1024, mode="adaptive"):
+    ctl = ch.Control(prefix + "ctl", create=True)
+    waiter = ch.Waiter(ctl, ["driver"] + [f"r{i}" for i in range(nreaders)], mode)
+    w = ch.Writer(prefix + "c0", nreaders, slots, capacity, waiter)
+    rs = [ch.Reader(prefix + "c0", i, waiter) for i in range(nreaders)]
+    return ctl, waiter, w, rs
+
+
+def test_round_trip_values(prefix):
+    _, _, w, (r,) = _setup(prefix)
+    values = [0, None, "x" * 10, {"a": [1, 2]}, np.arange(5), b"\x00" * 3000, (1, (2, 3))]
+    for v in values:
+        w.write(v)
+        got = r.read()
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(got, v)
+        else:
+            assert got == v
+
+
+def test_segments_are_private_and_unguessable(prefix):
+    _setup(prefix)
+    st = os.stat(shm.path(prefix + "c0"))
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert len(prefix) >= len("dagc-") + 24
+
+
+def test_ring_full_blocks_writer_until_read(prefix):
+    _, _, w, (r,) = _setup(prefix, slots=2)
+    w.write(1)
+    w.write(2)
+    with pytest.raises(ch.WaitTimeout):
+        w.write(3, deadline=time.monotonic() + 0.05)
+    assert r.read() == 1
+    w.write(3)
+    assert [r.read(), r.read()] == [2, 3]
+
+
+def test_read_deadline_and_nothing_consumed(prefix):
+    _, _, w, (r,) = _setup(prefix)
+    t0 = time.monotonic()
+    with pytest.raises(ch.WaitTimeout):
+        r.wait_ready(time.monotonic() + 0.05)
+    assert time.monotonic() - t0 < 1.0
+    w.write("late")
+    assert r.read() == "late"
+
+
+def test_growth_keeps_order_and_frees_old_segments(prefix):
+    _, _, w, (r,) = _setup(prefix, slots=3, capacity=256)
+    deadline = time.monotonic() + 10
+    for batch in ([10, 5000], [10, 100_000], [3, 50], [400_000]):
+        for n in batch:      # messages stay unread across a growth
+            w.write(np.full(n, n % 256, dtype=np.uint8), deadline)
+        for n in batch:
+            a = r.read(deadline)
+            assert a.size == n and (a == n % 256).all()
+    w.write(0, deadline)  # lets the writer retire segments every reader has left
+    assert r.read(deadline) == 0
+    names = [p for p in os.listdir(shm.SHM_DIR) if p.startswith(prefix)]
+    assert sorted(names) == sorted([prefix + "ctl", f"{prefix}c0.g{w.gen}"])
+
+
+def test_closed_control_ends_waits(prefix):
+    ctl, _, w, (r,) = _setup(prefix)
+    ctl.close()
+    with pytest.raises(ch.ChannelClosed):
+        r.read(time.monotonic() + 5)
+
+
+def test_dead_writer_is_reported(prefix):
+    ctl, waiter, w, (r,) = _setup(prefix, mode="block")
+    proc = mp.get_context("spawn").Process(target=time.sleep, args=(30,))
+    proc.start()
+    try:
+        ctl.set_pid(0, proc.pid)
+        r.peers = (0,)
+        proc.kill()
+        proc.join(10)
+        t0 = time.monotonic()
+        with pytest.raises(ch.PeerDied):
+            r.read(time.monotonic() + 10)
+        assert time.monotonic() - t0 < 5
+        assert ctl.state == ch.FAILED
+    finally:
+        proc.kill()
+        proc.join(5)
+
+
+# -- seeded multi-process stress --------------------------------------------------------------
+
+def _writer_proc(prefix, nreaders, slots, capacity, seed, count, mode):
+    rng = random.Random(seed)
+    ctl = ch.Control(prefix + "ctl")
+    waiter = ch.Waiter(ctl, ["w"] + [f"r{i}" for i in range(nreaders)], mode)
+    w = ch.Writer(prefix + "c0", nreaders, slots, capacity, waiter, create=False)
+    deadline = time.monotonic() + 60
+    for i in range(count):
+        n = rng.choice([0, 1, 7, 100, capacity - 64, capacity, capacity + 1, 3 * capacity,
+                        rng.randrange(0, 4 * capacity)])
+        if rng.random() < 0.5:
+            value = (i, np.full(n // 8 + 1, i, dtype=np.int64))
+        else:
+            value = (i, bytes([i % 256]) * n)
+        w.write(value, deadline)
+    w.close()
+
+
+def _reader_proc(prefix, index, count, seed, mode, out):
+    rng = random.Random(seed * 1000 + index)
+    ctl = ch.Control(prefix + "ctl")
+    waiter = ch.Waiter(ctl, ["w", "r"], mode)
+    r = ch.Reader(prefix + "c0", index, waiter)
+    deadline = time.monotonic() + 60
+    bad = 0
+    for i in range(count):
+        j, payload = r.read(deadline)
+        ok = j == i and (((payload == i).all()) if isinstance(payload, np.ndarray)
+                         else payload == bytes([i % 256]) * len(payload))
+        bad += not ok
+        if rng.random() < 0.05 * index:
+            time.sleep(rng.random() * 0.002)    # readers at different speeds
+    out.put((index, bad))
+    r.close()
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "block", "spin"])
+def test_stress_multi_process(prefix, mode):
+    seed = int(os.environ.get("DAGC_STRESS_SEED", random.randrange(1 << 30)))
+    print(f"stress seed={seed} mode={mode} (rerun: DAGC_STRESS_SEED={seed})")
+    rng = random.Random(seed)
+    nreaders, slots, capacity = rng.randint(1, 3), rng.randint(1, 4), rng.choice([256, 4096])
+    count = 300
+    ctx = mp.get_context("spawn")
+    ch.Control(prefix + "ctl", create=True)
+    ch.create_segment(prefix + "c0", nreaders, slots, capacity).close()
+    out = ctx.Queue()
+    readers = [ctx.Process(target=_reader_proc, args=(prefix, i, count, seed, mode, out))
+               for i in range(nreaders)]
+    writer = ctx.Process(target=_writer_proc,
+                         args=(prefix, nreaders, slots, capacity, seed, count, mode))
+    procs = readers + [writer]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=90) for _ in readers)
+        for p in procs:
+            p.join(30)
+        assert writer.exitcode == 0, f"writer failed (seed {seed})"
+        assert results == {i: 0 for i in range(nreaders)}, f"corrupt reads (seed {seed})"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
