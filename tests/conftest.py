@@ -21,13 +21,19 @@ def ray_session():
 
 @pytest.fixture
 def no_shm_leak():
-    """Fail the test if it leaves dagc shared-memory segments behind."""
-    before = set(_dagc_segments())
+    """Fail the test if a DAG it compiled leaves shared-memory segments behind.
+
+    Only segments of DAGs compiled by this process during the test count, so other
+    processes using dagc on the machine do not make tests fail.
+    """
+    from dagc.runtime.compiled import CREATED_PREFIXES
+    first = len(CREATED_PREFIXES)
     yield
     import time
+    mine = tuple(CREATED_PREFIXES[first:])
     deadline = time.monotonic() + 5
     while True:
-        left = set(_dagc_segments()) - before
+        left = {s for s in _dagc_segments() if s.startswith(mine)} if mine else set()
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)

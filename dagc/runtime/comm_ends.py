@@ -408,8 +408,9 @@ _NFLAG = 6
 
 class Collective:
     """One participant of an all-reduce: ``coll(value)`` returns a new reduced tensor (the
-    input is not modified) or a Failure. ``actor``/``method``/``step`` name the op in the
-    Failures it builds."""
+    input is not modified) or a Failure; it must be called even when ``value`` is a Failure.
+    It raises only when the communicator itself breaks (a peer died). ``actor``/``method``/
+    ``step`` name the op in the Failures it builds."""
 
     def __init__(self, comm: Communicator, op: str, actor: str = "", method: str = "",
                  step: int = -1):
@@ -468,14 +469,19 @@ class Collective:
                 f"{'dtype' if c_hi != -c_lo else 'shape'}; this one (rank {self.comm.rank}) "
                 f"got {tuple(value.shape)} {value.dtype}. Every participant of a "
                 f"collective must pass a tensor of the same shape and dtype."), *self.where)
-        out = value.detach()
-        if out.device != self._dev:
-            out = out.to(self._dev)
-        else:
-            out = out.clone(memory_format=torch.contiguous_format)
-        if not out.is_contiguous():
-            out = out.contiguous()
-        self._allreduce(out, self.op)
+        try:
+            out = value.detach()
+            if out.device != self._dev:
+                out = out.to(self._dev)
+            else:
+                out = out.clone(memory_format=torch.contiguous_format)
+            if not out.is_contiguous():
+                out = out.contiguous()
+            self._allreduce(out, self.op)
+        except Exception as e:
+            # e.g. a dtype the backend cannot reduce: every participant fails alike, before
+            # any data moves, so the group stays usable
+            return capture(e, *self.where)
         return out
 
     def _spread_failure(self, own, blob: bytes, failed: int, blen: int):

@@ -132,10 +132,17 @@ class Communicator:
     def destroy(self) -> None:
         """Release the group's resources. Idempotent."""
 
+    # attributes that hold a process's live resources: never pickled
+    _LIVE: tuple = ()
+
     def __getstate__(self):
-        # the runtime keeps per-process bookkeeping on the instance under _dagc_*; it never
-        # travels (the instance is pickled to every member before it is set up)
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_dagc")}
+        # the runtime keeps per-process bookkeeping on the instance under _dagc_*; neither it
+        # nor live resources travel (the instance is pickled to every member unconfigured)
+        state = {k: v for k, v in self.__dict__.items()
+                 if not k.startswith("_dagc") and k not in self._LIVE}
+        if self._LIVE:
+            state.update(rank=-1, world_size=0)
+        return state
 
     def __repr__(self) -> str:
         state = f"rank {self.rank}/{self.world_size}" if self.world_size else "not set up"
@@ -205,12 +212,12 @@ class GlooCommunicator(Communicator):
     """
 
     device = "cpu"
+    _LIVE = ("_pg", "_store", "_master", "_opts", "_long", "_destroyed")
 
     def __init__(self, op_timeout: float | None = None):
         self.op_timeout = op_timeout
         self.rank = -1
         self.world_size = 0
-        self._rdv = None
         self._reset()
 
     def _reset(self) -> None:
@@ -221,12 +228,8 @@ class GlooCommunicator(Communicator):
         self._long = None
         self._destroyed = False
 
-    def __getstate__(self):
-        return {"op_timeout": self.op_timeout, "rank": -1, "world_size": 0}
-
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._rdv = None
         self._reset()
 
     # -- rendezvous ------------------------------------------------------------------------
@@ -240,7 +243,6 @@ class GlooCommunicator(Communicator):
         self._master = master
         with _MASTERS_LOCK:
             _MASTERS[(host, rdv["port"])] = master
-        self._rdv = rdv
         return rdv
 
     def setup(self, rank: int, world_size: int, rendezvous: dict, timeout: float) -> None:
@@ -386,6 +388,8 @@ class NcclCommunicator(Communicator):
     """
 
     device = "cuda"
+    _LIVE = ("_comm", "_stream", "_index", "_ev_in", "_ev_out", "_dtypes", "_group",
+             "_destroyed")
 
     def __init__(self):
         self.rank = -1
@@ -401,9 +405,6 @@ class NcclCommunicator(Communicator):
         self._dtypes = None
         self._group = None
         self._destroyed = False
-
-    def __getstate__(self):
-        return {"rank": -1, "world_size": 0}
 
     def __setstate__(self, state):
         self.__dict__.update(state)

@@ -19,6 +19,7 @@ from dagc.runtime.calls import ray_get
 from dagc.runtime.inspection import InspectMixin, Profile  # noqa: F401
 
 _LIVE: "weakref.WeakSet[CompiledDag]" = weakref.WeakSet()
+CREATED_PREFIXES: list[str] = []   # every segment prefix this process made (leak checks)
 _ATEXIT = False
 _monotonic = time.monotonic
 
@@ -128,6 +129,7 @@ class CompiledDag(InspectMixin):
         self._get_timeout = options["get_timeout"]
         self._token = secrets.token_hex(12)
         self._prefix = f"{shm.PREFIX}{self._token}-"
+        CREATED_PREFIXES.append(self._prefix)
         self._submitted = 0
         self._fetched = 0
         self._read_next = 0

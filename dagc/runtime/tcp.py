@@ -38,7 +38,12 @@ Wire format after the handshake (little-endian)::
                     2**64-1 = CLOSE (the reader closed in order)
 
 A frame goes out with one ``sendmsg`` of [header, pickle, buffer, ...] (scatter-gather, no
-copy of the payload in user space). A reader receives small frames through a 256 KiB ring
+copy of the payload in user space). When a socket does not take the whole frame at once
+(a big payload, a reader busy elsewhere) the unsent rest is queued — out-of-band buffers
+copied once, since the caller may reuse its arrays — and a sender thread (started on first
+need, asleep in poll() without a timeout otherwise) finishes it. So, as with a shm slot,
+write() never waits for a reader to *read* while the window has room: a reader that is
+slow to drain one frame cannot hold up the next frame to the other readers. A reader receives small frames through a 256 KiB ring
 it parses in place; a frame with out-of-band buffers (or bigger than the ring) is received
 straight into one new bytearray laid out like the shm slot (pickle, then each buffer at a
 64-byte aligned offset): one copy, kernel to the memory the value then owns.
@@ -72,6 +77,7 @@ syscall each or a concatenating copy. The challenge–response idea is kept.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import io
@@ -83,6 +89,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 
 from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout, _tensor_reducer
 
@@ -104,7 +111,6 @@ _loads = pickle.loads
 _dumps = pickle.dumps
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
-_POLLERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 _CLOSE_FRAME = HDR.pack(KIND_CLOSE, 0, 0, 0, 0)
 _ACK_CLOSE = ACK.pack(ACK_CLOSE)
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -226,6 +232,12 @@ class _WakePipe:
             self.r = self.w = -1
 
 
+def _freeze(parts: list) -> list:
+    """The frame as bytes this channel owns: out-of-band buffers (the caller's arrays) are
+    copied; the header and the pickle already are ours."""
+    return [parts[0], parts[1]] + [bytes(p) for p in parts[2:]]
+
+
 def _after(parts: list, n: int) -> list:
     """What is left of ``parts`` after the first ``n`` bytes were sent."""
     for i, p in enumerate(parts):
@@ -242,7 +254,8 @@ def _after(parts: list, n: int) -> list:
 class _Conn:
     """The writer's end of one reader's connection."""
 
-    __slots__ = ("sock", "fd", "index", "name", "proc", "acked", "rx", "closed", "out")
+    __slots__ = ("sock", "fd", "index", "name", "proc", "acked", "rx", "closed", "queue",
+                 "error")
 
     def __init__(self, sock, index, name, proc):
         self.sock = sock
@@ -253,7 +266,8 @@ class _Conn:
         self.acked = 0          # messages this reader consumed
         self.rx = b""           # a partial ack
         self.closed = False     # the reader sent CLOSE
-        self.out: list = []     # unsent rest of the current frame
+        self.queue = deque()    # bytes written and not yet taken by the kernel, in order
+        self.error = None       # a send error the sender thread ran into
 
 
 class TcpWriter:
@@ -299,7 +313,9 @@ class TcpWriter:
         self._connect_deadline = None
         self._closed = False
         self._error: BaseException | None = None
-        self._wake = _WakePipe()
+        self._wake = _WakePipe()        # ends the writing thread's waits
+        self._kick = _WakePipe()        # wakes the sender thread
+        self._sender: threading.Thread | None = None
         self._bufs: list = []
         self._dispatch = None
         self._low = 0           # min acked over all readers, once all are connected
@@ -455,70 +471,94 @@ class TcpWriter:
         self.seq = seq + 1
 
     def _send(self, parts: list) -> None:
+        """Hand one frame to every connection: straight to the kernel when its queue is
+        empty and the socket takes it all (the common case); otherwise the unsent rest is
+        queued, with out-of-band buffers copied once (the caller may reuse its arrays),
+        and the sender thread finishes it. So a reader that is slow to read never holds up
+        write() inside the window — exactly like a shm slot."""
         total = 0
         for p in parts:
             total += len(p)
-        small = len(parts) <= IOV_MAX
-        late = None
+        frozen = None
+        kick = False
         for c in self._conns:
+            if c.error is not None:
+                self._lost(c, c.error)
+            if c.queue:                 # emptied only by the sender thread, under the lock
+                if frozen is None:
+                    frozen = _freeze(parts)
+                with self._lock:
+                    c.queue.extend(frozen)
+                kick = True
+                continue
             try:
-                n = c.sock.sendmsg(parts if small else parts[:IOV_MAX], (), _NOSIGNAL)
+                n = c.sock.sendmsg(parts if len(parts) <= IOV_MAX else parts[:IOV_MAX],
+                                   (), _NOSIGNAL)
             except BlockingIOError:
                 n = 0
             except OSError as e:
                 self._lost(c, e)
             if n < total:
-                c.out = _after(parts, n)
-                if late is None:
-                    late = []
-                late.append(c)
-        if late:
-            try:
-                self._flush(late)
-            except BaseException as e:
-                # a frame was cut short: the stream cannot carry another message
-                self._break(e if isinstance(e, (ChannelClosed, PeerDied)) else ChannelClosed())
-                raise
+                if frozen is None:
+                    frozen = _freeze(parts)
+                with self._lock:
+                    c.queue.extend(_after(frozen, n))
+                kick = True
+        if kick:
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                                name=f"dagc-tcp-send-{self.channel}")
+                self._sender.start()
+            self._kick.wake()
 
     def _break(self, error: BaseException) -> None:
         """Every later write raises ``error`` (through the slow path of write())."""
         self._error = error
         self._low = -(1 << 62)
 
-    def _flush(self, late: list) -> None:
-        """Finish sending the current frame to connections whose socket buffer was full."""
+    def _send_loop(self) -> None:
+        """The sender thread: drains queued frames as sockets become writable. Sleeps in
+        poll() with no timeout while nothing is queued (an idle channel costs no CPU)."""
         poller = select.poll()
-        poller.register(self._wake.r, _POLLIN)
-        for c in self._conns:
-            poller.register(c.fd, _POLLIN | (_POLLOUT if c.out else 0))
-        byfd = {c.fd: c for c in self._conns}
-        pending = len(late)
-        while pending:
-            if self._closed:
-                raise ChannelClosed()
-            events = poller.poll(SLICE * 1000)
-            woke = not events
+        kick = self._kick.r
+        poller.register(kick, _POLLIN)
+        conns = list(self._conns)
+        byfd = {c.fd: c for c in conns}
+        watched: set = set()
+        while not self._closed:
+            busy = {c.fd for c in conns if c.queue and c.error is None}
+            for fd in watched - busy:
+                poller.unregister(fd)
+            for fd in busy - watched:
+                poller.register(fd, _POLLOUT)
+            watched = busy
+            events = poller.poll(1000 if busy else None)
             for fd, ev in events:
-                if fd == self._wake.r:
-                    self._wake.drain()
-                    woke = True
+                if fd == kick:
+                    self._kick.drain()
                     continue
                 c = byfd[fd]
-                if ev & _POLLIN:
-                    self._drain_acks(c)
-                if c.out and ev & (_POLLOUT | _POLLERR):
+                with self._lock:
+                    if self._closed or not c.queue:
+                        continue
+                    q = c.queue
                     try:
-                        n = c.sock.sendmsg(c.out[:IOV_MAX], (), _NOSIGNAL)
+                        n = c.sock.sendmsg([q[i] for i in range(min(len(q), IOV_MAX))],
+                                           (), _NOSIGNAL)
                     except BlockingIOError:
                         continue
                     except OSError as e:
-                        self._lost(c, e)
-                    c.out = _after(c.out, n)
-                    if not c.out:
-                        pending -= 1
-                        poller.modify(fd, _POLLIN)
-            if woke and self.waiter is not None:
-                self.waiter.check(self.check_peers, None)
+                        c.error = e             # the writer's thread decides what it means
+                        q.clear()
+                        self._wake.wake()
+                        continue
+                    while n:
+                        k = len(q[0])
+                        if n < k:
+                            q[0] = memoryview(q[0])[n:]
+                            break
+                        q.popleft()
+                        n -= k
 
     def _drain_acks(self, c: _Conn) -> None:
         """Read whatever acks reader ``c`` has sent (non-blocking)."""
@@ -555,6 +595,8 @@ class TcpWriter:
                 self._adopt()
             if len(self._conns) == self.nreaders:
                 for c in self._conns:
+                    if c.error is not None:
+                        self._lost(c, c.error)
                     if c.acked < low:
                         self._drain_acks(c)
                 self._low = m = min(c.acked for c in self._conns)
@@ -610,7 +652,9 @@ class TcpWriter:
         self._wake.wake()
 
     def close(self, abort: bool = False) -> None:
-        """Close every connection; readers see ChannelClosed (``abort``: PeerDied)."""
+        """Close every connection; readers see ChannelClosed (``abort``: PeerDied). Bounded:
+        a connection with frames still queued (its reader stopped reading) is cut, so its
+        reader sees PeerDied unless its own teardown reached it first."""
         if self._closed:
             return
         with self._lock:
@@ -623,9 +667,12 @@ class TcpWriter:
                 ls.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        self._kick.wake()
+        if self._sender is not None and self._sender is not threading.current_thread():
+            self._sender.join(1.0)
         for c in conns:
             try:
-                if not abort and not c.out:
+                if not abort and not c.queue:
                     c.sock.send(_CLOSE_FRAME, _NOSIGNAL | _DONTWAIT)
                 c.sock.shutdown(socket.SHUT_WR)
                 c.sock.recv(65536)     # unread acks would turn our FIN into a reset
@@ -635,10 +682,11 @@ class TcpWriter:
                 c.sock.close()
             except OSError:
                 pass
-        self._wake.wake()        # the pipe itself closes with this object (no fd reuse race)
+        self._wake.wake()        # the pipes themselves close with this object (no fd reuse race)
 
     def __del__(self):
         self._wake.close()
+        self._kick.close()
 
     def __repr__(self) -> str:
         return (f"<TcpWriter {self.channel} {self.address} {len(self._conns)}/{self.nreaders} "
@@ -675,7 +723,7 @@ class TcpReader:
         self._buf = bytearray(RING)
         self._mv = memoryview(self._buf)
         self._lo = self._hi = 0       # unparsed bytes are _buf[_lo:_hi]
-        self._big = None              # [blob, targets, target index, filled, mlen, parts]
+        self._big = None              # [blob, targets, target, filled, pickle span, buffers]
         self._msg = None              # a complete message not yet read
         self._eof = False
         self._drained = True
@@ -850,9 +898,17 @@ class TcpReader:
             size = (size + 63) & ~63
             offs.append(size)
             size += ln
-        blob = bytearray(size)
+        if nbufs:
+            blob = bytearray(size + 64)
+            c = ctypes.c_char.from_buffer(blob)
+            shift = -ctypes.addressof(c) & 63       # put the buffers on 64-byte boundaries
+            del c
+            offs = [o + shift for o in offs]
+        else:
+            blob = bytearray(size)
+            shift = 0
         bv = memoryview(blob)
-        targets = [bv[:mlen]]
+        targets = [bv[shift:shift + mlen]]
         targets.extend(bv[o:o + ln] for o, ln in zip(offs, lens))
         targets = [t for t in targets if len(t)]
         # what the ring already holds of this frame
@@ -873,7 +929,7 @@ class TcpReader:
         if p == hi:
             self._lo = self._hi = 0
         parts = [bv[o:o + ln] for o, ln in zip(offs, lens)]
-        msg = [blob, targets, ti, filled, mlen, parts]
+        msg = [blob, targets, ti, filled, (shift, shift + mlen), parts]
         if ti < len(targets):
             self._big = msg
             return None
@@ -966,9 +1022,9 @@ class TcpReader:
             if self._lo == self._hi:
                 self._lo = self._hi = 0
         elif m.__class__ is list:
-            blob, _, _, _, mlen, parts = m
+            blob, _, _, _, (start, end), parts = m
             if parts:
-                value = _loads(memoryview(blob)[:mlen], buffers=parts)
+                value = _loads(memoryview(blob)[start:end], buffers=parts)
             else:
                 value = _loads(blob)
         else:                       # KIND_CLOSE

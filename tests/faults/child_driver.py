@@ -2,7 +2,7 @@
 
     python -m tests.faults.child_driver GCS_ADDRESS NAMESPACE MODE [ACTOR_NAME ...]
 
-It joins the test's Ray cluster, compiles ``a.inc -> b.inc -> c.inc`` over the named
+It joins the test's Ray cluster, compiles ``a.step -> b.step -> c.step`` over the named
 actors (or over actors it creates itself when none are named), prints
 ``DAGC-CHILD {json}`` once executions run, then, by MODE:
 
@@ -25,23 +25,23 @@ def main(argv: list[str]) -> int:
 
     import dagc
     from dagc import InputNode
-    from tests.e2e.actors import Worker
+    from tests.faults.actors import Node
 
     ray.init(address=address, namespace=namespace, log_to_driver=False,
              logging_level="ERROR")
     if names:
         actors = [ray.get_actor(n, namespace=namespace) for n in names]
     else:
-        actors = [Worker.remote(k) for k in range(3)]
+        actors = [Node.remote(k) for k in range(3)]
     pids = ray.get([a.pid.remote() for a in actors], timeout=60)
     with InputNode() as inp:
         x = inp
         for a in actors:
-            x = a.inc.bind(x)
+            x = a.step.bind(x)
         dag = x
     cg = dagc.compile(dag)
     for i in range(20):
-        assert cg.execute(i).get(timeout=30) == i + len(actors)
+        assert cg.execute(i).get(timeout=30) == i
     info = {"token": cg._token, "pid": os.getpid(), "actor_pids": pids}
     print("DAGC-CHILD " + json.dumps(info), flush=True)
     if mode == "spin":

@@ -53,6 +53,7 @@ _GROUPS: dict = {}            # group id -> communicator prepared on this worker
 
 def _serve(idx, inbox, outbox):
     import torch  # noqa: F401  (warm the import before the first task)
+    outbox.put((idx, True, "ready"))
     while True:
         msg = inbox.get()
         if msg is None:
@@ -181,6 +182,9 @@ def t_channel(gid, rank, ws, rdv, prefix, overlap):
                         cw.send(v, peer)
             for h in handles:
                 h.wait()
+            # a value whose non-tensor part cannot pickle reaches the readers as a Failure
+            for peer in readers:
+                cw.send({"t": torch.ones(2), "f": lambda: 0}, peer)
             w.close()
             return None
         r = Reader(prefix + "c0", rank - 1, waiter)
@@ -190,8 +194,10 @@ def t_channel(gid, rank, ws, rdv, prefix, overlap):
             got = [h.wait() for h in hs]
         else:
             got = [cr.recv() for _ in _values(rank)]
+        bad = cr.recv()
         r.close()
-        return got
+        return got, (type(bad).__name__, getattr(bad, "type_name", ""),
+                     getattr(bad, "message", ""))
     finally:
         comm.destroy()
         ctl.release()
@@ -242,6 +248,8 @@ def t_collective(gid, rank, ws, rdv, inputs):
                 v = None
             elif kind == "shape":
                 v = torch.ones(rank + 1)
+            elif kind == "int16":                # a dtype gloo cannot reduce
+                v = torch.ones(2, dtype=torch.int16)
             else:
                 v = torch.tensor([float(rank + 1), 2.0])
             before = v.clone() if isinstance(v, torch.Tensor) else None
@@ -284,6 +292,17 @@ class Pool:
         for p in self.procs:
             p.start()
         self.broken = False
+        # start-up (a torch import per worker) is not part of any test's time limit
+        deadline = time.monotonic() + 120
+        ready = set()
+        while len(ready) < n:
+            try:
+                idx, _, _ = self.outbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close()
+                raise AssertionError(f"test workers {sorted(set(range(n)) - ready)} did not "
+                                     f"start within 120 s")
+            ready.add(idx)
 
     def run(self, name: str, per_rank: dict, timeout: float = 15.0) -> dict:
         for idx, args in per_rank.items():
@@ -455,15 +474,18 @@ def test_gloo_single_rank_in_process_and_destroy_idempotent():
 def test_comm_channel_values_one_reader(pool, shm_prefix, overlap):
     make_channel(shm_prefix + "c0", 1)
     res = run_group(pool, "t_channel", 2, shm_prefix, overlap)
-    check_values(res[1])
+    check_values(res[1][0])
+    kind, type_name, msg = res[1][1]
+    assert (kind, type_name) == ("Failure", "TypeError") and "cannot be pickled" in msg
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
 def test_comm_channel_values_two_readers(pool, shm_prefix, overlap):
     make_channel(shm_prefix + "c0", 2)
     res = run_group(pool, "t_channel", 3, shm_prefix, overlap)
-    check_values(res[1])
-    check_values(res[2])
+    for rank in (1, 2):
+        check_values(res[rank][0])
+        assert res[rank][1][:2] == ("Failure", "TypeError")
 
 
 def test_irecv_does_not_block_on_missing_metadata(pool, shm_prefix):
@@ -502,14 +524,17 @@ def test_collective_with_a_failed_participant_does_not_hang(pool):
         assert res[rank][3] == ("ok", [6.0, 6.0])
 
 
-def test_collective_shape_mismatch_fails_everywhere(pool):
-    inputs = {r: [("shape", "sum"), ("ok", "sum")] for r in range(3)}
+def test_collective_bad_inputs_fail_everywhere_and_the_group_survives(pool):
+    inputs = {r: [("shape", "sum"), ("ok", "sum"), ("int16", "max"), ("ok", "sum")]
+              for r in range(3)}
     res = run_group(pool, "t_collective", 3, inputs)
     for rank in range(3):
         kind, type_name, msg, actor = res[rank][0]
         assert (kind, type_name, actor) == ("failure", "ValueError", ACTORS[rank])
         assert "differ in shape" in msg
         assert res[rank][1] == ("ok", [6.0, 6.0])
+        assert res[rank][2][:2] == ("failure", "RuntimeError"), res[rank][2]
+        assert res[rank][3] == ("ok", [6.0, 6.0])
 
 
 # -- pure helpers (no processes) -----------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Frontend: Ray DAG -> IR. Needs live actor handles (the shared Ray session), no compile."""
+import pytest
+import ray
+
+import dagc
+from dagc import InputNode, MultiOutputNode
+from dagc.frontend import trace
+from tests.e2e.actors import Worker
+
+
+@ray.remote
+def plain_function(x):
+    return x
+
+
+def ops(ir):
+    return [str(ir.op(n)) for n in sorted(ir.graph.nodes, key=lambda n: int(n[1:]))]
+
+
+def test_chain_ids_follow_dataflow(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        dag = b.inc.bind(a.inc.bind(inp))
+    ir, side = trace(dag)
+    assert ops(ir) == ["t0 = a0.inc($0)", "t1 = a1.inc(t0)"]
+    assert side.handles["a0"] == a and side.handles["a1"] == b
+    assert [x.label for x in ir.actors] == ["a0:Worker", "a1:Worker"]
+    assert ir.inputs.direct and ir.inputs.num_positional == 1
+    ir.verify()
+
+
+def test_args_kwargs_constants_and_input_attributes(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        x = a.scale.bind(inp[1], factor=inp["f"], offset=[1, 2])
+        dag = MultiOutputNode([b.add.bind(x, y=inp[0]), x])
+    ir, side = trace(dag)
+    assert ir.inputs.fields == (0, 1, "f") and ir.inputs.kwargs == ("f",)
+    assert ops(ir) == ["t0 = a0.scale($1, factor=$2, offset=#0)", "t1 = a1.add(t0, y=$0)"]
+    assert side.constants == [[1, 2]]
+    assert ir.output.multi and [str(r) for r in ir.output.refs] == ["t1", "t0"]
+
+
+def test_shared_node_is_traced_once(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        x = a.inc.bind(inp)
+        dag = MultiOutputNode([b.add.bind(x, x), x, x])
+    ir, _ = trace(dag)
+    assert len(ir.graph) == 2
+    assert [str(r) for r in ir.output.refs] == ["t1", "t0", "t0"]
+
+
+def test_num_returns_nodes(workers):
+    a = workers[0]
+    with InputNode() as inp:
+        x, y = a.pair.options(num_returns=2).bind(inp)
+        dag = MultiOutputNode([y, x])
+    ir, _ = trace(dag)
+    assert ops(ir) == ["t0 = a0.pair($0) -> 2"]
+    assert [str(r) for r in ir.output.refs] == ["t0.1", "t0.0"]
+
+
+def test_tensor_transport_is_recorded(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        dag = b.echo.bind(a.echo.bind(inp).with_tensor_transport("nccl"))
+    ir, _ = trace(dag)
+    assert ir.op("t0").transport == "nccl" and ir.op("t1").transport is None
+
+
+def test_class_node_is_compile_error(ray_session):
+    with InputNode() as inp:
+        dag = Worker.bind().inc.bind(inp)
+    with pytest.raises(dagc.CompileError, match="Actor.remote"):
+        trace(dag)
+
+
+def test_function_node_is_compile_error(workers):
+    with InputNode() as inp:
+        dag = workers[0].inc.bind(plain_function.bind(inp))
+    with pytest.raises(dagc.CompileError, match="function"):
+        trace(dag)
+
+
+def test_object_ref_argument_is_compile_error(workers):
+    ref = ray.put(3)
+    with InputNode() as inp:
+        dag = workers[0].add.bind(inp, ref)
+    with pytest.raises(dagc.CompileError, match="ObjectRef"):
+        trace(dag)
+
+
+def test_nested_dag_node_is_compile_error(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        dag = b.concat.bind([a.inc.bind(inp)])
+    with pytest.raises(dagc.CompileError, match="nested"):
+        trace(dag)
+
+
+def test_not_a_dag_is_compile_error():
+    with pytest.raises(dagc.CompileError, match="Ray DAG node"):
+        trace(42)
+    with pytest.raises(dagc.CompileError, match="MultiOutputNode"):
+        trace([1])

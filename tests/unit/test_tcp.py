@@ -1,0 +1,734 @@
+"""dagc.runtime.tcp: the authenticated TCP channel. No Ray; loopback (127.0.0.1) only.
+
+Every test is seeded (``DAGC_TEST_SEED`` reproduces a run; the seed is printed) and every
+wait has a deadline. Peer processes are plain ``python -c`` children so they can be
+SIGKILLed without touching pytest.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.tcp import (HELLO, HDR, KIND_DATA, MAC, NONCE, RING, TcpAuthError,
+                              TcpReader, TcpSetupError, TcpWriter, new_secret)
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOCAL = "127.0.0.1"
+
+
+def soon(seconds: float = 10.0) -> float:
+    return time.monotonic() + seconds
+
+
+@pytest.fixture
+def rng(request):
+    seed = int(os.environ.get("DAGC_TEST_SEED", random.randrange(1 << 32)))
+    print(f"\n{request.node.name}: seed {seed} (DAGC_TEST_SEED={seed} reproduces)")
+    return random.Random(seed)
+
+
+@pytest.fixture
+def closing():
+    """Close every channel end a test registers, whatever happens."""
+    ends = []
+    yield ends.append
+    for e in ends:
+        try:
+            e.close()
+        except Exception:
+            pass
+
+
+def pair(closing, nreaders=1, slots=4, secret=None, channel="c0", **kw):
+    secret = secret or new_secret()
+    w = TcpWriter(channel, nreaders, slots, secret, **kw)
+    closing(w)
+    host, port = w.listen(LOCAL)
+    rs = []
+    for i in range(nreaders):
+        r = TcpReader(host, port, secret, i, channel=channel, connect_timeout=10)
+        closing(r)
+        rs.append(r)
+    return w, rs
+
+
+class Writes(threading.Thread):
+    """write() the values on a thread; ``error`` holds what it raised."""
+
+    def __init__(self, w, values, deadline=None):
+        super().__init__(daemon=True)
+        self.w, self.values, self.deadline = w, list(values), deadline
+        self.done = 0
+        self.error = None
+
+    def run(self):
+        try:
+            for v in self.values:
+                self.w.write(v, self.deadline)
+                self.done += 1
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            self.error = e
+
+
+def child(code: str, *args) -> subprocess.Popen:
+    """A python child running ``code`` with dagc importable; it prints one line when set up."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def first_line(p: subprocess.Popen, timeout: float = 20.0) -> str:
+    out = []
+    t = threading.Thread(target=lambda: out.append(p.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not out or not out[0]:
+        p.kill()
+        raise AssertionError(f"child did not start: {p.stderr.read()[-2000:]}")
+    return out[0].strip()
+
+
+def random_value(rng: random.Random, depth: int = 0):
+    nrng = np.random.default_rng(rng.randrange(1 << 32))
+    kind = rng.randrange(9 if depth < 2 else 6)
+    if kind == 0:
+        return rng.randrange(-1 << 70, 1 << 70)
+    if kind == 1:
+        return rng.random()
+    if kind == 2:
+        return "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(40)))
+    if kind == 3:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randrange(200)))
+    if kind == 4:
+        dtype = rng.choice([np.float32, np.float64, np.int8, np.int64, np.uint16, np.bool_])
+        shape = tuple(rng.randrange(0, 40) for _ in range(rng.randrange(1, 4)))
+        return (nrng.random(shape) * 100).astype(dtype)
+    if kind == 5:
+        return nrng.random((rng.randrange(2, 30), 8))[:, ::2]   # not contiguous: in-band
+    if kind == 6:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(5))]
+    if kind == 7:
+        return {f"k{i}": random_value(rng, depth + 1) for i in range(rng.randrange(5))}
+    return (random_value(rng, depth + 1), None, True)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return (isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+                and np.array_equal(a, b))
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+# -- values ------------------------------------------------------------------------------------
+def test_round_trip_mixed_values(rng, closing):
+    w, (r,) = pair(closing, slots=4)
+    values = [random_value(rng) for _ in range(300)]
+    # frames around the ring size, in-band big pickles, many out-of-band buffers
+    values += [b"x" * (RING - 40), b"y" * (RING - 16), b"z" * RING, b"q" * (3 * RING + 7),
+               [np.arange(i, dtype=np.int16) for i in range(700)],       # > IOV_MAX parts
+               np.zeros(0), np.arange(10)[::3]]
+    rng.shuffle(values)
+    t = Writes(w, values, soon())
+    t.start()
+    for i, v in enumerate(values):
+        got = r.read(soon())
+        assert same(v, got), f"message {i}: sent {v!r:.200}, got {got!r:.200}"
+    t.join(5)
+    assert t.error is None and t.done == len(values)
+
+
+def test_out_of_band_arrays_are_aligned_and_owned(closing):
+    w, (r,) = pair(closing)
+    a = np.arange(1001, dtype=np.float64)
+    w.write((a, b"tail", a[:7].copy()))
+    x, tail, y = r.read(soon())
+    for arr in (x, y):
+        assert arr.flags.writeable and arr.flags.aligned
+        assert arr.__array_interface__["data"][0] % 64 == 0
+    x[0] = 5.0                      # the reader's own memory, not the sender's
+    assert a[0] == 0.0 and np.array_equal(x[1:], a[1:]) and tail == b"tail"
+
+
+def test_torch_tensors_go_out_of_band(closing):
+    torch = pytest.importorskip("torch")
+    w, (r,) = pair(closing)
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    w.write({"t": t, "g": torch.ones(2, requires_grad=True)})
+    got = r.read(soon())
+    assert torch.equal(got["t"], t) and got["g"].requires_grad
+
+
+def test_large_payload_100mb(closing):
+    w, rs = pair(closing, nreaders=2, slots=2)
+    big = np.random.default_rng(1).integers(0, 255, 100 << 20, dtype=np.uint8)
+    blob = bytes(range(256)) * (8 << 10)                   # 2 MiB in-band
+    t0 = time.perf_counter()
+    t = Writes(w, [big, blob], soon(60))
+    t.start()
+    for r in rs:                    # 100 MB x 2 readers: each reader drains in turn
+        got = r.read(soon(60))
+        assert got.nbytes == big.nbytes and np.array_equal(got, big)
+        assert r.read(soon(60)) == blob
+    t.join(10)
+    assert t.error is None
+    print(f"\n100 MB array + 2 MiB bytes to 2 readers over loopback: "
+          f"{time.perf_counter() - t0:.2f} s")
+
+
+def test_many_small_messages_are_fast(closing):
+    w, (r,) = pair(closing, slots=8)
+    n = 20000
+    t = Writes(w, range(n), soon(30))
+    t0 = time.perf_counter()
+    t.start()
+    for i in range(n):
+        assert r.read(soon()) == i
+    dt = time.perf_counter() - t0
+    t.join(5)
+    assert t.error is None
+    print(f"\n{n} small messages, 1 writer -> 1 reader (threads): {n / dt:,.0f} msg/s")
+
+
+def test_unpicklable_value_goes_through_on_encode_error(closing):
+    w, (r,) = pair(closing)
+    with pytest.raises(Exception):
+        w.write(lambda: 1)
+    w.on_encode_error = lambda exc, value: ("failed", type(value).__name__)
+    w.write(lambda: 1)
+    w.write(7)
+    assert r.read(soon()) == ("failed", "function")
+    assert r.read(soon()) == 7
+
+
+# -- fan-out and flow control ---------------------------------------------------------------------
+def test_one_writer_three_readers(rng, closing):
+    w, rs = pair(closing, nreaders=3, slots=3)
+    values = [random_value(rng) for _ in range(200)]
+    got = {i: [] for i in range(3)}
+    errors = []
+
+    def consume(i, r, pace):
+        try:
+            for _ in values:
+                if pace and rng.random() < 0.1:
+                    time.sleep(pace)
+                got[i].append(r.read(soon()))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=consume, args=(i, r, rng.choice([0, 1e-3])),
+                                daemon=True) for i, r in enumerate(rs)]
+    for th in threads:
+        th.start()
+    t = Writes(w, values, soon(30))
+    t.start()
+    t.join(30)
+    for th in threads:
+        th.join(30)
+    assert not errors and t.error is None
+    for i in range(3):
+        assert len(got[i]) == len(values)
+        assert all(same(a, b) for a, b in zip(values, got[i])), f"reader {i} differs"
+
+
+def test_writer_blocks_at_slots_unacked_and_resumes(closing):
+    slots = 3
+    w, (r0, r1) = pair(closing, nreaders=2, slots=slots)
+    for i in range(slots):
+        w.write(i, soon(2))
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        w.write("late", time.monotonic() + 0.3)
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    t = Writes(w, [slots], soon())
+    t.start()
+    time.sleep(0.3)
+    assert t.done == 0, "wrote past the window"
+    assert r0.read(soon()) == 0      # one reader acked message 0 ...
+    time.sleep(0.3)
+    assert t.done == 0, "a write went out before every reader acked"
+    assert r1.read(soon()) == 0      # ... and now both have
+    t.join(3)
+    assert t.done == 1 and t.error is None
+    for r in (r0, r1):               # the timed-out write sent nothing
+        assert [r.read(soon()) for _ in range(slots)] == [1, 2, slots]
+
+
+def test_ready_and_wait_ready_do_not_consume(closing):
+    w, (r,) = pair(closing)
+    assert not r.ready()
+    w.write("a")
+    r.wait_ready(soon())
+    assert r.ready() and r.ready()
+    assert r.read(soon()) == "a"
+    assert not r.ready()
+
+
+# -- set-up order ------------------------------------------------------------------------------------
+def test_writer_first_write_waits_for_readers(closing):
+    secret = new_secret()
+    w = TcpWriter("c0", 2, 2, secret)
+    closing(w)
+    host, port = w.listen(LOCAL)
+    t = Writes(w, ["hello", "world"], soon())
+    t.start()
+    time.sleep(0.3)
+    assert t.done == 0, "wrote before every reader was connected"
+    rs = [TcpReader(host, port, secret, i, channel="c0") for i in (1, 0)]
+    for r in rs:
+        closing(r)
+        assert [r.read(soon()), r.read(soon())] == ["hello", "world"]
+    t.join(3)
+    assert t.error is None
+
+
+def test_reader_first_retries_until_writer_listens(closing):
+    secret = new_secret()
+    probe = socket.socket()
+    probe.bind((LOCAL, 0))
+    port = probe.getsockname()[1]
+    probe.close()                    # nothing listens there yet: connects are refused
+    box = {}
+
+    def connect():
+        try:
+            box["r"] = TcpReader(LOCAL, port, secret, 0, channel="c0", connect_timeout=10)
+        except BaseException as e:  # noqa: BLE001
+            box["e"] = e
+
+    th = threading.Thread(target=connect, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    assert th.is_alive(), f"reader gave up: {box}"
+    w = TcpWriter("c0", 1, 2, secret)
+    closing(w)
+    w.listen(LOCAL, port)
+    th.join(10)
+    assert "r" in box, box
+    closing(box["r"])
+    w.write(42, soon())
+    assert box["r"].read(soon()) == 42
+
+
+def test_reader_gives_up_at_connect_timeout():
+    t0 = time.monotonic()
+    probe = socket.socket()
+    probe.bind((LOCAL, 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(TcpSetupError, match="could not connect"):
+        TcpReader(LOCAL, port, new_secret(), 0, channel="c0", connect_timeout=0.5)
+    assert time.monotonic() - t0 < 3
+
+
+def test_writer_reports_a_reader_that_never_connects(closing):
+    w = TcpWriter("c0", 1, 2, new_secret(), reader_names=["a3:Stage"], connect_timeout=0.5)
+    closing(w)
+    w.listen(LOCAL)
+    with pytest.raises(PeerDied) as ei:
+        w.write(1, soon(5))
+    assert ei.value.who == "a3:Stage"
+
+
+# -- authentication -------------------------------------------------------------------------------------
+class _MakeFile:
+    """Unpickling this creates a file: proof that a pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_client_with_wrong_secret_is_rejected_before_unpickling(tmp_path, closing):
+    secret = new_secret()
+    marker = str(tmp_path / "pwned")
+    evil = pickle.dumps(_MakeFile(marker), 5)
+    w = TcpWriter("c0", 1, 2, secret)
+    closing(w)
+    host, port = w.listen(LOCAL)
+    s = socket.create_connection((host, port), timeout=5)
+    hello = s.recv(len(HELLO) + NONCE)
+    assert hello.startswith(HELLO)
+    # a well-formed answer with a wrong MAC, followed by a pickle frame
+    s.sendall(os.urandom(NONCE) + struct.pack("<I", 0) + os.urandom(MAC)
+              + HDR.pack(KIND_DATA, 0, 0, 0, len(evil)) + evil)
+    s.settimeout(5)
+    try:
+        assert s.recv(100) == b"", "the writer answered an unauthenticated client"
+    except ConnectionResetError:
+        pass                         # closed with our frame unread: also a rejection
+    s.close()
+    # the rejected client did not take reader 0's place
+    r = TcpReader(host, port, secret, 0, channel="c0")
+    closing(r)
+    w.write("ok", soon())
+    assert r.read(soon()) == "ok"
+    time.sleep(0.1)
+    assert not os.path.exists(marker)
+
+
+def test_reader_with_wrong_secret_or_channel_is_rejected(closing):
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 2, secret)
+    closing(w)
+    host, port = w.listen(LOCAL)
+    with pytest.raises(TcpAuthError, match="rejected"):
+        TcpReader(host, port, new_secret(), 0, channel="c0")
+    with pytest.raises(TcpAuthError, match="rejected"):
+        TcpReader(host, port, secret, 0, channel="c1")      # right secret, other channel
+    with pytest.raises(TcpAuthError, match="rejected"):
+        TcpReader(host, port, secret, 5, channel="c0")      # no such reader index
+    r = TcpReader(host, port, secret, 0, channel="c0")
+    closing(r)
+    # every reader is in: the writer stopped listening, a second reader 0 finds no one
+    with pytest.raises(TcpSetupError):
+        TcpReader(host, port, secret, 0, channel="c0", connect_timeout=0.5)
+    w.write(1, soon())
+    assert r.read(soon()) == 1
+
+
+def test_fake_writer_is_rejected_before_unpickling(tmp_path):
+    marker = str(tmp_path / "pwned")
+    evil = pickle.dumps(_MakeFile(marker), 5)
+    ls = socket.create_server((LOCAL, 0))
+    port = ls.getsockname()[1]
+
+    def fake_writer():
+        s, _ = ls.accept()
+        s.sendall(HELLO + os.urandom(NONCE))
+        s.recv(NONCE + 4 + MAC)
+        # no secret: a made-up MAC, then a frame that would create the file
+        s.sendall(os.urandom(MAC) + HDR.pack(KIND_DATA, 0, 0, 0, len(evil)) + evil)
+        time.sleep(0.5)
+        s.close()
+
+    th = threading.Thread(target=fake_writer, daemon=True)
+    th.start()
+    with pytest.raises(TcpAuthError, match="failed authentication"):
+        TcpReader(LOCAL, port, new_secret(), 0, channel="c0", connect_timeout=5)
+    th.join(5)
+    ls.close()
+    assert not os.path.exists(marker)
+
+
+def test_silent_client_does_not_block_readers(closing):
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 2, secret)
+    closing(w)
+    host, port = w.listen(LOCAL)
+    squatters = [socket.create_connection((host, port), timeout=5) for _ in range(3)]
+    try:
+        t0 = time.monotonic()
+        r = TcpReader(host, port, secret, 0, channel="c0")
+        closing(r)
+        assert time.monotonic() - t0 < 2
+        w.write("through", soon())
+        assert r.read(soon()) == "through"
+    finally:
+        for s in squatters:
+            s.close()
+
+
+# -- deadlines, close, waiter -------------------------------------------------------------------------
+def test_read_deadline_raises_wait_timeout(closing):
+    w, (r,) = pair(closing)
+    for call in (r.read, r.wait_ready):
+        t0 = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            call(time.monotonic() + 0.2)
+        assert 0.15 < time.monotonic() - t0 < 1.5
+    w.write("after", soon())        # a timeout loses nothing
+    assert r.read(soon()) == "after"
+
+
+def test_writer_close_is_channel_closed_after_pending_messages(closing):
+    w, (r0, r1) = pair(closing, nreaders=2)
+    w.write(1)
+    w.write(2)
+    w.close()
+    for r in (r0, r1):
+        assert r.read(soon()) == 1 and r.read(soon()) == 2
+        with pytest.raises(ChannelClosed):
+            r.read(soon(3))
+        with pytest.raises(ChannelClosed):   # and it stays closed
+            r.read(soon(3))
+
+
+def test_reader_close_is_channel_closed_for_a_waiting_writer(closing):
+    w, (r,) = pair(closing, slots=1)
+    w.write(1)
+    t = Writes(w, [2], soon())
+    t.start()
+    time.sleep(0.2)
+    r.close()
+    t.join(3)
+    assert isinstance(t.error, ChannelClosed), t.error
+
+
+def test_close_ends_a_blocked_read_in_another_thread(closing):
+    w, (r,) = pair(closing)
+    box = {}
+
+    def read():
+        try:
+            r.read(soon())
+        except BaseException as e:  # noqa: BLE001
+            box["e"] = e
+
+    th = threading.Thread(target=read, daemon=True)
+    th.start()
+    time.sleep(0.2)
+    r.wake()                         # a wake-up alone changes nothing ...
+    time.sleep(0.2)
+    assert th.is_alive()
+    w.close()                        # ... the writer's CLOSE ends it
+    th.join(3)
+    assert isinstance(box.get("e"), ChannelClosed), box
+
+
+class FlagWaiter:
+    """A stand-in for channel.Waiter: raises ChannelClosed once ``stop`` is set."""
+
+    procs = ["driver", "a0:Stage", "a1:Stage"]
+
+    def __init__(self):
+        self.stop = False
+        self.calls = 0
+        self.peers_seen = set()
+
+    def check(self, peers, deadline):
+        self.calls += 1
+        self.peers_seen.add(peers)
+        if self.stop:
+            raise ChannelClosed()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeout()
+
+
+@pytest.mark.parametrize("side", ["reader", "writer"])
+def test_waiter_check_and_wake_end_a_wait(side, closing):
+    waiter = FlagWaiter()
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 1, secret, waiter=waiter if side == "writer" else None,
+                  reader_procs=(2,))
+    closing(w)
+    host, port = w.listen(LOCAL)
+    r = TcpReader(host, port, secret, 0, waiter if side == "reader" else None, 1,
+                  channel="c0")
+    closing(r)
+    box = {}
+
+    def wait():
+        try:
+            if side == "reader":
+                r.read()             # no deadline: only the waiter can end it
+            else:
+                w.write(1)
+                w.write(2)           # window of 1: blocks
+        except BaseException as e:  # noqa: BLE001
+            box["e"] = e
+
+    th = threading.Thread(target=wait, daemon=True)
+    th.start()
+    time.sleep(0.35)
+    assert th.is_alive() and waiter.calls >= 2, "waits must consult the waiter each slice"
+    waiter.stop = True
+    t0 = time.monotonic()
+    (r.wake if side == "reader" else w.wake_all)()
+    th.join(3)
+    assert isinstance(box.get("e"), ChannelClosed), box
+    assert time.monotonic() - t0 < 0.1, "wake() must end the sleep at once"
+    assert waiter.peers_seen == {()}, "remote pids must never reach the pid check"
+
+
+# -- a peer process dies --------------------------------------------------------------------------------
+CHILD_READER = r"""
+import sys, time
+from dagc.runtime.tcp import TcpReader
+host, port, secret = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+r = TcpReader(host, port, secret, 0, channel="c0")
+print("connected", flush=True)
+r.read()
+print("read", flush=True)
+time.sleep(60)
+"""
+
+CHILD_WRITER = r"""
+import sys, time
+from dagc.runtime.tcp import TcpWriter
+w = TcpWriter("c0", 1, 2, bytes.fromhex(sys.argv[1]))
+host, port = w.listen("127.0.0.1")
+print(port, flush=True)
+w.write("first")
+time.sleep(60)
+"""
+
+
+def test_killed_reader_process_is_peer_died_for_the_writer(closing):
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 1, secret, reader_names=["a1:Child"])
+    closing(w)
+    host, port = w.listen(LOCAL)
+    p = child(CHILD_READER, host, port, secret.hex())
+    try:
+        assert first_line(p) == "connected"
+        w.write(1, soon())
+        assert first_line(p) == "read"
+        w.write(2, soon())           # fills the window: the next write waits for an ack
+        t = Writes(w, [3], soon(20))
+        t.start()
+        time.sleep(0.2)
+        p.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        t.join(10)
+        assert isinstance(t.error, PeerDied) and t.error.who == "a1:Child", t.error
+        assert time.monotonic() - t0 < 3
+        with pytest.raises(PeerDied):          # and it stays dead
+            w.write(4, soon(2))
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_killed_writer_process_is_peer_died_for_the_reader(closing):
+    secret = new_secret()
+    p = child(CHILD_WRITER, secret.hex())
+    try:
+        port = int(first_line(p))
+        r = TcpReader(LOCAL, port, secret, 0, channel="c0", writer_name="a0:Child")
+        closing(r)
+        assert r.read(soon()) == "first"
+        box = {}
+
+        def read():
+            try:
+                r.read(soon(20))
+            except BaseException as e:  # noqa: BLE001
+                box["e"] = e
+
+        th = threading.Thread(target=read, daemon=True)
+        th.start()
+        time.sleep(0.2)
+        p.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        th.join(10)
+        assert isinstance(box.get("e"), PeerDied) and box["e"].who == "a0:Child", box
+        assert time.monotonic() - t0 < 3
+        assert r.ready()             # read() would not block: it raises
+        with pytest.raises(PeerDied):
+            r.read(soon(2))
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_dead_peer_is_marked_in_the_control_segment(closing):
+    class Control:
+        failed = None
+
+        def fail(self, i):
+            Control.failed = i
+
+    class W(FlagWaiter):
+        control = Control()
+
+    waiter = W()
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 1, secret)
+    host, port = w.listen(LOCAL)
+    r = TcpReader(host, port, secret, 0, waiter, 1, channel="c0")
+    closing(r)
+    w.close(abort=True)              # as if the writer's process had died
+    with pytest.raises(PeerDied) as ei:
+        r.read(soon(3))
+    assert ei.value.who == "a0:Stage" and Control.failed == 1
+
+
+def test_keepalive_and_user_timeout_are_set(closing):
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 2, secret, liveness=4.0)
+    closing(w)
+    r = TcpReader(*w.listen(LOCAL), secret, 0, channel="c0", liveness=4.0)
+    closing(r)
+    w.wait_connected(soon())
+    for s in (r.sock, w._conns[0].sock):
+        _check_liveness_options(s)
+
+
+def _check_liveness_options(s):
+    assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 4000
+    idle = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+    intvl = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+    cnt = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+    assert idle + intvl * cnt <= 4
+
+
+# -- latency ---------------------------------------------------------------------------------------------
+CHILD_ECHO = r"""
+import sys
+from dagc.runtime.channel import ChannelClosed, PeerDied
+from dagc.runtime.tcp import TcpReader, TcpWriter
+secret, port = bytes.fromhex(sys.argv[1]), int(sys.argv[2])
+w = TcpWriter("back", 1, 8, secret)
+print(w.listen("127.0.0.1")[1], flush=True)
+r = TcpReader("127.0.0.1", port, secret, 0, channel="fwd")
+try:
+    while True:
+        w.write(r.read())
+except (ChannelClosed, PeerDied):
+    pass
+"""
+
+
+def test_round_trip_latency_loopback(closing):
+    secret = new_secret()
+    w = TcpWriter("fwd", 1, 8, secret)
+    closing(w)
+    host, port = w.listen(LOCAL)
+    p = child(CHILD_ECHO, secret.hex(), port)
+    try:
+        r = TcpReader(LOCAL, int(first_line(p)), secret, 0, channel="back")
+        closing(r)
+        for i in range(500):
+            w.write(i)
+            assert r.read(soon()) == i
+        n = 5000
+        ts = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            w.write(i)
+            r.read(soon())
+            ts.append(time.perf_counter() - t0)
+        ts.sort()
+        p50, p90, p99 = (ts[int(n * q)] * 1e6 for q in (0.5, 0.9, 0.99))
+        print(f"\nTCP channel round trip of a small int over loopback (2 hops, 2 processes): "
+              f"p50 {p50:.0f} us, p90 {p90:.0f} us, p99 {p99:.0f} us")
+        assert p50 < 2000
+        w.close()
+        p.wait(10)
+    finally:
+        p.kill()
+        p.wait(10)
