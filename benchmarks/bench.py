@@ -37,12 +37,13 @@ from benchmarks import cases as cases_mod  # noqa: E402
 from benchmarks import scale  # noqa: E402
 
 SYSTEMS = ("ray", "dagc")
+RAY_GET_TIMEOUT_S = 60.0
 
 QUICK = {
     "rounds": 3, "warmup": 200, "latency_n": 1000, "latency_n_big": 300,
     "throughput_n": 2000, "idle_check_s": 0.3, "idle_threshold": 5.0, "idle_wait_max_s": 10.0,
     "idle_delay_s": 1.0, "idle_sample_s": 2.0, "after_teardown_s": 1.0,
-    "scale_sizes": (10, 100, 1000), "scale_budget_s": 20.0,
+    "scale_sizes": (10, 100, 1000), "scale_budget_s": 10.0,
 }
 FULL = {
     **QUICK, "rounds": 5, "warmup": 500, "latency_n": 5000, "latency_n_big": 1000,
@@ -289,6 +290,10 @@ def start_ray():
         ray.init(**kw)
     else:
         ray.init(num_cpus=max(32, os.cpu_count() or 1), **kw)
+    # Ray CG gives up on a get() after 10 s by default; on a loaded 2-core machine its
+    # 8-actor chain can stall that long, which would lose the round rather than measure it
+    from ray.dag.context import DAGContext
+    DAGContext.get_current().get_timeout = RAY_GET_TIMEOUT_S
     # the case module's actor classes travel by value: workers need not import benchmarks/
     import ray.cloudpickle
     ray.cloudpickle.register_pickle_by_value(cases_mod)

@@ -207,6 +207,22 @@ def test_many_small_messages_are_fast(closing):
     print(f"\n{n} small messages, 1 writer -> 1 reader (threads): {n / dt:,.0f} msg/s")
 
 
+def test_slow_reader_does_not_hold_up_the_others_and_values_are_snapshots(closing):
+    """A frame too big for the socket buffers is queued (copied once): write() returns
+    inside the window, later frames reach the fast reader, and reusing the array after
+    write() does not change what the slow reader gets."""
+    w, (fast, slow) = pair(closing, nreaders=2, slots=3)
+    a = np.zeros(16 << 20, dtype=np.uint8)           # 16 MiB: far past the socket buffers
+    t0 = time.monotonic()
+    w.write(a, soon())
+    a[:] = 1                                          # the caller reuses its buffer
+    w.write("next", soon())
+    assert time.monotonic() - t0 < 5
+    assert not fast.read(soon()).any()
+    assert fast.read(soon()) == "next"                # while `slow` has not read at all
+    assert not slow.read(soon()).any() and slow.read(soon()) == "next"
+
+
 def test_unpicklable_value_goes_through_on_encode_error(closing):
     w, (r,) = pair(closing)
     with pytest.raises(Exception):
@@ -637,6 +653,38 @@ def test_killed_writer_process_is_peer_died_for_the_reader(closing):
         assert r.ready()             # read() would not block: it raises
         with pytest.raises(PeerDied):
             r.read(soon(2))
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+CHILD_IDLE_READER = r"""
+import sys, time
+from dagc.runtime.tcp import TcpReader
+host, port, secret = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+r = TcpReader(host, port, secret, 0, channel="c0")
+print("connected", flush=True)
+time.sleep(60)
+"""
+
+
+def test_reader_killed_mid_frame_is_peer_died_for_the_writer(closing):
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 1, secret, reader_names=["a2:Child"])
+    closing(w)
+    host, port = w.listen(LOCAL)
+    p = child(CHILD_IDLE_READER, host, port, secret.hex())
+    try:
+        assert first_line(p) == "connected"
+        w.write(np.ones(32 << 20, dtype=np.uint8), soon())   # queued: the child never reads
+        t = Writes(w, [1], soon(20))
+        t.start()
+        time.sleep(0.3)
+        p.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        t.join(10)
+        assert isinstance(t.error, PeerDied) and t.error.who == "a2:Child", t.error
+        assert time.monotonic() - t0 < 3
     finally:
         p.kill()
         p.wait(10)
