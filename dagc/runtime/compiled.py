@@ -245,10 +245,11 @@ class CompiledDag(InspectMixin):
                 comm_groups[g.id] = (self._comm_objs[g.id], g.rank(actor.id), len(g.members),
                                      rdv[g.id])
         collectives = {}
+        steps = {a.group: a.step for a in ir.schedule.of(actor.id) if a.kind == "coll"}
         for gid, kid in ir.collectives:
-            ops = [o for o in ir.ops() if o.group == gid and o.actor == actor.id]
-            if ops:
-                collectives[gid] = (kid, ops[0].method.split(".", 1)[1])
+            if gid in steps:
+                op = next(o for o in ir.ops() if o.group == gid and o.actor == actor.id)
+                collectives[gid] = (kid, op.method.split(".", 1)[1], steps[gid])
         mod = self._modules[actor.id]
         pmod = self._profile_modules.get(actor.id)
         return worker.ActorPlan(

@@ -6,6 +6,7 @@ step and remote traceback of where it started, and the loop keeps running.
 """
 from __future__ import annotations
 
+import linecache
 import pickle
 import traceback
 
@@ -52,9 +53,32 @@ class Failure:
         return f"Failure({self.type_name} in {self.actor}.{self.method})"
 
 
+def generated_context(exc: BaseException, around: int = 3) -> str:
+    """The generated-code lines around where ``exc`` passed through a dagc loop module."""
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith("<dagc "):
+            found = tb
+        tb = tb.tb_next
+    if found is None:
+        return ""
+    fname, lineno = found.tb_frame.f_code.co_filename, found.tb_lineno
+    lines = linecache.getlines(fname)
+    if not lines:
+        return ""
+    lo, hi = max(1, lineno - around), min(len(lines), lineno + around)
+    body = []
+    for i in range(lo, hi + 1):
+        mark = "   <--- HERE" if i == lineno else ""
+        body.append(f"{i:5d} {lines[i - 1].rstrip()}{mark}")
+    return f"\nin generated code {fname}:\n" + "\n".join(body) + "\n"
+
+
 def capture(exc: BaseException, actor: str, method: str, step: int) -> Failure:
     """Turn an exception raised by a user method into a Failure value."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb += generated_context(exc)
     exc_bytes = None
     try:
         exc_bytes = pickle.dumps(exc, 5)

@@ -205,7 +205,7 @@ class ActorLoop:
         if end is None:
             _, kid, ranks, readers = self.plan.comm_channels[cid]
             end = self._comm_ends[cid] = CommWriter(self._writers[cid], self._comm(kid),
-                                                    ranks, tuple(readers))
+                                                    ranks, tuple(readers), self.plan.actor)
         return end
 
     def comm_reader(self, cid: str):
@@ -222,8 +222,9 @@ class ActorLoop:
         from dagc.runtime.comm_ends import Collective
         end = self._comm_ends.get(gid)
         if end is None:
-            kid, op = self.plan.collectives[gid]
-            end = self._comm_ends[gid] = Collective(self._comm(kid), op)
+            kid, op, step = self.plan.collectives[gid]
+            end = self._comm_ends[gid] = Collective(self._comm(kid), op, self.plan.actor,
+                                                    f"allreduce.{op}", step)
         return end
 
     def _encode_error(self, exc: Exception, value) -> Failure:

@@ -329,3 +329,16 @@ def test_bad_options():
         dagc.api.check_options({"wait": "nap"})
     with pytest.raises(TypeError, match="unknown option"):
         dagc.api.check_options({"max_in_flight": 3})
+
+
+def test_error_shows_generated_lines_with_marker(workers):
+    a = workers[0]
+    with InputNode() as inp:
+        dag = a.fail_if.bind(inp)
+    with dagc.compile(dag) as cg:
+        with pytest.raises(dagc.TaskError) as ei:
+            cg.execute(3).get(timeout=10)
+        msg = str(ei.value)
+        assert "in generated code <dagc a0:Worker" in msg
+        assert "m_fail_if(inp)   <--- HERE" in msg
+        assert ei.value.actor == "a0" and ei.value.method == "fail_if"
