@@ -156,6 +156,12 @@ def summarize(case, rounds: dict[str, list[dict]]) -> dict:
     dv = out["dagc"]["median"].get(case.metric)
     out["ray_value"], out["dagc_value"] = rv, dv
     out["ratio"] = case.ratio(rv, dv)
+    # the same ratio per round (ray round r vs the dagc round right after it), whose median
+    # is steadier than the ratio of medians when the machine's load drifts
+    pairs = [case.ratio(r.get(case.metric), d.get(case.metric))
+             for r, d in zip(rounds["ray"], rounds["dagc"])]
+    pairs = [p for p in pairs if p is not None]
+    out["paired_ratio"] = statistics.median(pairs) if pairs and not case.absolute else None
     out["met"] = case.met(rv, dv)
     return out
 
@@ -211,14 +217,16 @@ def fmt(v, unit: str) -> str:
 
 def table(results: list[dict]) -> str:
     head = (f"{'case':11} {'what':44} {'Ray CG':>13} {'dagc':>13} {'ratio':>7} "
-            f"{'target':>18} {'met':>4}")
+            f"{'target':>18} {'met':>4} {'paired':>7}")
     lines = [head, "-" * len(head)]
     for c in results:
         met = {True: "yes", False: "NO", None: "?"}[c["met"]]
         ratio = f"{c['ratio']:.3f}" if c["ratio"] is not None else "-"
         lines.append(f"{c['name']:11} {c['title'][:44]:44} {fmt(c['ray_value'], c['unit']):>13} "
                      f"{fmt(c['dagc_value'], c['unit']):>13} {ratio:>7} "
-                     f"{c['target_text']:>18} {met:>4}")
+                     f"{c['target_text']:>18} {met:>4} "
+                     + (f"{c['paired_ratio']:7.3f}" if c.get("paired_ratio") is not None
+                        else f"{'-':>7}"))
         extra = []
         if c["metric"] == "p50":
             extra.append(("  p99", "p99", "us"))
@@ -358,6 +366,8 @@ def main(argv=None) -> int:
                      for r in c[s]["rounds"])
               else "WARNING: some rounds started while actors were busy (see JSON "
                    "round_start_cpu)")
+        print("ratio = median dagc / median Ray CG (judged against the target); paired = "
+              "median over rounds of dagc / Ray CG of adjacent rounds")
         met = [c for c in report["cases"] if c["met"]]
         print(f"targets met: {len(met)}/{len(report['cases'])}"
               + (f"; missed: {', '.join(c['name'] for c in report['cases'] if c['met'] is False)}"

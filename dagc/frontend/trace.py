@@ -231,6 +231,11 @@ class _Tracer:
 
     # -- finish --------------------------------------------------------------------------
     def finish(self, out_refs: list[Arg], multi: bool, pipeline_names=()) -> tuple[IR, SideTable]:
+        if self.direct and (self.pos_keys or self.kw_keys):
+            raise CompileError(
+                "the DAG uses the InputNode both directly (inp) and indexed (inp[0], "
+                "inp['key']); use one form: either every method takes inp, or every method "
+                "takes inp[i] / inp['key'].")
         pos = sorted(self.pos_keys | ({0} if self.direct else set()))
         kws = sorted(self.kw_keys)
         fields = tuple(pos) + tuple(kws)

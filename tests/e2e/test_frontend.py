@@ -104,3 +104,11 @@ def test_not_a_dag_is_compile_error():
         trace(42)
     with pytest.raises(dagc.CompileError, match="MultiOutputNode"):
         trace([1])
+
+
+def test_mixed_direct_and_indexed_input_is_compile_error(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        dag = MultiOutputNode([a.inc.bind(inp), b.inc.bind(inp[0])])
+    with pytest.raises(dagc.CompileError, match="directly"):
+        trace(dag)

@@ -172,6 +172,8 @@ def test_torch_tensors_go_out_of_band(closing):
     w, (r,) = pair(closing)
     t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     w.write({"t": t, "g": torch.ones(2, requires_grad=True)})
+    r.wait_ready(soon())
+    assert r._msg.__class__ is list and len(r._msg[5]) == 2, "tensors were pickled in-band"
     got = r.read(soon())
     assert torch.equal(got["t"], t) and got["g"].requires_grad
 
@@ -234,7 +236,7 @@ def test_unpicklable_value_goes_through_on_encode_error(closing):
     assert r.read(soon()) == 7
 
 
-# -- fan-out and flow control ---------------------------------------------------------------------
+# -- fan-out and flow control ------------------------------------------------------------------
 def test_one_writer_three_readers(rng, closing):
     w, rs = pair(closing, nreaders=3, slots=3)
     values = [random_value(rng) for _ in range(200)]
@@ -298,7 +300,7 @@ def test_ready_and_wait_ready_do_not_consume(closing):
     assert not r.ready()
 
 
-# -- set-up order ------------------------------------------------------------------------------------
+# -- set-up order ------------------------------------------------------------------------------
 def test_writer_first_write_waits_for_readers(closing):
     secret = new_secret()
     w = TcpWriter("c0", 2, 2, secret)
@@ -364,7 +366,7 @@ def test_writer_reports_a_reader_that_never_connects(closing):
     assert ei.value.who == "a3:Stage"
 
 
-# -- authentication -------------------------------------------------------------------------------------
+# -- authentication ----------------------------------------------------------------------------
 class _MakeFile:
     """Unpickling this creates a file: proof that a pickle was loaded."""
 
@@ -465,7 +467,7 @@ def test_silent_client_does_not_block_readers(closing):
             s.close()
 
 
-# -- deadlines, close, waiter -------------------------------------------------------------------------
+# -- deadlines, close, waiter ------------------------------------------------------------------
 def test_read_deadline_raises_wait_timeout(closing):
     w, (r,) = pair(closing)
     for call in (r.read, r.wait_ready):
@@ -577,7 +579,7 @@ def test_waiter_check_and_wake_end_a_wait(side, closing):
     assert waiter.peers_seen == {()}, "remote pids must never reach the pid check"
 
 
-# -- a peer process dies --------------------------------------------------------------------------------
+# -- a peer process dies -----------------------------------------------------------------------
 CHILD_READER = r"""
 import sys, time
 from dagc.runtime.tcp import TcpReader
@@ -712,6 +714,47 @@ def test_dead_peer_is_marked_in_the_control_segment(closing):
     assert ei.value.who == "a0:Stage" and Control.failed == 1
 
 
+def test_writer_closed_by_a_death_passes_the_name_on(closing):
+    class Control:
+        failed = []
+
+        def fail(self, i):
+            Control.failed.append(i)
+
+    class W(FlagWaiter):
+        control = Control()
+
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 2, secret)
+    closing(w)
+    r = TcpReader(*w.listen(LOCAL), secret, 0, W(), 1, channel="c0")
+    closing(r)
+    w.write("last")
+    w.close(failed="a1:Stage")       # its loop ended because a1 died elsewhere
+    assert r.read(soon()) == "last"
+    for _ in range(2):
+        with pytest.raises(PeerDied) as ei:
+            r.read(soon(3))
+        assert ei.value.who == "a1:Stage"
+    assert Control.failed[0] == 2    # marked by name, for this node's other processes
+
+
+def test_busy_reader_outlives_the_liveness_timeout(closing):
+    """A reader that stays alive but does not read (a long method) for longer than
+    ``liveness`` keeps its connection: only silence from a dead host ends it."""
+    secret = new_secret()
+    w = TcpWriter("c0", 1, 2, secret, liveness=1.0)
+    closing(w)
+    r = TcpReader(*w.listen(LOCAL), secret, 0, channel="c0", liveness=1.0)
+    closing(r)
+    a = np.arange(4 << 20, dtype=np.int64)            # 32 MiB: fills both socket buffers
+    w.write(a, soon())
+    time.sleep(2.5)                                    # zero window, probes answered
+    assert np.array_equal(r.read(soon()), a)
+    w.write("still here", soon())
+    assert r.read(soon()) == "still here"
+
+
 def test_keepalive_and_user_timeout_are_set(closing):
     secret = new_secret()
     w = TcpWriter("c0", 1, 2, secret, liveness=4.0)
@@ -734,7 +777,7 @@ def _check_liveness_options(s):
     assert idle + intvl * cnt <= 4
 
 
-# -- latency ---------------------------------------------------------------------------------------------
+# -- latency -----------------------------------------------------------------------------------
 CHILD_ECHO = r"""
 import sys
 from dagc.runtime.channel import ChannelClosed, PeerDied
