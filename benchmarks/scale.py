@@ -142,7 +142,9 @@ def growth(rows: list[dict]) -> None:
         # the same, per stage, so a slow pass is named
         row["stage_growth"] = {
             k: (row["timings"][k] / prev["timings"][k]) / expect
-            for k in row["timings"] if prev["timings"].get(k, 0) > 1e-4}
+            # stages under a few ms are too noisy to judge growth on
+            for k in row["timings"] if prev["timings"].get(k, 0) > 2e-3
+            and row["timings"][k] > 10e-3}
 
 
 def predict(rows: list[dict], n_ops: int) -> float:

@@ -1,8 +1,8 @@
 """``dagc.compile``: trace -> passes -> codegen -> load onto the actors."""
 from __future__ import annotations
 
-import inspect
 import os
+import sys
 import time
 
 from dagc.errors import ActorDiedError, CompileError, DagcError
@@ -52,13 +52,15 @@ def check_options(options: dict) -> dict:
 
 def _origin() -> str:
     """The user's file that called compile(), relative to the working directory."""
-    for frame in inspect.stack()[2:]:
-        fn = frame.filename
+    frame = sys._getframe(2)
+    while frame is not None:
+        fn = frame.f_code.co_filename
         if "dagc" + os.sep not in fn or os.sep + "examples" + os.sep in fn:
             try:
                 return os.path.relpath(fn)
             except ValueError:
                 return fn
+        frame = frame.f_back
     return "<unknown>"
 
 
@@ -106,19 +108,12 @@ def compile(dag, **options):
     placement = {a: (p["node"], p["gpus"]) for a, p in zip(actor_ids, probes)}
     driver_node = ray.get_runtime_context().get_node_id()
     ir, side, ctx = lower(dag, opts, placement, driver_node)
-    for a in ir.actors:
-        if a.node != driver_node:
-            raise CompileError(
-                f"actor {a.label} runs on another Ray node ({a.node[:12]}) than the driver "
-                f"({driver_node[:12]}); cross-node channels are not supported by this build. "
-                f"Pin the actors to the driver's node.")
     t0 = time.perf_counter()
     mods = render_all(ir, origin)
-    pmods = render_all(ir, origin, profile=True)
     ctx.timings["codegen"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cg = CompiledDag(ir, side, mods, opts, probes, origin=origin, profile_modules=pmods,
-                     timings=ctx.timings)
+    cg = CompiledDag(ir, side, mods, opts, probes, origin=origin, timings=ctx.timings,
+                     driver_node=driver_node)
     ctx.timings["start"] = time.perf_counter() - t0
     ctx.timings["total"] = time.perf_counter() - t_start
     if opts["output_dir"]:

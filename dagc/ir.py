@@ -14,6 +14,7 @@ Argument notation (used in the IR, the schedule and the generated code comments)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -142,9 +143,12 @@ class ChannelSpec:
     buffer_size: int = 1 << 20
     slots: int = 8
     communicator: str = ""           # for transport "comm": the CommGroup id ("k0")
+    carrier: str = "shm"             # for transport "comm": what carries the metadata
 
     def __str__(self) -> str:
         comm = f" via {self.communicator}" if self.communicator else ""
+        if self.carrier != "shm":
+            comm += f" (metadata over {self.carrier})"
         return (f"{self.id}: {self.value} {self.writer} -> {','.join(self.readers)} "
                 f"[{self.transport}{comm}, {self.slots} x {self.buffer_size} B]")
 
@@ -241,7 +245,11 @@ class IR:
                                  + "\n--- IR ---\n" + str(self))
 
     def fingerprint(self) -> str:
-        """A stable hash of everything that decides the generated code."""
+        """A stable hash of everything that decides the generated code (computed once)."""
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(str(self).encode())
         h.update(json.dumps([dataclasses.astuple(a)[:2] for a in self.actors]).encode())

@@ -179,7 +179,7 @@ class Schedule:
     # -- CSV -----------------------------------------------------------------------------
     _CSV_FIELDS = ("record", "actor", "label", "step", "kind", "value", "method", "args",
                    "kwargs", "peers", "channel", "group", "num_returns", "writer", "readers",
-                   "transport", "buffer_size", "slots")
+                   "transport", "buffer_size", "slots", "communicator", "carrier")
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -198,7 +198,8 @@ class Schedule:
             w.writerow({"record": "channel", "channel": c.id, "value": c.value,
                         "writer": c.writer, "readers": " ".join(c.readers),
                         "transport": c.transport, "buffer_size": c.buffer_size,
-                        "slots": c.slots})
+                        "slots": c.slots, "communicator": c.communicator,
+                        "carrier": c.carrier})
         return buf.getvalue()
 
     @classmethod
@@ -221,7 +222,9 @@ class Schedule:
                                          readers=split(r["readers"]),
                                          transport=r["transport"],
                                          buffer_size=int(r["buffer_size"]),
-                                         slots=int(r["slots"])))
+                                         slots=int(r["slots"]),
+                                         communicator=r.get("communicator") or "",
+                                         carrier=r.get("carrier") or "shm"))
         return cls(actors=tuple(actors), actions={a: tuple(v) for a, v in actions.items()},
                    channels=tuple(chans), labels=labels)
 

@@ -46,18 +46,21 @@ class AssignChannels(Pass):
         node_of[DRIVER] = ctx.driver_node
         chans: list[ChannelSpec] = []
 
-        def add(value, writer, readers, transport):
+        def add(value, writer, readers, transport, carrier="shm"):
             chans.append(ChannelSpec(id=f"c{len(chans)}", value=value, writer=writer,
                                      readers=tuple(sorted(readers, key=_proc_key)),
                                      transport=transport, buffer_size=buffer_size,
-                                     slots=slots))
+                                     slots=slots, carrier=carrier))
 
         def split(value, writer, readers, tensor):
             local = [r for r in readers if r != writer]
             if tensor:
                 comm = [r for r in local if r != DRIVER]
-                if comm:
-                    add(value, writer, comm, "comm")
+                here = node_of.get(writer, "")
+                if [r for r in comm if node_of[r] == here]:
+                    add(value, writer, [r for r in comm if node_of[r] == here], "comm")
+                for node in sorted({node_of[r] for r in comm} - {here}):
+                    add(value, writer, [r for r in comm if node_of[r] == node], "comm", "tcp")
                 local = [r for r in local if r == DRIVER]
             same = [r for r in local if node_of.get(r, "") == node_of.get(writer, "")]
             if same:

@@ -431,6 +431,7 @@ class Reader:
     """The reading end of a channel for reader number ``index``."""
 
     def __init__(self, name: str, index: int, waiter: Waiter, writer_proc: int = -1):
+        shm.tune_malloc()
         self.waiter = waiter
         self.index = index
         self.peers = (writer_proc,) if writer_proc >= 0 else ()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import atexit
 import secrets
 import threading
@@ -52,7 +53,7 @@ class DagRef:
             self._value = value.to_error()
             self._state = 2
             raise self._value
-        if value.__class__ is list:
+        if self._dag._multi:
             for v in value:
                 if v.__class__ is Failure:
                     self._value = v.to_error()
@@ -115,17 +116,19 @@ class CompiledDag(InspectMixin):
     """A compiled DAG whose actor loops are running. See DESIGN.md for the contract."""
 
     def __init__(self, ir, side, modules, options: dict, probes: list, origin: str = "",
-                 profile_modules=None, timings=None):
+                 timings=None, driver_node: str = ""):
         self._probes = probes
+        self._driver_node = driver_node
+        self._secret = b""
         self._ir = ir
         self._side = side
         self._modules = modules
-        self._profile_modules = profile_modules or {}
         self._options = options
         self._origin = origin
         self.timings = timings or {}
         self.schedule = ir.schedule
         self._max_inflight = options["max_inflight"]
+        self._multi = ir.output.multi
         self._get_timeout = options["get_timeout"]
         self._token = secrets.token_hex(12)
         self._prefix = f"{shm.PREFIX}{self._token}-"
@@ -158,31 +161,50 @@ class CompiledDag(InspectMixin):
         weakref.finalize(self, _finalize, self._prefix, self._control)
 
     # -- start ---------------------------------------------------------------------------------
+    def _ctl_name(self, node: str) -> str:
+        """Each node's control segment (nodes may share a /dev/shm in a test cluster)."""
+        return f"{self._prefix}ctl.{self._nodes.index(node)}"
+
     def _start(self) -> None:
-        import ray
         ir, opts = self._ir, self._options
-        self._control = ch.Control(self._prefix + "ctl", create=True)
+        here = self._driver_node
+        node_of = {a.id: a.node for a in ir.actors}
+        node_of[DRIVER] = here
+        self._node_of = node_of
+        self._nodes = [here] + sorted({a.node for a in ir.actors} - {here})
+        self._control = ch.Control(self._ctl_name(here), create=True)
         try:
-            self._control.set_pid(0, __import__("os").getpid())
+            self._control.set_pid(0, os.getpid())
             for a, probe in zip(ir.actors, self._probes):
-                self._control.set_pid(self._index[a.id], probe["pid"])
+                if a.node == here:     # a pid means something on its own node only
+                    self._control.set_pid(self._index[a.id], probe["pid"])
             waiter = ch.Waiter(self._control, self._procs, opts["wait"])
-            all_actors = tuple(range(1, len(self._procs)))
-            # the driver creates every segment (all actors share its node; see place)
+            local = tuple(self._index[a.id] for a in ir.actors if a.node == here)
+            for c in ir.channels:
+                if c.transport != "tcp" and c.carrier != "tcp" and node_of[c.writer] == here:
+                    ch.create_segment(self._prefix + c.id, len(c.readers), c.slots,
+                                      c.buffer_size).close()
+            addrs = self._prepare_nodes(waiter)
             for c in ir.channels:
                 seg = self._prefix + c.id
-                ch.create_segment(seg, len(c.readers), c.slots, c.buffer_size).close()
-            for c in ir.channels:
-                seg = self._prefix + c.id
-                if c.writer == DRIVER:
+                over_tcp = c.transport == "tcp" or c.carrier == "tcp"
+                if c.writer == DRIVER and not over_tcp:
                     self._writers[c.id] = ch.Writer(seg, len(c.readers), c.slots,
-                                                    c.buffer_size, waiter, all_actors,
-                                                    create=False)
+                                                    c.buffer_size, waiter, local, create=False)
                 if DRIVER in c.readers:
-                    self._readers[c.id] = ch.Reader(seg, c.readers.index(DRIVER), waiter, -1)
-                    self._readers[c.id].peers = all_actors
+                    if over_tcp:
+                        from dagc.runtime import tcp
+                        host, port = addrs[c.id]
+                        self._readers[c.id] = tcp.TcpReader(
+                            host, port, self._secret, c.readers.index(DRIVER), waiter,
+                            self._index[c.writer], channel=worker.tcp_channel_name(
+                                self._token, c.id), connect_timeout=opts["start_timeout"])
+                    else:
+                        r = self._readers[c.id] = ch.Reader(seg, c.readers.index(DRIVER),
+                                                            waiter, -1)
+                        r.peers = local
             rdv = self._prepare_comms()
-            plans = [self._plan(a, rdv) for a in ir.actors]
+            plans = [self._plan(a, rdv, addrs) for a in ir.actors]
             refs = [h.__ray_call__.remote(worker.start, p) for h, p in zip(self._handles, plans)]
             ray_get(refs, self._options["start_timeout"], self._procs, what="start the loops")
             ns_drv = {}
@@ -198,6 +220,53 @@ class CompiledDag(InspectMixin):
             self._stop_actors(wait=True)
             self._release()
             raise
+
+    def _prepare_nodes(self, waiter) -> dict:
+        """Round 1: other nodes' leaders create their segments; TCP writers start listening.
+
+        Returns {channel id: (host, port)} for every channel carried over TCP.
+        """
+        ir, here = self._ir, self._driver_node
+        node_of = self._node_of
+        tcp_chans = [c for c in ir.channels if c.transport == "tcp" or c.carrier == "tcp"]
+        if not tcp_chans and all(a.node == here for a in ir.actors):
+            return {}
+        from dagc.runtime import tcp
+        self._secret = tcp.new_secret()
+        specs: dict[str, dict] = {}
+        leaders = {}
+        for a in ir.actors:
+            if a.node != here and a.node not in leaders:
+                leaders[a.node] = a.id
+                specs[a.id] = {"ctl": self._ctl_name(a.node), "segments": [
+                    (self._prefix + c.id, len(c.readers), c.slots, c.buffer_size)
+                    for c in ir.channels
+                    if c.transport != "tcp" and c.carrier != "tcp" and node_of[c.writer] == a.node]}
+        ip = {a.id: p["ip"] for a, p in zip(ir.actors, self._probes)}
+        addrs: dict = {}
+        for c in tcp_chans:
+            ridx = tuple(self._index[r] for r in c.readers)
+            names = tuple(self._procs[i] for i in ridx)
+            if c.writer == DRIVER:
+                tw = tcp.TcpWriter(worker.tcp_channel_name(self._token, c.id), len(c.readers),
+                                   c.slots, self._secret, waiter, ridx, reader_names=list(names),
+                                   connect_timeout=self._options["start_timeout"])
+                addrs[c.id] = tw.listen(_driver_ip())
+                self._writers[c.id] = tw
+            else:
+                specs.setdefault(c.writer, {}).setdefault("tcp", []).append(
+                    (c.id, len(c.readers), c.slots, ridx, names))
+        refs, owners = [], []
+        for aid, spec in specs.items():
+            spec.update(secret=self._secret, host=ip[aid],
+                        timeout=self._options["start_timeout"])
+            refs.append(self._side.handles[aid].__ray_call__.remote(worker.prepare,
+                                                                    self._token, spec))
+            owners.append(aid)
+        for got in ray_get(refs, self._options["start_timeout"], self._procs,
+                           what="prepare their nodes' channels"):
+            addrs.update(got)
+        return addrs
 
     def _prepare_comms(self) -> dict:
         """Rank 0 of every communicator group makes its rendezvous info."""
@@ -221,20 +290,26 @@ class CompiledDag(InspectMixin):
                         what="prepare communicators")
         return dict(zip(refs.keys(), vals))
 
-    def _plan(self, actor, rdv) -> worker.ActorPlan:
+    def _plan(self, actor, rdv, addrs) -> worker.ActorPlan:
         ir = self._ir
-        readers, writers, comm_channels = {}, {}, {}
+        readers, writers, comm_channels, tcp_readers = {}, {}, {}, {}
         groups = {g.id: g for g in ir.comm_groups}
         for c in ir.channels:
             seg = self._prefix + c.id
-            if c.writer == actor.id:
+            over_tcp = c.transport == "tcp" or c.carrier == "tcp"
+            if c.writer == actor.id and not over_tcp:
                 writers[c.id] = (seg, len(c.readers), c.slots, c.buffer_size,
                                  tuple(self._index[r] for r in c.readers))
+            if c.writer == actor.id and c.transport == "comm":
                 if c.transport == "comm":
                     g = groups[c.communicator]
                     comm_channels[c.id] = ("w", c.communicator,
                                            {r: g.rank(r) for r in c.readers}, c.readers)
-            if actor.id in c.readers:
+            if actor.id in c.readers and over_tcp:
+                host, port = addrs[c.id]
+                tcp_readers[c.id] = (host, port, c.readers.index(actor.id),
+                                     self._index[c.writer])
+            elif actor.id in c.readers:
                 readers[c.id] = (seg, c.readers.index(actor.id), self._index[c.writer])
                 if c.transport == "comm":
                     g = groups[c.communicator]
@@ -251,14 +326,14 @@ class CompiledDag(InspectMixin):
                 op = next(o for o in ir.ops() if o.group == gid and o.actor == actor.id)
                 collectives[gid] = (kid, op.method.split(".", 1)[1], steps[gid])
         mod = self._modules[actor.id]
-        pmod = self._profile_modules.get(actor.id)
         return worker.ActorPlan(
             token=self._token, prefix=self._prefix, index=self._index[actor.id],
             procs=self._procs, actor=actor.id, label=actor.label, filename=mod.filename,
-            source=mod.source, profile_source=pmod.source if pmod else "",
+            source=mod.source,
             constants=self._side.constants, readers=readers, writers=writers,
             wait=self._options["wait"], comm_groups=comm_groups, comm_channels=comm_channels,
-            collectives=collectives)
+            collectives=collectives, ctl=self._ctl_name(actor.node),
+            tcp_readers=tcp_readers, secret=self._secret)
 
     # -- execute / get ---------------------------------------------------------------------------
     def execute(self, *args, **kwargs) -> DagRef:
@@ -295,8 +370,12 @@ class CompiledDag(InspectMixin):
             timeout = self._get_timeout
         return None if timeout is None else _monotonic() + timeout
 
-    def _read_one(self, deadline) -> None:
-        """Read the oldest unread execution's outputs into the result buffer."""
+    def _read_one(self, deadline, want: int = -1):
+        """Read the oldest unread execution's outputs.
+
+        Returns them if that execution is ``want``; otherwise keeps them in the result
+        buffer (or drops them, for an abandoned DagRef) and returns ``self``.
+        """
         try:
             value = self._collect(deadline)
         except ch.WaitTimeout:
@@ -307,11 +386,14 @@ class CompiledDag(InspectMixin):
             self._on_stop(e)
         i = self._read_next
         self._read_next = i + 1
+        if i == want:
+            return value
         if i in self._abandoned:
             self._abandoned.discard(i)
             self._fetched += 1
         else:
             self._results[i] = value
+        return self
 
     def _fetch(self, idx: int, timeout):
         with self._read_lock:
@@ -321,10 +403,10 @@ class CompiledDag(InspectMixin):
                     self._raise_closed()
                 if idx >= self._submitted or idx < self._read_next:
                     raise ValueError(f"execution {idx} was never submitted or already fetched")
-                deadline = self._deadline(timeout)
-                while self._read_next <= idx:
-                    self._read_one(deadline)
-                r = self._results.pop(idx)
+                deadline = None if timeout is None and self._get_timeout is None \
+                    else self._deadline(timeout)
+                while r is self:
+                    r = self._read_one(deadline, idx)
             self._fetched += 1
             return r
 
@@ -348,7 +430,10 @@ class CompiledDag(InspectMixin):
         """If ``who``'s process is alive, its loop crashed: fetch the traceback."""
         import ray
         i = self._procs.index(who) if who in self._procs else -1
-        if i <= 0 or not shm.pid_alive(self._probes[i - 1]["pid"]):
+        if i <= 0:
+            return None
+        local = self._ir.actors[i - 1].node == self._driver_node
+        if local and not shm.pid_alive(self._probes[i - 1]["pid"]):
             return None
         try:
             st = ray.get(self._handles[i - 1].__ray_call__.remote(worker.status, self._token),
@@ -484,6 +569,11 @@ class CompiledDag(InspectMixin):
         state = "closed" if self._closed else ("dead" if self._dead else "running")
         return (f"<dagc.CompiledDag {len(self._ir.actors)} actors, "
                 f"{len(self._ir.channels)} channels, {state}>")
+
+
+def _driver_ip() -> str:
+    import ray
+    return ray.util.get_node_ip_address()
 
 
 def _finalize(prefix: str, control=None) -> None:

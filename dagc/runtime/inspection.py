@@ -40,6 +40,7 @@ class InspectMixin:
     """CompiledDag's inspection side: it reads plain data (schedule, sources, timings)."""
 
     _last_profile = None
+    _profiled_sources = None
 
     def sources(self) -> dict:
         return {a: m.source for a, m in self._modules.items()}
@@ -95,16 +96,28 @@ class InspectMixin:
         self._last_profile = Profile(sched, records)
         return self._last_profile
 
+    def _profile_sources(self) -> list:
+        """The profiling variant of every actor's module, rendered on first use."""
+        if self._profiled_sources is None:
+            from dagc.codegen import render_actor
+            self._profiled_sources = [
+                render_actor(self._ir, self.schedule, a.id, self._origin, profile=True).source
+                for a in self._ir.actors]
+        return self._profiled_sources
+
     def _swap(self, profile: bool) -> None:
         """Park every loop, have it rebind to the (un)profiled module, resume."""
         from dagc.errors import DagcError
         from dagc.runtime.worker import SWAP
         self._control.words[ch.C_STATE] = SWAP
         try:
-            ok = ray_get([h.__ray_call__.remote(worker.swap, self._token, profile)
-                           for h in self._handles], 30.0, self._procs, "switch loops")
+            sources = self._profile_sources() if profile else [None] * len(self._handles)
+            ok = ray_get([h.__ray_call__.remote(worker.swap, self._token, src)
+                          for h, src in zip(self._handles, sources)], 30.0, self._procs, "switch loops")
         finally:
             self._control.words[ch.C_STATE] = ch.RUNNING
+            ray_get([h.__ray_call__.remote(worker.resume, self._token) for h in self._handles],
+                    30.0, self._procs, "resume after the switch")
         if not all(ok):
             raise DagcError("an actor loop did not pause to switch its profiling mode")
 

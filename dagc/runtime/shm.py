@@ -24,7 +24,7 @@ import struct
 SHM_DIR = "/dev/shm"
 PREFIX = "dagc-"
 CTL_PIDS = 8          # word of the first pid in a control segment (= channel.C_PIDS)
-_CTL_NAME = re.compile(r"^dagc-[0-9a-f]{24}-ctl$")
+_CTL_NAME = re.compile(r"^(dagc-[0-9a-f]{24}-)ctl(\.\d+)?$")   # ctl.<node index>
 
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
@@ -58,6 +58,34 @@ def futex_wake(addr: int) -> None:
     _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAKE),
              ctypes.c_long(0x7FFFFFFF), ctypes.c_void_p(0), ctypes.c_void_p(0),
              ctypes.c_long(0))
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> None:
+    """Keep payload-sized allocations on glibc's heap instead of fresh mmaps.
+
+    A channel read allocates one buffer per payload; from glibc's default 128 KiB mmap
+    threshold up, each such buffer is a new mapping whose pages fault in on first touch
+    (about as costly as the copy itself). glibc raises the threshold by itself after
+    freeing such a block, up to 32 MiB (and the trim threshold to twice that); dagc sets
+    those same ceilings up front, once per process. DAGC_MALLOC_TUNE=0 turns this off.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    from dagc import config
+    if not config.MALLOC_TUNE:
+        return
+    try:
+        mallopt = _libc.mallopt
+    except AttributeError:   # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def path(name: str) -> str:
@@ -115,14 +143,14 @@ def stale_prefixes() -> list[str]:
 
     A DAG's segments are removed by teardown or by a survivor noticing a death; when the
     driver and all its actors die together (the driver is SIGKILLed and Ray then kills
-    the actors it owned) nobody is left to do it. The control segment lists every
-    process's pid (driver first); a DAG whose list is non-empty and all dead is stale.
-    A DAG still being created has a zero driver pid and is never stale.
+    the actors it owned) nobody is left to do it. A control segment lists the pids of
+    the DAG's processes on its node (unset words are 0); a DAG with some pid listed and
+    every listed pid dead is stale. One still being created lists none, or a live one.
     """
-    out = []
-    for p in glob.glob(path(PREFIX) + "*-ctl"):
-        name = os.path.basename(p)
-        if not _CTL_NAME.match(name):
+    out = set()
+    for p in glob.glob(path(PREFIX) + "*-ctl*"):
+        m = _CTL_NAME.match(os.path.basename(p))
+        if not m:
             continue
         try:
             with open(p, "rb") as f:
@@ -131,14 +159,11 @@ def stale_prefixes() -> list[str]:
             continue
         if len(data) < 4096:
             continue
-        pids = []
-        for pid in struct.unpack_from(f"<{512 - CTL_PIDS}q", data, CTL_PIDS * 8):
-            if pid <= 0:
-                break
-            pids.append(pid)
+        pids = [pid for pid in struct.unpack_from(f"<{512 - CTL_PIDS}q", data, CTL_PIDS * 8)
+                if pid > 0]
         if pids and not any(pid_alive(pid) for pid in pids):
-            out.append(name[:-len("ctl")])
-    return out
+            out.add(m.group(1))
+    return sorted(out)
 
 
 def sweep_stale() -> int:

@@ -63,14 +63,21 @@ States of message m on connection r::
     released    acked[r] > m                     counts toward the window again
 
 Losses: EOF or a socket error on a connection that did not send CLOSE is ``PeerDied(who)``;
-a CLOSE (frame or ack) is ``ChannelClosed``; a deadline is ``WaitTimeout``. A node that
-vanishes without a FIN is caught by TCP keepalive (idle 1 s, 1 s interval) and
-TCP_USER_TIMEOUT (unacknowledged data), both set to ``liveness`` seconds (default 5). A
-wait sleeps in poll() for at most ``SLICE`` (0.1 s); every wake-up that delivers nothing
-calls ``waiter.check(check_peers, deadline)`` when a waiter is given (the DAG-wide teardown
+a CLOSE (frame or ack) is ``ChannelClosed``; a deadline is ``WaitTimeout``. A peer *host*
+that vanishes without a FIN: TCP keepalive (1 s idle, 1 s probes, ``liveness`` = 5 s in
+all) catches it on an idle connection, and on the reader's side TCP_USER_TIMEOUT =
+``liveness`` catches an ack left unacknowledged. The writer's side sets no user timeout by
+default (``stall_timeout``): Linux counts a zero window as a stall even while the peer
+answers every probe, so a reader busy in a long method with a big frame pending would be
+declared dead; a dead reader host with a frame in flight is noticed by its other peers
+(their reader sockets), and the failure reaches the driver through them. A wait sleeps in
+poll() for at most ``SLICE`` (0.1 s); every wake-up that delivers nothing calls
+``waiter.check(check_peers, deadline)`` when a waiter is given (the DAG-wide teardown
 flag, a death seen elsewhere), and ``wake()``/``wake_all()`` interrupt the sleep through a
 self-pipe. ``check_peers`` defaults to (): the shm Waiter checks pids, which only mean
-something on the waiter's own node.
+something on the waiter's own node. A process whose loop ends because another died closes
+its writers with ``close(failed=name)``: their readers raise ``PeerDied(name)`` (a FAIL
+frame), so the driver blames the process that died, not the messenger.
 
 Why plain sockets and not pyzmq: the HMAC check must come before any unpickling and in
 both directions — zmq's PLAIN sends the password in the clear and CURVE needs libsodium
@@ -78,8 +85,9 @@ and a ZAP handler thread; the window must be exactly ``slots`` messages — zmq'
 marks are approximate (plus kernel buffers) and PUB drops at the mark; a dead peer must
 surface as an error — zmq reconnects silently and needs monitor sockets to even notice;
 and a zmq message crosses its I/O thread on both ends. Measured on the 2-core dev box,
-loopback, two processes, round trip of a small pickled int: raw blocking sockets 15 us,
-this channel (with auth'd connection, acks, window) about 40 us, a bare pyzmq PAIR 70 us.
+loopback, two processes, round trip of a small pickled int (p50): raw blocking sockets
+15-19 us, this channel (acks and window included) 38-45 us, a bare pyzmq PAIR 50-70 us.
+Most of the gap to raw sockets is the per-message ack: one more send per hop.
 Why not ``multiprocessing.connection.Listener/Client(authkey=...)``: its accept() runs the
 challenge inline without a timeout (one silent client stalls every reader), Client() does
 not retry, and send_bytes takes one buffer per call, so out-of-band buffers would cost a
@@ -174,8 +182,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _tune(sock: socket.socket, liveness: float) -> None:
-    """Low latency, and a dead peer noticed within ``liveness`` seconds even when silent."""
+def _tune(sock: socket.socket, liveness: float, user_timeout: float | None) -> None:
+    """Low latency, and a dead peer host noticed within ``liveness`` seconds when the
+    connection is idle (keepalive: 1 s idle, then 1 s probes); ``user_timeout`` bounds how
+    long sent data may stay unacknowledged (TCP_USER_TIMEOUT)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     idle = 1
@@ -183,8 +193,8 @@ def _tune(sock: socket.socket, liveness: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, int(liveness) - idle))
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(liveness * 1000))
+    if user_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
 
 
 def _again(e: BaseException) -> BaseException:
@@ -296,13 +306,15 @@ class TcpWriter:
     ``reader_procs`` are the readers' control indices (names for ``PeerDied`` via
     ``waiter.procs``, and ``waiter.control.fail`` when one is lost); ``reader_names``
     overrides the names. ``check_peers`` goes to ``waiter.check`` (same-node pids only).
+    ``stall_timeout`` (s, default off) sets TCP_USER_TIMEOUT on the reader connections.
     """
 
     on_encode_error = None   # set by actor loops: turns an unpicklable value into a Failure
 
     def __init__(self, channel: str, nreaders: int, slots: int, secret: bytes, waiter=None,
                  reader_procs: tuple = (), *, reader_names=None, check_peers: tuple = (),
-                 connect_timeout: float = 60.0, liveness: float = 5.0):
+                 connect_timeout: float = 60.0, liveness: float = 5.0,
+                 stall_timeout: float | None = None):
         if nreaders < 1 or slots < 1:
             raise ValueError("a TCP channel needs nreaders >= 1 and slots >= 1")
         self.channel = channel
@@ -321,6 +333,7 @@ class TcpWriter:
         self.check_peers = tuple(check_peers)
         self.connect_timeout = connect_timeout
         self.liveness = liveness
+        self.stall_timeout = stall_timeout
         self.seq = 0
         self.address: tuple | None = None
         self._conns: list[_Conn] = []
@@ -339,6 +352,7 @@ class TcpWriter:
         self._bufs: list = []
         self._dispatch = None
         self._low = 0           # min acked over all readers, once all are connected
+        self._next_drain = 1024
 
     # -- set-up ----------------------------------------------------------------------------
     def listen(self, host: str = "127.0.0.1", port: int = 0,
@@ -406,7 +420,7 @@ class TcpWriter:
                 self._taken.add(claimed)
                 index = claimed
             s.sendall(_mac(self._secret, b"writer", self._chan, nonce_r, nonce_w, index))
-            _tune(s, self.liveness)
+            _tune(s, self.liveness, self.stall_timeout)
             s.setblocking(False)
             proc = self.reader_procs[index] if index < len(self.reader_procs) else -1
             conn = _Conn(s, index, self.reader_names[index], proc)
@@ -476,6 +490,11 @@ class TcpWriter:
         seq = self.seq
         if self._low <= seq - self.slots or len(self._conns) < self.nreaders:
             self._wait_credit(seq - self.slots + 1, deadline)
+        elif seq >= self._next_drain:
+            # a window that never fills never reads acks; keep them from piling up
+            self._next_drain = seq + 1024
+            for c in self._conns:
+                self._drain_acks(c)
         bufs = self._bufs
         if bufs:
             raws = [b.raw() for b in bufs]
@@ -583,7 +602,7 @@ class TcpWriter:
     def _drain_acks(self, c: _Conn) -> None:
         """Read whatever acks reader ``c`` has sent (non-blocking)."""
         try:
-            data = c.sock.recv(4096)
+            data = c.sock.recv(65536)
         except BlockingIOError:
             return
         except OSError as e:
@@ -801,7 +820,7 @@ class TcpReader:
                     pass
             time.sleep(min(pause, max(0.0, deadline - _monotonic())))
             pause = min(pause * 2, 0.25)
-        _tune(s, self.liveness)
+        _tune(s, self.liveness, self.liveness)
         s.setblocking(False)
         self.sock = s
         self._fd = s.fileno()
@@ -902,6 +921,8 @@ class TcpReader:
                 return KIND_CLOSE
             if kind == KIND_FAIL and mlen <= MAX_NAME:
                 if avail < HDR_SIZE + mlen:
+                    if lo + HDR_SIZE + mlen > len(self._buf):
+                        self._compact(0)
                     return None
                 self._lo = lo + HDR_SIZE + mlen
                 return PeerDied(bytes(self._mv[lo + HDR_SIZE:lo + HDR_SIZE + mlen])

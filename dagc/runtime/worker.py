@@ -39,15 +39,47 @@ class ActorPlan:
     label: str                       # "a1:Stage"
     filename: str
     source: str
-    profile_source: str = ""
     constants: list = field(default_factory=list)
     readers: dict = field(default_factory=dict)    # cid -> (segment, reader index, writer idx)
     writers: dict = field(default_factory=dict)    # cid -> (segment, nreaders, slots, cap, reader idxs)
     wait: str = "adaptive"
     comm_groups: dict = field(default_factory=dict)   # kid -> (communicator, rank, world, rendezvous)
     comm_channels: dict = field(default_factory=dict) # cid -> ("w", kid, ranks, readers) | ("r", kid, writer_rank)
-    collectives: dict = field(default_factory=dict)   # gid -> (kid, op name)
+    collectives: dict = field(default_factory=dict)   # gid -> (kid, op name, step)
     comm_timeout: float = 60.0
+    ctl: str = ""                    # this node's control segment
+    tcp_readers: dict = field(default_factory=dict)   # cid -> (host, port, index, writer idx)
+    secret: bytes = field(default=b"", repr=False)    # authenticates TCP channels
+
+
+_PREPARED: dict[str, dict] = {}   # compile token -> TCP writers listening since prepare()
+
+
+def tcp_channel_name(token: str, cid: str) -> str:
+    return f"{token}:{cid}"
+
+
+def prepare(instance, token: str, spec: dict) -> dict:
+    """Round 1 on a node other than the driver's, or for an actor that writes over TCP.
+
+    A node's leader creates the node's control segment and the shared-memory segments
+    written on that node; a TCP writer starts listening. Returns {cid: (host, port)}.
+    """
+    from dagc.runtime import tcp
+    if spec.get("ctl"):
+        ch.Control(spec["ctl"], create=True).release()
+    for name, nreaders, slots, cap in spec.get("segments", ()):
+        ch.create_segment(name, nreaders, slots, cap).close()
+    writers, addrs = {}, {}
+    for cid, nreaders, slots, ridx, rnames in spec.get("tcp", ()):
+        w = tcp.TcpWriter(tcp_channel_name(token, cid), nreaders, slots, spec["secret"],
+                          None, tuple(ridx), reader_names=list(rnames),
+                          connect_timeout=spec.get("timeout", 60.0))
+        addrs[cid] = w.listen(spec["host"])
+        writers[cid] = w
+    if writers:
+        _PREPARED[token] = writers
+    return addrs
 
 
 def probe(instance, token: str) -> dict:
@@ -100,9 +132,17 @@ def stop(instance, token: str, timeout: float = 2.0) -> dict:
     return loop.stop(timeout)
 
 
-def swap(instance, token: str, profile: bool, timeout: float = 5.0) -> bool:
+def swap(instance, token: str, source: str | None, timeout: float = 5.0) -> bool:
+    """Park the loop and rebind it to ``source`` (a profiling variant), or back (None)."""
     loop = _LOOPS.get(token)
-    return loop.swap(profile, timeout) if loop else False
+    return loop.swap(source, timeout) if loop else False
+
+
+def resume(instance, token: str) -> None:
+    """After every loop of the DAG parked for a swap: let this node's loops run again."""
+    loop = _LOOPS.get(token)
+    if loop is not None and loop.control.state == SWAP:
+        loop.control.words[ch.C_STATE] = ch.RUNNING
 
 
 def fetch_profile(instance, token: str) -> list:
@@ -155,7 +195,8 @@ class ActorLoop:
         self._next_fn = None
         self._parked = threading.Event()
         self._event_loops: list = []
-        self.control = ch.Control(plan.prefix + "ctl")
+        self._failed_who: str | None = None
+        self.control = ch.Control(plan.ctl or plan.prefix + "ctl")
         self.waiter = ch.Waiter(self.control, plan.procs, plan.wait)
         # every wait watches every other process of the DAG, not only the channel's peer:
         # a death anywhere (or the driver's) stops this loop within a wait slice, even
@@ -169,6 +210,17 @@ class ActorLoop:
             r = self._readers[cid] = ch.Reader(seg, index, self.waiter, widx)
             r.peers = others
         self.control.set_pid(plan.index, os.getpid())
+        for cid, w in _PREPARED.pop(plan.token, {}).items():
+            w.waiter = self.waiter
+            w.on_encode_error = self._encode_error
+            self._writers[cid] = w
+        if plan.tcp_readers:
+            from dagc.runtime import tcp
+            for cid, (host, port, index, widx) in plan.tcp_readers.items():
+                self._readers[cid] = tcp.TcpReader(
+                    host, port, plan.secret, index, self.waiter, widx,
+                    channel=tcp_channel_name(plan.token, cid),
+                    connect_timeout=plan.comm_timeout)
 
     # -- the rt interface used by generated code -------------------------------------------
     def method(self, name: str):
@@ -276,10 +328,11 @@ class ActorLoop:
                     if self._next_fn is None or self.control.state != ch.RUNNING:
                         return
                     fn, self._next_fn = self._next_fn, None
-        except ch.PeerDied:
-            pass
+        except ch.PeerDied as e:
+            self._failed_who = e.who
         except BaseException:
             self.crash = traceback.format_exc()
+            self._failed_who = self.plan.label
             self.control.fail(self.plan.index)
         finally:
             failed = self.control.state == ch.FAILED
@@ -291,8 +344,10 @@ class ActorLoop:
                     if _LOOPS.get(self.plan.token) is self:
                         del _LOOPS[self.plan.token]
 
-    def swap(self, profile: bool, timeout: float) -> bool:
-        self._next_fn = self._bind(self.plan.profile_source if profile else self.plan.source)
+    def swap(self, source: str | None, timeout: float) -> bool:
+        self._next_fn = self._bind(source or self.plan.source)
+        if self.control.state == ch.RUNNING:
+            self.control.words[ch.C_STATE] = SWAP     # this node's loops park
         self.records = []
         self._wake()
         return self._parked.wait(timeout)
@@ -312,6 +367,7 @@ class ActorLoop:
         alive = bool(t and t.is_alive())
         if not alive:
             self.close()
+        shm.unlink_prefix(self.plan.prefix)   # this node's segments (the driver does its own)
         return {"stopped": not alive, "crash": self.crash}
 
     def close(self) -> None:
@@ -324,7 +380,10 @@ class ActorLoop:
         for r in self._readers.values():
             r.close()
         for w in self._writers.values():
-            w.close()
+            if self._failed_who is not None and hasattr(w, "listen"):
+                w.close(failed=self._failed_who)   # TCP readers learn who died upstream
+            else:
+                w.close()
         self._readers, self._writers = {}, {}
         for ev in self._event_loops:
             try:

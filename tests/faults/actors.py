@@ -26,6 +26,14 @@ class BadUnpickle:
         return (_explode, ("BadUnpickle cannot be loaded",))
 
 
+class LockedError(Exception):
+    """An exception that cannot be pickled (it holds a lock)."""
+
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
 def _explode(msg):
     raise RuntimeError(msg)
 
@@ -35,6 +43,7 @@ class Node:
     def __init__(self, k=0):
         self.k = k
         self.calls = 0
+        self.joins = 0
 
     def step(self, x, *more):
         self.calls += 1
@@ -48,6 +57,8 @@ class Node:
                 time.sleep(arg)
             if cmd == "raise":
                 raise ValueError(f"node {self.k} refuses {arg!r}")
+            if cmd == "raise-unpicklable":
+                raise LockedError(f"node {self.k} fails holding a lock")
             if cmd == "sysexit":
                 sys.exit(arg)
             if cmd == "unpicklable":
@@ -56,11 +67,22 @@ class Node:
                 return BadUnpickle()
         return x
 
+    async def astep(self, x):
+        import asyncio
+        await asyncio.sleep(0)
+        return x
+
     def join(self, *xs):
+        self.joins += 1
         return list(xs)
 
     def pair(self, x):
-        return x if isinstance(x, tuple) and len(x) == 3 and x[0] == "wrong" else (x, x)
+        """Meant for num_returns=2; "three" returns 3 values, "scalar" a single int."""
+        if x == "three":
+            return x, x, x
+        if x == "scalar":
+            return 7
+        return x, x
 
     def payload(self, x):
         """x = size in bytes (an int): return an array of that many bytes."""
@@ -76,3 +98,6 @@ class Node:
 
     def num_calls(self):
         return self.calls
+
+    def num_joins(self):
+        return self.joins

@@ -52,6 +52,9 @@ def note_processes() -> None:
 
 
 # -- the cluster -----------------------------------------------------------------------------
+NODES: dict = {}        # name -> the cluster_utils node handle (node3 is removed by a check)
+
+
 def start_cluster():
     import ray
     from ray.cluster_utils import Cluster
@@ -60,8 +63,8 @@ def start_cluster():
         "num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False})
     t1 = time.monotonic()
     note_processes()
-    for name in ("node1", "node2"):
-        cluster.add_node(num_cpus=1, resources={name: 1})
+    for name in ("node1", "node2", "node3"):
+        NODES[name] = cluster.add_node(num_cpus=1, resources={name: 1})
     cluster.wait_for_nodes()
     t2 = time.monotonic()
     note_processes()
@@ -268,13 +271,14 @@ def check_dagc_actor_death(ctx) -> dict:
     cg = dagc.compile(dag)
     try:
         assert cg.execute(1).get(timeout=60) == 3
-        ray.kill(b, no_restart=True)
+        ray.kill(b, no_restart=True)      # asynchronous: b may still answer a few times
         t0 = time.monotonic()
-        try:
-            cg.execute(2).get(timeout=60)
-            raised = None
-        except dagc.ActorDiedError as e:
-            raised = str(e)
+        raised = None
+        while raised is None and time.monotonic() - t0 < 30:
+            try:
+                cg.execute(2).get(timeout=60)
+            except dagc.ActorDiedError as e:
+                raised = str(e)
         return {"raised": raised, "detect_s": time.monotonic() - t0}
     finally:
         cg.teardown()
@@ -297,7 +301,60 @@ def check_dagc_teardown(ctx) -> dict:
     return {"teardown_s": times}
 
 
-CHECKS = {"cluster": check_cluster, "tcp": check_tcp, "peer_death": check_peer_death,
+def check_dagc_fanout(ctx) -> dict:
+    """A value read on two nodes and by the driver; a revisit of node1; shm on node1."""
+    import dagc
+    Hop = ctx["Hop"]
+    a, c = pinned(Hop, "node1", "fa"), pinned(Hop, "node1", "fc")
+    b = pinned(Hop, "node2", "fb")
+    with dagc.InputNode() as inp:
+        x = a.fwd.bind(inp)
+        y = b.fwd.bind(x)
+        z = c.fwd.bind(x)                  # same node as a: shared memory on node1
+        back = a.fwd.bind(y)               # node2 -> node1 again
+        dag = dagc.MultiOutputNode([y, z, x, back])
+    with dagc.compile(dag) as cg:
+        chans = {(c_.value, c_.transport, c_.readers) for c_ in cg._ir.channels}
+        results = [cg.execute(i).get(timeout=60) for i in range(20)]
+        big = cg.execute(10 ** 6).get(timeout=60)
+    want = [[i + 2, i + 2, i + 1, i + 3] for i in range(20)]
+    return {"transports": sorted({t for _, t, _ in chans}), "results_ok": results == want,
+            "big_ok": big == [10 ** 6 + 2, 10 ** 6 + 2, 10 ** 6 + 1, 10 ** 6 + 3],
+            "channels": sorted(map(str, chans))}
+
+
+def check_dagc_node_killed(ctx) -> dict:
+    """A whole node (raylet and its workers) removed mid-run: ActorDiedError, no hang."""
+    import dagc
+    Hop = ctx["Hop"]
+    a, d = pinned(Hop, "node1", "ka"), pinned(Hop, "node3", "kd")
+    with dagc.InputNode() as inp:
+        dag = a.fwd.bind(d.fwd.bind(a.fwd.bind(inp)))
+    cg = dagc.compile(dag)
+    try:
+        assert cg.execute(1).get(timeout=60) == 4
+        refs = [cg.execute(i) for i in range(3)]
+        t0 = time.monotonic()
+        CLUSTER[0].remove_node(NODES["node3"], allow_graceful=False)
+        raised = None
+        while raised is None and time.monotonic() - t0 < 60:
+            try:
+                for r in refs:
+                    r.get(timeout=60)
+                refs = [cg.execute(2)]
+            except dagc.ActorDiedError as e:
+                raised = str(e)
+        return {"raised": raised, "detect_s": time.monotonic() - t0}
+    finally:
+        t1 = time.monotonic()
+        cg.teardown()
+        REPORT.setdefault("timings", {})["teardown_after_node_loss"] = time.monotonic() - t1
+
+
+CLUSTER: list = []
+
+CHECKS = {"cluster": check_cluster, "dagc_fanout": check_dagc_fanout,
+          "dagc_node_killed": check_dagc_node_killed, "tcp": check_tcp, "peer_death": check_peer_death,
           "dagc_pipeline": check_dagc_pipeline, "dagc_actor_death": check_dagc_actor_death,
           "dagc_teardown": check_dagc_teardown}
 NEEDS = {"tcp": "cluster", "peer_death": "tcp"}
@@ -314,6 +371,7 @@ def main(argv) -> int:
     before = open(address_file).read() if os.path.exists(address_file) else None
     t0 = time.monotonic()
     cluster = start_cluster()
+    CLUSTER.append(cluster)
     try:
         ctx = {"Hop": actor_class()}
         for name in names:

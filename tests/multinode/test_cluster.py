@@ -25,10 +25,11 @@ pytestmark = [pytest.mark.multinode, pytest.mark.timeout(900)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CHILD = os.path.join(HERE, "cluster_child.py")
-CHILD_TIMEOUT = 600            # s; a healthy run takes ~30-60 s on the 2-core CI box
+CHILD_TIMEOUT = 600            # s; a healthy run takes ~20-35 s on the 2-core CI box
 
-ENABLED = ["cluster", "tcp", "peer_death"]
-PENDING = ["dagc_pipeline", "dagc_actor_death", "dagc_teardown"]
+ENABLED = ["cluster", "tcp", "peer_death", "dagc_pipeline", "dagc_fanout", "dagc_actor_death",
+           "dagc_teardown", "dagc_node_killed"]
+PENDING: list = []
 NEEDS_INTEGRATION = pytest.mark.skip(
     reason="needs runtime integration (cross-node TCP channels in compiled.py/worker.py/api.py)")
 
@@ -98,10 +99,10 @@ def check(report, name: str) -> dict:
 
 def test_cluster_starts_with_actors_on_distinct_nodes(report):
     c = check(report, "cluster")
-    assert len(c["nodes"]) == 3
+    assert len(c["nodes"]) == 4          # head, node1, node2, node3
     nodes = {c["a"]["node"], c["b"]["node"], c["driver_node"]}
     assert len(nodes) == 3, f"actors did not land on separate nodes: {c}"
-    assert nodes == set(c["nodes"])
+    assert nodes <= set(c["nodes"])
     print(f"\nactors pinned to node1/node2 ready in {c['actors_ready_s']:.1f} s")
 
 
@@ -126,19 +127,28 @@ def test_cluster_leaves_no_processes(report):
     assert not report["leftovers"], f"processes left running (killed now): {report['leftovers']}"
 
 
-@NEEDS_INTEGRATION
 def test_dagc_compile_across_nodes(report):
     c = check(report, "dagc_pipeline")
     assert "tcp" in c["transports"] and c["results_ok"]
 
 
-@NEEDS_INTEGRATION
+def test_dagc_fan_out_readers_on_both_nodes(report):
+    c = check(report, "dagc_fanout")
+    assert c["results_ok"] and c["big_ok"], c
+    assert {"tcp", "shm"} <= set(c["transports"]), c
+
+
+def test_dagc_node_removed_mid_run(report):
+    c = check(report, "dagc_node_killed")
+    assert c["raised"] and c["detect_s"] < 20, c
+    print(f"\nnode removed: ActorDiedError after {c['detect_s']:.2f} s")
+
+
 def test_dagc_actor_death_across_nodes(report):
     c = check(report, "dagc_actor_death")
     assert c["raised"] and c["detect_s"] < 10, c
 
 
-@NEEDS_INTEGRATION
 def test_dagc_teardown_across_nodes(report):
     c = check(report, "dagc_teardown")
     assert max(c["teardown_s"]) < 10, c
