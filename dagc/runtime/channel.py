@@ -195,26 +195,26 @@ class Waiter:
     def wait(self, words, idx: int, target: int, addr: int, sleep_idx: int,
              peers: tuple, deadline: float | None = None) -> None:
         """Return once ``words[idx] >= target``."""
-        for _ in range(32):
-            if words[idx] >= target:
-                return
+        if words[idx] >= target:
+            return
         budget = self.budget
         if budget > 0.0:
+            # Poll with sched_yield between looks: with more processes than cores the one
+            # holding the data gets the CPU within a yield; the loop stays tight (16 looks
+            # per clock read) because its period is the hand-off latency.
             t0 = _monotonic()
             n = 0
             while True:
-                _yield()
-                if words[idx] >= target:
-                    if self.mode == self.ADAPTIVE:
-                        self._tune(_monotonic() - t0, True)
-                    return
+                for _ in range(16):
+                    _yield()
+                    if words[idx] >= target:
+                        return
+                now = _monotonic()
+                if now - t0 > budget:
+                    break
                 n += 1
-                if not n & 31:
-                    now = _monotonic()
-                    if now - t0 > budget:
-                        break
-                    if not n & 1023 or (deadline is not None and now >= deadline):
-                        self.check(peers, deadline)
+                if not n & 63 or (deadline is not None and now >= deadline):
+                    self.check(peers, deadline)
         t1 = _monotonic()
         while True:
             words[sleep_idx] = 1
