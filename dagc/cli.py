@@ -89,7 +89,12 @@ def cmd_compile(ns) -> int:
     init_ray()
     dag = mod.build()
     t0 = time.perf_counter()
-    cg = dagc.compile(dag)
+    if ns.format == "text" and sys.stderr.isatty():
+        from rich.console import Console
+        with Console(stderr=True).status("compiling (starting the actors' loops)..."):
+            cg = dagc.compile(dag)
+    else:
+        cg = dagc.compile(dag)
     compile_s = time.perf_counter() - t0
     out: dict = {"pipeline": ns.pipeline, "compile_s": compile_s,
                  "timings_s": dict(cg.timings), "schedule": cg.schedule.to_dict()}

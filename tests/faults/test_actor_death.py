@@ -12,7 +12,7 @@ import pytest
 
 import dagc
 from dagc import InputNode, MultiOutputNode
-from tests.faults.helpers import loops_stopped, mapped, segments, state, wait_until
+from tests.faults.helpers import loops_stopped, mapped, segments, wait_until
 
 BOUND = 10.0          # generous: a noisy 2-core CI box; observed times are printed
 
