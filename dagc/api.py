@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-from dagc.errors import ActorDiedError, CompileError, DagcError
+from dagc.errors import CompileError
 
 WAIT_MODES = ("spin", "block", "adaptive")
 DEFAULTS = {
@@ -123,7 +123,6 @@ def compile(dag, **options):
 
 def get(refs, timeout: float | None = None) -> list:
     """Values of several DagRefs, in order; ``timeout`` bounds the whole call."""
-    from dagc.errors import DagTimeoutError
     deadline = None if timeout is None else time.monotonic() + timeout
     out = []
     for r in refs:

@@ -151,7 +151,6 @@ class _Tracer:
         return f"t{i}"
 
     def method(self, node) -> Arg:
-        rd = self.rd
         if node.is_class_method_output:
             parent = node.class_method_call
             base = self.node(parent)

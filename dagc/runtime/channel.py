@@ -37,14 +37,12 @@ outlives a dead peer by more than a fraction of a second.
 """
 from __future__ import annotations
 
-import copyreg
-import io
 import os
 import pickle
-import sys
 import time
 
 from dagc.runtime import shm
+from dagc.runtime.serialize import PickleEncoder
 
 MAGIC = 0x64616763
 W_NSLOTS, W_STRIDE, W_NREADERS = 1, 2, 3
@@ -245,34 +243,7 @@ class Waiter:
             self.budget = max(self.MIN_BUDGET, self.budget / 2)
 
 
-def _tensor_reducer():
-    """A pickle dispatch table that sends CPU torch tensors as numpy out-of-band buffers."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None
-    np_ok = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
-             torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
-             torch.complex128}
-
-    def reduce_tensor(t):
-        if t.device.type != "cpu" or t.layout != torch.strided or t.dtype not in np_ok:
-            return t.__reduce_ex__(5)
-        return (_rebuild_tensor, (t.detach().contiguous().numpy(), t.requires_grad))
-
-    table = dict(copyreg.dispatch_table)
-    table[torch.Tensor] = reduce_tensor
-    return table
-
-
-def _rebuild_tensor(arr, requires_grad):
-    import torch
-    t = torch.from_numpy(arr)
-    if requires_grad:
-        t.requires_grad_(True)
-    return t
-
-
-class Writer:
+class Writer(PickleEncoder):
     """The writing end of a channel. ``write(value)`` never fails for size: it grows."""
 
     def __init__(self, name: str, nreaders: int, slots: int, capacity: int, waiter: Waiter,
@@ -301,19 +272,6 @@ class Writer:
         self.slot_off = [hdr + k * self.stride for k in range(self.slots)]
         self.rseq = [rseq_word(r) for r in range(self.nreaders)]
         self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
-
-    def _encode(self, value):
-        bufs = self._bufs
-        bufs.clear()
-        if self._dispatch is None and "torch" in sys.modules:
-            self._dispatch = _tensor_reducer() or {}
-        if self._dispatch:
-            bio = io.BytesIO()
-            p = pickle.Pickler(bio, 5, buffer_callback=bufs.append)
-            p.dispatch_table = self._dispatch
-            p.dump(value)
-            return bio.getbuffer()
-        return _dumps(value, 5, buffer_callback=bufs.append)
 
     on_encode_error = None   # set by actor loops: turns an unpicklable value into a Failure
 

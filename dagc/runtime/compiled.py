@@ -10,13 +10,13 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
-from dagc.errors import (ActorDiedError, CapacityError, CompileError, DagClosedError,
+from dagc.errors import (ActorDiedError, CapacityError, DagClosedError,
                          DagTimeoutError, ExecuteArgumentError)
 from dagc.ir import DRIVER
 from dagc.runtime import channel as ch
 from dagc.runtime import shm, worker
-from dagc.runtime.failure import Failure
 from dagc.runtime.calls import ray_get
+from dagc.runtime.failure import Failure
 from dagc.runtime.inspection import InspectMixin, Profile  # noqa: F401
 
 _LIVE: "weakref.WeakSet[CompiledDag]" = weakref.WeakSet()
@@ -270,7 +270,6 @@ class CompiledDag(InspectMixin):
 
     def _prepare_comms(self) -> dict:
         """Rank 0 of every communicator group makes its rendezvous info."""
-        import ray
         if not self._ir.comm_groups:
             return {}
         from dagc.runtime.communicator import make_communicator

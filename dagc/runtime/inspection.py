@@ -66,7 +66,6 @@ class InspectMixin:
         The loops switch to their profiling variant (timing calls compiled in) for these
         executions and back afterwards, so an unprofiled DAG pays nothing.
         """
-        import ray
         from dagc.errors import DagcError
         if self._closed or self._dead:
             self._raise_closed()

@@ -102,18 +102,17 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import hmac
-import io
 import os
 import pickle
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 from collections import deque
 
-from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout, _tensor_reducer
+from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.serialize import PickleEncoder
 
 HELLO = b"DAGCTCP1"
 NONCE = 32
@@ -300,7 +299,7 @@ class _Conn:
         self.error = None       # a send error the sender thread ran into
 
 
-class TcpWriter:
+class TcpWriter(PickleEncoder):
     """The writing end of a TCP channel: listens; ``nreaders`` readers connect to it.
 
     ``reader_procs`` are the readers' control indices (names for ``PeerDied`` via
@@ -465,19 +464,6 @@ class TcpWriter:
         self._wait_credit(self.seq - self.slots + 1, deadline)
 
     # -- writing -----------------------------------------------------------------------------
-    def _encode(self, value):
-        bufs = self._bufs
-        bufs.clear()
-        if self._dispatch is None and "torch" in sys.modules:
-            self._dispatch = _tensor_reducer() or {}
-        if self._dispatch:
-            bio = io.BytesIO()
-            p = pickle.Pickler(bio, 5, buffer_callback=bufs.append)
-            p.dispatch_table = self._dispatch
-            p.dump(value)
-            return bio.getbuffer()
-        return _dumps(value, 5, buffer_callback=bufs.append)
-
     def write(self, value, deadline: float | None = None) -> None:
         """Send one message to every reader. ``deadline`` bounds the wait for the window
         (and for readers to connect); once a frame is being sent it is sent whole."""

@@ -1,0 +1,62 @@
+"""How values become bytes on every dagc channel: pickle protocol 5, out-of-band buffers.
+
+numpy arrays hand pickle their memory as out-of-band buffers by themselves; CPU torch
+tensors are sent the same way (as numpy views of their storage) through a private
+dispatch table, so neither is copied into the pickle stream — the channel copies each
+buffer once, straight into its slot or socket.
+"""
+from __future__ import annotations
+
+import copyreg
+import io
+import pickle
+import sys
+
+_dumps = pickle.dumps
+
+
+def tensor_dispatch_table():
+    """A pickle dispatch table that sends CPU torch tensors as numpy out-of-band buffers."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    np_ok = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
+             torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
+             torch.complex128}
+
+    def reduce_tensor(t):
+        if t.device.type != "cpu" or t.layout != torch.strided or t.dtype not in np_ok:
+            return t.__reduce_ex__(5)
+        return (rebuild_tensor, (t.detach().contiguous().numpy(), t.requires_grad))
+
+    table = dict(copyreg.dispatch_table)
+    table[torch.Tensor] = reduce_tensor
+    return table
+
+
+def rebuild_tensor(arr, requires_grad):
+    import torch
+    t = torch.from_numpy(arr)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+class PickleEncoder:
+    """Mixin for channel writers: ``_encode(value)`` -> pickle bytes; buffers in ``_bufs``."""
+
+    _bufs: list
+    _dispatch = None          # becomes the tensor table (or {}) once torch is imported
+
+    def _encode(self, value):
+        bufs = self._bufs
+        bufs.clear()
+        if self._dispatch is None and "torch" in sys.modules:
+            self._dispatch = tensor_dispatch_table() or {}
+        if self._dispatch:
+            bio = io.BytesIO()
+            p = pickle.Pickler(bio, 5, buffer_callback=bufs.append)
+            p.dispatch_table = self._dispatch
+            p.dump(value)
+            return bio.getbuffer()
+        return _dumps(value, 5, buffer_callback=bufs.append)
