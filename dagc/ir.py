@@ -145,6 +145,11 @@ class ChannelSpec:
     communicator: str = ""           # for transport "comm": the CommGroup id ("k0")
     carrier: str = "shm"             # for transport "comm": what carries the metadata
 
+    @property
+    def over_tcp(self) -> bool:
+        """Whether this channel's bytes cross nodes (a TCP channel, or comm metadata)."""
+        return self.transport == "tcp" or self.carrier == "tcp"
+
     def __str__(self) -> str:
         comm = f" via {self.communicator}" if self.communicator else ""
         if self.carrier != "shm":

@@ -324,8 +324,8 @@ class Writer(PickleEncoder):
             w[off >> 3] = -need          # negative length: out-of-band layout
             w[(off >> 3) + 1] = KIND_PICKLE
             bufs.clear()
+        w[W_WSEQ] = seq + 1      # publish first: an interrupt after it leaves both agreeing
         self.seq = seq + 1
-        w[W_WSEQ] = seq + 1
         for i in self.rsleep:
             if w[i]:
                 shm.futex_wake(self.addr + W_WSEQ * 8)
@@ -429,27 +429,40 @@ class Reader:
         if w[(off >> 3) + 1] != KIND_PICKLE:
             return self._follow(off, n, deadline)
         p = off + SLOT_HDR
-        if n >= 0:
-            value = _loads(self.mv[p:p + n])
-        else:
-            hw = p >> 3
-            nbufs = w[hw]
-            mlen = w[hw + 1]
-            lens = [w[hw + 2 + j] for j in range(nbufs)]
-            q = (p + 16 + 8 * nbufs + 63) & ~63
-            blob = bytearray(self.mv[q:p - n])   # one copy: the value owns its memory
-            bv = memoryview(blob)
-            pos = (mlen + 63) & ~63
-            parts = []
-            for ln in lens:
-                parts.append(bv[pos:pos + ln])
-                pos = (pos + ln + 63) & ~63
-            value = _loads(bv[:mlen], buffers=parts)
+        try:
+            if n >= 0:
+                value = _loads(self.mv[p:p + n])
+            else:
+                hw = p >> 3
+                nbufs = w[hw]
+                mlen = w[hw + 1]
+                lens = [w[hw + 2 + j] for j in range(nbufs)]
+                q = (p + 16 + 8 * nbufs + 63) & ~63
+                blob = bytearray(self.mv[q:p - n])   # one copy: the value owns its memory
+                bv = memoryview(blob)
+                pos = (mlen + 63) & ~63
+                parts = []
+                for ln in lens:
+                    parts.append(bv[pos:pos + ln])
+                    pos = (pos + ln + 63) & ~63
+                value = _loads(bv[:mlen], buffers=parts)
+        except Exception as e:          # consumed all the same: the DAG goes on
+            value = self._undecodable(e)
         self.seq = seq + 1
         w[self.my_seq] = seq + 1
         if w[W_WSLEEP]:
             shm.futex_wake(self.addr + self.my_seq * 8)
         return value
+
+    def _undecodable(self, exc: Exception):
+        from dagc.runtime.failure import capture
+        procs = self.waiter.procs
+        src = self.peers[0] if len(self.peers) == 1 else -1
+        who = procs[src] if 0 <= src < len(procs) else "its writer"
+        err = TypeError(f"a value sent by {who} could not be unpickled by its reader: "
+                        f"{type(exc).__name__}: {exc}. Send values whose classes can be "
+                        f"imported (and rebuilt) on every process of the DAG.")
+        return capture(err, who, "<unpickle>", -1)
 
     def _follow(self, off: int, n: int, deadline):
         name, _ = _loads(self.mv[off + SLOT_HDR:off + SLOT_HDR + n])

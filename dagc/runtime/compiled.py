@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import atexit
+import os
+import pickle
 import secrets
 import threading
 import time
@@ -138,6 +139,7 @@ class CompiledDag(InspectMixin):
         self._read_next = 0
         self._results: dict[int, object] = {}
         self._abandoned: set[int] = set()
+        self._dropped: list[int] = []          # abandoned refs not yet accounted
         self._submit_lock = threading.Lock()
         self._read_lock = threading.RLock()
         self._closed = False
@@ -181,18 +183,17 @@ class CompiledDag(InspectMixin):
             waiter = ch.Waiter(self._control, self._procs, opts["wait"])
             local = tuple(self._index[a.id] for a in ir.actors if a.node == here)
             for c in ir.channels:
-                if c.transport != "tcp" and c.carrier != "tcp" and node_of[c.writer] == here:
+                if not c.over_tcp and node_of[c.writer] == here:
                     ch.create_segment(self._prefix + c.id, len(c.readers), c.slots,
                                       c.buffer_size).close()
             addrs = self._prepare_nodes(waiter)
             for c in ir.channels:
                 seg = self._prefix + c.id
-                over_tcp = c.transport == "tcp" or c.carrier == "tcp"
-                if c.writer == DRIVER and not over_tcp:
+                if c.writer == DRIVER and not c.over_tcp:
                     self._writers[c.id] = ch.Writer(seg, len(c.readers), c.slots,
                                                     c.buffer_size, waiter, local, create=False)
                 if DRIVER in c.readers:
-                    if over_tcp:
+                    if c.over_tcp:
                         from dagc.runtime import tcp
                         host, port = addrs[c.id]
                         self._readers[c.id] = tcp.TcpReader(
@@ -228,7 +229,7 @@ class CompiledDag(InspectMixin):
         """
         ir, here = self._ir, self._driver_node
         node_of = self._node_of
-        tcp_chans = [c for c in ir.channels if c.transport == "tcp" or c.carrier == "tcp"]
+        tcp_chans = [c for c in ir.channels if c.over_tcp]
         if not tcp_chans and all(a.node == here for a in ir.actors):
             return {}
         from dagc.runtime import tcp
@@ -241,7 +242,7 @@ class CompiledDag(InspectMixin):
                 specs[a.id] = {"ctl": self._ctl_name(a.node), "segments": [
                     (self._prefix + c.id, len(c.readers), c.slots, c.buffer_size)
                     for c in ir.channels
-                    if c.transport != "tcp" and c.carrier != "tcp" and node_of[c.writer] == a.node]}
+                    if not c.over_tcp and node_of[c.writer] == a.node]}
         ip = {a.id: p["ip"] for a, p in zip(ir.actors, self._probes)}
         addrs: dict = {}
         for c in tcp_chans:
@@ -256,13 +257,12 @@ class CompiledDag(InspectMixin):
             else:
                 specs.setdefault(c.writer, {}).setdefault("tcp", []).append(
                     (c.id, len(c.readers), c.slots, ridx, names))
-        refs, owners = [], []
+        refs = []
         for aid, spec in specs.items():
             spec.update(secret=self._secret, host=ip[aid],
                         timeout=self._options["start_timeout"])
             refs.append(self._side.handles[aid].__ray_call__.remote(worker.prepare,
                                                                     self._token, spec))
-            owners.append(aid)
         for got in ray_get(refs, self._options["start_timeout"], self._procs,
                            what="prepare their nodes' channels"):
             addrs.update(got)
@@ -295,7 +295,7 @@ class CompiledDag(InspectMixin):
         groups = {g.id: g for g in ir.comm_groups}
         for c in ir.channels:
             seg = self._prefix + c.id
-            over_tcp = c.transport == "tcp" or c.carrier == "tcp"
+            over_tcp = c.over_tcp
             if c.writer == actor.id and not over_tcp:
                 writers[c.id] = (seg, len(c.readers), c.slots, c.buffer_size,
                                  tuple(self._index[r] for r in c.readers))
@@ -339,12 +339,19 @@ class CompiledDag(InspectMixin):
         if self._closed or self._dead:
             self._raise_closed()
         with self._submit_lock:
+            if self._closed or self._dead:     # torn down while we waited for the lock
+                self._raise_closed()
             if self._submitted - self._fetched >= self._max_inflight:
                 self._make_room()
             try:
                 self._submit(args, kwargs)
             except (ch.PeerDied, ch.ChannelClosed) as e:
                 self._on_stop(e)
+            except (pickle.PicklingError, TypeError, AttributeError) as e:
+                if isinstance(e, ExecuteArgumentError):
+                    raise
+                raise TypeError(f"execute() could not send its arguments to the actors: "
+                                f"{type(e).__name__}: {e}. Pass picklable values.") from e
             i = self._submitted
             self._submitted = i + 1
         return DagRef(self, i)
@@ -356,6 +363,7 @@ class CompiledDag(InspectMixin):
     def _make_room(self) -> None:
         # executions whose DagRefs were dropped unfetched free their places once read
         with self._read_lock:
+            self._take_abandoned()
             while self._abandoned and self._submitted - self._fetched >= self._max_inflight:
                 self._read_one(self._deadline(None))
         if self._submitted - self._fetched >= self._max_inflight:
@@ -396,6 +404,8 @@ class CompiledDag(InspectMixin):
 
     def _fetch(self, idx: int, timeout):
         with self._read_lock:
+            if self._dropped:
+                self._take_abandoned()
             r = self._results.pop(idx, self)
             if r is self:
                 if self._closed or self._dead:
@@ -417,9 +427,19 @@ class CompiledDag(InspectMixin):
         return all(r.ready() for r in self._readers.values())
 
     def _abandon(self, idx: int) -> None:
+        """A DagRef died unfetched. Runs from __del__, so it never blocks on the lock."""
         if self._closed:
             return
-        with self._read_lock:
+        self._dropped.append(idx)             # atomic; handled under the lock
+        if self._read_lock.acquire(blocking=False):
+            try:
+                self._take_abandoned()
+            finally:
+                self._read_lock.release()
+
+    def _take_abandoned(self) -> None:
+        while self._dropped:
+            idx = self._dropped.pop()
             if self._results.pop(idx, self) is not self:
                 self._fetched += 1
             elif idx >= self._read_next:

@@ -127,17 +127,11 @@ def test_execute_wrong_keywords_multi_field(ray, nodes):
         assert cg.execute(1, k=2).get(timeout=30) == [1, 2]
 
 
-# A value that pickles but raises when unpickled on the reading side. Today the reader
-# raises out of Reader.read without consuming the message: on the driver every later
-# get() re-raises the same error (the DAG is wedged), in an actor the loop crashes and
-# the whole DAG dies. The fix (channel.py, Reader.read: turn a decode error into a
-# Failure and consume the message) is described in docs/faults.md; until it lands these
-# record the wanted behaviour.
-_DECODE = pytest.mark.xfail(strict=True, reason="Reader.read does not turn an unpickling "
-                            "error into a Failure yet (see docs/faults.md)")
+# A value that pickles but raises when unpickled on the reading side: the reader turns
+# the error into a Failure and consumes the message, so the DAG goes on.
 
 
-@_DECODE
+
 @pytest.mark.timeout(120)
 def test_value_that_fails_to_unpickle_on_the_driver(ray, nodes):
     (a,) = nodes(1)
@@ -149,7 +143,6 @@ def test_value_that_fails_to_unpickle_on_the_driver(ray, nodes):
         assert cg.execute(2).get(timeout=30) == 2
 
 
-@_DECODE
 @pytest.mark.timeout(120)
 def test_value_that_fails_to_unpickle_in_an_actor(ray, nodes):
     a, b = nodes(2)
