@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
-from dagc.runtime.tcp import (HELLO, HDR, KIND_DATA, MAC, NONCE, RING, TcpAuthError,
-                              TcpReader, TcpSetupError, TcpWriter, new_secret)
+from dagc.runtime.tcp import TcpAuthError, TcpReader, TcpSetupError, TcpWriter, new_secret
+from dagc.runtime.tcp_wire import HDR, HELLO, KIND_DATA, MAC, NONCE, RING
 
 pytestmark = pytest.mark.timeout(60)
 

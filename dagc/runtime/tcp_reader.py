@@ -1,0 +1,443 @@
+"""The reading end of a TCP channel: connects, authenticates, parses frames, acks.
+
+See dagc/runtime/tcp.py for the protocol and the states of a message.
+"""
+from __future__ import annotations
+
+import ctypes
+import hmac
+import os
+import select
+import socket
+import struct
+import threading
+import time
+
+from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.tcp_wire import (ACK, _ACK_CLOSE, _again, _check_secret, _DONTWAIT, HDR,
+                                   HDR_SIZE, HELLO, KIND_CLOSE, KIND_DATA, KIND_FAIL, _loads, MAC,
+                                   _mac, _mark_failed, MAX_BUFS, MAX_NAME, _monotonic, NONCE,
+                                   _NOSIGNAL, _POLLIN, _proc_name, _recv_exact, _Retry, RING,
+                                   SLICE, TcpAuthError, TcpProtocolError, TcpSetupError, _tune,
+                                   _WakePipe)
+
+
+class TcpReader:
+    """The reading end of a TCP channel for reader number ``index``.
+
+    Connects (and authenticates) in the constructor, retrying until ``connect_timeout``;
+    ``connect=False`` defers that to ``connect()``. ``writer_proc`` is the writer's
+    control index (its name for ``PeerDied`` via ``waiter.procs``).
+    """
+
+    def __init__(self, host: str, port: int, secret: bytes, index: int = 0, waiter=None,
+                 writer_proc: int = -1, *, channel: str = "", writer_name: str | None = None,
+                 check_peers: tuple = (), connect_timeout: float = 60.0,
+                 liveness: float = 5.0, connect: bool = True):
+        self.host, self.port = host, int(port)
+        self.channel = channel
+        self._chan = channel.encode()
+        self._secret = _check_secret(secret)
+        self.index = index
+        self.waiter = waiter
+        self.writer_proc = writer_proc
+        self.writer_name = writer_name or _proc_name(
+            waiter, writer_proc, f"writer of channel {channel} at {host}:{port}")
+        self.check_peers = tuple(check_peers)
+        self.connect_timeout = connect_timeout
+        self.liveness = liveness
+        self.seq = 0
+        self.sock: socket.socket | None = None
+        self._wake = _WakePipe()
+        self._buf = bytearray(RING)
+        self._mv = memoryview(self._buf)
+        self._lo = self._hi = 0       # unparsed bytes are _buf[_lo:_hi]
+        self._big = None              # [blob, targets, target, filled, pickle span, buffers]
+        self._msg = None              # a complete message not yet read
+        self._eof = False
+        self._drained = True
+        self._end: BaseException | None = None
+        self._ack_out = b""
+        self._closed = False
+        self._rlock = threading.Lock()   # read() vs ready() from another thread
+        if connect:
+            self.connect()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def connect(self, deadline: float | None = None) -> None:
+        """Connect and authenticate, retrying refused/unreachable until the deadline."""
+        if self.sock is not None:
+            return
+        if deadline is None:
+            deadline = _monotonic() + self.connect_timeout
+        pause = 0.01
+        last = None
+        while True:
+            if self._closed:
+                raise ChannelClosed()
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise TcpSetupError(
+                    f"could not connect to the writer of channel {self.channel!r} at "
+                    f"{self.host}:{self.port} within {self.connect_timeout:g} s ({last}); "
+                    f"is its process alive and the port reachable from this node?")
+            try:
+                s = socket.create_connection((self.host, self.port), timeout=min(left, 2.0))
+            except OSError as e:           # refused, unreachable, timed out: retry
+                last = e
+                s = None
+            if s is not None:
+                try:
+                    s.settimeout(min(max(left, 0.1), 10.0))
+                    self._authenticate(s)
+                    break
+                except _Retry as e:
+                    last = e.__cause__ or e
+                    s.close()
+                except BaseException:
+                    s.close()
+                    raise
+            if self.waiter is not None:
+                try:
+                    self.waiter.check(self.check_peers, None)
+                except WaitTimeout:
+                    pass
+            time.sleep(min(pause, max(0.0, deadline - _monotonic())))
+            pause = min(pause * 2, 0.25)
+        _tune(s, self.liveness, self.liveness)
+        s.setblocking(False)
+        self.sock = s
+        self._fd = s.fileno()
+        self._poller = select.poll()
+        self._poller.register(self._fd, _POLLIN)
+        self._poller.register(self._wake.r, _POLLIN)
+
+    def _authenticate(self, s: socket.socket) -> None:
+        try:
+            hello = _recv_exact(s, len(HELLO) + NONCE)
+        except (EOFError, OSError) as e:    # the writer shed us before its hello: retry
+            raise _Retry() from e
+        if hello[:len(HELLO)] != HELLO:
+            raise TcpAuthError(f"{self.host}:{self.port} is not a dagc TCP channel writer")
+        nonce_w = hello[len(HELLO):]
+        nonce_r = os.urandom(NONCE)
+        s.sendall(nonce_r + struct.pack("<I", self.index)
+                  + _mac(self._secret, b"reader", self._chan, nonce_w, nonce_r, self.index))
+        try:
+            proof = _recv_exact(s, MAC)
+        except (EOFError, OSError):
+            raise TcpAuthError(
+                f"the writer of channel {self.channel!r} at {self.host}:{self.port} rejected "
+                f"reader {self.index} (wrong secret or channel, or the index is taken)") from None
+        want = _mac(self._secret, b"writer", self._chan, nonce_r, nonce_w, self.index)
+        if not hmac.compare_digest(proof, want):
+            raise TcpAuthError(
+                f"the peer at {self.host}:{self.port} failed authentication for channel "
+                f"{self.channel!r}; nothing it sent was unpickled")
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _fill(self) -> bool:
+        """One non-blocking recv into the ring or the frame being received; False: nothing.
+        ``_drained`` notes a short recv: the socket is likely empty, so poll first."""
+        big = self._big
+        try:
+            if big is not None:
+                t = big[1][big[2]][big[3]:]
+                want = len(t)
+                n = self.sock.recv_into(t)
+            else:
+                if self._hi == len(self._buf):
+                    self._compact(len(self._buf) + (RING if self._lo == 0 else 0))
+                want = len(self._buf) - self._hi
+                n = self.sock.recv_into(self._mv[self._hi:])
+        except (BlockingIOError, InterruptedError):
+            self._drained = True
+            return False
+        except OSError:
+            n = 0
+        if not n:
+            self._eof = True
+            return False
+        self._drained = n < want
+        if big is not None:
+            big[3] += n
+            self._advance_big()
+        else:
+            self._hi += n
+        return True
+
+    def _compact(self, need: int) -> None:
+        """Move unparsed bytes to the front; grow the ring if ``need`` bytes will not fit."""
+        lo, hi = self._lo, self._hi
+        if need > len(self._buf):
+            buf = bytearray(need)
+            buf[:hi - lo] = self._mv[lo:hi]
+            self._buf, self._mv = buf, memoryview(buf)
+        elif lo:
+            self._mv[:hi - lo] = self._mv[lo:hi]
+        self._lo, self._hi = 0, hi - lo
+
+    def _advance_big(self) -> None:
+        big = self._big
+        targets = big[1]
+        while big[2] < len(targets) and big[3] >= len(targets[big[2]]):
+            big[2] += 1
+            big[3] = 0
+
+    def _parse(self):
+        """A complete message from what has arrived, or None. Consumes its header."""
+        big = self._big
+        if big is not None:
+            if big[2] < len(big[1]):
+                return None
+            self._big = None
+            return big
+        lo = self._lo
+        avail = self._hi - lo
+        if avail < HDR_SIZE:
+            if lo + HDR_SIZE > len(self._buf):
+                self._compact(0)
+            return None
+        kind, _, _, nbufs, mlen = HDR.unpack_from(self._buf, lo)
+        if kind != KIND_DATA:
+            if kind == KIND_CLOSE:
+                self._lo = lo + HDR_SIZE
+                return KIND_CLOSE
+            if kind == KIND_FAIL and mlen <= MAX_NAME:
+                if avail < HDR_SIZE + mlen:
+                    if lo + HDR_SIZE + mlen > len(self._buf):
+                        self._compact(0)
+                    return None
+                self._lo = lo + HDR_SIZE + mlen
+                return PeerDied(bytes(self._mv[lo + HDR_SIZE:lo + HDR_SIZE + mlen])
+                                .decode("utf-8", "replace"))
+            raise TcpProtocolError(f"bad frame kind {kind} on channel {self.channel!r}")
+        if nbufs == 0 and mlen <= RING - HDR_SIZE:
+            end = lo + HDR_SIZE + mlen
+            if self._hi >= end:
+                self._lo = end
+                return (lo + HDR_SIZE, end)
+            if end > len(self._buf):
+                self._compact(HDR_SIZE + mlen)
+            return None
+        if nbufs > MAX_BUFS:
+            raise TcpProtocolError(f"frame with {nbufs} buffers on channel {self.channel!r}")
+        hlen = HDR_SIZE + 8 * nbufs
+        if avail < hlen:
+            if lo + hlen > len(self._buf):
+                self._compact(hlen)
+            return None
+        lens = struct.unpack_from(f"<{nbufs}Q", self._buf, lo + HDR_SIZE) if nbufs else ()
+        # one blob laid out like the shm slot: pickle, then each buffer 64-byte aligned
+        offs = []
+        size = mlen
+        for ln in lens:
+            size = (size + 63) & ~63
+            offs.append(size)
+            size += ln
+        if nbufs:
+            blob = bytearray(size + 64)
+            c = ctypes.c_char.from_buffer(blob)
+            shift = -ctypes.addressof(c) & 63       # put the buffers on 64-byte boundaries
+            del c
+            offs = [o + shift for o in offs]
+        else:
+            blob = bytearray(size)
+            shift = 0
+        bv = memoryview(blob)
+        targets = [bv[shift:shift + mlen]]
+        targets.extend(bv[o:o + ln] for o, ln in zip(offs, lens))
+        targets = [t for t in targets if len(t)]
+        # what the ring already holds of this frame
+        p = lo + hlen
+        hi = self._hi
+        ti = 0
+        filled = 0
+        while ti < len(targets) and p < hi:
+            t = targets[ti]
+            k = min(len(t) - filled, hi - p)
+            t[filled:filled + k] = self._mv[p:p + k]
+            p += k
+            filled += k
+            if filled == len(t):
+                ti += 1
+                filled = 0
+        self._lo = p
+        if p == hi:
+            self._lo = self._hi = 0
+        parts = [bv[o:o + ln] for o, ln in zip(offs, lens)]
+        msg = [blob, targets, ti, filled, (shift, shift + mlen), parts]
+        if ti < len(targets):
+            self._big = msg
+            return None
+        return msg
+
+    def _next(self, deadline):
+        """Wait for a complete message (the next frame, or KIND_CLOSE)."""
+        m = self._msg
+        if m is not None:
+            return m
+        if self._end is not None:
+            raise _again(self._end)
+        if self._closed:
+            raise ChannelClosed()
+        if self.sock is None:
+            self.connect()
+        poll = self._poller.poll
+        while True:
+            m = self._parse()
+            if m is not None:
+                self._msg = m
+                return m
+            if not self._drained and self._fill():
+                continue
+            if self._eof:
+                m = self._parse()
+                if m is not None:
+                    self._msg = m
+                    return m
+                self._lost()
+            if self._ack_out:
+                self._send_ack(b"")
+            if deadline is None:
+                t = SLICE * 1000
+            else:
+                left = deadline - _monotonic()
+                if left <= 0:
+                    if self.waiter is not None:
+                        self.waiter.check(self.check_peers, deadline)
+                    raise WaitTimeout()
+                t = min(SLICE, left) * 1000
+            events = poll(t)
+            woke = not events
+            for fd, _ in events:
+                if fd == self._fd:
+                    self._drained = False
+                else:
+                    self._wake.drain()
+                    woke = True
+            if self._closed:
+                raise ChannelClosed()
+            if woke and self.waiter is not None:
+                self.waiter.check(self.check_peers, deadline)
+
+    def _lost(self):
+        if self._closed:
+            raise ChannelClosed()
+        _mark_failed(self.waiter, self.writer_proc)
+        self._end = PeerDied(self.writer_name)
+        raise self._end
+
+    def ready(self) -> bool:
+        """True when read() will not block: a message is there (or the channel ended).
+        Safe to call from any thread (while another thread reads it says False)."""
+        if self._msg is not None or self._end is not None:
+            return True
+        if not self._rlock.acquire(False):
+            return False
+        try:
+            return self._ready()
+        finally:
+            self._rlock.release()
+
+    def _ready(self) -> bool:
+        if self.sock is None or self._closed:
+            return self._closed
+        m = self._parse()
+        while m is None and self._fill():
+            m = self._parse()
+        if m is None and self._eof:
+            m = self._parse()
+            if m is None:
+                return True
+        self._msg = m
+        return m is not None
+
+    def wait_ready(self, deadline: float | None = None) -> None:
+        """Wait until a whole message is there, without consuming it."""
+        if self._msg is None:
+            with self._rlock:
+                self._next(deadline)
+
+    def read(self, deadline: float | None = None):
+        with self._rlock:
+            return self._read(deadline)
+
+    def _read(self, deadline):
+        m = self._msg
+        if m is None:
+            m = self._next(deadline)
+        self._msg = None
+        if m.__class__ is tuple:
+            value = _loads(self._mv[m[0]:m[1]])
+            if self._lo == self._hi:
+                self._lo = self._hi = 0
+        elif m.__class__ is list:
+            blob, _, _, _, (start, end), parts = m
+            if parts:
+                value = _loads(memoryview(blob)[start:end], buffers=parts)
+            else:
+                value = _loads(blob)
+        elif m.__class__ is PeerDied:  # FAIL: the writer passes on a death it saw
+            procs = getattr(self.waiter, "procs", None) or ()
+            _mark_failed(self.waiter, procs.index(m.who) if m.who in procs else -1)
+            self._end = m
+            raise _again(m)
+        else:                       # KIND_CLOSE
+            self._end = ChannelClosed()
+            raise _again(self._end)
+        self.seq = seq = self.seq + 1
+        self._send_ack(ACK.pack(seq))
+        return value
+
+    def _send_ack(self, ack: bytes) -> None:
+        """Send ``ack`` (b"": just flush). Acks are cumulative, so of several unsent whole
+        acks only the newest goes out; a partly sent one is finished first."""
+        out = self._ack_out
+        if out:
+            part = len(out) % 8
+            data = out[:part] + (ack or out[part:])
+        else:
+            data = ack
+        if not data:
+            return
+        try:
+            n = self.sock.send(data, _NOSIGNAL)
+        except BlockingIOError:
+            n = 0
+        except OSError:             # the writer is gone; the next wait says so
+            self._ack_out = b""
+            return
+        self._ack_out = data[n:]
+
+    def wake(self) -> None:
+        """End a wait in read()/wait_ready() now (it then consults the waiter)."""
+        self._wake.wake()
+
+    def close(self, abort: bool = False) -> None:
+        """Close the connection; the writer sees ChannelClosed (``abort``: PeerDied)."""
+        if self._closed:
+            return
+        self._closed = True
+        s = self.sock
+        if s is not None:
+            try:
+                if not abort:
+                    s.send(self._ack_out + _ACK_CLOSE, _NOSIGNAL | _DONTWAIT)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+        self._wake.wake()        # the pipe itself closes with this object (no fd reuse race)
+
+    def __del__(self):
+        pipe = getattr(self, "_wake", None)
+        if pipe is not None:
+            pipe.close()
+
+    def __repr__(self) -> str:
+        return (f"<TcpReader {self.channel} #{self.index} <- {self.host}:{self.port}, "
+                f"seq {self.seq}>")

@@ -1,0 +1,488 @@
+"""The writing end of a TCP channel: listens, authenticates readers, sends frames.
+
+See dagc/runtime/tcp.py for the protocol and the states of a message.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import select
+import socket
+import struct
+import threading
+from collections import deque
+
+from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.serialize import PickleEncoder
+from dagc.runtime.tcp_wire import (ACK, ACK_CLOSE, _ACK_CLOSE, _again, _check_secret, _CLOSE_FRAME,
+                                   _DONTWAIT, HDR, HELLO, IOV_MAX, KIND_DATA, KIND_FAIL, MAC, _mac,
+                                   _mark_failed, MAX_NAME, _monotonic, NONCE, _NOSIGNAL, _POLLIN,
+                                   _POLLOUT, _proc_name, _recv_exact, SLICE, _tune, _WakePipe)
+
+
+def _fail_frame(who: str) -> bytes:
+    name = who.encode("utf-8", "replace")[:MAX_NAME]
+    return HDR.pack(KIND_FAIL, 0, 0, 0, len(name)) + name
+
+
+def _freeze(parts: list) -> list:
+    """The frame as bytes this channel owns: out-of-band buffers (the caller's arrays) are
+    copied; the header and the pickle already are ours."""
+    return [parts[0], parts[1]] + [bytes(p) for p in parts[2:]]
+
+
+def _after(parts: list, n: int) -> list:
+    """What is left of ``parts`` after the first ``n`` bytes were sent."""
+    for i, p in enumerate(parts):
+        k = len(p)
+        if n < k:
+            rest = parts[i:]
+            if n:
+                rest[0] = memoryview(p)[n:]
+            return rest
+        n -= k
+    return []
+
+
+class _Conn:
+    """The writer's end of one reader's connection."""
+
+    __slots__ = ("sock", "fd", "index", "name", "proc", "acked", "rx", "closed", "queue",
+                 "error")
+
+    def __init__(self, sock, index, name, proc):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.index = index
+        self.name = name
+        self.proc = proc
+        self.acked = 0          # messages this reader consumed
+        self.rx = b""           # a partial ack
+        self.closed = False     # the reader sent CLOSE
+        self.queue = deque()    # bytes written and not yet taken by the kernel, in order
+        self.error = None       # a send error the sender thread ran into
+
+
+class TcpWriter(PickleEncoder):
+    """The writing end of a TCP channel: listens; ``nreaders`` readers connect to it.
+
+    ``reader_procs`` are the readers' control indices (names for ``PeerDied`` via
+    ``waiter.procs``, and ``waiter.control.fail`` when one is lost); ``reader_names``
+    overrides the names. ``check_peers`` goes to ``waiter.check`` (same-node pids only).
+    ``stall_timeout`` (s, default off) sets TCP_USER_TIMEOUT on the reader connections.
+    """
+
+    on_encode_error = None   # set by actor loops: turns an unpicklable value into a Failure
+
+    def __init__(self, channel: str, nreaders: int, slots: int, secret: bytes, waiter=None,
+                 reader_procs: tuple = (), *, reader_names=None, check_peers: tuple = (),
+                 connect_timeout: float = 60.0, liveness: float = 5.0,
+                 stall_timeout: float | None = None):
+        if nreaders < 1 or slots < 1:
+            raise ValueError("a TCP channel needs nreaders >= 1 and slots >= 1")
+        self.channel = channel
+        self._chan = channel.encode()
+        self.nreaders = nreaders
+        self.slots = slots
+        self._secret = _check_secret(secret)
+        self.waiter = waiter
+        self.reader_procs = tuple(reader_procs)
+        names = list(reader_names or ())
+        self.reader_names = [
+            names[r] if r < len(names) else _proc_name(
+                waiter, self.reader_procs[r] if r < len(self.reader_procs) else -1,
+                f"reader {r} of channel {channel}")
+            for r in range(nreaders)]
+        self.check_peers = tuple(check_peers)
+        self.connect_timeout = connect_timeout
+        self.liveness = liveness
+        self.stall_timeout = stall_timeout
+        self.seq = 0
+        self.address: tuple | None = None
+        self._conns: list[_Conn] = []
+        self._taken: set[int] = set()
+        self._incoming: list[_Conn] = []
+        self._lock = threading.Lock()
+        self._handshakes = threading.BoundedSemaphore(32)
+        self._lsock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._connect_deadline = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self._wake = _WakePipe()        # ends the writing thread's waits
+        self._kick = _WakePipe()        # wakes the sender thread
+        self._sender: threading.Thread | None = None
+        self._bufs: list = []
+        self._dispatch = None
+        self._low = 0           # min acked over all readers, once all are connected
+        self._next_drain = 1024
+
+    # -- set-up ----------------------------------------------------------------------------
+    def listen(self, host: str = "127.0.0.1", port: int = 0,
+               advertise: str | None = None) -> tuple[str, int]:
+        """Bind and listen; return the (host, port) readers must connect to."""
+        if self._lsock is not None:
+            return self.address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        ls = socket.create_server((host, port), family=family, backlog=max(16, self.nreaders))
+        ls.settimeout(0.2)
+        self._lsock = ls
+        bound = ls.getsockname()
+        if advertise is None:
+            advertise = bound[0]
+            if advertise in ("0.0.0.0", "::"):
+                try:
+                    advertise = socket.gethostbyname(socket.gethostname())
+                except OSError:
+                    advertise = "127.0.0.1"
+        self.address = (advertise, bound[1])
+        self._connect_deadline = _monotonic() + self.connect_timeout
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name=f"dagc-tcp-accept-{self.channel}")
+        self._thread.start()
+        return self.address
+
+    def _accept_loop(self) -> None:
+        ls = self._lsock
+        while not self._closed and len(self._taken) < self.nreaders:
+            try:
+                s, _ = ls.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not self._handshakes.acquire(blocking=False):
+                s.close()           # a flood of unauthenticated connections: shed it
+                continue
+            threading.Thread(target=self._handshake, args=(s,), daemon=True,
+                             name=f"dagc-tcp-auth-{self.channel}").start()
+        with self._lock:
+            self._lsock = None
+        try:
+            ls.close()
+        except OSError:
+            pass
+
+    def _handshake(self, s: socket.socket) -> None:
+        index = -1           # set once this connection owns a reader index
+        try:
+            s.settimeout(min(10.0, self.connect_timeout))
+            nonce_w = os.urandom(NONCE)
+            s.sendall(HELLO + nonce_w)
+            msg = _recv_exact(s, NONCE + 4 + MAC)
+            nonce_r, claimed, proof = (msg[:NONCE], struct.unpack_from("<I", msg, NONCE)[0],
+                                       msg[NONCE + 4:])
+            want = _mac(self._secret, b"reader", self._chan, nonce_w, nonce_r, claimed)
+            if not hmac.compare_digest(proof, want) or not 0 <= claimed < self.nreaders:
+                s.close()           # wrong secret or channel: say nothing, unpickle nothing
+                return
+            with self._lock:
+                if self._closed or claimed in self._taken:
+                    s.close()
+                    return
+                self._taken.add(claimed)
+                index = claimed
+            s.sendall(_mac(self._secret, b"writer", self._chan, nonce_r, nonce_w, index))
+            _tune(s, self.liveness, self.stall_timeout)
+            s.setblocking(False)
+            proc = self.reader_procs[index] if index < len(self.reader_procs) else -1
+            conn = _Conn(s, index, self.reader_names[index], proc)
+            with self._lock:
+                if self._closed:
+                    s.close()
+                    return
+                self._incoming.append(conn)
+            self._wake.wake()
+        except (OSError, EOFError):
+            with self._lock:
+                self._taken.discard(index)
+            try:
+                s.close()
+            except OSError:
+                pass
+        finally:
+            self._handshakes.release()
+            if len(self._taken) >= self.nreaders:
+                ls = self._lsock
+                if ls is not None:      # all readers in: stop accepting now
+                    try:
+                        ls.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def _adopt(self) -> None:
+        with self._lock:
+            new, self._incoming = self._incoming, []
+        self._conns.extend(new)
+        self._conns.sort(key=lambda c: c.index)
+        if len(self._conns) == self.nreaders:
+            self._low = min(c.acked for c in self._conns)
+
+    def connected(self) -> int:
+        """How many readers have connected and passed the handshake."""
+        self._adopt()
+        return len(self._conns)
+
+    def wait_connected(self, deadline: float | None = None) -> None:
+        """Wait until every reader is connected (write() does this itself)."""
+        self._wait_credit(self.seq - self.slots + 1, deadline)
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, value, deadline: float | None = None) -> None:
+        """Send one message to every reader. ``deadline`` bounds the wait for the window
+        (and for readers to connect); once a frame is being sent it is sent whole."""
+        try:
+            main = self._encode(value)
+        except Exception as e:
+            if self.on_encode_error is None:
+                raise
+            main = self._encode(self.on_encode_error(e, value))
+        seq = self.seq
+        if self._low <= seq - self.slots or len(self._conns) < self.nreaders:
+            self._wait_credit(seq - self.slots + 1, deadline)
+        elif seq >= self._next_drain:
+            # a window that never fills never reads acks; keep them from piling up
+            self._next_drain = seq + 1024
+            for c in self._conns:
+                self._drain_acks(c)
+        bufs = self._bufs
+        if bufs:
+            raws = [b.raw() for b in bufs]
+            n = len(raws)
+            hdr = HDR.pack(KIND_DATA, 0, 0, n, len(main)) + struct.pack(
+                f"<{n}Q", *[r.nbytes for r in raws])
+            parts = [hdr, main]
+            parts.extend(raws)
+            bufs.clear()
+        else:
+            parts = [HDR.pack(KIND_DATA, 0, 0, 0, len(main)), main]
+        self._send(parts)
+        self.seq = seq + 1
+
+    def _send(self, parts: list) -> None:
+        """Hand one frame to every connection: straight to the kernel when its queue is
+        empty and the socket takes it all (the common case); otherwise the unsent rest is
+        queued, with out-of-band buffers copied once (the caller may reuse its arrays),
+        and the sender thread finishes it. So a reader that is slow to read never holds up
+        write() inside the window — exactly like a shm slot."""
+        total = 0
+        for p in parts:
+            total += len(p)
+        frozen = None
+        kick = False
+        for c in self._conns:
+            if c.error is not None:
+                self._lost(c, c.error)
+            if c.queue:                 # emptied only by the sender thread, under the lock
+                if frozen is None:
+                    frozen = _freeze(parts)
+                with self._lock:
+                    c.queue.extend(frozen)
+                kick = True
+                continue
+            try:
+                n = c.sock.sendmsg(parts if len(parts) <= IOV_MAX else parts[:IOV_MAX],
+                                   (), _NOSIGNAL)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self._lost(c, e)
+            if n < total:
+                if frozen is None:
+                    frozen = _freeze(parts)
+                with self._lock:
+                    c.queue.extend(_after(frozen, n))
+                kick = True
+        if kick:
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                                name=f"dagc-tcp-send-{self.channel}")
+                self._sender.start()
+            self._kick.wake()
+
+    def _break(self, error: BaseException) -> None:
+        """Every later write raises ``error`` (through the slow path of write())."""
+        self._error = error
+        self._low = -(1 << 62)
+
+    def _send_loop(self) -> None:
+        """The sender thread: drains queued frames as sockets become writable. Sleeps in
+        poll() with no timeout while nothing is queued (an idle channel costs no CPU)."""
+        poller = select.poll()
+        kick = self._kick.r
+        poller.register(kick, _POLLIN)
+        conns = list(self._conns)
+        byfd = {c.fd: c for c in conns}
+        watched: set = set()
+        while not self._closed:
+            busy = {c.fd for c in conns if c.queue and c.error is None}
+            for fd in watched - busy:
+                poller.unregister(fd)
+            for fd in busy - watched:
+                poller.register(fd, _POLLOUT)
+            watched = busy
+            events = poller.poll(1000 if busy else None)
+            for fd, ev in events:
+                if fd == kick:
+                    self._kick.drain()
+                    continue
+                c = byfd[fd]
+                with self._lock:
+                    if self._closed or not c.queue:
+                        continue
+                    q = c.queue
+                    try:
+                        n = c.sock.sendmsg([q[i] for i in range(min(len(q), IOV_MAX))],
+                                           (), _NOSIGNAL)
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:
+                        c.error = e             # the writer's thread decides what it means
+                        q.clear()
+                        self._wake.wake()
+                        continue
+                    while n:
+                        k = len(q[0])
+                        if n < k:
+                            q[0] = memoryview(q[0])[n:]
+                            break
+                        q.popleft()
+                        n -= k
+
+    def _drain_acks(self, c: _Conn) -> None:
+        """Read whatever acks reader ``c`` has sent (non-blocking)."""
+        try:
+            data = c.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._lost(c, e)
+        if not data:
+            self._lost(c, None)
+        if c.rx:
+            data = c.rx + data
+        k = len(data) & ~7
+        c.rx = data[k:]
+        if k:
+            v = ACK.unpack_from(data, k - 8)[0]
+            if v == ACK_CLOSE:
+                c.closed = True
+                raise ChannelClosed()
+            if v > c.acked:
+                c.acked = v
+
+    def _wait_credit(self, low: int, deadline: float | None) -> None:
+        """Return once every reader is connected and has acked message ``low - 1``."""
+        if self._error is not None:
+            raise _again(self._error)
+        if self._closed:
+            raise ChannelClosed()
+        poller = None
+        nfds = -1
+        while True:
+            if len(self._conns) < self.nreaders:
+                self._adopt()
+            if len(self._conns) == self.nreaders:
+                for c in self._conns:
+                    if c.error is not None:
+                        self._lost(c, c.error)
+                    if c.acked < low:
+                        self._drain_acks(c)
+                self._low = m = min(c.acked for c in self._conns)
+                if m >= low:
+                    return
+            if self._closed:
+                raise ChannelClosed()
+            now = _monotonic()
+            if len(self._conns) < self.nreaders and self._connect_deadline is not None \
+                    and now > self._connect_deadline:
+                missing = sorted(set(range(self.nreaders)) - {c.index for c in self._conns})
+                self._break(PeerDied(self.reader_names[missing[0]]))
+                raise self._error
+            if deadline is not None and now >= deadline:
+                if self.waiter is not None:
+                    self.waiter.check(self.check_peers, deadline)
+                raise WaitTimeout()
+            if poller is None or nfds != len(self._conns):
+                poller = select.poll()
+                poller.register(self._wake.r, _POLLIN)
+                for c in self._conns:
+                    poller.register(c.fd, _POLLIN)
+                nfds = len(self._conns)
+            t = SLICE if deadline is None else max(0.0, min(SLICE, deadline - now))
+            events = poller.poll(t * 1000)
+            woke = not events
+            for fd, _ in events:
+                if fd == self._wake.r:
+                    self._wake.drain()
+                    woke = True
+            if woke and self.waiter is not None:
+                self.waiter.check(self.check_peers, deadline)
+
+    def _lost(self, c: _Conn, exc) -> None:
+        if c.closed:
+            raise ChannelClosed()
+        # an orderly CLOSE may still sit in the socket ahead of the error
+        try:
+            data = c.rx + c.sock.recv(65536)
+            k = len(data) & ~7
+            if k and data[k - 8:k] == _ACK_CLOSE:
+                c.closed = True
+                raise ChannelClosed()
+        except OSError:
+            pass
+        if self._closed:
+            raise ChannelClosed()
+        _mark_failed(self.waiter, c.proc)
+        self._break(PeerDied(c.name))
+        raise self._error
+
+    def wake_all(self) -> None:
+        """End a wait in write() now (it then consults the waiter)."""
+        self._wake.wake()
+
+    def close(self, abort: bool = False, failed: str | None = None) -> None:
+        """Close every connection. Readers see ChannelClosed; with ``failed`` (the name of
+        a process whose death ended this writer's loop) PeerDied(failed), so the right
+        process is blamed downstream; with ``abort`` PeerDied(this writer). Bounded: a
+        connection with frames still queued (its reader stopped reading) is cut, so its
+        reader sees PeerDied(this writer) unless its own teardown reached it first."""
+        if self._closed:
+            return
+        with self._lock:
+            self._closed = True
+            self._break(ChannelClosed())
+            conns = self._conns + self._incoming
+            self._conns, self._incoming = [], []
+            ls = self._lsock
+        if ls is not None:
+            try:
+                ls.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._kick.wake()
+        if self._sender is not None and self._sender is not threading.current_thread():
+            self._sender.join(1.0)
+        for c in conns:
+            try:
+                if not abort and not c.queue:
+                    c.sock.send(_CLOSE_FRAME if failed is None else _fail_frame(failed),
+                                _NOSIGNAL | _DONTWAIT)
+                c.sock.shutdown(socket.SHUT_WR)
+                c.sock.recv(65536)     # unread acks would turn our FIN into a reset
+            except OSError:
+                pass
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+        self._wake.wake()        # the pipes themselves close with this object (no fd reuse race)
+
+    def __del__(self):
+        for pipe in (getattr(self, "_wake", None), getattr(self, "_kick", None)):
+            if pipe is not None:
+                pipe.close()
+
+    def __repr__(self) -> str:
+        return (f"<TcpWriter {self.channel} {self.address} {len(self._conns)}/{self.nreaders} "
+                f"readers, seq {self.seq}>")
