@@ -123,3 +123,32 @@ def test_pipeline_parallel_example_runs():
         assert len(out) == mod.MICROBATCHES and out[0].shape == (mod.BATCH // mod.MICROBATCHES,)
         sched = str(cg.schedule)
         assert "icrecv" in sched and "isend" in sched
+
+
+class CountingGloo(dagc.GlooCommunicator if hasattr(dagc, "GlooCommunicator") else object):
+    """A user communicator: gloo underneath, counting the tensors it sends."""
+
+    sent = 0
+
+    def send(self, tensor, peer):
+        CountingGloo.sent += 1
+        return super().send(tensor, peer)
+
+
+def test_user_communicator_instance_as_option(tw):
+    a, b = tw[:2]
+    with InputNode() as inp:
+        dag = b.scale.bind(a.make.bind(inp).with_tensor_transport("nccl"))
+    with dagc.compile(dag, communicator=CountingGloo()) as cg:
+        assert [g.backend for g in cg._ir.comm_groups] == ["custom-option"]
+        assert cg.execute(3).get(timeout=30).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_bad_communicator_option_is_clear_error(tw):
+    a, b = tw[:2]
+    with InputNode() as inp:
+        dag = b.scale.bind(a.make.bind(inp).with_tensor_transport("nccl"))
+    with pytest.raises(ValueError, match="communicator"):
+        dagc.compile(dag, communicator="mpi")
+    with pytest.raises(dagc.CompileError, match="GPU"):
+        dagc.compile(dag, communicator="nccl")
