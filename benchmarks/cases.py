@@ -66,6 +66,27 @@ class Case:
     make_input: Callable[[int], Any] = staticmethod(lambda i: i)
     options: dict = field(default_factory=dict)   # per system: {"ray": {...}, "dagc": {...}}
     note: str = ""
+    # optional: (system, actors, variant_arg) -> Ray DAG, for DAGs whose nodes differ by
+    # system (e.g. Ray's CPU communicator instance vs dagc's communicator edge); when
+    # set, it is used instead of ``build``. ``variant_arg`` is None for the two main runs.
+    build_for: Callable[..., Any] | None = None
+    # more runs in the same alternating rounds, after "ray" and "dagc": each a Variant
+    # (its own label, system, compile options); the table shows each one's value and its
+    # ratio to Ray CG's median
+    variants: tuple = ()
+    # more metrics of measure()'s result shown under the primary one, each with the
+    # dagc / ray ratio: ((label, key, unit, better), ...)
+    extra_metrics: tuple = ()
+
+    def make_dag(self, system: str, actors: list, variant_arg: Any = None):
+        if self.build_for is not None:
+            return self.build_for(system, actors, variant_arg)
+        return self.build(actors)
+
+    def runs(self) -> list:
+        """Every run of a round, in order: ray, dagc, then the extra variants."""
+        return [Variant("ray", "ray", self.options.get("ray", {})),
+                Variant("dagc", "dagc", self.options.get("dagc", {})), *self.variants]
 
     def met(self, ray_value: float | None, dagc_value: float | None) -> bool | None:
         if dagc_value is None or (ray_value is None and not self.absolute):
@@ -87,13 +108,29 @@ class Case:
         return f"ratio {op} {self.target:g}"
 
 
-CASES: dict[str, Case] = {}
+@dataclass(frozen=True)
+class Variant:
+    """One run of a round: ``label`` (unique in its case), ``system`` ("ray" | "dagc"),
+    its compile options, the argument its case's ``build_for`` gets, and a table title."""
+    label: str
+    system: str
+    options: dict = field(default_factory=dict)
+    build_arg: Any = None
+    title: str = ""
 
 
-def register(case: Case) -> Case:
-    if case.name in CASES:
+CASES: dict[str, Case] = {}           # bench.py [--cases ...]: one local Ray
+CLUSTER_CASES: dict[str, Case] = {}   # bench.py --cluster: a local 3-node Ray cluster
+
+
+def register(case: Case, registry: dict | None = None) -> Case:
+    registry = CASES if registry is None else registry
+    if case.name in CASES or case.name in CLUSTER_CASES:
         raise ValueError(f"case {case.name!r} registered twice")
-    CASES[case.name] = case
+    labels = [v.label for v in case.runs()]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"case {case.name!r}: run labels {labels} are not unique")
+    registry[case.name] = case
     return case
 
 
@@ -221,11 +258,191 @@ register(Case(
     note="CPU% of the busiest actor process over the sample, minus the same actor's CPU% "
          "with no compiled DAG (sampled just before the round); raw values in the JSON"))
 
-# -- later: CPU overlap --------------------------------------------------------------------------
-# The CPU overlap case (a 3-stage torch pipeline through gloo: dagc
-# overlap_communication=True vs Ray's _overlap_gpu_communication) registers here: add a pool
-# of torch actors to POOLS (e.g. POOLS["torch3"] = make_torch_pool), a build function that
-# binds the stages with .with_tensor_transport(...) and a measure function (latency or
-# throughput), and per-system compile options through Case.options, e.g.
-#     options={"ray": {"_overlap_gpu_communication": True},
-#              "dagc": {"overlap_communication": True, "communicator": "gloo"}}
+# -- CPU overlap: a 3-stage torch pipeline, tensors between stages (issue 5) -----------------
+# Stage s of the pipeline is TorchStage(s): every stage multiplies a (B, D) float32
+# activation (4 MiB) through a small 2-layer MLP, (B, D) @ (D, H) -> relu -> @ (H, D),
+# about 2 ms on one core; the first stage makes its activation from a cached base and the
+# microbatch's scalar input, the last returns a float (the sum), so the driver moves only
+# small values and the 4 MiB tensors travel only between stages (2 edges per microbatch).
+# One execution runs PIPE_MICROBATCHES microbatches: execute(1, 2, ..., M), inp[m] feeds
+# microbatch m.
+PIPE_B, PIPE_D, PIPE_H = 1024, 1024, 16       # (B, D) float32 = 4 MiB per activation
+PIPE_MICROBATCHES = 4
+PIPE_STAGES = 3
+# Ray CG 2.60 allocates tensor-transport channels with the actor's DAGContext
+# buffer_size_bytes (not the compile call's _buffer_size_bytes); a bigger value grows the
+# channel, and a grown actor-to-actor tensor channel never closes: teardown() then waits
+# forever on the reading actors' loops. The torch actors therefore start with this buffer
+# size, larger than one activation, so no channel grows (see README, "CPU overlap").
+PIPE_RAY_BUFFER_BYTES = 16 << 20
+
+
+class TorchStage:
+    """One pipeline stage: a 2-layer MLP on a (B, D) float32 activation, one torch thread."""
+
+    def __init__(self, stage: int = 0, ray_buffer_bytes: int = PIPE_RAY_BUFFER_BYTES):
+        import torch
+        torch.set_num_threads(1)          # 3 stages + driver on 2 cores: no oversubscription
+        g = torch.Generator().manual_seed(1234 + stage)
+        self.stage = stage
+        self.w1 = torch.randn(PIPE_D, PIPE_H, generator=g) / PIPE_D ** 0.5
+        self.w2 = torch.randn(PIPE_H, PIPE_D, generator=g) / PIPE_H ** 0.5
+        self.base = torch.randn(PIPE_B, PIPE_D, generator=g)
+        self.base_h = self.base @ self.w1
+        from ray.dag.context import DAGContext
+        DAGContext.get_current().buffer_size_bytes = ray_buffer_bytes
+
+    def first(self, m):
+        """Stage 0: the activation of microbatch m, (B, D)."""
+        import torch
+        return torch.relu(self.base_h * (1.0 + 0.01 * m)) @ self.w2
+
+    def mid(self, x):
+        import torch
+        return torch.relu(x @ self.w1) @ self.w2
+
+    def last(self, x):
+        import torch
+        return float((torch.relu(x @ self.w1) @ self.w2).sum())
+
+    def pid(self):
+        return os.getpid()
+
+
+def make_torch_pool(n: int) -> list:
+    """``n`` TorchStage actors (stage i = actor i), constructed and called once."""
+    import ray
+    remote_cls = ray.remote(num_cpus=0)(TorchStage)
+    actors = [remote_cls.remote(i) for i in range(n)]
+    ray.get([a.pid.remote() for a in actors])
+    return actors
+
+
+POOLS["torch"] = make_torch_pool
+
+
+def ray_cpu_transport(actors: list, kind: str | None = None):
+    """What Ray CG 2.60 can use for a CPU tensor edge: its CPUCommunicator (p2p through
+    shared-memory channels, collectives through a barrier actor), passed as
+    ``with_tensor_transport(transport=<Communicator>)``, else its "shm" transport."""
+    if kind == "shm":
+        return "shm"
+    try:
+        from ray.experimental.channel.cpu_communicator import CPUCommunicator
+    except ImportError:     # older or newer Ray without it: the shared-memory transport
+        return "shm"
+    return CPUCommunicator(len(actors), list(actors))
+
+
+def pipeline3(system: str, actors: list, variant_arg=None, microbatches: int = PIPE_MICROBATCHES):
+    """Stage 0 -> 1 -> 2 for every microbatch; the activations as tensor-transport edges.
+
+    dagc: ``with_tensor_transport("nccl")`` is a communicator edge (``communicator="auto"``
+    picks gloo on CPU actors). Ray CG: its CPU communicator instance (``variant_arg="shm"``:
+    its shared-memory tensor transport).
+    """
+    InputNode, MultiOutputNode = _ray_dag()
+    s0, s1, s2 = actors[:3]
+    transport = ray_cpu_transport(actors[:3], variant_arg) if system == "ray" else "nccl"
+    with InputNode() as inp:
+        outs = []
+        for m in range(microbatches):
+            x = s0.first.bind(inp[m]).with_tensor_transport(transport=transport)
+            x = s1.mid.bind(x).with_tensor_transport(transport=transport)
+            outs.append(s2.last.bind(x))
+        return MultiOutputNode(outs)
+
+
+def pipe_args(microbatches: int = PIPE_MICROBATCHES) -> tuple:
+    return tuple(range(1, microbatches + 1))
+
+
+def measure_pipeline(cg, get, cfg) -> dict:
+    """p50 latency of one execution (all microbatches), then exec/s with 4 in flight."""
+    args = pipe_args()
+    first = None
+    for _ in range(cfg.get("pipe_warmup", 5)):
+        first = get(cg.execute(*args))
+    xs = []
+    clock = time.perf_counter
+    for _ in range(cfg.get("pipe_latency_n", 20)):
+        t0 = clock()
+        get(cg.execute(*args))
+        xs.append(clock() - t0)
+    xs.sort()
+    n = cfg.get("pipe_throughput_n", 40)
+    inflight = 4
+    q = deque()
+    t0 = clock()
+    for _ in range(inflight):
+        q.append(cg.execute(*args))
+    for _ in range(inflight, n):
+        get(q.popleft())
+        q.append(cg.execute(*args))
+    while q:
+        last = get(q.popleft())
+    dt = clock() - t0
+    return {"p50": _pct(xs, 0.5) * 1e6, "p99": _pct(xs, 0.99) * 1e6,
+            "mean": statistics.fmean(xs) * 1e6, "n": len(xs),
+            "throughput": n / dt, "throughput_n": n, "inflight": inflight,
+            # the same DAG must give the same numbers on every system and variant
+            "checksum": float(sum(first)), "checksum_last": float(sum(last))}
+
+
+_OVERLAP_NOTE = ("3 torch stages (2-layer MLP on a 1024x1024 float32 activation, ~2 ms each), "
+                 f"{PIPE_MICROBATCHES} microbatches per execution, 4 MiB tensors between "
+                 "stages; dagc: communicator edges (gloo), Ray CG: its CPUCommunicator "
+                 "(p2p through its shared-memory channels; Ray's overlap option fails on "
+                 "CPU actors)")
+
+register(Case(
+    name="overlap_cpu", title=f"3 torch stages x {PIPE_MICROBATCHES} microbatches, 4 MiB edges",
+    metric="p50", unit="us", better="lower", target=1.0, build=lambda actors: pipeline3(
+        "dagc", actors), build_for=pipeline3, actors=PIPE_STAGES, pool="torch",
+    measure=measure_pipeline,
+    options={"ray": {}, "dagc": {"overlap_communication": False}},
+    variants=(Variant("dagc_overlap", "dagc", {"overlap_communication": True},
+                      title="dagc overlap=True"),
+              Variant("ray_shm", "ray", {}, build_arg="shm",
+                      title='Ray CG "shm" transport')),
+    extra_metrics=(("throughput, 4 in flight", "throughput", "exec/s", "higher"),),
+    note=_OVERLAP_NOTE))
+
+
+# -- cross-node cases (issue 7): bench.py --cluster --------------------------------------------
+# A local Ray cluster: head, node1 {"node1": 1}, node2 {"node2": 1}; the driver is on the
+# head. Pool "xnode" pins actor i on node1 (even i) or node2 (odd i), so every edge of
+# these DAGs crosses nodes: dagc picks TCP channels for them, Ray CG its cross-node
+# channels.
+CLUSTER_NODES = ("node1", "node2")
+
+
+def make_xnode_pool(n: int, start: int = 0) -> list:
+    import ray
+    remote_cls = ray.remote(num_cpus=0)(EchoActor)
+    actors = [remote_cls.options(resources={CLUSTER_NODES[(start + i) % 2]: 0.01}).remote()
+              for i in range(n)]
+    ray.get([a.pid.remote() for a in actors])
+    return actors
+
+
+def node_of(actor) -> str:
+    import ray
+    return ray.get(actor.__ray_call__.remote(
+        lambda self: ray.get_runtime_context().get_node_id()))
+
+
+POOLS["xnode"] = make_xnode_pool
+
+register(Case(
+    name="x_chain2", title="driver -> node1 -> node2 -> driver (2 hops)", metric="p50",
+    unit="us", better="lower", target=0.5, build=chain, actors=2, pool="xnode",
+    measure=measure_latency), CLUSTER_CASES)
+register(Case(
+    name="x_fanout2", title="fan-out to node1 + node2, MultiOutputNode", metric="p50",
+    unit="us", better="lower", target=0.5, build=fanout, actors=2, pool="xnode",
+    measure=measure_latency), CLUSTER_CASES)
+register(Case(
+    name="x_tput", title="pipelined, 4 in flight, 2-hop cross-node chain",
+    metric="throughput", unit="exec/s", better="higher", target=2.0, build=chain, actors=2,
+    pool="xnode", measure=measure_throughput), CLUSTER_CASES)

@@ -13,7 +13,7 @@ def _dagc_segments():
 def ray_session():
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=32, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=32, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="ERROR")
     yield ray
     ray.shutdown()

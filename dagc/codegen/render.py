@@ -166,11 +166,11 @@ def render_actor(ir: IR, sched: Schedule, actor: str, origin: str = "",
 def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     nfields = len(ir.inputs.fields)
     m = _Model(nfields)
-    inp = None
+    inputs = []         # one write per input channel (readers on several nodes: several)
     outputs = []
     for a in sched.of(DRIVER):
         if a.kind == WRITE:
-            inp = {"fn": m.bind(f"write_{a.channel}", f"rt.writer({a.channel!r}).write")}
+            inputs.append(m.bind(f"write_{a.channel}", f"rt.writer({a.channel!r}).write"))
         elif a.kind == READ:
             outputs.append({"target": local(a.value, nfields), "channel": a.channel,
                             "wait": m.bind(f"ready_{a.channel}",
@@ -186,7 +186,7 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     if not kws:
         cond.append("kwargs")
     result = [local(r.text, nfields) for r in ir.output.refs]
-    model = {"h": _header(ir, DRIVER, DRIVER, origin), "inp": inp, "fields": fields,
+    model = {"h": _header(ir, DRIVER, DRIVER, origin), "inputs": inputs, "fields": fields,
              "bad_input": " or ".join(cond), "outputs": outputs,
              "result": ("[" + ", ".join(result) + "]") if ir.output.multi else result[0],
              "failure_checks": sorted(set(result)),

@@ -68,13 +68,15 @@ def test_notebook_executes(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "examples" / "notebook.ipynb", as_version=4)
     env_before = os.environ.get("RAY_ADDRESS")
-    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_ADDRESS"] = "local"      # the kernel's ray.init() starts its own Ray
     try:
         client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
                                          resources={"metadata": {"path": str(ROOT)}})
         client.execute()
     finally:
-        if env_before is not None:
+        if env_before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
             os.environ["RAY_ADDRESS"] = env_before
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

@@ -22,7 +22,8 @@ def bind(rt):
     def submit(args, kwargs, bad_input=bad_input, write_c0=write_c0):
         if len(args) != 2 or kwargs:
             bad_input(args, kwargs)
-        write_c0((args[0], args[1],))
+        value = (args[0], args[1],)
+        write_c0(value)
 
     def collect(deadline, Failure=Failure,
                 ready_c3=ready_c3, read_c3=read_c3,

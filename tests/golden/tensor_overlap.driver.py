@@ -18,7 +18,8 @@ def bind(rt):
     def submit(args, kwargs, bad_input=bad_input, write_c0=write_c0):
         if len(args) != 1 or kwargs:
             bad_input(args, kwargs)
-        write_c0(args[0])
+        value = args[0]
+        write_c0(value)
 
     def collect(deadline, Failure=Failure,
                 ready_c2=ready_c2, read_c2=read_c2,

@@ -312,14 +312,15 @@ def check_dagc_fanout(ctx) -> dict:
         y = b.fwd.bind(x)
         z = c.fwd.bind(x)                  # same node as a: shared memory on node1
         back = a.fwd.bind(y)               # node2 -> node1 again
-        dag = dagc.MultiOutputNode([y, z, x, back])
+        direct = b.fwd.bind(inp)           # the input goes to both nodes: two channels
+        dag = dagc.MultiOutputNode([y, z, x, back, direct])
     with dagc.compile(dag) as cg:
         chans = {(c_.value, c_.transport, c_.readers) for c_ in cg._ir.channels}
         results = [cg.execute(i).get(timeout=60) for i in range(20)]
         big = cg.execute(10 ** 6).get(timeout=60)
-    want = [[i + 2, i + 2, i + 1, i + 3] for i in range(20)]
+    want = [[i + 2, i + 2, i + 1, i + 3, i + 1] for i in range(20)]
     return {"transports": sorted({t for _, t, _ in chans}), "results_ok": results == want,
-            "big_ok": big == [10 ** 6 + 2, 10 ** 6 + 2, 10 ** 6 + 1, 10 ** 6 + 3],
+            "big_ok": big == [10 ** 6 + 2, 10 ** 6 + 2, 10 ** 6 + 1, 10 ** 6 + 3, 10 ** 6 + 1],
             "channels": sorted(map(str, chans))}
 
 

@@ -65,3 +65,59 @@ def test_case_registry_is_complete():
     assert t.met(1000.0, 20000.0) is True and t.met(1000.0, 2000.0) is False
     idle = cases.CASES["idle_cpu"]
     assert idle.met(None, 0.5) is True and idle.met(50.0, 3.0) is False
+
+
+def test_new_cases_are_registered():
+    from benchmarks import cases
+    ov = cases.CASES["overlap_cpu"]
+    assert ov.pool == "torch" and ov.pool in cases.POOLS and ov.actors == 3
+    labels = [r.label for r in ov.runs()]
+    assert labels[:2] == ["ray", "dagc"] and "dagc_overlap" in labels
+    runs = {r.label: r for r in ov.runs()}
+    assert runs["dagc"].options == {"overlap_communication": False}
+    assert runs["dagc_overlap"].options == {"overlap_communication": True}
+    assert {"x_chain2", "x_fanout2", "x_tput"} <= set(cases.CLUSTER_CASES)
+    assert not set(cases.CLUSTER_CASES) & set(cases.CASES)     # --cluster only
+    for c in cases.CLUSTER_CASES.values():
+        assert c.pool == "xnode" and c.pool in cases.POOLS
+
+
+def _fake_round(r, p50, tput, **more):
+    return {"round": r, "p50": p50, "p99": 2 * p50, "throughput": tput, "compile_s": 0.1,
+            "started_idle": True, "checksum": 1.5, **more}
+
+
+def test_summary_and_table_with_variants():
+    """bench.summarize / bench.table on made-up rounds (no Ray): variants, extra metrics."""
+    from benchmarks import bench, cases
+    case = cases.CASES["overlap_cpu"]
+    rounds = {"ray": [_fake_round(r, 100.0, 10.0) for r in range(3)],
+              "dagc": [_fake_round(r, 80.0, 12.0, transports=["comm", "shm"])
+                       for r in range(3)],
+              "dagc_overlap": [_fake_round(r, 40.0, 24.0) for r in range(3)],
+              "ray_shm": [_fake_round(r, 50.0, 20.0) for r in range(2)]
+              + [{"round": 2, "error": "RuntimeError: boom"}]}
+    out = bench.summarize(case, rounds)
+    json.dumps(out, default=str)
+    assert out["ratio"] == 0.8 and out["met"] is True
+    assert out["extra_metrics"][0]["ratio"] == 1.2
+    ov = out["variants"]["dagc_overlap"]["metrics"]
+    assert ov["p50"]["ratio_dagc_over_ray"] == 0.4
+    assert ov["p50"]["speedup_vs_dagc"] == 2.0 and ov["throughput"]["speedup_vs_dagc"] == 2.0
+    shm = out["variants"]["ray_shm"]
+    assert shm["metrics"]["p50"]["ratio_dagc_over_ray"] == 80.0 / 50.0
+    assert shm["errors"] == ["RuntimeError: boom"]
+    assert out["checksum_ok"] is True and out["dagc_transports"] == ["comm", "shm"]
+    text = bench.table([out])
+    assert "dagc overlap=True" in text and "speed-up" in text
+    assert "ray_shm error: RuntimeError: boom" in text and "comm, shm" in text
+
+
+def test_cluster_mode_arguments():
+    from benchmarks import bench
+    a = bench.parse_args(["--cluster", "--quick"])
+    assert a.cluster and a.quick
+    from benchmarks import cases
+    assert [c.name for c in bench.select_cases("x_chain2", cases.CLUSTER_CASES)] == ["x_chain2"]
+    with pytest.raises(SystemExit, match="--cluster case"):
+        bench.select_cases("x_chain2")

@@ -131,3 +131,16 @@ def test_generated_loop_runs_with_fake_runtime():
     written = {k: v for k, v in rt.outbox.items()}
     assert written[chans["t0"]] == [103]
     assert sorted(v[0] for v in written.values() if v != [103]) == [-50, 50]
+
+
+def test_driver_writes_every_input_channel():
+    """Input read on two nodes: two channels, and the driver must write both."""
+    from dagc.passes import PassContext, default_pipeline, run_pipeline
+    ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "f", ["$0"])], ["t0", "t1"])
+    ctx = PassContext(driver_node="n0", placement={"a0": ("n1", ()), "a1": ("n2", ())})
+    out = run_pipeline(ir, default_pipeline(), ctx)
+    inputs = [c for c in out.channels if c.value == "in"]
+    assert len(inputs) == 2 and {c.transport for c in inputs} == {"tcp"}
+    src = render_all(out)["driver"].source
+    for c in inputs:
+        assert f"write_{c.id}(value)" in src
