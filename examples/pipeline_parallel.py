@@ -19,7 +19,6 @@ SEQ, BATCH = 32, 16
 USE_GPU = torch.cuda.is_available()
 
 
-@ray.remote(num_gpus=1 if USE_GPU else 0)
 class TransformerStage:
     def __init__(self, stage: int, stages: int, seed: int = 0):
         torch.manual_seed(seed + stage)
@@ -41,6 +40,11 @@ class TransformerStage:
         if self.last:
             return self.head(x[:, -1]).argmax(-1).cpu()   # next-token ids, back on the CPU
         return x
+
+
+# A GPU each when there are GPUs; on CPU no explicit resources, so the stages fit any node.
+TransformerStage = (ray.remote(num_gpus=1)(TransformerStage) if USE_GPU
+                    else ray.remote(TransformerStage))
 
 
 def build():

@@ -12,7 +12,8 @@ def ray_get(refs, timeout, procs, what: str):
         return ray.get(refs, timeout=timeout)
     except GetTimeoutError:
         raise CompileError(f"timed out after {timeout} s waiting for the actors to {what}; "
-                           f"an actor may be busy in a long method.") from None
+                           f"an actor may be busy in a long method, or still waiting for the resources it "
+                           f"asked for (see `ray status`).") from None
     except RayActorError as e:
         raise ActorDiedError(f"an actor died while trying to {what}: {e}") from None
     except RayTaskError as e:
