@@ -24,8 +24,10 @@ The writer stores the payload, then ``write_seq``; a reader loads ``write_seq``,
 payload, copies it out, then stores its ``read_seq``. x86-64 keeps stores in order, which
 is what this relies on (see docs/architecture.md on other architectures).
 
-Payload kinds: PICKLE (pickle protocol 5; out-of-band buffers — numpy arrays and CPU torch
-tensors — are copied once into the slot after the pickle bytes) and MOVED (the writer
+Payload kinds: ARRAY (a plain C-contiguous numpy array as a value: ndim, dtype and shape in
+a small header, then its bytes; no pickle at all), PICKLE (pickle protocol 5; out-of-band
+buffers — numpy arrays and CPU torch tensors inside other values — are copied once into the
+slot after the pickle bytes) and MOVED (the writer
 outgrew the slot size: the message names a bigger segment and the same message number is
 found there; readers follow, nobody fails).
 
@@ -41,6 +43,8 @@ import os
 import pickle
 import time
 
+import numpy as np
+
 from dagc.runtime import shm
 from dagc.runtime.serialize import PickleEncoder
 
@@ -49,13 +53,16 @@ W_NSLOTS, W_STRIDE, W_NREADERS = 1, 2, 3
 W_WSEQ = 8
 W_WSLEEP = 16
 SLOT_HDR = 64
-KIND_PICKLE, KIND_MOVED = 1, 2
+KIND_PICKLE, KIND_MOVED, KIND_ARRAY = 1, 2, 3
 
 # control segment words
 C_STATE, C_WHO = 0, 1
 C_PIDS = 8                     # pid of process i at word C_PIDS + i (0 = driver)
 RUNNING, CLOSED, FAILED = 0, 1, 2
 
+_ndarray = np.ndarray
+_frombuffer = np.frombuffer
+_uint8 = np.uint8
 _monotonic = time.monotonic
 _yield = os.sched_yield
 _loads = pickle.loads
@@ -276,19 +283,28 @@ class Writer(PickleEncoder):
     on_encode_error = None   # set by actor loops: turns an unpicklable value into a Failure
 
     def write(self, value, deadline: float | None = None) -> None:
-        try:
-            main = self._encode(value)
-        except Exception as e:
-            if self.on_encode_error is None:
-                raise
-            main = self._encode(self.on_encode_error(e, value))
-        bufs = self._bufs
-        if bufs:
-            raws = [b.raw() for b in bufs]
-            need = _round64(16 + 8 * len(raws)) + _round64(len(main)) + sum(_round64(r.nbytes) for r in raws)
+        raws = arr = None
+        if value.__class__ is _ndarray and value.dtype.kind not in "OV" \
+                and value.flags.c_contiguous:
+            # a plain array skips pickle: dtype and shape in a small header, then its bytes
+            arr = value
+            dt = value.dtype.str.encode()
+            hdr = _round64(16 + 8 * value.ndim + len(dt))
+            need = hdr + value.nbytes
         else:
-            raws = None
-            need = len(main)
+            try:
+                main = self._encode(value)
+            except Exception as e:
+                if self.on_encode_error is None:
+                    raise
+                main = self._encode(self.on_encode_error(e, value))
+            bufs = self._bufs
+            if bufs:
+                raws = [b.raw() for b in bufs]
+                need = (_round64(16 + 8 * len(raws)) + _round64(len(main))
+                        + sum(_round64(r.nbytes) for r in raws))
+            else:
+                need = len(main)
         seq = self.seq
         w = self.w
         # wait for every reader to release message seq - slots
@@ -303,7 +319,19 @@ class Writer(PickleEncoder):
         off = self.slot_off[seq % self.slots]
         mv = self.mv
         p = off + SLOT_HDR
-        if raws is None:
+        if arr is not None:
+            hw = p >> 3
+            w[hw] = arr.ndim
+            w[hw + 1] = len(dt)
+            for j, d in enumerate(arr.shape):
+                w[hw + 2 + j] = d
+            q = p + 16 + 8 * arr.ndim
+            mv[q:q + len(dt)] = dt
+            if arr.nbytes:
+                mv[p + hdr:p + need] = arr.reshape(-1).view(_uint8)
+            w[off >> 3] = need
+            w[(off >> 3) + 1] = KIND_ARRAY
+        elif raws is None:
             mv[p:p + need] = main
             w[off >> 3] = need
             w[(off >> 3) + 1] = KIND_PICKLE
@@ -426,11 +454,21 @@ class Reader:
             self.waiter.wait(w, W_WSEQ, seq + 1, self.addr, self.my_sleep, self.peers, deadline)
         off = self.slot_off[seq % self.slots]
         n = w[off >> 3]
-        if w[(off >> 3) + 1] != KIND_PICKLE:
+        kind = w[(off >> 3) + 1]
+        if kind == KIND_MOVED:
             return self._follow(off, n, deadline)
         p = off + SLOT_HDR
         try:
-            if n >= 0:
+            if kind == KIND_ARRAY:
+                hw = p >> 3
+                ndim = w[hw]
+                dlen = w[hw + 1]
+                shape = tuple(w[hw + 2:hw + 2 + ndim])
+                q = p + 16 + 8 * ndim
+                hdr = _round64(16 + 8 * ndim + dlen)
+                value = _frombuffer(bytearray(self.mv[p + hdr:p + n]),    # owns its memory
+                                    bytes(self.mv[q:q + dlen]).decode()).reshape(shape)
+            elif n >= 0:
                 value = _loads(self.mv[p:p + n])
             else:
                 hw = p >> 3

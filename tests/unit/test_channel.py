@@ -175,3 +175,26 @@ def test_stress_multi_process(prefix, mode):
             if p.is_alive():
                 p.kill()
             p.join(5)
+
+
+@pytest.mark.parametrize("arr", [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.array(5.5),                                   # 0-d
+    np.zeros((0, 3), dtype=np.int16),                # empty
+    np.array([True, False]),
+    np.array([1 + 2j], dtype=np.complex128),
+    np.array(["ab", "cde"]),
+    np.array(["2026-11-26"], dtype="datetime64[ns]"),
+    np.arange(4, dtype=">f4"),                       # big-endian
+    np.arange(20)[::2],                              # not contiguous: pickled instead
+    np.zeros(2, dtype=[("x", "i4"), ("y", "f8")]),   # structured: pickled instead
+    np.array([{"a": 1}, None], dtype=object),        # objects: pickled instead
+])
+def test_array_values_round_trip_exactly(prefix, arr):
+    _, _, w, (r,) = _setup(prefix, capacity=64)
+    w.write(arr)
+    got = r.read()
+    assert type(got) is np.ndarray and got.dtype == arr.dtype and got.shape == arr.shape
+    assert got.tolist() == arr.tolist()
+    if arr.dtype.kind not in "OV":
+        assert got.flags.writeable
