@@ -11,12 +11,28 @@ def _dagc_segments():
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """A new local Ray of its own (never another session's cluster on this machine).
+
+    Ray records a started cluster in /tmp/ray/ray_current_cluster, where a later plain
+    ``ray.init()`` would find it; the file is put back as it was afterwards.
+    """
     import ray
+    from ray._private.utils import get_ray_address_file
+    address_file = get_ray_address_file(None)
+    before = open(address_file).read() if os.path.exists(address_file) else None
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=32, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="ERROR")
     yield ray
     ray.shutdown()
+    try:
+        if before is None:
+            os.unlink(address_file)
+        else:
+            with open(address_file, "w") as f:
+                f.write(before)
+    except OSError:
+        pass
 
 
 @pytest.fixture
