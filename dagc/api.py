@@ -64,11 +64,15 @@ def _origin() -> str:
     return "<unknown>"
 
 
-def lower(dag, options: dict, placement: dict | None = None, driver_node: str = ""):
-    """Trace and run the pass pipeline; no actors are touched. Returns (ir, side, ctx)."""
+def lower(dag, options: dict, placement: dict | None = None, driver_node: str = "",
+          traced=None):
+    """Trace (unless ``traced`` is trace(dag)'s result) and run the pass pipeline.
+
+    No actors are touched. Returns (ir, side, ctx).
+    """
     from dagc.frontend import trace
     from dagc.passes import PassContext, default_pipeline, run_pipeline
-    ir, side = trace(dag)
+    ir, side = traced if traced is not None else trace(dag)
     opts = {k: v for k, v in options.items()
             if k in ("buffer_size", "max_inflight", "communicator")}
     ir = ir.replace(options=tuple(sorted((k, v) for k, v in opts.items()
@@ -95,7 +99,8 @@ def compile(dag, **options):
     if not ray.is_initialized():
         raise CompileError("Ray is not initialised; call ray.init() (or create the actors) "
                            "before dagc.compile().")
-    _, side0 = trace(dag)   # cheap: learn the actors to probe
+    traced = trace(dag)
+    side0 = traced[1]
     actor_ids = list(side0.handles)
     procs = ["driver"] + actor_ids
     probes = ray_get([side0.handles[a].__ray_call__.remote(worker.probe, "")
@@ -107,7 +112,7 @@ def compile(dag, **options):
                                f"DAG down (cg.teardown()) before compiling another on it.")
     placement = {a: (p["node"], p["gpus"]) for a, p in zip(actor_ids, probes)}
     driver_node = ray.get_runtime_context().get_node_id()
-    ir, side, ctx = lower(dag, opts, placement, driver_node)
+    ir, side, ctx = lower(dag, opts, placement, driver_node, traced)
     t0 = time.perf_counter()
     mods = render_all(ir, origin)
     ctx.timings["codegen"] = time.perf_counter() - t0

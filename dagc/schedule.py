@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dagc.ir import DRIVER, ChannelSpec
+from dagc.ir import ChannelSpec
 
 READ, CALL, WRITE, CSEND, CRECV, COLL, ICRECV, ISEND, WAIT = (
     "recv", "call", "send", "csend", "crecv", "coll", "icrecv", "isend", "wait")
@@ -232,5 +232,3 @@ class Schedule:
         from dagc.inspect.html import schedule_html
         return schedule_html(self)
 
-
-DRIVER_COLUMN = DRIVER

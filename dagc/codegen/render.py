@@ -173,10 +173,11 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
             inputs.append(m.bind(f"write_{a.channel}", f"rt.writer({a.channel!r}).write"))
         elif a.kind == READ:
             outputs.append({"target": local(a.value, nfields), "channel": a.channel,
-                            "wait": m.bind(f"ready_{a.channel}",
-                                           f"rt.reader({a.channel!r}).wait_ready"),
                             "fn": m.bind(f"read_{a.channel}", f"rt.reader({a.channel!r}).read"),
                             "comment": f"step {a.step}  {a.detail()}"})
+    if len(outputs) > 1:     # several outputs: wait for all before consuming any
+        for o in outputs:
+            o["wait"] = m.bind(f"ready_{o['channel']}", f"rt.reader({o['channel']!r}).wait_ready")
     fields = []
     for f in ir.inputs.fields:
         fields.append(f"args[{f}]" if isinstance(f, int) else f"kwargs[{f!r}]")

@@ -40,12 +40,8 @@ def overlap_actions(acts: tuple[Action, ...]) -> tuple[Action, ...]:
             out.append(replace(a, kind=WAIT, peers=(), channel=a.channel))
             continue
         if a.kind == CSEND:
-            out.append(replace(a, kind=ISEND))
-            last_comm = len(out) - 1
             pending_sends.append(a)
-            continue
-        if a.kind in COMM_KINDS:
-            last_comm = len(out)
+            a = replace(a, kind=ISEND)
         out.append(a)
         if a.kind in COMM_KINDS:
             last_comm = len(out) - 1

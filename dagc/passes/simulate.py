@@ -31,7 +31,7 @@ def _match_key(proc: str, a) -> tuple:
         return ("p2p", a.value, proc, a.peers[0])
     if a.kind in (CRECV, ICRECV):
         return ("p2p", a.value, a.peers[0], proc)
-    return ("coll", a.group, a.value if False else a.group)
+    return ("coll", a.group)
 
 
 def _participants(sched: Schedule, a, proc: str) -> set:

@@ -118,7 +118,6 @@ class CompiledDag(LaunchMixin, InspectMixin):
         self._closed = False
         self._dead: str | None = None
         self._executor = None
-        self._profile_records = None
         self._procs = [DRIVER] + [a.label for a in ir.actors]
         self._index = {DRIVER: 0}
         self._index.update({a.id: i + 1 for i, a in enumerate(ir.actors)})

@@ -10,7 +10,6 @@ def bind(rt):
     Failure = rt.Failure
     bad_input = rt.bad_input
     read_c2 = rt.reader('c2').read
-    ready_c2 = rt.reader('c2').wait_ready
     write_c0 = rt.writer('c0').write
 
     def submit(args, kwargs, bad_input=bad_input, write_c0=write_c0):
@@ -19,14 +18,9 @@ def bind(rt):
         value = args[0]
         write_c0(value)
 
-    def collect(deadline, Failure=Failure,
-                ready_c2=ready_c2, read_c2=read_c2,
-                ):
-        # wait until every output is there before consuming any, so a timeout
-        # leaves the execution whole and fetchable later
-        ready_c2(deadline)
+    def collect(deadline, read_c2=read_c2):
         # step 7  recv t1<a1 via c2
-        t1 = read_c2()
+        t1 = read_c2(deadline)
         return t1
 
     return submit, collect
