@@ -280,8 +280,6 @@ class Writer(PickleEncoder):
         self.rseq = [rseq_word(r) for r in range(self.nreaders)]
         self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
 
-    on_encode_error = None   # set by actor loops: turns an unpicklable value into a Failure
-
     def write(self, value, deadline: float | None = None) -> None:
         raws = arr = None
         if value.__class__ is _ndarray and value.dtype.kind not in "OV" \
@@ -292,12 +290,7 @@ class Writer(PickleEncoder):
             hdr = _round64(16 + 8 * value.ndim + len(dt))
             need = hdr + value.nbytes
         else:
-            try:
-                main = self._encode(value)
-            except Exception as e:
-                if self.on_encode_error is None:
-                    raise
-                main = self._encode(self.on_encode_error(e, value))
+            main = self._encode_or_replace(value)
             bufs = self._bufs
             if bufs:
                 raws = [b.raw() for b in bufs]

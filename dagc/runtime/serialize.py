@@ -47,6 +47,16 @@ class PickleEncoder:
 
     _bufs: list
     _dispatch = None          # becomes the tensor table (or {}) once torch is imported
+    on_encode_error = None    # set by actor loops: turns an unpicklable value into a Failure
+
+    def _encode_or_replace(self, value):
+        """``_encode``; a value that cannot be pickled is replaced by on_encode_error's."""
+        try:
+            return self._encode(value)
+        except Exception as e:
+            if self.on_encode_error is None:
+                raise
+            return self._encode(self.on_encode_error(e, value))
 
     def _encode(self, value):
         bufs = self._bufs

@@ -72,8 +72,6 @@ class TcpWriter(PickleEncoder):
     ``stall_timeout`` (s, default off) sets TCP_USER_TIMEOUT on the reader connections.
     """
 
-    on_encode_error = None   # set by actor loops: turns an unpicklable value into a Failure
-
     def __init__(self, channel: str, nreaders: int, slots: int, secret: bytes, waiter=None,
                  reader_procs: tuple = (), *, reader_names=None, check_peers: tuple = (),
                  connect_timeout: float = 60.0, liveness: float = 5.0,
@@ -231,12 +229,7 @@ class TcpWriter(PickleEncoder):
     def write(self, value, deadline: float | None = None) -> None:
         """Send one message to every reader. ``deadline`` bounds the wait for the window
         (and for readers to connect); once a frame is being sent it is sent whole."""
-        try:
-            main = self._encode(value)
-        except Exception as e:
-            if self.on_encode_error is None:
-                raise
-            main = self._encode(self.on_encode_error(e, value))
+        main = self._encode_or_replace(value)
         seq = self.seq
         if self._low <= seq - self.slots or len(self._conns) < self.nreaders:
             self._wait_credit(seq - self.slots + 1, deadline)
