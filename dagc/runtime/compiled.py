@@ -136,10 +136,8 @@ class CompiledDag(LaunchMixin, InspectMixin):
 
     # -- execute / get ---------------------------------------------------------------------------
     def execute(self, *args, **kwargs) -> DagRef:
-        if self._closed or self._dead:
-            self._raise_closed()
         with self._submit_lock:
-            if self._closed or self._dead:     # torn down while we waited for the lock
+            if self._closed or self._dead:     # checked under the lock: teardown takes it too
                 self._raise_closed()
             if self._submitted - self._fetched >= self._max_inflight:
                 self._make_room()
