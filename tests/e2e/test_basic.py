@@ -75,6 +75,24 @@ def test_same_node_read_twice_and_by_driver(workers):
         assert cg.execute(1).get(timeout=10) == [2, 4, 2]
 
 
+def test_nodes_without_input_run_once_per_execution(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:                       # the InputNode is never read
+        dag = b.inc.bind(a.pid.bind())
+    with dagc.compile(dag) as cg:
+        pid = ray.get(a.pid.remote())
+        assert [cg.execute().get(timeout=10) for _ in range(3)] == [pid + 1] * 3
+        with pytest.raises(dagc.DagcError, match="takes 0 positional"):
+            cg.execute(1)
+    calls = ray.get(a.num_calls.remote())
+    with InputNode() as inp:                       # one branch reads it, one only a constant
+        dag = MultiOutputNode([a.inc.bind(41), b.echo.bind(inp)])
+    with dagc.compile(dag) as cg:
+        assert cg.execute("x").get(timeout=10) == [42, "x"]
+        assert cg.execute("y").get(timeout=10) == [42, "y"]
+    assert ray.get(a.num_calls.remote()) == calls + 2
+
+
 def test_revisited_actor_a_b_a(workers):
     a, b = workers[:2]
     with InputNode() as inp:
