@@ -26,7 +26,7 @@ DRIVER = "driver"
 
 # Op kinds: a closed set.
 CALL = "call"              # actor method call
-COLLECTIVE = "collective"  # one participant of a collective (allreduce)
+COLLECTIVE = "collective"  # one participant of a collective (allreduce/allgather/reducescatter)
 KINDS = (CALL, COLLECTIVE)
 
 
@@ -75,7 +75,7 @@ class Op:
     id: str                                   # "t3"
     kind: str                                 # CALL | COLLECTIVE
     actor: str                                # "a1"
-    method: str                               # "fwd", or "allreduce.sum"
+    method: str                               # "fwd", "allreduce.sum", "allgather"
     args: tuple[Arg, ...] = ()
     kwargs: tuple[tuple[str, Arg], ...] = ()
     num_returns: int = 1

@@ -15,6 +15,10 @@ from dagc.errors import CompileError
 from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec,
                      SideTable)
 
+# Ray's collective op classes -> dagc's collective kinds (the method name's first part)
+_COLLECTIVES = {"AllReduceOp": "allreduce", "AllGatherOp": "allgather",
+                "ReduceScatterOp": "reducescatter"}
+
 
 def _ray_dag():
     import ray.dag as rd
@@ -182,12 +186,18 @@ class _Tracer:
                 self.keep_alive.append(cop)
             group = gid
             transport = self.collective_transport(cop)
-            reduce_name = getattr(getattr(cop._op, "reduceOp", None), "name", "SUM").lower()
-            kind_name = type(cop._op).__name__
-            if kind_name != "AllReduceOp":
-                raise CompileError(f"{describe(node)}: collective {kind_name} is not supported "
-                                   f"yet; dagc compiles allreduce.")
-            method_name = f"allreduce.{reduce_name}"
+            kind = _COLLECTIVES.get(type(cop._op).__name__)
+            if kind is None:
+                raise CompileError(f"{describe(node)}: collective {type(cop._op).__name__} is "
+                                   f"not supported; dagc compiles allreduce, allgather and "
+                                   f"reducescatter.")
+            if kind == "allgather":
+                method_name = kind
+            else:
+                reduce = getattr(getattr(cop._op, "reduceOp", None), "name", "SUM").lower()
+                method_name = f"{kind}.{reduce}"
+            # allreduce.bind([xs, ys]): one op per actor over several tensors, one result each
+            num_returns = len(args)
         op = Op(id=op_id, kind=COLLECTIVE if is_coll else CALL, actor=aid, method=method_name,
                 args=args, kwargs=kwargs, num_returns=num_returns, transport=transport,
                 group=group)

@@ -82,13 +82,14 @@ class Communicator:
     """Base class of dagc's communicators, and what users subclass for a custom transport.
 
     A subclass implements ``send``, ``recv`` and ``allreduce`` (and ``prepare``/``setup``/
-    ``destroy`` when it needs rendezvous or resources). The default ``isend``/``irecv`` run
+    ``destroy`` when it needs rendezvous or resources); ``allgather`` and ``reducescatter``
+    have defaults built on ``allreduce``. The default ``isend``/``irecv`` run
     the blocking op and return a completed Work: correct, but with
     ``overlap_communication=True`` a custom transport should override them with truly
     non-blocking ones (a blocking ``isend`` waits for the peer's receive, which the overlapped
     schedule may post later).
 
-    Tensors given to ``send``/``recv``/``allreduce`` are contiguous and on ``device``.
+    Tensors given to every op are contiguous and on ``device``.
     """
 
     rank: int = -1
@@ -123,6 +124,22 @@ class Communicator:
     def allreduce(self, tensor, op: str = "sum") -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement "
                                   f"allreduce(tensor, op) (in place)")
+
+    def allgather(self, tensor, out) -> None:
+        """Fill ``out`` (``world_size`` times ``tensor``'s rows) with every rank's tensor,
+        in rank order. This default builds it from ``allreduce``: a backend with a real
+        all-gather should override it."""
+        out.zero_()
+        out.view(self.world_size, -1)[self.rank].copy_(tensor.reshape(-1))
+        self.allreduce(out, "max" if out.dtype == _bool() else "sum")
+
+    def reducescatter(self, tensor, out, op: str = "sum") -> None:
+        """Reduce ``tensor`` over the ranks and leave this rank's block of rows (``out``,
+        1/``world_size`` of them) in ``out``. This default all-reduces a copy: a backend
+        with a real reduce-scatter should override it."""
+        full = tensor.clone()
+        self.allreduce(full, op)
+        out.copy_(full.view(self.world_size, *out.shape)[self.rank])
 
     def grouped(self):
         """Context manager around ops that must be issued together (NCCL group calls,
@@ -172,10 +189,24 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
+def _bool():
+    import torch
+    return torch.bool
+
+
 def _check_op(op: str) -> str:
     if op not in REDUCE_OPS:
         raise ValueError(f"unknown reduce op {op!r}; expected one of {', '.join(REDUCE_OPS)}")
     return op
+
+
+def _average(tensor, n: int) -> None:
+    """A SUM result divided by the group size (integers truncate, as NCCL's AVG does not
+    exist for them either)."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        tensor.div_(n)
+    else:
+        tensor.div_(n, rounding_mode="trunc")
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +243,7 @@ class GlooCommunicator(Communicator):
     """
 
     device = "cpu"
-    _LIVE = ("_pg", "_store", "_master", "_opts", "_long", "_destroyed")
+    _LIVE = ("_pg", "_store", "_master", "_opts", "_ag_opts", "_long", "_destroyed")
 
     def __init__(self, op_timeout: float | None = None):
         self.op_timeout = op_timeout
@@ -225,6 +256,7 @@ class GlooCommunicator(Communicator):
         self._store = None
         self._master = None
         self._opts = {}
+        self._ag_opts = None
         self._long = None
         self._destroyed = False
 
@@ -293,6 +325,13 @@ class GlooCommunicator(Communicator):
             o.reduceOp = code
             o.timeout = self._long
             self._opts[name] = o
+            o = dist.ReduceScatterOptions()
+            o.reduceOp = code
+            o.timeout = self._long
+            self._opts["rs_" + name] = o
+        from torch._C._distributed_c10d import AllgatherOptions   # not re-exported
+        self._ag_opts = AllgatherOptions()
+        self._ag_opts.timeout = self._long
 
     # -- ops -------------------------------------------------------------------------------
     # One tag (0) for every message: gloo matches messages per (peer, tag) in issue order.
@@ -315,10 +354,22 @@ class GlooCommunicator(Communicator):
             raise RuntimeError(f"{self!r} is not set up")
         self._pg.allreduce([tensor], opts).wait()
         if op == "avg":
-            if tensor.is_floating_point() or tensor.is_complex():
-                tensor.div_(self.world_size)
-            else:
-                tensor.div_(self.world_size, rounding_mode="trunc")
+            _average(tensor, self.world_size)
+
+    def allgather(self, tensor, out) -> None:
+        if self._pg is None:
+            raise RuntimeError(f"{self!r} is not set up")
+        # the rank blocks of a contiguous ``out`` are contiguous views: gloo fills them
+        self._pg.allgather([list(out.chunk(self.world_size))], [tensor], self._ag_opts).wait()
+
+    def reducescatter(self, tensor, out, op: str = "sum") -> None:
+        opts = self._opts.get("rs_" + op)
+        if opts is None:
+            _check_op(op)
+            raise RuntimeError(f"{self!r} is not set up")
+        self._pg.reduce_scatter([out], [list(tensor.chunk(self.world_size))], opts).wait()
+        if op == "avg":
+            _average(out, self.world_size)
 
     def destroy(self) -> None:
         if self._destroyed:
@@ -513,13 +564,9 @@ class NcclCommunicator(Communicator):
         return self._async(tensor, s)
 
     def allreduce(self, tensor, op: str = "sum") -> None:
-        import torch
         _check_op(op)
         self._check(tensor)
-        buf = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
-        dtype = self._dtypes.get(buf.dtype)
-        if dtype is None:
-            raise TypeError(f"NCCL cannot all-reduce {tensor.dtype} tensors")
+        buf, dtype = self._nccl_type(tensor, "all-reduce")
         integer = not (tensor.is_floating_point() or tensor.is_complex())
         code = _NCCL_OPS["sum"] if (op == "avg" and integer) else _NCCL_OPS[op]
         cur, s = self._enter(buf)
@@ -528,6 +575,40 @@ class NcclCommunicator(Communicator):
         self._leave(cur, s)
         if op == "avg" and integer:
             tensor.div_(self.world_size, rounding_mode="trunc")
+
+    def _nccl_type(self, tensor, what: str):
+        import torch
+        buf = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
+        dtype = self._dtypes.get(buf.dtype)
+        if dtype is None:
+            raise TypeError(f"NCCL cannot {what} {tensor.dtype} tensors")
+        return buf, dtype
+
+    def allgather(self, tensor, out) -> None:
+        self._check(tensor)
+        self._check(out)
+        src, dtype = self._nccl_type(tensor, "all-gather")
+        dst, _ = self._nccl_type(out, "all-gather")
+        cur, s = self._enter(src)
+        out.record_stream(s)
+        self._comm.allGather(src.data_ptr(), dst.data_ptr(), src.numel(), dtype, s.cuda_stream)
+        self._leave(cur, s)
+
+    def reducescatter(self, tensor, out, op: str = "sum") -> None:
+        _check_op(op)
+        self._check(tensor)
+        self._check(out)
+        src, dtype = self._nccl_type(tensor, "reduce-scatter")
+        dst, _ = self._nccl_type(out, "reduce-scatter")
+        integer = not (tensor.is_floating_point() or tensor.is_complex())
+        code = _NCCL_OPS["sum"] if (op == "avg" and integer) else _NCCL_OPS[op]
+        cur, s = self._enter(src)
+        out.record_stream(s)
+        self._comm.reduceScatter(src.data_ptr(), dst.data_ptr(), dst.numel(), dtype, code,
+                                 s.cuda_stream)
+        self._leave(cur, s)
+        if op == "avg" and integer:
+            out.div_(self.world_size, rounding_mode="trunc")
 
     @contextlib.contextmanager
     def grouped(self):

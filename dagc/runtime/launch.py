@@ -204,7 +204,7 @@ class LaunchMixin:
         for gid, kid in ir.collectives:
             if gid in steps:
                 op = next(o for o in ir.ops() if o.group == gid and o.actor == actor.id)
-                collectives[gid] = (kid, op.method.split(".", 1)[1], steps[gid])
+                collectives[gid] = (kid, op.method, steps[gid])
         mod = self._modules[actor.id]
         return worker.ActorPlan(
             token=self._token, prefix=self._prefix, index=self._index[actor.id],

@@ -45,7 +45,7 @@ class ActorPlan:
     wait: str = "adaptive"
     comm_groups: dict = field(default_factory=dict)   # kid -> (communicator, rank, world, rendezvous)
     comm_channels: dict = field(default_factory=dict) # cid -> ("w", kid, ranks, readers) | ("r", kid, writer_rank)
-    collectives: dict = field(default_factory=dict)   # gid -> (kid, op name, step)
+    collectives: dict = field(default_factory=dict)   # gid -> (kid, method, step)
     comm_timeout: float = 60.0
     ctl: str = ""                    # this node's control segment
     tcp_readers: dict = field(default_factory=dict)   # cid -> (host, port, index, writer idx)
@@ -274,9 +274,10 @@ class ActorLoop:
         from dagc.runtime.comm_ends import Collective
         end = self._comm_ends.get(gid)
         if end is None:
-            kid, op, step = self.plan.collectives[gid]
-            end = self._comm_ends[gid] = Collective(self._comm(kid), op, self.plan.actor,
-                                                    f"allreduce.{op}", step)
+            kid, method, step = self.plan.collectives[gid]
+            kind, _, op = method.partition(".")       # "allreduce.sum", "allgather"
+            end = self._comm_ends[gid] = Collective(self._comm(kid), op or None,
+                                                    self.plan.actor, method, step, kind)
         return end
 
     def _encode_error(self, exc: Exception, value) -> Failure:

@@ -6,7 +6,8 @@ import ray  # noqa: E402
 
 import dagc  # noqa: E402
 from dagc import InputNode, MultiOutputNode  # noqa: E402
-from ray.experimental.collective import allreduce  # noqa: E402
+from ray.experimental.collective import allgather, allreduce, reducescatter  # noqa: E402
+from ray.experimental.util.types import ReduceOp  # noqa: E402
 
 
 @ray.remote
@@ -38,6 +39,9 @@ class TensorWorker:
 
     def total(self, t):
         return float(t.sum())
+
+    def rows(self, n):
+        return torch.arange(n * 2, dtype=torch.float32).reshape(n, 2) * self.k
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,41 @@ def test_allreduce_mixed_with_p2p(tw, overlap):
             for r in rs:
                 assert r.tolist() == [6.0] * n
             assert m.tolist() == [3.0] * n
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_allgather_reducescatter_and_bucketed_allreduce(tw, overlap):
+    ws = tw
+    with InputNode() as inp:
+        rows = [w.rows.bind(inp) for w in ws]
+        gathered = allgather.bind(rows)
+        scattered = reducescatter.bind([w.rows.bind(inp) for w in ws], op=ReduceOp.MAX)
+        # one all-reduce over two tensors per actor: a result for each
+        bucket = allreduce.bind([[w.grad.bind(inp) for w in ws], [w.rows.bind(inp) for w in ws]])
+        top = ws[2].scale.bind(gathered[2])                       # results feed methods too
+        dag = MultiOutputNode([*gathered, *scattered, *[x for pair in bucket for x in pair],
+                               top])
+    with dagc.compile(dag, overlap_communication=overlap) as cg:
+        text = str(cg.schedule)
+        assert "allgather t" in text and "reducescatter.max t" in text
+        assert "allreduce.sum(t12, t13) -> 2" in cg.source(ws[0])
+        for n in (3, 6):
+            out = cg.execute(n).get(timeout=30)
+            base = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)
+            g, s, b, top = out[:3], out[3:6], out[6:12], out[12]
+            want = torch.cat([base * k for k in (1.0, 2.0, 3.0)])
+            for x in g:
+                assert torch.equal(x, want)
+            assert torch.equal(top, want * 3.0)
+            full_max = base * 3.0
+            for r, x in enumerate(s):
+                assert torch.equal(x, full_max.view(3, n // 3, 2)[r])
+            for grad, rws in zip(b[0::2], b[1::2]):
+                assert torch.equal(grad, torch.full((n,), 6.0))
+                assert torch.equal(rws, base * 6.0)
+        with pytest.raises(dagc.TaskError, match="must divide by the group size 3"):
+            cg.execute(4).get(timeout=30)                     # 4 rows do not scatter on 3
+        assert cg.execute(3).get(timeout=30)[0].shape == (9, 2)   # and the DAG goes on
 
 
 def test_failure_crosses_communicator_and_collective(tw):

@@ -69,6 +69,25 @@ def test_tensor_transport_is_recorded(workers):
     assert ir.op("t0").transport == "nccl" and ir.op("t1").transport is None
 
 
+def test_collectives_trace_to_one_op_per_actor(workers):
+    from ray.experimental.collective import allgather, allreduce, reducescatter
+    from ray.experimental.util.types import ReduceOp
+    a, b = workers[:2]
+    with InputNode() as inp:
+        g = allgather.bind([a.echo.bind(inp), b.echo.bind(inp)])
+        r = reducescatter.bind(g, op=ReduceOp.AVG)
+        s = allreduce.bind([r, [a.echo.bind(inp), b.echo.bind(inp)]], op=ReduceOp.MIN)
+        dag = MultiOutputNode([s[0][1], s[1][0]])
+    ir, _ = trace(dag)
+    colls = sorted((o for o in ir.ops() if o.group), key=lambda o: (o.group, o.actor))
+    assert [(o.group, o.actor, o.method, o.num_returns) for o in colls] == [
+        ("g0", "a0", "allgather", 1), ("g0", "a1", "allgather", 1),
+        ("g1", "a0", "reducescatter.avg", 1), ("g1", "a1", "reducescatter.avg", 1),
+        ("g2", "a0", "allreduce.min", 2), ("g2", "a1", "allreduce.min", 2)]
+    assert [r.text for r in ir.output.refs] == [f"{colls[4].id}.1", f"{colls[5].id}.0"]
+    ir.verify()
+
+
 def test_class_node_is_compile_error(ray_session):
     with InputNode() as inp:
         dag = Worker.bind().inc.bind(inp)

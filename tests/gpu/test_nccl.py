@@ -157,6 +157,26 @@ def test_collective_on_gpu(comm):
     torch.testing.assert_close(coll(torch.ones(3, device="cuda")).cpu(), torch.ones(3))
 
 
+def test_allgather_reducescatter_on_gpu(comm):
+    # one rank: an all-gather is a copy, a reduce-scatter a reduce over one rank
+    x = _slow_value(4096).reshape(-1, 2)
+    before = x.clone()
+    g = Collective(comm, None, actor="a0", step=0, kind="allgather")(x)
+    assert g.is_cuda and g.shape == x.shape and g.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(g, before)
+    r = Collective(comm, "max", actor="a0", step=1, kind="reducescatter")(x)
+    torch.testing.assert_close(r, before)
+    a, b = Collective(comm, "sum", actor="a0", step=2)(torch.ones(3, device="cuda"), x)
+    torch.testing.assert_close(a.cpu(), torch.ones(3))
+    torch.testing.assert_close(b, before)
+    torch.testing.assert_close(x, before)         # inputs untouched
+    # and the communicator's own ops, in place on given buffers
+    out = torch.empty_like(x)
+    comm.allgather(x, out)
+    comm.reducescatter(x, out, "avg")
+    torch.testing.assert_close(out, before)
+
+
 def _join_alone(q):
     import torch  # noqa: F401
     from dagc.runtime.communicator import NcclCommunicator

@@ -266,6 +266,57 @@ def t_collective(gid, rank, ws, rdv, inputs):
         comm.destroy()
 
 
+class _OnlyAllreduce(Communicator):
+    """A custom communicator with send/recv/allreduce only: the base class's allgather and
+    reducescatter defaults are what runs."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.rank, self.world_size = inner.rank, inner.world_size
+
+    def allreduce(self, tensor, op="sum"):
+        self.inner.allreduce(tensor, op)
+
+
+def t_gather_scatter(gid, rank, ws, rdv):
+    gloo = _join(gid, rank, ws, rdv)
+    try:
+        out = {}
+        for name, comm in (("gloo", gloo), ("default", _OnlyAllreduce(gloo))):
+            t = torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * rank
+            g = torch.empty(3 * ws, 2)
+            comm.allgather(t, g)
+            out[name, "allgather"] = g.tolist()
+            b = torch.tensor([rank % 2 == 0, False, True])
+            gb = torch.empty(3 * ws, dtype=torch.bool)
+            comm.allgather(b, gb)
+            out[name, "allgather_bool"] = gb.tolist()
+            for op in ("sum", "max", "avg"):
+                r = torch.empty(1, 2)
+                comm.reducescatter(t, r, op)
+                out[name, op] = r.tolist()
+            assert torch.equal(t, torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * rank)
+        steps = [("allgather", None, [torch.ones(2, 2) * rank]),
+                 ("reducescatter", "sum", [torch.arange(3.0) + rank]),
+                 ("allreduce", "sum", [torch.ones(2) * rank, torch.ones(1, 3)]),
+                 ("allreduce", "sum", [torch.ones(2), torch.ones(2, dtype=torch.int64)]),
+                 ("reducescatter", "sum", [torch.ones(4)]),
+                 ("allgather", None, [torch.tensor(1.0)]),
+                 ("allgather", None, [torch.ones(rank + 1)]),
+                 ("allgather", None, [torch.ones(1) * rank])]
+        for i, (kind, op, values) in enumerate(steps):
+            res = Collective(gloo, op, actor=ACTORS[rank], step=i, kind=kind)(*values)
+            if res.__class__ is Failure:
+                out[i] = ("failure", res.type_name, res.message)
+            elif isinstance(res, tuple):
+                out[i] = ("ok", [x.tolist() for x in res])
+            else:
+                out[i] = ("ok", res.tolist())
+        return out
+    finally:
+        gloo.destroy()
+
+
 def t_timeout(gid, rank, ws, rdv, timeout):
     t0 = time.monotonic()
     try:
@@ -276,7 +327,7 @@ def t_timeout(gid, rank, ws, rdv, timeout):
 
 
 TASKS = {f.__name__: f for f in (t_prepare, t_p2p, t_async_order, t_allreduce, t_channel,
-                                 t_deferred, t_collective, t_timeout)}
+                                 t_deferred, t_collective, t_gather_scatter, t_timeout)}
 
 
 # =========================================================================================
@@ -537,6 +588,34 @@ def test_collective_bad_inputs_fail_everywhere_and_the_group_survives(pool):
         assert res[rank][3] == ("ok", [6.0, 6.0])
 
 
+def test_allgather_reducescatter_gloo_and_defaults(pool):
+    res = run_group(pool, "t_gather_scatter", 3)
+    base = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    gathered = [[x + 10 * r for x in row] for r in range(3) for row in base]
+    for rank in range(3):
+        got = res[rank]
+        for name in ("gloo", "default"):
+            assert got[name, "allgather"] == gathered
+            assert got[name, "allgather_bool"] == [True, False, True, False, False, True,
+                                                   True, False, True]
+            # rank r keeps row r of the reduced (3, 2) tensor
+            assert got[name, "sum"] == [[3 * x + 30 for x in base[rank]]]
+            assert got[name, "max"] == [[x + 20 for x in base[rank]]]
+            assert got[name, "avg"] == [[x + 10 for x in base[rank]]]
+        assert got[0] == ("ok", [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0],
+                                 [2.0, 2.0], [2.0, 2.0]])
+        assert got[1] == ("ok", [3.0 * rank + 3.0])
+        assert got[2] == ("ok", [[3.0, 3.0], [[3.0, 3.0, 3.0]]])
+        kind, type_name, msg = got[3]                 # one bucket, one dtype
+        assert (kind, type_name) == ("failure", "TypeError") and "share one dtype" in msg
+        kind, type_name, msg = got[4]
+        assert (kind, type_name) == ("failure", "ValueError")
+        assert "dim 0 of the input (4) must divide by the group size 3" in msg
+        assert got[5][:2] == ("failure", "ValueError") and "at least one dimension" in got[5][2]
+        assert got[6][:2] == ("failure", "ValueError") and "differ in shape" in got[6][2]
+        assert got[7] == ("ok", [0.0, 1.0, 2.0])      # and the group is still in step
+
+
 # -- pure helpers (no processes) -----------------------------------------------------------
 def test_strip_and_fill_round_trip_without_mutating_the_input():
     t = torch.ones(2)
@@ -555,6 +634,8 @@ def test_strip_and_fill_round_trip_without_mutating_the_input():
 def test_interfaces_reject_bad_use():
     with pytest.raises(ValueError, match="unknown reduce op"):
         Collective(GlooCommunicator(), "median")
+    with pytest.raises(ValueError, match="unknown collective"):
+        Collective(GlooCommunicator(), "sum", kind="broadcast")
     with pytest.raises(ValueError, match="no rank"):
         CommWriter(type("W", (), {"write": None})(), GlooCommunicator(), {"a0": 0}, ("a1",))
 
