@@ -265,16 +265,28 @@ class CompiledDag(LaunchMixin, InspectMixin):
         raise DagClosedError("this compiled DAG was torn down; compile the DAG again to run it.")
 
     def _death_message(self) -> str:
-        what = self._dead if "crashed" in self._dead else f"{self._dead} died (its process is gone)"
-        return (f"{what}; the compiled DAG is closed and every pending result is lost. "
+        return (f"{self._dead}; the compiled DAG is closed and every pending result is lost. "
                 f"Recreate the actor and compile again.")
+
+    def _why_stopped(self, who: str) -> str:
+        """What ended the DAG when ``who`` stopped: its death, its loop's crash, or - when
+        that crash came from a peer dying under it (a communicator op whose other end
+        closed) - the peer's death."""
+        crash = self._crash_report(who)
+        if not crash:
+            return f"{who} died (its process is gone)"
+        gone = [a.label for a, p in zip(self._ir.actors, self._probes)
+                if a.node == self._driver_node and a.label != who
+                and not shm.pid_alive(p["pid"])]
+        if gone:
+            last = crash.strip().splitlines()[-1]
+            return (f"{gone[0]} died (its process is gone); {who}'s dagc loop stopped "
+                    f"after it: {last}")
+        return f"{who} (its dagc loop crashed: {crash.strip()})"
 
     def _on_stop(self, e):
         if isinstance(e, ch.PeerDied) and not self._closed:
-            self._dead = e.who
-            crash = self._crash_report(e.who)
-            if crash:
-                self._dead = f"{e.who} (its dagc loop crashed: {crash.strip()})"
+            self._dead = self._why_stopped(e.who)
             self._stop_actors(wait=False)
             shm.unlink_prefix(self._prefix)
             # unmap our ends now unless another thread is inside execute()/get();

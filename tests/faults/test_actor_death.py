@@ -161,3 +161,32 @@ def test_death_while_driver_waits_async(ray, nodes):
         took = asyncio.run(asyncio.wait_for(main(), 60))
         print(f"\n[fault] ray.kill during await: ActorDiedError after {took:.3f} s")
         assert took < BOUND
+
+
+@pytest.mark.timeout(120)
+def test_death_before_a_collective_names_the_dead_actor(ray, nodes):
+    """The survivors' all-reduce breaks when a participant dies; the error still names the
+    actor that died, not the loop that noticed it."""
+    pytest.importorskip("torch")
+    from ray.experimental.collective import allreduce
+    a, b, c = nodes(3)
+    with InputNode() as inp:
+        dag = MultiOutputNode(allreduce.bind([w.tensor.bind(inp) for w in (a, b, c)]))
+    cg = dagc.compile(dag)
+    token = cg._token
+    try:
+        assert [float(t[0]) for t in cg.execute(0).get(timeout=30)] == [3.0] * 3
+        t0 = time.monotonic()
+        with pytest.raises(dagc.ActorDiedError) as info:
+            cg.execute(("exit", 1, None)).get(timeout=60)
+        took = time.monotonic() - t0
+        print(f"\n[fault] death before an all-reduce: ActorDiedError after {took:.3f} s")
+        msg = str(info.value)
+        assert msg.startswith("a1:Node died"), msg
+        assert took < BOUND
+        with pytest.raises(dagc.ActorDiedError):
+            cg.execute(0)
+        wait_until(lambda: loops_stopped([a, c], token), BOUND, "the survivors' loops stop")
+    finally:
+        cg.teardown()
+    assert not segments(token)
