@@ -12,16 +12,23 @@ own 64-byte cache line so the writer and readers do not false-share)::
     128     writer_sleeping writer       1 while the writer blocks on a full ring
     192+128r  read_seq[r]     reader r     messages reader r has consumed; writer waits on it
     256+128r  reader_sleeping[r] reader r  1 while reader r blocks in futex_wait
+    M       slot_map[nslots] writer        slot_map[m % nslots]: the slot holding message m
     H       slot 0 .. slot nslots-1, each: [length, kind, ...pad to 64] + payload
 
-States of slot k for message m (k = m % nslots)::
+Slots are not tied to message numbers: the writer fills the slot released last (a stack of
+free slots), so a DAG run one execution at a time keeps reusing one slot whose lines are
+still in cache, instead of sweeping all ``nslots`` of them (for 1 MiB payloads that alone
+is most of the cost of a copy). States of the slot k that message m took::
 
-    free      m >= write_seq and every read_seq > m - nslots   writer may fill it
-    filled    write_seq > m, some read_seq <= m                 readers copy it out
-    released  every read_seq > m                                free again for m + nslots
+    filled    write_seq > m, some read_seq <= m          readers copy it out
+    released  every read_seq > m                         back on the writer's free stack
 
-The writer stores the payload, then ``write_seq``; a reader loads ``write_seq``, then the
-payload, copies it out, then stores its ``read_seq``. x86-64 keeps stores in order, which
+Messages are published in order and at most ``nslots`` are unreleased, so slot_map[m %
+nslots] is only rewritten once every reader is past m.
+
+The writer stores the payload, then slot_map, then ``write_seq``; a reader loads
+``write_seq``, then slot_map, then the payload, copies it out, then stores its
+``read_seq``. x86-64 keeps stores in order, which
 is what this relies on (see docs/architecture.md on other architectures).
 
 Payload kinds: ARRAY (a plain C-contiguous numpy array as a value: ndim, dtype and shape in
@@ -85,8 +92,13 @@ class WaitTimeout(Exception):
     pass
 
 
-def header_size(nreaders: int) -> int:
-    return 256 + 128 * nreaders
+def map_word(nreaders: int) -> int:
+    """First word of the slot map: map[m % nslots] is the slot that holds message m."""
+    return (256 + 128 * nreaders) // 8
+
+
+def header_size(nreaders: int, slots: int) -> int:
+    return 256 + 128 * nreaders + _round64(8 * slots)
 
 
 def rseq_word(r: int) -> int:
@@ -103,7 +115,7 @@ def _round64(n: int) -> int:
 
 def segment_size(nreaders: int, slots: int, capacity: int) -> tuple[int, int]:
     stride = SLOT_HDR + _round64(capacity)
-    return header_size(nreaders) + slots * stride, stride
+    return header_size(nreaders, slots) + slots * stride, stride
 
 
 def create_segment(name: str, nreaders: int, slots: int, capacity: int, start_seq: int = 0):
@@ -275,10 +287,43 @@ class Writer(PickleEncoder):
         self.addr = shm.address(mm)
         self.stride = self.w[W_STRIDE]
         self.capacity = self.stride - SLOT_HDR
-        hdr = header_size(self.nreaders)
+        hdr = header_size(self.nreaders, self.slots)
         self.slot_off = [hdr + k * self.stride for k in range(self.slots)]
         self.rseq = [rseq_word(r) for r in range(self.nreaders)]
         self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
+        self.map = map_word(self.nreaders)
+        # slots no published message of this segment holds, as a stack: the top is the one
+        # released last, whose lines are still in cache. Messages from _oldest on may still
+        # be unread and keep theirs.
+        self._free = list(range(self.slots - 1, -1, -1))
+        self._oldest = self.w[W_WSEQ]
+
+    def _slot(self, deadline) -> int:
+        """A free slot for the next message: the one released last; when every slot holds
+        an unread message, wait for the readers of the oldest."""
+        free = self._free
+        w = self.w
+        oldest = self._oldest
+        seq = self.seq
+        while True:
+            if oldest < seq:
+                low = seq
+                for i in self.rseq:
+                    r = w[i]
+                    if r < low:
+                        low = r
+                m = self.map
+                n = self.slots
+                while oldest < low:             # read by everyone: its slot is free again
+                    free.append(w[m + oldest % n])
+                    oldest += 1
+                self._oldest = oldest
+            if free:
+                return free.pop()
+            for i in self.rseq:
+                if w[i] <= oldest:
+                    self.waiter.wait(w, i, oldest + 1, self.addr, W_WSLEEP, self.peers,
+                                     deadline)
 
     def write(self, value, deadline: float | None = None) -> None:
         raws = arr = None
@@ -298,18 +343,13 @@ class Writer(PickleEncoder):
                         + sum(_round64(r.nbytes) for r in raws))
             else:
                 need = len(main)
+        k = self._slot(deadline)
+        if need > self.capacity:
+            self._grow(need, k)
+            k = self._slot(deadline)
         seq = self.seq
         w = self.w
-        # wait for every reader to release message seq - slots
-        low = seq - self.slots + 1
-        for i in self.rseq:
-            if w[i] < low:
-                self.waiter.wait(w, i, low, self.addr, W_WSLEEP, self.peers, deadline)
-        if need > self.capacity:
-            self._grow(need, deadline)
-            w = self.w
-            seq = self.seq
-        off = self.slot_off[seq % self.slots]
+        off = self.slot_off[k]
         mv = self.mv
         p = off + SLOT_HDR
         if arr is not None:
@@ -345,6 +385,7 @@ class Writer(PickleEncoder):
             w[off >> 3] = -need          # negative length: out-of-band layout
             w[(off >> 3) + 1] = KIND_PICKLE
             bufs.clear()
+        w[self.map + seq % self.slots] = k
         w[W_WSEQ] = seq + 1      # publish first: an interrupt after it leaves both agreeing
         self.seq = seq + 1
         for i in self.rsleep:
@@ -354,18 +395,20 @@ class Writer(PickleEncoder):
         if self._old:
             self._retire()
 
-    def _grow(self, need: int, deadline) -> None:
-        """Publish a MOVED record at the current sequence number and switch segments."""
+    def _grow(self, need: int, k: int) -> None:
+        """Publish a MOVED record (in free slot ``k``) at the current sequence number and
+        switch segments."""
         new_cap = max(need, 2 * self.capacity)
         self.gen += 1
         new_name = f"{self.base}.g{self.gen}"
         mm = create_segment(new_name, self.nreaders, self.slots, new_cap, start_seq=self.seq + 1)
         rec = _dumps((new_name, self.seq))
-        off = self.slot_off[self.seq % self.slots]
+        off = self.slot_off[k]
         self.mv[off + SLOT_HDR:off + SLOT_HDR + len(rec)] = rec
         self.w[off >> 3] = len(rec)
         self.w[(off >> 3) + 1] = KIND_MOVED
         seq = self.seq
+        self.w[self.map + seq % self.slots] = k
         self.w[W_WSEQ] = seq + 1
         for i in self.rsleep:
             if self.w[i]:
@@ -425,9 +468,10 @@ class Reader:
         nreaders = self.w[W_NREADERS]
         slots = self.w[W_NSLOTS]
         stride = self.w[W_STRIDE]
-        hdr = header_size(nreaders)
+        hdr = header_size(nreaders, slots)
         self.slots = slots
         self.slot_off = [hdr + k * stride for k in range(slots)]
+        self.map = map_word(nreaders)
         self.my_seq = rseq_word(self.index)
         self.my_sleep = rsleep_word(self.index)
 
@@ -445,7 +489,7 @@ class Reader:
         w = self.w
         if w[W_WSEQ] <= seq:
             self.waiter.wait(w, W_WSEQ, seq + 1, self.addr, self.my_sleep, self.peers, deadline)
-        off = self.slot_off[seq % self.slots]
+        off = self.slot_off[w[self.map + seq % self.slots]]
         n = w[off >> 3]
         kind = w[(off >> 3) + 1]
         if kind == KIND_MOVED:

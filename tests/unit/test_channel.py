@@ -58,6 +58,31 @@ def test_ring_full_blocks_writer_until_read(prefix):
     assert [r.read(), r.read()] == [2, 3]
 
 
+def _slots_used(w, first, last):
+    return [w.w[w.map + m % w.slots] for m in range(first, last)]
+
+
+def test_writer_reuses_the_slot_released_last(prefix):
+    _, _, w, (r1, r2) = _setup(prefix, nreaders=2, slots=4)
+    for i in range(6):                       # one message at a time: always the same slot
+        w.write(i)
+        assert (r1.read(), r2.read()) == (i, i)
+        assert _slots_used(w, i, i + 1) == [0]
+    for i in range(3):                       # three in flight: three distinct slots
+        w.write(("x", i))
+    assert sorted(_slots_used(w, 6, 9)) == [0, 1, 2]
+    assert [r1.read() for _ in range(3)] == [("x", 0), ("x", 1), ("x", 2)]
+    w.write("held")                          # r2 still holds all three: a fourth slot
+    assert _slots_used(w, 9, 10) == [3]
+    with pytest.raises(ch.WaitTimeout):      # and then none is free until r2 reads
+        w.write("no room", deadline=time.monotonic() + 0.05)
+    assert r2.read() == ("x", 0)
+    w.write("room")
+    assert _slots_used(w, 10, 11) == _slots_used(w, 6, 7)     # the slot just released
+    assert [r2.read() for _ in range(4)] == [("x", 1), ("x", 2), "held", "room"]
+    assert [r1.read(), r1.read()] == ["held", "room"]
+
+
 def test_read_deadline_and_nothing_consumed(prefix):
     _, _, w, (r,) = _setup(prefix)
     t0 = time.monotonic()
