@@ -132,7 +132,7 @@ class CompiledDag(LaunchMixin, InspectMixin):
             atexit.register(_teardown_all)
             _ATEXIT = True
         # dropped without teardown: stop the loops (closed state) and remove the segments
-        weakref.finalize(self, _finalize, self._prefix, self._control)
+        self._finalizer = weakref.finalize(self, _finalize, self._prefix, self._control)
 
     # -- execute / get ---------------------------------------------------------------------------
     def execute(self, *args, **kwargs) -> DagRef:
@@ -307,6 +307,7 @@ class CompiledDag(LaunchMixin, InspectMixin):
             self._stop_actors(wait=True)
         finally:                   # even on Ctrl-C while waiting for the actors
             self._release()
+            self._finalizer.detach()        # nothing left for garbage collection to do
 
     def _stop_actors(self, wait: bool) -> None:
         if self._control is not None:

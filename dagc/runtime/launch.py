@@ -11,7 +11,7 @@ import os
 from dagc.errors import ExecuteArgumentError
 from dagc.ir import DRIVER
 from dagc.runtime import channel as ch
-from dagc.runtime import worker
+from dagc.runtime import shm, worker
 from dagc.runtime.calls import ray_get
 from dagc.runtime.failure import Failure
 
@@ -56,6 +56,10 @@ class LaunchMixin:
         node_of[DRIVER] = here
         self._node_of = node_of
         self._nodes = [here] + sorted({a.node for a in ir.actors} - {here})
+        try:   # this node's segments of DAGs whose processes all died together
+            shm.sweep_stale()
+        except OSError:
+            pass
         self._control = ch.Control(self._ctl_name(here), create=True)
         try:
             self._control.set_pid(0, os.getpid())
@@ -213,7 +217,9 @@ class LaunchMixin:
             constants=self._side.constants, readers=readers, writers=writers,
             wait=self._options["wait"], comm_groups=comm_groups, comm_channels=comm_channels,
             collectives=collectives, ctl=self._ctl_name(actor.node),
-            tcp_readers=tcp_readers, secret=self._secret)
+            tcp_readers=tcp_readers, secret=self._secret,
+            node_cleanup=actor.node != self._driver_node and actor.id == next(
+                a.id for a in self._ir.actors if a.node == actor.node))
 
 
 def _driver_ip() -> str:

@@ -14,7 +14,6 @@ FUTEX_PRIVATE_FLAG) they work across processes.
 from __future__ import annotations
 
 import ctypes
-import glob
 import mmap
 import os
 import platform
@@ -129,13 +128,19 @@ def unlink_prefix(prefix: str) -> int:
     """Remove every segment whose name starts with ``prefix``; returns how many."""
     assert prefix.startswith(PREFIX) and len(prefix) > len(PREFIX) + 8, prefix
     n = 0
-    for p in glob.glob(path(glob.escape(prefix)) + "*"):
+    for name in _names(prefix):
         try:
-            os.unlink(p)
+            os.unlink(path(name))
             n += 1
         except FileNotFoundError:
             pass
     return n
+
+
+def _names(prefix: str) -> list[str]:
+    """Names in SHM_DIR that start with ``prefix``. A plain listing: /dev/shm can hold
+    thousands of other programs' entries, and glob's pattern matching costs twice as much."""
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
 
 
 def stale_prefixes() -> list[str]:
@@ -148,12 +153,12 @@ def stale_prefixes() -> list[str]:
     every listed pid dead is stale. One still being created lists none, or a live one.
     """
     out = set()
-    for p in glob.glob(path(PREFIX) + "*-ctl*"):
-        m = _CTL_NAME.match(os.path.basename(p))
+    for name in _names(PREFIX):
+        m = _CTL_NAME.match(name)
         if not m:
             continue
         try:
-            with open(p, "rb") as f:
+            with open(path(name), "rb") as f:
                 data = f.read(4096)
         except OSError:           # removed meanwhile, or another user's
             continue

@@ -50,6 +50,8 @@ class ActorPlan:
     ctl: str = ""                    # this node's control segment
     tcp_readers: dict = field(default_factory=dict)   # cid -> (host, port, index, writer idx)
     secret: bytes = field(default=b"", repr=False)    # authenticates TCP channels
+    node_cleanup: bool = True        # sweeps stale segments at start, this DAG's at stop:
+                                     # one actor per node without the driver
 
 
 _PREPARED: dict[str, dict] = {}   # compile token -> TCP writers listening since prepare()
@@ -101,10 +103,11 @@ def comm_prepare(instance, communicator) -> dict:
 
 
 def start(instance, plan: ActorPlan) -> dict:
-    try:   # segments of DAGs whose processes all died together (see shm.stale_prefixes)
-        shm.sweep_stale()
-    except OSError:
-        pass
+    if plan.node_cleanup:   # segments of DAGs whose processes all died together
+        try:
+            shm.sweep_stale()
+        except OSError:
+            pass
     with _LOCK:
         for t, lp in list(_LOOPS.items()):
             if not lp.running():
@@ -368,7 +371,8 @@ class ActorLoop:
         alive = bool(t and t.is_alive())
         if not alive:
             self.close()
-        shm.unlink_prefix(self.plan.prefix)   # this node's segments (the driver does its own)
+        if self.plan.node_cleanup:            # the driver does its own node's
+            shm.unlink_prefix(self.plan.prefix)
         return {"stopped": not alive, "crash": self.crash}
 
     def close(self) -> None:
