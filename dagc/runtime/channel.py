@@ -15,16 +15,18 @@ own 64-byte cache line so the writer and readers do not false-share)::
     M       slot_map[nslots] writer        slot_map[m % nslots]: the slot holding message m
     H       slot 0 .. slot nslots-1, each: [length, kind, ...pad to 64] + payload
 
-Slots are not tied to message numbers: the writer fills the slot released last (a stack of
-free slots), so a DAG run one execution at a time keeps reusing one slot whose lines are
-still in cache, instead of sweeping all ``nslots`` of them (for 1 MiB payloads that alone
-is most of the cost of a copy). States of the slot k that message m took::
+Slots are not tied to message numbers. Unread messages occupy consecutive slots (mod
+nslots); when every reader has read everything, the writer starts again at slot 0, so a
+DAG run one execution at a time keeps reusing one slot whose lines are still in cache
+instead of sweeping all ``nslots`` of them (for 1 MiB payloads that alone is most of the
+cost of a copy), and a slot deeper than the pipeline ever gets is never touched (tmpfs
+allocates a page on first write). States of the slot k that message m took::
 
     filled    write_seq > m, some read_seq <= m          readers copy it out
-    released  every read_seq > m                         back on the writer's free stack
+    released  every read_seq > m                         the writer may reuse it
 
-Messages are published in order and at most ``nslots`` are unreleased, so slot_map[m %
-nslots] is only rewritten once every reader is past m.
+The writer waits until fewer than ``nslots`` messages are unread before it publishes one,
+so slot_map[m % nslots] is only rewritten once every reader is past m.
 
 The writer stores the payload, then slot_map, then ``write_seq``; a reader loads
 ``write_seq``, then slot_map, then the payload, copies it out, then stores its
@@ -292,38 +294,7 @@ class Writer(PickleEncoder):
         self.rseq = [rseq_word(r) for r in range(self.nreaders)]
         self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
         self.map = map_word(self.nreaders)
-        # slots no published message of this segment holds, as a stack: the top is the one
-        # released last, whose lines are still in cache. Messages from _oldest on may still
-        # be unread and keep theirs.
-        self._free = list(range(self.slots - 1, -1, -1))
-        self._oldest = self.w[W_WSEQ]
-
-    def _slot(self, deadline) -> int:
-        """A free slot for the next message: the one released last; when every slot holds
-        an unread message, wait for the readers of the oldest."""
-        free = self._free
-        w = self.w
-        oldest = self._oldest
-        seq = self.seq
-        while True:
-            if oldest < seq:
-                low = seq
-                for i in self.rseq:
-                    r = w[i]
-                    if r < low:
-                        low = r
-                m = self.map
-                n = self.slots
-                while oldest < low:             # read by everyone: its slot is free again
-                    free.append(w[m + oldest % n])
-                    oldest += 1
-                self._oldest = oldest
-            if free:
-                return free.pop()
-            for i in self.rseq:
-                if w[i] <= oldest:
-                    self.waiter.wait(w, i, oldest + 1, self.addr, W_WSLEEP, self.peers,
-                                     deadline)
+        self._rot = 0
 
     def write(self, value, deadline: float | None = None) -> None:
         raws = arr = None
@@ -343,12 +314,30 @@ class Writer(PickleEncoder):
                         + sum(_round64(r.nbytes) for r in raws))
             else:
                 need = len(main)
-        k = self._slot(deadline)
-        if need > self.capacity:
-            self._grow(need, k)
-            k = self._slot(deadline)
+        # The slot: unread messages sit in consecutive slots (mod nslots) from the oldest
+        # on; the next goes after them once fewer than nslots are unread. When every reader
+        # has read everything, any slot is free: start again at slot 0, the one most used
+        # (still in cache; and slots past the usual depth of the pipeline are never touched,
+        # so their pages are never allocated).
         seq = self.seq
         w = self.w
+        n = self.slots
+        low = seq - n + 1
+        drained = True
+        for i in self.rseq:
+            r = w[i]
+            if r != seq:
+                drained = False
+                if r < low:
+                    self.waiter.wait(w, i, low, self.addr, W_WSLEEP, self.peers, deadline)
+        if drained:
+            self._rot = -seq
+        k = (seq + self._rot) % n
+        if need > self.capacity:
+            self._grow(need, k)            # the new segment starts empty: any slot is free
+            w = self.w
+            seq = self.seq
+            k = seq % n
         off = self.slot_off[k]
         mv = self.mv
         p = off + SLOT_HDR

@@ -67,13 +67,13 @@ def test_writer_reuses_the_slot_released_last(prefix):
     for i in range(6):                       # one message at a time: always the same slot
         w.write(i)
         assert (r1.read(), r2.read()) == (i, i)
-        assert _slots_used(w, i, i + 1) == [0]
+    assert len(set(_slots_used(w, 0, 6))) == 1
     for i in range(3):                       # three in flight: three distinct slots
         w.write(("x", i))
-    assert sorted(_slots_used(w, 6, 9)) == [0, 1, 2]
+    assert len(set(_slots_used(w, 6, 9))) == 3
     assert [r1.read() for _ in range(3)] == [("x", 0), ("x", 1), ("x", 2)]
     w.write("held")                          # r2 still holds all three: a fourth slot
-    assert _slots_used(w, 9, 10) == [3]
+    assert len(set(_slots_used(w, 6, 10))) == 4
     with pytest.raises(ch.WaitTimeout):      # and then none is free until r2 reads
         w.write("no room", deadline=time.monotonic() + 0.05)
     assert r2.read() == ("x", 0)
