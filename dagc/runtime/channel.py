@@ -70,6 +70,7 @@ C_PIDS = 8                     # pid of process i at word C_PIDS + i (0 = driver
 RUNNING, CLOSED, FAILED = 0, 1, 2
 
 _ndarray = np.ndarray
+_SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
 _frombuffer = np.frombuffer
 _uint8 = np.uint8
 _monotonic = time.monotonic
@@ -298,8 +299,12 @@ class Writer(PickleEncoder):
 
     def write(self, value, deadline: float | None = None) -> None:
         raws = arr = None
-        if value.__class__ is _ndarray and value.dtype.kind not in "OV" \
-                and value.flags.c_contiguous:
+        cls = value.__class__
+        if cls in _SCALARS:
+            # always picklable, never out-of-band buffers: skip the encoder's machinery
+            main = _dumps(value, 5)
+            need = len(main)
+        elif cls is _ndarray and value.dtype.kind not in "OV" and value.flags.c_contiguous:
             # a plain array skips pickle: dtype and shape in a small header, then its bytes
             arr = value
             dt = value.dtype.str.encode()
@@ -368,13 +373,13 @@ class Writer(PickleEncoder):
             mv[q:q + len(main)] = main
             q = (q + len(main) + 63) & ~63
             for r in raws:
-                n = r.nbytes
-                mv[q:q + n] = r
-                q = (q + n + 63) & ~63
+                nb = r.nbytes
+                mv[q:q + nb] = r
+                q = (q + nb + 63) & ~63
             w[off >> 3] = -need          # negative length: out-of-band layout
             w[(off >> 3) + 1] = KIND_PICKLE
             bufs.clear()
-        w[self.map + seq % self.slots] = k
+        w[self.map + seq % n] = k
         w[W_WSEQ] = seq + 1      # publish first: an interrupt after it leaves both agreeing
         self.seq = seq + 1
         for i in self.rsleep:
