@@ -7,9 +7,9 @@ every edge a shared-memory channel). Payloads cycle through an int, 1 KiB of byt
 64 KiB and 256 KiB numpy arrays, and every 100th execution a 2 MiB array (bigger than
 the 1 MiB default slot: the channels grow once, during warm-up). ``--window`` executions
 are kept in flight. After a warm-up, it samples the driver and the actors (by pid, with
-psutil): RSS, open fds, threads, and this DAG's /dev/shm segments (count and bytes),
-then again every ``executions / reports`` executions, and prints the table and the
-growth from the first sample to the last. With ``RAY_ADDRESS`` set it joins that
+psutil): RSS and private memory (RSS less shared pages), open fds, threads, and this
+DAG's /dev/shm segments (count and bytes), then again every ``executions / reports``
+executions, and prints the table and the growth from the first sample to the last. With ``RAY_ADDRESS`` set it joins that
 cluster; otherwise it starts a local Ray.
 
 ``tests/faults/test_soak.py`` runs :func:`soak` with a few thousand executions and
@@ -86,14 +86,19 @@ def build(actors=None):
 
 
 def sample(token: str, pids: dict) -> dict:
-    """RSS (bytes), fds and threads of each process; this DAG's segments."""
+    """RSS and private memory (bytes), fds and threads of each process; this DAG's
+    segments."""
     import psutil
     procs = {}
     for name, pid in pids.items():
         p = psutil.Process(pid)
         with p.oneshot():
-            procs[name] = {"rss": p.memory_info().rss, "fds": p.num_fds(),
-                           "threads": p.num_threads()}
+            mi = p.memory_info()
+            # private = RSS less file and shared-memory pages: the channels' slots count in
+            # RSS once touched (a deeper slot can first be touched late in a run), so a
+            # leak shows in ``private``; the segments' own size is tracked below
+            procs[name] = {"rss": mi.rss, "private": mi.rss - getattr(mi, "shared", 0),
+                           "fds": p.num_fds(), "threads": p.num_threads()}
     segs = glob.glob(f"/dev/shm/dagc-{token}-*")
     size = 0
     for s in segs:
@@ -149,7 +154,7 @@ def soak(executions: int, actors=None, window: int = 4, warmup: int = 1000,
         cg.teardown()
     first, last = samples[0], samples[-1]
     growth = {name: {k: last["procs"][name][k] - first["procs"][name][k]
-                     for k in ("rss", "fds", "threads")} for name in pids}
+                     for k in ("rss", "private", "fds", "threads")} for name in pids}
     growth["segments"] = last["segments"] - first["segments"]
     growth["segment_bytes"] = last["segment_bytes"] - first["segment_bytes"]
     left = glob.glob(f"/dev/shm/dagc-{token}-*")
@@ -161,12 +166,13 @@ def _row(s: dict) -> str:
     cells = [f"{s['executions']:>9,}", f"{s['seconds']:>8.1f}"]
     for name in ("driver", "a", "b", "c"):
         p = s["procs"][name]
-        cells.append(f"{p['rss'] / 2**20:>7.1f}M {p['fds']:>4} {p['threads']:>3}")
+        cells.append(f"{p['rss'] / 2**20:>7.1f}M {p['private'] / 2**20:>6.1f}M {p['fds']:>4} "
+                     f"{p['threads']:>3}")
     cells.append(f"{s['segments']:>4} {s['segment_bytes'] / 2**20:>6.1f}M")
     return " | ".join(cells)
 
 
-HEADER = (" execs    |  seconds | " + " | ".join(f"{n + ' rss':>8} fds thr"
+HEADER = (" execs    |  seconds | " + " | ".join(f"{n + ' rss':>8} private fds thr"
                                                for n in ("driver", "a", "b", "c"))
           + " | segs  bytes")
 
@@ -195,8 +201,8 @@ def main(argv=None) -> int:
           f"({res['executions'] / res['seconds']:,.0f}/s)")
     for name in ("driver", "a", "b", "c"):
         x = g[name]
-        print(f"growth {name:>6}: rss {x['rss'] / 2**20:+.1f} MiB, fds {x['fds']:+d}, "
-              f"threads {x['threads']:+d}")
+        print(f"growth {name:>6}: rss {x['rss'] / 2**20:+.1f} MiB (private "
+              f"{x['private'] / 2**20:+.1f} MiB), fds {x['fds']:+d}, threads {x['threads']:+d}")
     print(f"growth segments: {g['segments']:+d} ({g['segment_bytes'] / 2**20:+.1f} MiB); "
           f"left after teardown: {res['segments_after_teardown']}")
     if args.json:

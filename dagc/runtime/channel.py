@@ -15,12 +15,11 @@ own 64-byte cache line so the writer and readers do not false-share)::
     M       slot_map[nslots] writer        slot_map[m % nslots]: the slot holding message m
     H       slot 0 .. slot nslots-1, each: [length, kind, ...pad to 64] + payload
 
-Slots are not tied to message numbers. Unread messages occupy consecutive slots (mod
-nslots); when every reader has read everything, the writer starts again at slot 0, so a
-DAG run one execution at a time keeps reusing one slot whose lines are still in cache
-instead of sweeping all ``nslots`` of them (for 1 MiB payloads that alone is most of the
-cost of a copy), and a slot deeper than the pipeline ever gets is never touched (tmpfs
-allocates a page on first write). States of the slot k that message m took::
+Slots are not tied to message numbers: the writer fills the lowest slot that no unread
+message holds, so a DAG run one execution at a time keeps reusing slot 0, whose lines are
+still in cache, instead of sweeping all ``nslots`` slots (for 1 MiB payloads that alone is
+most of the cost of a copy), and a slot deeper than the pipeline ever gets is never touched
+(tmpfs allocates a page on first write). States of the slot k that message m took::
 
     filled    write_seq > m, some read_seq <= m          readers copy it out
     released  every read_seq > m                         the writer may reuse it
@@ -295,7 +294,8 @@ class Writer(PickleEncoder):
         self.rseq = [rseq_word(r) for r in range(self.nreaders)]
         self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
         self.map = map_word(self.nreaders)
-        self._rot = 0
+        self._busy = 0
+        self._oldest = self.w[W_WSEQ]
 
     def write(self, value, deadline: float | None = None) -> None:
         raws = arr = None
@@ -319,30 +319,41 @@ class Writer(PickleEncoder):
                         + sum(_round64(r.nbytes) for r in raws))
             else:
                 need = len(main)
-        # The slot: unread messages sit in consecutive slots (mod nslots) from the oldest
-        # on; the next goes after them once fewer than nslots are unread. When every reader
-        # has read everything, any slot is free: start again at slot 0, the one most used
-        # (still in cache; and slots past the usual depth of the pipeline are never touched,
-        # so their pages are never allocated).
+        # The slot: the lowest one no unread message holds. A DAG run one execution at a
+        # time keeps reusing slot 0 (still in cache), and a slot deeper than the pipeline
+        # ever gets is never touched (its pages are never allocated). _busy has a bit per
+        # slot held by a message from _oldest on.
         seq = self.seq
         w = self.w
         n = self.slots
-        low = seq - n + 1
-        drained = True
-        for i in self.rseq:
-            r = w[i]
-            if r != seq:
-                drained = False
+        oldest = self._oldest
+        busy = self._busy
+        if oldest < seq:
+            m = self.map
+            low = seq
+            for i in self.rseq:
+                r = w[i]
                 if r < low:
-                    self.waiter.wait(w, i, low, self.addr, W_WSLEEP, self.peers, deadline)
-        if drained:
-            self._rot = -seq
-        k = (seq + self._rot) % n
+                    low = r
+            while oldest < low:                  # read by everyone: its slot is free again
+                busy &= ~(1 << w[m + oldest % n])
+                oldest += 1
+            if seq - oldest >= n:                # every slot is held: wait for the oldest
+                for i in self.rseq:
+                    if w[i] <= oldest:
+                        self.waiter.wait(w, i, oldest + 1, self.addr, W_WSLEEP, self.peers,
+                                         deadline)
+                busy &= ~(1 << w[m + oldest % n])
+                oldest += 1
+            self._oldest = oldest
+        k = (~busy & (busy + 1)).bit_length() - 1
+        self._busy = busy | (1 << k)
         if need > self.capacity:
-            self._grow(need, k)            # the new segment starts empty: any slot is free
+            self._grow(need, k)                  # the new segment starts empty
             w = self.w
             seq = self.seq
-            k = seq % n
+            k = 0
+            self._busy = 1
         off = self.slot_off[k]
         mv = self.mv
         p = off + SLOT_HDR
