@@ -294,8 +294,6 @@ class Writer(PickleEncoder):
         self.rseq = [rseq_word(r) for r in range(self.nreaders)]
         self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
         self.map = map_word(self.nreaders)
-        self._busy = 0
-        self._oldest = self.w[W_WSEQ]
 
     def write(self, value, deadline: float | None = None) -> None:
         raws = arr = None
@@ -321,39 +319,33 @@ class Writer(PickleEncoder):
                 need = len(main)
         # The slot: the lowest one no unread message holds. A DAG run one execution at a
         # time keeps reusing slot 0 (still in cache), and a slot deeper than the pipeline
-        # ever gets is never touched (its pages are never allocated). _busy has a bit per
-        # slot held by a message from _oldest on.
-        seq = self.seq
+        # ever gets is never touched (its pages are never allocated). Which slots unread
+        # messages hold is read back from the slot map each time: no state of ours can
+        # drift from what the readers see, even if an interrupt cuts a write short.
         w = self.w
+        seq = self.seq = w[W_WSEQ]
         n = self.slots
-        oldest = self._oldest
-        busy = self._busy
-        if oldest < seq:
-            m = self.map
-            low = seq
+        low = seq
+        for i in self.rseq:
+            r = w[i]
+            if r < low:
+                low = r
+        if seq - low >= n:                       # every slot is held: wait for the oldest
             for i in self.rseq:
-                r = w[i]
-                if r < low:
-                    low = r
-            while oldest < low:                  # read by everyone: its slot is free again
-                busy &= ~(1 << w[m + oldest % n])
-                oldest += 1
-            if seq - oldest >= n:                # every slot is held: wait for the oldest
-                for i in self.rseq:
-                    if w[i] <= oldest:
-                        self.waiter.wait(w, i, oldest + 1, self.addr, W_WSLEEP, self.peers,
-                                         deadline)
-                busy &= ~(1 << w[m + oldest % n])
-                oldest += 1
-            self._oldest = oldest
+                if w[i] <= low:
+                    self.waiter.wait(w, i, low + 1, self.addr, W_WSLEEP, self.peers, deadline)
+            low += 1
+        busy = 0
+        m = self.map
+        while low < seq:
+            busy |= 1 << w[m + low % n]
+            low += 1
         k = (~busy & (busy + 1)).bit_length() - 1
-        self._busy = busy | (1 << k)
         if need > self.capacity:
             self._grow(need, k)                  # the new segment starts empty
             w = self.w
             seq = self.seq
             k = 0
-            self._busy = 1
         off = self.slot_off[k]
         mv = self.mv
         p = off + SLOT_HDR
