@@ -25,9 +25,15 @@ def __getattr__(name):
     if name in ("CompiledDag", "DagRef", "Profile", "Profile"):
         from dagc.runtime import compiled
         return getattr(compiled, name)
-    if name in ("Communicator", "GlooCommunicator", "NcclCommunicator"):
-        from dagc.runtime import communicator
-        return getattr(communicator, name)
+    if name == "Communicator":
+        from dagc.runtime.communicator import Communicator
+        return Communicator
+    if name == "GlooCommunicator":
+        from dagc.runtime.gloo import GlooCommunicator
+        return GlooCommunicator
+    if name == "NcclCommunicator":
+        from dagc.runtime.nccl import NcclCommunicator
+        return NcclCommunicator
     raise AttributeError(f"module 'dagc' has no attribute {name!r}")
 
 

@@ -17,22 +17,14 @@ def ray_session():
     ``ray.init()`` would find it; the file is put back as it was afterwards.
     """
     import ray
-    from ray._private.utils import get_ray_address_file
-    address_file = get_ray_address_file(None)
-    before = open(address_file).read() if os.path.exists(address_file) else None
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=32, include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-    try:
-        if before is None:
-            os.unlink(address_file)
-        else:
-            with open(address_file, "w") as f:
-                f.write(before)
-    except OSError:
-        pass
+
+    from tests.helpers import ray_address_file_kept
+    with ray_address_file_kept():
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=32, include_dashboard=False,
+                     log_to_driver=False, configure_logging=True, logging_level="ERROR")
+        yield ray
+        ray.shutdown()
 
 
 @pytest.fixture

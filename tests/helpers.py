@@ -1,4 +1,7 @@
-"""Build dagc IR by hand for tests that need no Ray."""
+"""Test helpers: dagc IR built by hand (no Ray), and Ray's current-cluster file kept."""
+import contextlib
+import os
+
 import networkx as nx
 
 from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec
@@ -16,7 +19,7 @@ def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None):
         nret = spec[5] if len(spec) > 5 else 1
         group = spec[6] if len(spec) > 6 else None
         op = Op(id=oid, kind=COLLECTIVE if group else CALL, actor=actor,
-                method=f"allreduce.sum" if group else method,
+                method="allreduce.sum" if group else method,
                 args=tuple(Arg(a) for a in args),
                 kwargs=tuple((k, Arg(v)) for k, v in kwargs.items()), num_returns=nret,
                 transport=transports.get(oid, "nccl" if group else None), group=group)
@@ -44,3 +47,23 @@ def compile_ir(ir, overlap=False, gpus=(), **options):
 
 def column(sched, actor):
     return [str(a) for a in sched.of(actor)]
+
+
+@contextlib.contextmanager
+def ray_address_file_kept():
+    """Put /tmp/ray/ray_current_cluster back as it was: a Ray started inside points it at
+    itself, where a later plain ``ray.init()`` elsewhere on the machine would find it."""
+    from ray._private.utils import get_ray_address_file
+    address_file = get_ray_address_file(None)
+    before = open(address_file).read() if os.path.exists(address_file) else None
+    try:
+        yield
+    finally:
+        try:
+            if before is None:
+                os.unlink(address_file)
+            else:
+                with open(address_file, "w") as f:
+                    f.write(before)
+        except OSError:
+            pass

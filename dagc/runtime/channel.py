@@ -275,7 +275,6 @@ class Writer(PickleEncoder):
         self.nreaders = nreaders
         self.slots = slots
         self.peers = tuple(reader_procs)
-        self.seq = 0
         self._old: list = []
         self._bufs: list = []
         self._dispatch = None
@@ -323,7 +322,7 @@ class Writer(PickleEncoder):
         # messages hold is read back from the slot map each time: no state of ours can
         # drift from what the readers see, even if an interrupt cuts a write short.
         w = self.w
-        seq = self.seq = w[W_WSEQ]
+        seq = w[W_WSEQ]                          # only this writer stores it
         n = self.slots
         low = seq
         for i in self.rseq:
@@ -342,9 +341,9 @@ class Writer(PickleEncoder):
             low += 1
         k = (~busy & (busy + 1)).bit_length() - 1
         if need > self.capacity:
-            self._grow(need, k)                  # the new segment starts empty
+            self._grow(need, seq, k)             # the new segment starts empty
             w = self.w
-            seq = self.seq
+            seq += 1
             k = 0
         off = self.slot_off[k]
         mv = self.mv
@@ -383,8 +382,7 @@ class Writer(PickleEncoder):
             w[(off >> 3) + 1] = KIND_PICKLE
             bufs.clear()
         w[self.map + seq % n] = k
-        w[W_WSEQ] = seq + 1      # publish first: an interrupt after it leaves both agreeing
-        self.seq = seq + 1
+        w[W_WSEQ] = seq + 1      # publish
         for i in self.rsleep:
             if w[i]:
                 shm.futex_wake(self.addr + W_WSEQ * 8)
@@ -392,19 +390,18 @@ class Writer(PickleEncoder):
         if self._old:
             self._retire()
 
-    def _grow(self, need: int, k: int) -> None:
-        """Publish a MOVED record (in free slot ``k``) at the current sequence number and
-        switch segments."""
+    def _grow(self, need: int, seq: int, k: int) -> None:
+        """Publish a MOVED record as message ``seq`` (in free slot ``k``) and switch to a
+        bigger segment, whose messages start at ``seq + 1``."""
         new_cap = max(need, 2 * self.capacity)
         self.gen += 1
         new_name = f"{self.base}.g{self.gen}"
-        mm = create_segment(new_name, self.nreaders, self.slots, new_cap, start_seq=self.seq + 1)
-        rec = _dumps((new_name, self.seq))
+        mm = create_segment(new_name, self.nreaders, self.slots, new_cap, start_seq=seq + 1)
+        rec = _dumps((new_name, seq))
         off = self.slot_off[k]
         self.mv[off + SLOT_HDR:off + SLOT_HDR + len(rec)] = rec
         self.w[off >> 3] = len(rec)
         self.w[(off >> 3) + 1] = KIND_MOVED
-        seq = self.seq
         self.w[self.map + seq % self.slots] = k
         self.w[W_WSEQ] = seq + 1
         for i in self.rsleep:
@@ -414,8 +411,6 @@ class Writer(PickleEncoder):
         self._old.append((self.mm, self.mv, self.w, seq + 1,
                           self.base if self.gen == 1 else f"{self.base}.g{self.gen - 1}"))
         self._map(mm)
-        # the new segment numbers its messages from seq + 1; keep ours continuous
-        self.seq = seq + 1
 
     def _retire(self) -> None:
         """Unmap old segments once every reader has followed the MOVED record."""

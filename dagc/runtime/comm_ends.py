@@ -89,23 +89,14 @@ def _strip(v, out: list, seen: dict):
             slot = seen[id(v)] = _Slot(len(out))
             out.append(v)
         return slot
-    if isinstance(v, dict):
+    if isinstance(v, (dict, list)):
         new = None
-        for k, x in v.items():
+        for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
             y = _strip(x, out, seen)
             if y is not x:
-                if new is None:
-                    new = dict(v) if cls is dict else copy.copy(v)
+                if new is None:       # copy on first change; a subclass keeps its class
+                    new = cls(v) if cls is dict or cls is list else copy.copy(v)
                 new[k] = y
-        return v if new is None else new
-    if isinstance(v, list):
-        new = None
-        for i, x in enumerate(v):
-            y = _strip(x, out, seen)
-            if y is not x:
-                if new is None:
-                    new = list(v) if cls is list else copy.copy(v)
-                new[i] = y
         return v if new is None else new
     if isinstance(v, tuple):
         items = [_strip(x, out, seen) for x in v]
@@ -133,17 +124,11 @@ def _fill(v, ts: list):
         return ts[v.i]
     if cls in _ATOMIC:
         return v
-    if isinstance(v, dict):
-        for k, x in v.items():
+    if isinstance(v, (dict, list)):
+        for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
             y = _fill(x, ts)
             if y is not x:
-                v[k] = y
-        return v
-    if isinstance(v, list):
-        for i, x in enumerate(v):
-            y = _fill(x, ts)
-            if y is not x:
-                v[i] = y
+                v[k] = y          # an existing key or index: safe while iterating
         return v
     if isinstance(v, tuple):
         items = [_fill(x, ts) for x in v]

@@ -55,6 +55,8 @@ class LaunchMixin:
         node_of = {a.id: a.node for a in ir.actors}
         node_of[DRIVER] = here
         self._node_of = node_of
+        # the first actor on each node sweeps and cleans its segments (the driver its own)
+        self._cleaner = {a.node: a.id for a in reversed(ir.actors)}
         self._nodes = [here] + sorted({a.node for a in ir.actors} - {here})
         try:   # this node's segments of DAGs whose processes all died together
             shm.sweep_stale()
@@ -218,8 +220,8 @@ class LaunchMixin:
             wait=self._options["wait"], comm_groups=comm_groups, comm_channels=comm_channels,
             collectives=collectives, ctl=self._ctl_name(actor.node),
             tcp_readers=tcp_readers, secret=self._secret,
-            node_cleanup=actor.node != self._driver_node and actor.id == next(
-                a.id for a in self._ir.actors if a.node == actor.node))
+            node_cleanup=actor.node != self._driver_node
+            and self._cleaner[actor.node] == actor.id)
 
 
 def _driver_ip() -> str:

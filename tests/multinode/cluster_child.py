@@ -367,10 +367,17 @@ def main(argv) -> int:
     names = argv[2:] or list(CHECKS)
     REPORT["requested"] = names
     save()
-    from ray._private.utils import get_ray_address_file
-    address_file = get_ray_address_file(None)
-    before = open(address_file).read() if os.path.exists(address_file) else None
+    from tests.helpers import ray_address_file_kept
     t0 = time.monotonic()
+    # the Cluster points this machine's "current cluster" file at itself: put it back after
+    with ray_address_file_kept():
+        _run_checks(names)
+    REPORT["timings"]["total"] = time.monotonic() - t0
+    save()
+    return 0
+
+
+def _run_checks(names) -> None:
     cluster = start_cluster()
     CLUSTER.append(cluster)
     try:
@@ -392,18 +399,6 @@ def main(argv) -> int:
         note_processes()
     finally:
         stop_cluster(cluster)
-        # the Cluster pointed this machine's "current cluster" file at itself: put it back
-        try:
-            if before is None:
-                os.unlink(address_file)
-            else:
-                with open(address_file, "w") as f:
-                    f.write(before)
-        except OSError:
-            pass
-    REPORT["timings"]["total"] = time.monotonic() - t0
-    save()
-    return 0
 
 
 if __name__ == "__main__":

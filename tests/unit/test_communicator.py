@@ -25,8 +25,8 @@ from dagc.runtime import shm  # noqa: E402
 from dagc.runtime.channel import Control, Reader, Waiter, Writer, create_segment  # noqa: E402
 from dagc.runtime.comm_ends import (Collective, CommReader, CommWriter, _fill,  # noqa: E402
                                     _strip)
-from dagc.runtime.communicator import (Communicator, GlooCommunicator,  # noqa: E402
-                                       make_communicator)
+from dagc.runtime.communicator import Communicator, make_communicator  # noqa: E402
+from dagc.runtime.gloo import GlooCommunicator  # noqa: E402
 from dagc.runtime.failure import Failure, capture  # noqa: E402
 
 WORKERS = 3
