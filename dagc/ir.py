@@ -82,6 +82,8 @@ class Op:
     transport: Optional[str] = None           # None (shm), "nccl", "auto", "gloo", "custom"
     group: Optional[str] = None               # collective group id "g0"
     where: str = ""                           # the user's file:line where the node was bound
+    bind_index: Optional[int] = None          # position in its actor's bind order (0 first;
+                                              # equal for ties); None: unconstrained
 
     def refs(self) -> list[Arg]:
         return [a for a in (*self.args, *(v for _, v in self.kwargs))]
@@ -210,8 +212,11 @@ class IR:
     def __str__(self) -> str:
         lines = ["actors: " + ", ".join(a.label for a in self.actors)]
         lines.append(f"inputs: fields={list(self.inputs.fields)} direct={self.inputs.direct}")
+        shown = bind_reordered((o.actor, o.id, o.bind_index) for o in self.ops())
         for n in nx.lexicographical_topological_sort(self.graph, key=op_sort_key):
-            lines.append("  " + str(self.op(n)))
+            op = self.op(n)
+            lines.append("  " + str(op) + (f" [bind {op.bind_index}]" if op.actor in shown
+                                           else ""))
         lines.append("output: " + ("[" if self.output.multi else "")
                      + ", ".join(map(str, self.output.refs)) + ("]" if self.output.multi else ""))
         for c in self.channels:
@@ -265,6 +270,24 @@ class IR:
 def op_sort_key(op_id: str) -> str:
     """Sort "t2" before "t10": numeric order of op ids, as a string key."""
     return f"{int(op_id[1:]):09d}" if op_id[1:].isdigit() else op_id
+
+
+def bind_reordered(ops) -> set[str]:
+    """Actors whose bind order is not the order of their op ids.
+
+    ``ops`` yields (actor, op id, bind index or None). Only for those actors do the IR and
+    the schedule table print bind positions: elsewhere op ids already show the order.
+    """
+    binds: dict[str, list] = {}
+    for actor, op_id, bind in ops:
+        if bind is not None and bind >= 0:
+            binds.setdefault(actor, []).append((op_sort_key(op_id), bind))
+    out = set()
+    for actor, pairs in binds.items():
+        seq = [b for _, b in sorted(pairs)]
+        if any(x >= y for x, y in zip(seq, seq[1:])):
+            out.add(actor)
+    return out
 
 
 @dataclass

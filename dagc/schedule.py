@@ -9,7 +9,12 @@ An action prints compactly, the way a person reads a schedule table::
     crecv t3<a0       receive t3's tensors through the communicator from a0
     allreduce.sum t5  one participant's part of a collective (group in the JSON form)
     icrecv t3<a0      overlap: issue a receive early ...
-    wait t3           ... and wait for it just before first use
+    wait t3<a0        ... and wait for it just before first use (assigns t3)
+    isend t3>a1       overlap: issue a send ...
+    wait t3>a1,a2     ... and wait for the sends of t3 to a1 and a2 (end of the execution)
+
+A call shows its bind position, ``fwd t3 (bind 1)``, in the column of an actor whose bind
+order differs from the order of its op ids (so the table says why t3 runs before t2).
 
 ``str(schedule)`` is the Step x Actor table. ``to_json``/``from_json`` and
 ``to_csv``/``from_csv`` round-trip every field; the table is for reading only.
@@ -23,11 +28,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dagc.ir import ChannelSpec
+from dagc.ir import ChannelSpec, bind_reordered
 
-READ, CALL, WRITE, CSEND, CRECV, COLL, ICRECV, ISEND, WAIT = (
-    "recv", "call", "send", "csend", "crecv", "coll", "icrecv", "isend", "wait")
-ACTION_KINDS = (READ, CALL, WRITE, CSEND, CRECV, COLL, ICRECV, ISEND, WAIT)
+READ, CALL, WRITE, CSEND, CRECV, COLL, ICRECV, ISEND, WAIT_RECV, WAIT_SEND = (
+    "recv", "call", "send", "csend", "crecv", "coll", "icrecv", "isend", "wait_recv",
+    "wait_send")
+ACTION_KINDS = (READ, CALL, WRITE, CSEND, CRECV, COLL, ICRECV, ISEND, WAIT_RECV, WAIT_SEND)
 COMM_KINDS = (CSEND, CRECV, COLL, ICRECV, ISEND)
 
 
@@ -40,20 +46,25 @@ class Action:
     method: str = ""                            # CALL/COLL: method name
     args: tuple[str, ...] = ()                  # CALL/COLL: argument refs
     kwargs: tuple[tuple[str, str], ...] = ()
-    peers: tuple[str, ...] = ()                 # READ/CRECV: the writer; WRITE/CSEND: readers
-    channel: str = ""                           # channel id for READ/WRITE/CSEND/CRECV
+    peers: tuple[str, ...] = ()                 # READ/CRECV/ICRECV/WAIT_RECV: the writer;
+                                                # WRITE/CSEND/ISEND: readers; WAIT_SEND: the
+                                                # readers whose isends of value it waits for
+    channel: str = ""                           # channel id of the moved value
     group: str = ""                             # collective group id
     num_returns: int = 1
+    bind: int = -1                              # CALL/COLL: position in its actor's bind order
 
     def __str__(self) -> str:
-        if self.kind == CALL:
-            return f"{self.method} {self.value}"
-        if self.kind == COLL:
+        if self.kind in (CALL, COLL):
             return f"{self.method} {self.value}"
         if self.kind in (READ, CRECV, ICRECV):
             return f"{self.kind} {self.value}<{','.join(self.peers)}"
         if self.kind in (WRITE, CSEND, ISEND):
             return f"{self.kind} {self.value}>{','.join(self.peers)}"
+        if self.kind == WAIT_RECV:
+            return f"wait {self.value}<{','.join(self.peers)}"
+        if self.kind == WAIT_SEND:
+            return f"wait {self.value}>{','.join(self.peers)}"
         return f"{self.kind} {self.value}"
 
     def detail(self) -> str:
@@ -76,6 +87,9 @@ class Action:
     @classmethod
     def from_dict(cls, d: dict) -> "Action":
         d = dict(d)
+        if d.get("kind") not in ACTION_KINDS:
+            raise ValueError(f"unknown schedule action kind {d.get('kind')!r}; known: "
+                             f"{', '.join(ACTION_KINDS)}")
         d["args"] = tuple(d.get("args", ()))
         d["kwargs"] = tuple(tuple(kv) for kv in d.get("kwargs", ()))
         d["peers"] = tuple(d.get("peers", ()))
@@ -121,15 +135,12 @@ class Schedule:
         mark = mark or {}
         cols = list(self.actors)
         heads = ["step"] + [self.labels.get(a, a) for a in cols]
-        grid: dict[tuple[int, str], list[str]] = {}
-        for a in cols:
-            for act in self.of(a):
-                grid.setdefault((act.step, a), []).append(str(act))
+        grid = self.cells()
         rows = []
         for s in range(self.num_steps):
             row = [str(s)]
             for a in cols:
-                cell = "; ".join(grid.get((s, a), []))
+                cell = "; ".join(text for _, text in grid.get((s, a), []))
                 if (a, s) in mark:
                     cell = (cell + "  " if cell else "") + "<-- " + mark[(a, s)]
                 row.append(cell)
@@ -138,6 +149,18 @@ class Schedule:
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
         out = [fmt(heads), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
         return "\n".join(out)
+
+    def cells(self) -> dict[tuple[int, str], list[tuple[Action, str]]]:
+        """(step, actor) -> [(action, its text as the table shows it)] at that cell."""
+        grid: dict[tuple[int, str], list[tuple[Action, str]]] = {}
+        shown = _bind_shown(self)
+        for a in self.actors:
+            for act in self.of(a):
+                text = str(act)
+                if a in shown and act.kind in (CALL, COLL) and act.bind >= 0:
+                    text += f" (bind {act.bind})"
+                grid.setdefault((act.step, a), []).append((act, text))
+        return grid
 
     def channels_table(self) -> str:
         return "\n".join(str(c) for c in self.channels)
@@ -178,8 +201,8 @@ class Schedule:
 
     # -- CSV -----------------------------------------------------------------------------
     _CSV_FIELDS = ("record", "actor", "label", "step", "kind", "value", "method", "args",
-                   "kwargs", "peers", "channel", "group", "num_returns", "writer", "readers",
-                   "transport", "buffer_size", "slots", "communicator", "carrier")
+                   "kwargs", "peers", "channel", "group", "num_returns", "bind", "writer",
+                   "readers", "transport", "buffer_size", "slots", "communicator", "carrier")
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -193,7 +216,8 @@ class Schedule:
                             "value": x.value, "method": x.method, "args": " ".join(x.args),
                             "kwargs": " ".join(f"{k}={v}" for k, v in x.kwargs),
                             "peers": " ".join(x.peers), "channel": x.channel,
-                            "group": x.group, "num_returns": x.num_returns})
+                            "group": x.group, "num_returns": x.num_returns,
+                            "bind": x.bind})
         for c in self.channels:
             w.writerow({"record": "channel", "channel": c.id, "value": c.value,
                         "writer": c.writer, "readers": " ".join(c.readers),
@@ -211,12 +235,12 @@ class Schedule:
                 actors.append(r["actor"])
                 labels[r["actor"]] = r["label"]
             elif r["record"] == "action":
-                actions.setdefault(r["actor"], []).append(Action(
+                actions.setdefault(r["actor"], []).append(Action.from_dict(dict(
                     step=int(r["step"]), actor=r["actor"], kind=r["kind"], value=r["value"],
                     method=r["method"], args=split(r["args"]),
                     kwargs=tuple(tuple(kv.split("=", 1)) for kv in split(r["kwargs"])),
                     peers=split(r["peers"]), channel=r["channel"], group=r["group"],
-                    num_returns=int(r["num_returns"])))
+                    num_returns=int(r["num_returns"]), bind=int(r.get("bind") or -1))))
             elif r["record"] == "channel":
                 chans.append(ChannelSpec(id=r["channel"], value=r["value"], writer=r["writer"],
                                          readers=split(r["readers"]),
@@ -232,3 +256,8 @@ class Schedule:
         from dagc.inspect.html import schedule_html
         return schedule_html(self)
 
+
+def _bind_shown(sched: Schedule) -> set[str]:
+    """Actors whose bind order is not their op-id order: their calls show ``(bind k)``."""
+    return bind_reordered((p, x.value, x.bind) for p in sched.actors for x in sched.of(p)
+                          if x.kind in (CALL, COLL))

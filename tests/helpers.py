@@ -8,11 +8,20 @@ from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputS
 from dagc.passes import PassContext, default_pipeline, run_pipeline
 
 
-def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None):
-    """ops: [(op_id, actor, method, [arg refs], {kw: ref}, num_returns?, group?)]"""
+def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None, bind=None):
+    """ops: [(op_id, actor, method, [arg refs], {kw: ref}, num_returns?, group?)]
+
+    Each actor's bind order is its ops' op-id order unless ``bind`` ({op_id: position})
+    says otherwise for some ops.
+    """
     g = nx.DiGraph()
     actors = []
     transports = transports or {}
+    bind = dict(bind or {})
+    seen: dict[str, int] = {}
+    for spec in sorted(ops, key=lambda o: int(o[0][1:])):
+        seen[spec[1]] = seen.get(spec[1], -1) + 1
+        bind.setdefault(spec[0], seen[spec[1]])
     for spec in ops:
         oid, actor, method, args = spec[:4]
         kwargs = spec[4] if len(spec) > 4 else {}
@@ -22,7 +31,8 @@ def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None):
                 method="allreduce.sum" if group else method,
                 args=tuple(Arg(a) for a in args),
                 kwargs=tuple((k, Arg(v)) for k, v in kwargs.items()), num_returns=nret,
-                transport=transports.get(oid, "nccl" if group else None), group=group)
+                transport=transports.get(oid, "nccl" if group else None), group=group,
+                bind_index=bind[oid])
         g.add_node(oid, op=op)
         for a in op.refs():
             if a.is_value:

@@ -19,8 +19,8 @@ import jinja2
 import dagc
 from dagc.ir import DRIVER, IR
 from dagc.passes.assign_channels import INPUT
-from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT, WRITE,
-                           Action, Schedule)
+from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV,
+                           WAIT_SEND, WRITE, Action, Schedule)
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,16 @@ def _ident(s: str) -> str:
     return _IDENT.sub("_", s)
 
 
+def recv_handle(value: str) -> str:
+    """The local holding an issued receive of ``value`` (icrecv and its wait_recv)."""
+    return f"h_{local(value, 0)}"
+
+
+def send_handle(value: str, peer: str) -> str:
+    """The local holding an issued send of ``value`` to ``peer`` (isend and its wait_send)."""
+    return f"h_{local(value, 0)}_{peer}"
+
+
 class _Model:
     """Collects the bindings (methods, constants, channel ends) an actor's loop needs."""
 
@@ -115,34 +125,17 @@ def _action_model(a: Action, m: _Model, actor: str) -> dict:
     elif a.kind in (CSEND, ISEND):
         cw = m.bind(f"cw_{a.channel}", f"rt.comm_writer({a.channel!r})")
         d.update(obj=cw, source=local(a.value, m.nfields), peer=a.peers[0],
-                 handle=f"h_{local(a.value, m.nfields)}_{a.peers[0]}")
+                 handle=send_handle(a.value, a.peers[0]))
     elif a.kind in (CRECV, ICRECV):
         cr = m.bind(f"cr_{a.channel}", f"rt.comm_reader({a.channel!r})")
-        d.update(obj=cr, target=local(a.value, m.nfields),
-                 handle=f"h_{local(a.value, m.nfields)}")
-    elif a.kind == WAIT:
-        is_recv = not a.peers and a.channel and a.actor == actor
-        d.update(target=local(a.value, m.nfields), handle=f"h_{local(a.value, m.nfields)}",
-                 recv=is_recv)
+        d.update(obj=cr, target=local(a.value, m.nfields), handle=recv_handle(a.value))
+    elif a.kind == WAIT_RECV:
+        d.update(target=local(a.value, m.nfields), handle=recv_handle(a.value))
+    elif a.kind == WAIT_SEND:
+        d.update(handles=[send_handle(a.value, p) for p in a.peers])
+    else:
+        raise AssertionError(f"no code for schedule action kind {a.kind!r} ({a})")
     return d
-
-
-def _wait_models(acts) -> None:
-    # a send's wait names the peer's handle; a receive's wait assigns the value
-    sends = {}
-    for a in acts:
-        if a["kind"] == ISEND:
-            sends.setdefault(a["target"] if "target" in a else a["source"], []).append(a)
-    for a in acts:
-        if a["kind"] == WAIT:
-            s = sends.get(a["target"])
-            if s:
-                a["send_handles"] = [x["handle"] for x in s]
-                a["recv"] = False
-                sends.pop(a["target"])
-            else:
-                a["send_handles"] = []
-                a["recv"] = True
 
 
 def _header(ir: IR, actor: str, label: str, origin: str) -> dict:
@@ -155,7 +148,6 @@ def render_actor(ir: IR, sched: Schedule, actor: str, origin: str = "",
     nfields = len(ir.inputs.fields)
     m = _Model(nfields)
     acts = [_action_model(a, m, actor) for a in sched.of(actor)]
-    _wait_models(acts)
     label = sched.labels.get(actor, actor)
     model = {"h": _header(ir, actor, label, origin), "actions": acts,
              "bindings": sorted(m.bindings.items(), key=_binding_order), "profile": profile}

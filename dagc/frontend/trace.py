@@ -2,8 +2,10 @@
 
 ``trace(dag)`` returns ``(ir, side)``: the IR names actors "a0", "a1", ... in order of first
 appearance and values "t0", "t1", ... in a deterministic depth-first order over the
-arguments, so the same DAG always gives the same IR. Live objects (actor handles,
-constants, user communicators) go into the side table, never into the IR.
+arguments, so the same DAG always gives the same IR. Each op records its position in its
+actor's bind order (Ray's per-handle bind index, ranked), which the schedule keeps. Live
+objects (actor handles, constants, user communicators) go into the side table, never into
+the IR. A DAG node hidden inside an argument object is refused (``find_nodes``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import networkx as nx
 
 from dagc.errors import CompileError
+from dagc.frontend.find_nodes import find_node
 from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec,
                      SideTable)
 
@@ -80,7 +83,8 @@ class _Tracer:
         return aid
 
     # -- arguments -----------------------------------------------------------------------
-    def arg(self, value, consumer) -> Arg:
+    def arg(self, value, consumer, position) -> Arg:
+        """``position``: the argument's index, or its keyword (a str)."""
         rd = self.rd
         if isinstance(value, rd.DAGNode):
             return self.node(value)
@@ -90,11 +94,17 @@ class _Tracer:
                 f"{describe(consumer)}: an ObjectRef is bound as an argument; compiled DAGs "
                 f"take values, not ObjectRefs. Pass the value (ray.get it first) or feed it "
                 f"through the InputNode.")
-        if isinstance(value, (list, tuple, dict, set)) and _contains_dag_node(value, rd.DAGNode):
+        where = (f"keyword argument {position}=" if isinstance(position, str)
+                 else f"argument {position} ")
+        found = find_node(value, lambda v: isinstance(v, rd.DAGNode))
+        if found is not None:
+            node, path = found
             raise CompileError(
-                f"{describe(consumer)}: a DAG node is nested inside a {type(value).__name__} "
-                f"argument; compiled DAGs need DAG nodes as top-level arguments. Pass each node "
-                f"as its own argument.")
+                f"{describe(consumer)} {where}{path}: a DAG node ({describe(node)}) is nested "
+                f"inside a {type(value).__name__} argument, where it would be passed as the "
+                f"node object, not its result; compiled DAGs take DAG nodes only as top-level "
+                f"arguments. Pass the node as its own argument and build the "
+                f"{type(value).__name__} inside the method.")
         self.side.constants.append(value)
         return Arg(f"#{len(self.side.constants) - 1}")
 
@@ -160,8 +170,8 @@ class _Tracer:
             base = self.node(parent)
             return Arg(f"{base.text}.{node.output_idx}")
         is_coll = isinstance(node, self.CollectiveOutputNode) and node.collective_op is not None
-        args = tuple(self.arg(a, node) for a in node.get_args())
-        kwargs = tuple((k, self.arg(v, node)) for k, v in node.get_kwargs().items())
+        args = tuple(self.arg(a, node, i) for i, a in enumerate(node.get_args()))
+        kwargs = tuple((k, self.arg(v, node, k)) for k, v in node.get_kwargs().items())
         aid = self.actor_of(node)   # after the arguments: actors number in dataflow order
         num_returns = 1
         if not is_coll:
@@ -198,9 +208,10 @@ class _Tracer:
                 method_name = f"{kind}.{reduce}"
             # allreduce.bind([xs, ys]): one op per actor over several tensors, one result each
             num_returns = len(args)
+        raw_bind = getattr(node, "_get_bind_index", lambda: None)()
         op = Op(id=op_id, kind=COLLECTIVE if is_coll else CALL, actor=aid, method=method_name,
                 args=args, kwargs=kwargs, num_returns=num_returns, transport=transport,
-                group=group)
+                group=group, bind_index=raw_bind if isinstance(raw_bind, int) else None)
         self.graph.add_node(op_id, op=op)
         for a in op.refs():
             if a.is_value:
@@ -259,12 +270,13 @@ class _Tracer:
             k = None if kind == "direct" else (int(key) if kind == "pos" else key)
             return Arg(f"${index[(kind, k)]}")
 
+        bind_rank = _bind_ranks(data["op"] for _, data in self.graph.nodes(data=True))
         for n, data in self.graph.nodes(data=True):
             op = data["op"]
-            if any(a.is_input for a in op.refs()):
-                data["op"] = Op(**{**op.__dict__,
-                                   "args": tuple(renumber(a) for a in op.args),
-                                   "kwargs": tuple((k, renumber(v)) for k, v in op.kwargs)})
+            data["op"] = Op(**{**op.__dict__,
+                               "args": tuple(renumber(a) for a in op.args),
+                               "kwargs": tuple((k, renumber(v)) for k, v in op.kwargs),
+                               "bind_index": bind_rank.get(op.id)})
         out = tuple(renumber(a) for a in out_refs)
         num_positional = (max(pos) + 1) if pos else 0
         inputs = InputSpec(fields=fields, num_positional=num_positional, kwargs=tuple(kws),
@@ -275,16 +287,22 @@ class _Tracer:
         return ir, self.side
 
 
-def _contains_dag_node(value, dag_cls, depth=0) -> bool:
-    if depth > 4:
-        return False
-    if isinstance(value, dag_cls):
-        return True
-    if isinstance(value, dict):
-        return any(_contains_dag_node(v, dag_cls, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple, set)):
-        return any(_contains_dag_node(v, dag_cls, depth + 1) for v in value)
-    return False
+def _bind_ranks(ops) -> dict[str, int]:
+    """op id -> its position among its actor's ops in bind order (0 first, ties equal).
+
+    Ray numbers binds per actor handle over the handle's whole life (earlier DAGs count),
+    so dagc keeps only the order: the same DAG gives the same IR however it was built.
+    """
+    by_actor: dict[str, list] = {}
+    for op in ops:
+        if op.bind_index is not None:
+            by_actor.setdefault(op.actor, []).append(op)
+    ranks = {}
+    for actor_ops in by_actor.values():
+        order = sorted({op.bind_index for op in actor_ops})
+        pos = {b: i for i, b in enumerate(order)}
+        ranks.update({op.id: pos[op.bind_index] for op in actor_ops})
+    return ranks
 
 
 def trace(dag) -> tuple[IR, SideTable]:

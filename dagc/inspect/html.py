@@ -37,11 +37,8 @@ def step_table_html(schedule: Schedule) -> str:
     hovering shows the full form (``t3 = fwd(t2)``).
     """
     cols = list(schedule.actors)
-    grid: dict[tuple[int, str], list[str]] = {}
-    for a in cols:
-        for act in schedule.of(a):
-            grid.setdefault((act.step, a), []).append(
-                f'<span title="{_e(act.detail())}">{_e(act)}</span>')
+    grid = {k: [f'<span title="{_e(act.detail())}">{_e(text)}</span>' for act, text in v]
+            for k, v in schedule.cells().items()}
     rows = [_row(["step"] + [_e(schedule.labels.get(a, a)) for a in cols], "th")]
     for s in range(schedule.num_steps):
         rows.append(_row([str(s)] + ["<br>".join(grid.get((s, a), [])) for a in cols]))

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT, WRITE,
+from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV, WRITE,
                            Action, Schedule)
 
 PID = 1
@@ -185,16 +185,12 @@ def _representative(by_exec: dict, complete: list[int]) -> tuple[int, str]:
 
 # -- critical path ------------------------------------------------------------------------
 
-def _senders(a: Action, me: str, acts_of: dict) -> list[tuple[str, str]]:
+def _senders(a: Action) -> list[tuple[str, str]]:
     """(peer actor, kinds) whose matching action released receive-like action ``a``."""
     if a.kind == READ:
         return [(a.peers[0], WRITE)] if a.peers else []
-    if a.kind in (CRECV, ICRECV):
+    if a.kind in (CRECV, ICRECV, WAIT_RECV):
         return [(a.peers[0], "comm-send")] if a.peers else []
-    if a.kind == WAIT and not a.peers:
-        for x in acts_of.get(me, ()):
-            if x.kind in (ICRECV, CRECV) and x.value == a.value and x.peers:
-                return [(x.peers[0], "comm-send")]
     return []
 
 
@@ -208,7 +204,7 @@ def _predecessors(x: Span, spans: dict, schedule: Schedule) -> list[tuple[Span, 
     if a is None:
         return out
     acts_of = {p: schedule.of(p) for p in schedule.actors}
-    for peer, kind in _senders(a, x.actor, acts_of):
+    for peer, kind in _senders(a):
         for i, y in enumerate(acts_of.get(peer, ())):
             s = spans.get((peer, i))
             if s is None or y.value != a.value:

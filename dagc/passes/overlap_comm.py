@@ -1,10 +1,13 @@
 """overlap: Schedule -> Schedule where communicator receives are issued early.
 
-Rule: each ``crecv v`` becomes ``icrecv v`` hoisted up to just after the previous
+Rule: each ``crecv v<w`` becomes ``icrecv v<w`` hoisted up to just after the previous
 communicator op of the same process (so the issue order of communicator ops is unchanged
-and the deadlock proof still holds), plus ``wait v`` just before v's first use; each
-``csend v`` becomes ``isend v`` in place plus ``wait v`` at the end of the execution (the
-buffer stays alive until then). The simulator re-checks the result.
+and the deadlock proof still holds), plus ``wait v<w`` (kind wait_recv: waits on that one
+receive and assigns v) just before v's first use; each ``csend v>r`` becomes ``isend v>r``
+in place, and one ``wait v>r1,r2`` (kind wait_send: waits on the sends of v to exactly those
+readers) per value and channel goes at the end of the execution (the buffer stays alive
+until then). Every wait names what it waits for, so code generation guesses nothing. The
+simulator re-checks the result, waits included.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from typing import ClassVar
 from dagc.ir import IR
 from dagc.passes import Pass, PassContext
 from dagc.passes.simulate import simulate
-from dagc.schedule import (CALL, COLL, COMM_KINDS, CRECV, CSEND, ICRECV, ISEND, WAIT, WRITE,
-                           Action, Schedule)
+from dagc.schedule import (CALL, COLL, COMM_KINDS, CRECV, CSEND, ICRECV, ISEND, WAIT_RECV,
+                           WAIT_SEND, WRITE, Action, Schedule)
 
 
 def _uses(a: Action, value: str) -> bool:
@@ -28,40 +31,36 @@ def _uses(a: Action, value: str) -> bool:
 
 
 def overlap_actions(acts: tuple[Action, ...]) -> tuple[Action, ...]:
-    out: list[Action] = []
-    last_comm = -1                          # index in `out` of the last communicator op
-    pending_sends: list[Action] = []
+    body: list[Action] = []
+    last_comm = -1                          # index in `body` of the last communicator op
+    recv_waits: list[Action] = []           # one wait_recv per hoisted receive
+    sends: dict[tuple[str, str], list[str]] = {}   # (value, channel) -> peers, issue order
     for a in acts:
         if a.kind == CRECV:
-            issue = replace(a, kind=ICRECV)
-            out.insert(last_comm + 1, issue)
+            body.insert(last_comm + 1, replace(a, kind=ICRECV))
             last_comm += 1
-            # wait goes just before the first use, found later
-            out.append(replace(a, kind=WAIT, peers=(), channel=a.channel))
+            recv_waits.append(replace(a, kind=WAIT_RECV))
             continue
         if a.kind == CSEND:
-            pending_sends.append(a)
+            sends.setdefault((a.value, a.channel), []).extend(a.peers)
             a = replace(a, kind=ISEND)
-        out.append(a)
+        body.append(a)
         if a.kind in COMM_KINDS:
-            last_comm = len(out) - 1
-    # move each receive's wait just before the first use of its value
+            last_comm = len(body) - 1
+    # each receive's wait goes just before the first use of its value
     result: list[Action] = []
-    waits = [w for w in out if w.kind == WAIT]
-    body = [x for x in out if x.kind != WAIT]
-    placed = set()
+    pending = list(recv_waits)
     for x in body:
-        for w in waits:
-            if id(w) not in placed and _uses(x, w.value):
-                result.append(replace(w, step=x.step))
-                placed.add(id(w))
+        for w in [w for w in pending if _uses(x, w.value)]:
+            result.append(replace(w, step=x.step))
+            pending.remove(w)
         result.append(x)
-    for w in waits:
-        if id(w) not in placed:
-            result.append(w)
+    result.extend(pending)
     last = result[-1].step if result else 0
-    for s in pending_sends:
-        result.append(replace(s, kind=WAIT, peers=(), step=last))
+    for (value, channel), peers in sends.items():
+        actor = acts[0].actor
+        result.append(Action(step=last, actor=actor, kind=WAIT_SEND, value=value,
+                             peers=tuple(peers), channel=channel))
     return tuple(result)
 
 

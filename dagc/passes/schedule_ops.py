@@ -1,9 +1,10 @@
 """schedule: IR -> IR with a Schedule (per-actor ordered actions), proven deadlock-free.
 
 Rule: every process executes the restriction of ONE global order (a topological order of
-the ops in which each collective is a single node), and each communicator exchange sits in
-that order right after the op that produced it, so all blocking communicator ops pair up
-in the same relative order on every participant. Shared-memory reads go just before first
+the ops in which each collective is a single node, and which keeps every actor's methods
+in the order they were bound), and each communicator exchange sits in that order right
+after the op that produced it, so all blocking communicator ops pair up in the same
+relative order on every participant. Shared-memory reads go just before first
 use (they are buffered, so they cannot close a cycle). Steps are assigned as soon as
 possible, so the Step x Actor table shows what may run at once. The simulator
 (``dagc.passes.simulate``) then runs the schedule with blocking rendezvous semantics and
@@ -16,7 +17,7 @@ from typing import ClassVar
 
 import networkx as nx
 
-from dagc.errors import DeadlockError
+from dagc.errors import CompileError, DeadlockError
 from dagc.ir import COLLECTIVE, DRIVER, IR, op_sort_key
 from dagc.passes import Pass, PassContext
 from dagc.passes.assign_channels import INPUT
@@ -25,7 +26,12 @@ from dagc.schedule import CALL, COLL, CRECV, CSEND, READ, WRITE, Action, Schedul
 
 
 def global_order(ir: IR) -> list[list[str]]:
-    """A deterministic topological order; each entry is one op, or all ops of a collective."""
+    """A deterministic topological order; each entry is one op, or all ops of a collective.
+
+    Constraints: data dependencies, and each actor's bind order (an edge from every op of
+    bind position k to every op of the actor's next position). A cycle through a bind-order
+    edge is the user's binds contradicting their data: CompileError naming both ops.
+    """
     g = ir.graph
     group_of = {n: ir.op(n).group for n in g.nodes if ir.op(n).kind == COLLECTIVE}
     rep = {n: (f"~{group_of[n]}" if n in group_of else n) for n in g.nodes}
@@ -35,8 +41,15 @@ def global_order(ir: IR) -> list[list[str]]:
     for u, v in g.edges:
         if rep[u] != rep[v]:
             cg.add_edge(rep[u], rep[v])
+    for u, v in bind_edges(ir):
+        if rep[u] != rep[v] and not cg.has_edge(rep[u], rep[v]):
+            cg.add_edge(rep[u], rep[v], bind=(u, v))
     if not nx.is_directed_acyclic_graph(cg):
-        cyc = " -> ".join(u for u, _ in nx.find_cycle(cg))
+        cycle = nx.find_cycle(cg)
+        bound = [cg.edges[e]["bind"] for e in cycle if "bind" in cg.edges[e]]
+        if bound:
+            raise CompileError(_bind_order_message(ir, cg, *bound[0]))
+        cyc = " -> ".join(u for u, _ in cycle)
         raise DeadlockError(f"collectives depend on each other's results in a cycle ({cyc}); "
                             f"no order of communicator ops can complete. Split the collective "
                             f"or reorder the binds.")
@@ -49,6 +62,48 @@ def global_order(ir: IR) -> list[list[str]]:
 
     return [sorted(members[r], key=op_sort_key)
             for r in nx.lexicographical_topological_sort(cg, key=key)]
+
+
+def bind_edges(ir: IR) -> list[tuple[str, str]]:
+    """(earlier, later) op pairs: consecutive bind positions of one actor, ties unordered."""
+    by_actor: dict[str, dict[int, list[str]]] = {}
+    for op in ir.ops():
+        if op.bind_index is not None:
+            by_actor.setdefault(op.actor, {}).setdefault(op.bind_index, []).append(op.id)
+    edges = []
+    for actor in sorted(by_actor):
+        positions = sorted(by_actor[actor].items())
+        for (_, before), (_, after) in zip(positions, positions[1:]):
+            edges += [(u, v) for u in sorted(before, key=op_sort_key)
+                      for v in sorted(after, key=op_sort_key)]
+    return edges
+
+
+def _bind_order_message(ir: IR, cg: nx.DiGraph, first: str, second: str) -> str:
+    """``first`` is bound before ``second`` on one actor, yet needs what ``second`` makes."""
+    a, b = ir.op(first), ir.op(second)
+    rep = lambda n: f"~{ir.op(n).group}" if ir.op(n).kind == COLLECTIVE else n
+    path = nx.shortest_path(cg, rep(second), rep(first))
+    via = " -> ".join(p.lstrip("~") for p in path)
+    if any("bind" in cg.edges[e] for e in zip(path, path[1:])):
+        via += ", counting other actors' bind order"
+    label = ir.actor(a.actor).label
+
+    def name(op) -> str:
+        where = f" at {op.where}" if op.where else ""
+        return (f"{label}.{op.method} ({op.id}, bound {_ordinal(op.bind_index)} on "
+                f"{op.actor}{where})")
+
+    return (f"{name(a)} is bound before {name(b)} but needs its result ({via}); an actor "
+            f"runs its methods in the order they were bound. Fix: bind {label}.{b.method} "
+            f"before {label}.{a.method}, all through one handle of the actor (each copy of "
+            f"a handle counts its binds separately), or move one of them to another actor.")
+
+
+def _ordinal(k: int) -> str:
+    n = k + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def build_schedule(ir: IR) -> Schedule:
@@ -127,7 +182,8 @@ def build_schedule(ir: IR) -> Schedule:
                  kind=COLL if op.kind == COLLECTIVE else CALL, value=op.id,
                  method=op.method, args=tuple(a.text for a in op.args),
                  kwargs=tuple((k, v.text) for k, v in op.kwargs), group=op.group or "",
-                 num_returns=op.num_returns)
+                 num_returns=op.num_returns,
+                 bind=-1 if op.bind_index is None else op.bind_index)
         for op in ops:
             produced(op.actor, op.id, op.num_returns)
 

@@ -7,8 +7,13 @@ Semantics modelled (the strictest of the transports dagc uses):
 - every communicator op (csend, crecv, coll, isend, icrecv) enters its process's comm queue
   and the queue runs in order, as NCCL runs one CUDA stream: the op at the head completes
   only when every participant has the matching op at the head of its own queue;
-- csend, crecv and coll wait for their own completion; isend/icrecv do not, and
-  ``wait v`` waits for the queued op that moves v.
+- csend, crecv and coll wait for their own completion; isend/icrecv do not: a
+  ``wait v<w`` (wait_recv) waits for this execution's ``icrecv v<w`` to complete, a
+  ``wait v>r1,r2`` (wait_send) for its ``isend v>r1`` and ``isend v>r2``.
+
+Before running, every column is checked to wait exactly once on each op it issues, and
+only on ops it issued earlier in the same execution (otherwise a value would never be
+bound, or a wait would never end).
 
 Several executions are simulated back to back, so cross-execution ring pressure counts.
 The returned number of rounds is the schedule's simulated length (a test metric).
@@ -18,8 +23,8 @@ from __future__ import annotations
 from collections import deque
 
 from dagc.errors import DeadlockError
-from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT, WRITE,
-                           Schedule)
+from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV,
+                           WAIT_SEND, WRITE, Schedule)
 
 _BLOCKING = (CSEND, CRECV, COLL)
 _QUEUED = (CSEND, CRECV, COLL, ISEND, ICRECV)
@@ -40,7 +45,43 @@ def _participants(sched: Schedule, a, proc: str) -> set:
     return {proc, a.peers[0]}
 
 
+def _handle(proc: str, a, execution: int, peer: str) -> tuple:
+    """The key of the issued op a wait refers to: direction, value and peer."""
+    send = a.kind in (ISEND, WAIT_SEND)
+    return (proc, execution, "send" if send else "recv", a.value, peer)
+
+
+def check_waits(sched: Schedule) -> None:
+    """Each column waits once on every op it issues, after issuing it; DeadlockError if not."""
+    mark = {}
+    for p in sched.actors:
+        open_: dict[tuple, object] = {}
+        for a in sched.of(p):
+            if a.kind in (ISEND, ICRECV):
+                if len(a.peers) != 1:
+                    mark[(p, a.step)] = f"names {len(a.peers)} peers, not exactly one"
+                for peer in a.peers:
+                    k = _handle(p, a, 0, peer)
+                    if k in open_:
+                        mark[(p, a.step)] = f"issued twice before a wait ({k[2]} {a.value})"
+                    open_[k] = a
+            elif a.kind in (WAIT_RECV, WAIT_SEND):
+                if not a.peers:
+                    mark[(p, a.step)] = "waits on nothing: no peers named"
+                for peer in a.peers:
+                    if open_.pop(_handle(p, a, 0, peer), None) is None:
+                        mark[(p, a.step)] = f"waits on {a.value} {peer}, never issued before"
+        for a in open_.values():
+            mark[(p, a.step)] = f"never waited on ({a})"
+    if mark:
+        raise DeadlockError(
+            "the schedule's waits do not match the communicator ops it issues: a value "
+            "would never be bound, or a wait would never end. This is a dagc bug; please "
+            "report it with the DAG.", sched.table(mark))
+
+
 def simulate(sched: Schedule, executions: int = 2) -> int:
+    check_waits(sched)
     procs = [p for p in sched.actors if sched.of(p)]
     prog = {p: list(sched.of(p)) * executions for p in procs}
     pc = {p: 0 for p in procs}
@@ -49,7 +90,7 @@ def simulate(sched: Schedule, executions: int = 2) -> int:
     written = {c.id: 0 for c in sched.channels}
     read = {(c.id, r): 0 for c in sched.channels for r in c.readers}
     queue = {p: deque() for p in procs}          # entries: [key, participants, done, value]
-    issued: dict[tuple[str, str], list] = {}      # (proc, value) -> latest queue entry
+    issued: dict[tuple, list] = {}                # (proc, id, pc) / _handle() -> queue entry
     parts_cache: dict = {}
     rounds = 0
     while True:
@@ -80,7 +121,8 @@ def simulate(sched: Schedule, executions: int = 2) -> int:
                     written[a.channel] += 1
                 elif a.kind in _QUEUED:
                     if entry is None:
-                        key = (_match_key(p, a), pc[p] // len(sched.of(p)))
+                        n = pc[p] // len(sched.of(p))
+                        key = (_match_key(p, a), n)
                         pk = (a.kind, a.group, p, a.peers)
                         parts = parts_cache.get(pk)
                         if parts is None:
@@ -88,13 +130,14 @@ def simulate(sched: Schedule, executions: int = 2) -> int:
                         entry = [key, parts, False, a.value]
                         queue[p].append(entry)
                         issued[(p, id(a), pc[p])] = entry
-                        issued[(p, "v", a.value)] = entry
+                        if a.kind in (ISEND, ICRECV):
+                            issued[_handle(p, a, n, a.peers[0])] = entry
                         progressed = True
                     if a.kind in _BLOCKING and not entry[2]:
                         break
-                elif a.kind == WAIT:
-                    e = issued.get((p, "v", a.value))
-                    if e is not None and not e[2]:
+                elif a.kind in (WAIT_RECV, WAIT_SEND):
+                    n = pc[p] // len(sched.of(p))
+                    if not all(issued[_handle(p, a, n, q)][2] for q in a.peers):
                         break
                 elif a.kind != CALL:
                     raise AssertionError(f"unknown action kind {a.kind}")
@@ -124,6 +167,8 @@ def _why(a, p) -> str:
         return f"waits for all of {a.group}"
     if a.kind in (CSEND, ISEND):
         return f"waits for {a.peers[0]} to receive {a.value}"
-    if a.kind in (CRECV, ICRECV):
+    if a.kind in (CRECV, ICRECV, WAIT_RECV):
         return f"waits for {a.peers[0]} to send {a.value}"
+    if a.kind == WAIT_SEND:
+        return f"waits for {','.join(a.peers)} to receive {a.value}"
     return f"waits for {a.value}"

@@ -1,5 +1,6 @@
 """End-to-end: compile real Ray DAGs and run them (one shared Ray session)."""
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -63,6 +64,33 @@ def test_multi_args_kwargs_constants_and_input_attributes(workers):
         with pytest.raises(dagc.ExecuteArgumentError):
             cg.execute(1, 2)
         assert cg.execute(0, 0, f=1).get(timeout=10) == [10, 10]
+
+
+@dataclasses.dataclass
+class Settings:
+    layers: list
+    name: str = "s"
+
+
+class Holder:
+    __slots__ = ("array", "table")
+
+    def __init__(self, array, table):
+        self.array, self.table = array, table
+
+
+def test_constant_objects_compile_and_arrive(workers):
+    """Dataclasses, slotted objects, arrays and nested containers bound as constants."""
+    a = workers[0]
+    settings = Settings([1, {"deep": [2, 3]}])
+    holder = Holder(np.arange(5.0), {"k": [(1, 2), {"x"}]})
+    with InputNode() as inp:
+        dag = a.concat.bind(inp, settings, holder, {"n": [np.ones(2)]})
+    with dagc.compile(dag) as cg:
+        x, s, h, d = cg.execute(7).get(timeout=10)
+        assert x == 7 and s == settings
+        assert np.array_equal(h.array, holder.array) and h.table == holder.table
+        assert np.array_equal(d["n"][0], np.ones(2))
 
 
 def test_same_node_read_twice_and_by_driver(workers):

@@ -1,4 +1,8 @@
-"""Tensor transport and collectives end to end on CPU actors (gloo)."""
+"""Tensor transport and collectives end to end on CPU actors (gloo).
+
+Every DAG shape runs with ``overlap_communication`` off and on: overlap rewrites each
+communicator op of the generated loops, so each shape is a separate case for it.
+"""
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -64,24 +68,27 @@ def test_p2p_tensor_edge(tw, overlap):
             assert torch.equal(out, torch.full((n,), 2.0))
 
 
-def test_nested_tensors_multi_reader_and_driver(tw):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_nested_tensors_multi_reader_and_driver(tw, overlap):
     a, b, c = tw
     with InputNode() as inp:
         d = a.nested.bind(inp).with_tensor_transport("auto")
         dag = MultiOutputNode([b.sum_nested.bind(d), c.sum_nested.bind(d), d])
-    with dagc.compile(dag) as cg:
-        s1, s2, d = cg.execute(4).get(timeout=30)
-        assert s1 == s2 == 6.0 + 4.0 + 7
-        assert torch.equal(d["a"], torch.arange(4, dtype=torch.float32))
+    with dagc.compile(dag, overlap_communication=overlap) as cg:
+        for n in (4, 5, 6):       # the loops must survive an execution's end, waits included
+            s1, s2, d = cg.execute(n).get(timeout=30)
+            assert s1 == s2 == n * (n - 1) / 2 + 4.0 + 7
+            assert torch.equal(d["a"], torch.arange(n, dtype=torch.float32))
 
 
-def test_bidirectional_exchange(tw):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bidirectional_exchange(tw, overlap):
     a, b = tw[:2]
     with InputNode() as inp:
         x = a.make.bind(inp).with_tensor_transport("nccl")
         y = b.make.bind(inp).with_tensor_transport("nccl")
         dag = MultiOutputNode([a.add.bind(a.make.bind(inp), y), b.add.bind(x, y)])
-    with dagc.compile(dag) as cg:
+    with dagc.compile(dag, overlap_communication=overlap) as cg:
         for _ in range(3):
             r1, r2 = cg.execute(2).get(timeout=30)
             assert r1.tolist() == [3.0, 3.0] and r2.tolist() == [3.0, 3.0]
@@ -137,19 +144,21 @@ def test_allgather_reducescatter_and_bucketed_allreduce(tw, overlap):
         assert cg.execute(3).get(timeout=30)[0].shape == (9, 2)   # and the DAG goes on
 
 
-def test_failure_crosses_communicator_and_collective(tw):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_failure_crosses_communicator_and_collective(tw, overlap):
     a, b, c = tw
     with InputNode() as inp:
         bad = a.fail.bind(a.make.bind(inp)).with_tensor_transport("nccl")
         dag = MultiOutputNode([b.scale.bind(bad)])
-    with dagc.compile(dag) as cg:
+    with dagc.compile(dag, overlap_communication=overlap) as cg:
         with pytest.raises(RuntimeError, match="stage failed"):
             cg.execute(2).get(timeout=30)
         with pytest.raises(dagc.TaskError):
             cg.execute(2).get(timeout=30)
 
 
-def test_pipeline_parallel_example_runs():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_pipeline_parallel_example_runs(overlap):
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[2] / "examples" / "pipeline_parallel.py"
@@ -157,11 +166,13 @@ def test_pipeline_parallel_example_runs():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     dag = mod.build()
-    with dagc.compile(dag, overlap_communication=True) as cg:
-        out = cg.execute(*mod.example_input()).get(timeout=120)
-        assert len(out) == mod.MICROBATCHES and out[0].shape == (mod.BATCH // mod.MICROBATCHES,)
+    with dagc.compile(dag, overlap_communication=overlap) as cg:
+        for _ in range(2):
+            out = cg.execute(*mod.example_input()).get(timeout=120)
+            assert len(out) == mod.MICROBATCHES
+            assert out[0].shape == (mod.BATCH // mod.MICROBATCHES,)
         sched = str(cg.schedule)
-        assert "icrecv" in sched and "isend" in sched
+        assert ("icrecv" in sched and "isend" in sched) == overlap
 
 
 class CountingGloo(dagc.GlooCommunicator if hasattr(dagc, "GlooCommunicator") else object):
@@ -174,20 +185,23 @@ class CountingGloo(dagc.GlooCommunicator if hasattr(dagc, "GlooCommunicator") el
         return super().send(tensor, peer)
 
 
-def test_user_communicator_instance_as_option(tw):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_user_communicator_instance_as_option(tw, overlap):
     a, b = tw[:2]
     with InputNode() as inp:
         dag = b.scale.bind(a.make.bind(inp).with_tensor_transport("nccl"))
-    with dagc.compile(dag, communicator=CountingGloo()) as cg:
+    with dagc.compile(dag, communicator=CountingGloo(), overlap_communication=overlap) as cg:
         assert [g.backend for g in cg._ir.comm_groups] == ["custom-option"]
-        assert cg.execute(3).get(timeout=30).tolist() == [2.0, 2.0, 2.0]
+        for n in (3, 4):
+            assert cg.execute(n).get(timeout=30).tolist() == [2.0] * n
 
 
-def test_bad_communicator_option_is_clear_error(tw):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bad_communicator_option_is_clear_error(tw, overlap):
     a, b = tw[:2]
     with InputNode() as inp:
         dag = b.scale.bind(a.make.bind(inp).with_tensor_transport("nccl"))
     with pytest.raises(ValueError, match="communicator"):
-        dagc.compile(dag, communicator="mpi")
+        dagc.compile(dag, communicator="mpi", overlap_communication=overlap)
     with pytest.raises(dagc.CompileError, match="GPU"):
-        dagc.compile(dag, communicator="nccl")
+        dagc.compile(dag, communicator="nccl", overlap_communication=overlap)

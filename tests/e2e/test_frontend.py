@@ -1,4 +1,7 @@
 """Frontend: Ray DAG -> IR. Needs live actor handles (the shared Ray session), no compile."""
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 import ray
 
@@ -61,6 +64,24 @@ def test_num_returns_nodes(workers):
     assert [str(r) for r in ir.output.refs] == ["t0.1", "t0.0"]
 
 
+def test_bind_order_is_recorded_as_positions_per_actor(workers):
+    a, b = workers[:2]
+
+    def build():
+        with InputNode() as inp:
+            x1 = b.scale.bind(a.inc.bind(inp))       # a binds inc first, b binds scale first
+            x2 = a.scale.bind(b.inc.bind(inp))
+            return MultiOutputNode([x2, x1])          # numbered from x2: b.inc is t0
+
+    ir, _ = trace(build())
+    assert [(o.id, o.actor, o.method, o.bind_index)
+            for o in sorted(ir.ops(), key=lambda o: int(o.id[1:]))] == [
+        ("t0", "a0", "inc", 1), ("t1", "a1", "scale", 1),
+        ("t2", "a1", "inc", 0), ("t3", "a0", "scale", 0)]
+    assert "t0 = a0.inc($0) [bind 1]" in str(ir)
+    assert str(trace(build())[0]) == str(ir)     # Ray's counters grew; the IR did not change
+
+
 def test_tensor_transport_is_recorded(workers):
     a, b = workers[:2]
     with InputNode() as inp:
@@ -114,8 +135,65 @@ def test_nested_dag_node_is_compile_error(workers):
     a, b = workers[:2]
     with InputNode() as inp:
         dag = b.concat.bind([a.inc.bind(inp)])
-    with pytest.raises(dagc.CompileError, match="nested"):
+    with pytest.raises(dagc.CompileError, match=r"Worker.concat argument 0 \[0\]: a DAG node "
+                                               r"\(Worker.inc\) is nested inside a list"):
         trace(dag)
+
+
+@dataclass
+class Cfg:
+    layers: list
+    name: str = "cfg"
+
+
+@dataclass
+class StageArgs:
+    cfg: Cfg
+
+
+class Plain:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_dag_node_hidden_in_a_dataclass_is_compile_error(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        dag = b.echo.bind(StageArgs(Cfg([1, 2, a.inc.bind(inp)])))
+    with pytest.raises(dagc.CompileError) as ei:
+        trace(dag)
+    msg = str(ei.value)
+    assert msg.startswith("Worker.echo argument 0 .cfg.layers[2]: a DAG node (Worker.inc) is "
+                          "nested inside a StageArgs argument")
+    assert "Pass the node as its own argument" in msg
+
+
+def test_dag_node_hidden_in_a_plain_object_is_compile_error(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        dag = b.add.bind(inp, Plain(scale=2, source=a.inc.bind(inp)))
+    with pytest.raises(dagc.CompileError, match=r"Worker.add argument 1 .source: a DAG node "
+                                               r"\(Worker.inc\) is nested inside a Plain"):
+        trace(dag)
+
+
+def test_dag_node_in_nested_dict_and_list_keyword_is_compile_error(workers):
+    a, b = workers[:2]
+    with InputNode() as inp:
+        dag = b.scale.bind(inp, offset={"k": [1, (2, inp[0])]})
+    with pytest.raises(dagc.CompileError,
+                       match=r"Worker.scale keyword argument offset=\['k'\]\[1\]\[1\]: a DAG node"):
+        trace(dag)
+
+
+def test_plain_constant_objects_trace_as_constants(workers):
+    a = workers[0]
+    cfg, obj = StageArgs(Cfg([1, 2, {"deep": [3]}])), Plain(x=np.arange(4), y={"z": (1,)})
+    with InputNode() as inp:
+        dag = a.concat.bind(inp, cfg, obj)
+    ir, side = trace(dag)
+    assert ops(ir) == ["t0 = a0.concat($0, #0, #1)"]
+    assert side.constants == [cfg, obj]
 
 
 def test_not_a_dag_is_compile_error():

@@ -41,7 +41,7 @@ def bind(rt):
             t3 = coll_g0(t0)
             # step 8  send t3>driver via c2
             write_c2(t3)
-            # step 8  wait t0 via c1
+            # step 8  wait t0>a1 via c1
             h_t0_a1.wait()
 
     return loop

@@ -39,7 +39,7 @@ def bind(rt):
                 t1 = m_pre(inp)
             except Exception as e:
                 t1 = capture(e, "a1", "pre", 5)
-            # step 6  wait t0 via c1
+            # step 6  wait t0<a0 via c1
             t0 = h_t0.wait()
             # step 6  t2 = g(t0, t1)
             if t0.__class__ is Failure or t1.__class__ is Failure:

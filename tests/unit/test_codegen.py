@@ -30,6 +30,17 @@ CASES = {
                                        ("t3", "a0", "allreduce", ["t0"], {}, 1, "g0"),
                                        ("t4", "a1", "allreduce", ["t2"], {}, 1, "g0")],
                                       ["t3", "t4"], transports={"t0": "nccl"}),
+    # a tensor read by two actors and the driver, overlapped: one wait_send for both reads
+    "fanout_tensor_overlap": lambda: make_ir([("t0", "a0", "f", ["$0"]),
+                                              ("t1", "a1", "g", ["t0"]),
+                                              ("t2", "a2", "g", ["t0"])],
+                                             ["t1", "t2", "t0"], transports={"t0": "nccl"}),
+    # the example: each actor's methods run in bind order, not op-id order
+    "bind_order": lambda: make_ir([("t0", "a0", "inc", ["$0"]),
+                                   ("t1", "a1", "double_and_inc", ["t0"]),
+                                   ("t2", "a1", "inc", ["$0"]),
+                                   ("t3", "a0", "double_and_inc", ["t2"])],
+                                  ["t1", "t3"], bind={"t2": 0, "t1": 1, "t3": 0, "t0": 1}),
 }
 
 

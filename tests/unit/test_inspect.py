@@ -21,7 +21,7 @@ from dagc.inspect.graph import build_graph
 from dagc.inspect.trace import match_spans
 from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec
 from dagc.passes import PassContext, default_pipeline, run_pipeline
-from dagc.schedule import COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT, WRITE, Schedule
+from dagc.schedule import COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV, WRITE, Schedule
 
 HAVE_DOT = shutil.which("dot") is not None
 needs_dot = pytest.mark.skipif(not HAVE_DOT, reason="Graphviz 'dot' program not installed")
@@ -332,15 +332,15 @@ def test_chrome_trace_shared_steps_and_unknown_steps():
     sched = compile_schedule(tensor_ir(), overlap=True)
     a0 = sched.of("a0")
     shared = [x for x in a0 if x.step == a0[-1].step]
-    assert len(shared) == 2                                  # "send t0>driver; wait t0"
+    assert len(shared) == 2                                  # "send t0>driver; wait t0>a1"
     records = synth_records(sched, executions=1)
     records["a0"].append((0, 99, 5_000_000, 5_000_100))     # a step the schedule lacks
     names = [e["name"] for e in chrome_trace(sched, records)["traceEvents"] if e["ph"] == "X"]
-    assert "send t0>driver" in names and "wait t0" in names and "isend t0>a1" in names
+    assert "send t0>driver" in names and "wait t0>a1" in names and "isend t0>a1" in names
     assert "step 99" in names
     spans = match_spans(sched, records)
     assert [s.action.kind for s in spans if s.actor == "a1" and s.action][:3] == [
-        ICRECV, WAIT, CALL]
+        ICRECV, WAIT_RECV, CALL]
 
 
 def test_chrome_trace_empty(chain):

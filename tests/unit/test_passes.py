@@ -1,4 +1,6 @@
 """Passes on hand-built IR: no Ray. Schedules are compared as tables of action strings."""
+from dataclasses import replace
+
 import pytest
 
 from dagc.errors import CompileError, DeadlockError
@@ -168,9 +170,81 @@ def test_overlap_hoists_receives_and_keeps_comm_order():
     out = compile_ir(ir, overlap=True)
     col = column(out.schedule, "a1")
     assert col.index("icrecv t0<a0") < col.index("pre t1")
-    assert col.index("wait t0") < col.index("g t2")
+    assert col.index("wait t0<a0") < col.index("g t2")
+    assert column(out.schedule, "a0")[-1] == "wait t0>a1"
     assert "isend t0>a1" in column(out.schedule, "a0")
     assert simulate(out.schedule) > 0
+
+
+def two_reader_tensor_ir(to_driver=False):
+    return make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "g", ["t0"]),
+                    ("t2", "a2", "g", ["t0"])], ["t1", "t2"] + (["t0"] if to_driver else []),
+                   transports={"t0": "nccl"})
+
+
+def test_overlap_waits_say_what_they_wait_for():
+    """A tensor read by two actors: one wait_send naming both readers, one wait_recv each."""
+    s = compile_ir(two_reader_tensor_ir(), overlap=True).schedule
+    waits = [a for a in s.of("a0") if a.kind.startswith("wait")]
+    assert [(a.kind, a.value, a.peers) for a in waits] == [("wait_send", "t0", ("a1", "a2"))]
+    assert column(s, "a0")[-3:] == ["isend t0>a1", "isend t0>a2", "wait t0>a1,a2"]
+    for r in ("a1", "a2"):
+        w = [a for a in s.of(r) if a.kind.startswith("wait")]
+        assert [(a.kind, a.value, a.peers, a.channel) for a in w] == [
+            ("wait_recv", "t0", ("a0",), "c1")]
+        use = "g t1" if r == "a1" else "g t2"
+        assert column(s, r)[:3] == ["icrecv t0<a0", "wait t0<a0", use]
+
+
+def _waits_schedule(a0, a1):
+    from dagc.ir import ChannelSpec
+    return Schedule(actors=("a0", "a1"), actions={"a0": a0, "a1": a1},
+                    channels=(ChannelSpec("c0", "t0", "a0", ("a1",), transport="comm"),))
+
+
+def test_simulator_refuses_a_wait_on_nothing_issued():
+    isend = Action(0, "a0", "isend", "t0", peers=("a1",), channel="c0")
+    icrecv = Action(0, "a1", "icrecv", "t0", peers=("a0",), channel="c0")
+    wsend = Action(1, "a0", "wait_send", "t0", peers=("a1",), channel="c0")
+    wrecv = Action(1, "a1", "wait_recv", "t0", peers=("a0",), channel="c0")
+    assert simulate(_waits_schedule((isend, wsend), (icrecv, wrecv))) > 0
+    # the old model's mistake: a receive-style wait on the writer, which issued no receive
+    with pytest.raises(DeadlockError, match="waits do not match") as ei:
+        simulate(_waits_schedule((isend, wsend, replace(wrecv, actor="a0", step=2,
+                                                        peers=("a1",))), (icrecv, wrecv)))
+    assert "never issued" in ei.value.table
+    with pytest.raises(DeadlockError, match="waits do not match") as ei:
+        simulate(_waits_schedule((isend,), (icrecv, wrecv)))          # a send never waited
+    assert "never waited on (isend t0>a1)" in ei.value.table
+    with pytest.raises(DeadlockError, match="waits do not match"):    # waits for a2 too
+        simulate(_waits_schedule((isend, replace(wsend, peers=("a1", "a2"))), (icrecv, wrecv)))
+
+
+def test_simulator_wait_send_waits_for_every_named_send():
+    """a0 waits for its sends of t0 to a1 and a2, then sends t1 to a1. Fine while a1
+    receives t0 first; when a1 first waits for t1, a0's wait never ends."""
+    from dagc.ir import ChannelSpec
+    chans = (ChannelSpec("c0", "t0", "a0", ("a1", "a2"), transport="comm"),
+             ChannelSpec("c1", "t1", "a0", ("a1",)))
+    a0 = (Action(0, "a0", "isend", "t0", peers=("a1",), channel="c0"),
+          Action(0, "a0", "isend", "t0", peers=("a2",), channel="c0"),
+          Action(1, "a0", "wait_send", "t0", peers=("a1", "a2"), channel="c0"),
+          Action(2, "a0", "send", "t1", peers=("a1",), channel="c1"))
+    a1 = (Action(0, "a1", "crecv", "t0", peers=("a0",), channel="c0"),)
+    a2_ok = (Action(0, "a2", "crecv", "t0", peers=("a0",), channel="c0"),)
+    ok = Schedule(actors=("a0", "a1", "a2"), actions={"a0": a0, "a1": a1 + (
+        Action(3, "a1", "recv", "t1", peers=("a0",), channel="c1"),), "a2": a2_ok},
+        channels=chans)
+    assert simulate(ok) > 0
+    chans2 = chans + (ChannelSpec("c2", "t2", "a1", ("a2",)),)
+    a1b = (Action(3, "a1", "recv", "t1", peers=("a0",), channel="c1"),
+           Action(4, "a1", "send", "t2", peers=("a2",), channel="c2")) + a1
+    a2b = (Action(5, "a2", "recv", "t2", peers=("a1",), channel="c2"),) + a2_ok
+    stuck = Schedule(actors=("a0", "a1", "a2"), actions={"a0": a0, "a1": a1b, "a2": a2b},
+                     channels=chans2)
+    with pytest.raises(DeadlockError) as ei:
+        simulate(stuck)
+    assert "wait t0>a1,a2  <-- stuck (waits for a1,a2 to receive t0)" in ei.value.table
 
 
 def test_pipeline_string_round_trip():
@@ -202,3 +276,90 @@ def test_internal_error_names_the_pass():
 
     with pytest.raises(CompileError, match="internal error in pass 'broken'"):
         run_pipeline(chain(2), (Broken(),), PassContext())
+
+
+# -- bind order ----------------------------------------------------------------------------
+
+def calls(sched, actor):
+    return [str(a) for a in sched.of(actor) if a.kind in ("call", "coll")]
+
+
+def issue_example_ir():
+    """The issue's DAG as the frontend numbers it (depth-first from the output):
+    branch2 = a1.double_and_inc(a0.inc(inp)), branch1 = a0.double_and_inc(a1.inc(inp)),
+    where a1 bound inc first and a0 (the actor bound second in the user's code) too."""
+    return make_ir([("t0", "a0", "inc", ["$0"]), ("t1", "a1", "double_and_inc", ["t0"]),
+                    ("t2", "a1", "inc", ["$0"]), ("t3", "a0", "double_and_inc", ["t2"])],
+                   ["t1", "t3"], bind={"t2": 0, "t1": 1, "t3": 0, "t0": 1})
+
+
+def test_methods_of_an_actor_run_in_bind_order():
+    s = compile_ir(issue_example_ir()).schedule
+    assert calls(s, "a1") == ["inc t2", "double_and_inc t1"]
+    assert calls(s, "a0") == ["double_and_inc t3", "inc t0"]
+    table = str(s)                       # the table says why t3 runs before t0
+    assert "double_and_inc t3 (bind 0)" in table and "inc t0 (bind 1)" in table
+    assert Schedule.from_json(s.to_json()) == s and Schedule.from_csv(s.to_csv()) == s
+
+
+def test_bind_order_shown_only_where_it_differs_from_op_ids():
+    s = compile_ir(chain(3)).schedule
+    assert "(bind" not in str(s)
+    assert "[bind" not in str(chain(3))
+    assert "t0 = a0.inc($0) [bind 1]" in str(issue_example_ir())
+
+
+def one_f_one_b_ir(transport=None, bind_order=True):
+    """Two stages, two microbatches. Stage a1 is written 1F1B: fwd0, bwd0, fwd1, bwd1;
+    the frontend numbers both forwards first (t2, t3), then the backwards (t4, t5)."""
+    ops = [("t0", "a0", "fwd", ["$0"]), ("t1", "a0", "fwd", ["$1"]),
+           ("t2", "a1", "fwd", ["t0"]), ("t3", "a1", "fwd", ["t1"]),
+           ("t4", "a1", "bwd", ["t2"]), ("t5", "a1", "bwd", ["t3"]),
+           ("t6", "a0", "bwd", ["t4"]), ("t7", "a0", "bwd", ["t5"])]
+    bind = {"t2": 0, "t4": 1, "t3": 2, "t5": 3} if bind_order else None
+    tr = {x: transport for x in ("t0", "t1", "t4", "t5")} if transport else None
+    return make_ir(ops, ["t6", "t7"], nfields=2, transports=tr, bind=bind)
+
+
+@pytest.mark.parametrize("transport,overlap", [(None, False), ("nccl", False), ("nccl", True)])
+def test_hand_written_microbatch_order_stays_in_bind_order(transport, overlap):
+    old = compile_ir(one_f_one_b_ir(transport, bind_order=False), overlap=overlap).schedule
+    assert calls(old, "a1") == ["fwd t2", "fwd t3", "bwd t4", "bwd t5"]   # op-id order
+    s = compile_ir(one_f_one_b_ir(transport), overlap=overlap).schedule
+    assert calls(s, "a1") == ["fwd t2", "bwd t4", "fwd t3", "bwd t5"]
+    assert calls(s, "a0") == ["fwd t0", "fwd t1", "bwd t6", "bwd t7"]
+    assert simulate(s) > 0
+
+
+def test_bind_order_contradicting_data_is_compile_error():
+    # a0 binds h (t2) first, yet h needs t1 from a1, which needs f (t0), bound second on a0
+    ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "g", ["t0"]),
+                  ("t2", "a0", "h", ["t1"])], ["t2"], bind={"t2": 0, "t0": 1})
+    with pytest.raises(CompileError) as ei:
+        compile_ir(ir)
+    msg = str(ei.value)
+    assert not isinstance(ei.value, DeadlockError)
+    assert "a0:Stage.h (t2, bound 1st on a0) is bound before a0:Stage.f (t0, bound 2nd on a0)" \
+        in msg
+    assert "needs its result (t0 -> t1 -> t2)" in msg
+    assert "Fix: bind a0:Stage.f before a0:Stage.h" in msg
+
+
+def test_bind_order_contradiction_through_a_collective():
+    # a0 binds its allreduce before g, but a1's allreduce input needs g's result
+    ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a0", "g", ["t0"]),
+                  ("t2", "a1", "h", ["t1"]),
+                  ("t3", "a0", "allreduce", ["t0"], {}, 1, "g0"),
+                  ("t4", "a1", "allreduce", ["t2"], {}, 1, "g0")],
+                 ["t3", "t4"], bind={"t0": 0, "t3": 1, "t1": 2})
+    with pytest.raises(CompileError, match=r"allreduce.sum \(t3, bound 2nd on a0\) is bound "
+                                           r"before a0:Stage.g \(t1, bound 3rd on a0\)"):
+        compile_ir(ir)
+
+
+def test_equal_bind_positions_leave_the_order_to_the_data():
+    # two copies of one actor's handle both counted from 0: no order between t0 and t2
+    ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "g", ["t0"]),
+                  ("t2", "a0", "h", ["t1"])], ["t2"], bind={"t2": 0, "t0": 0})
+    s = compile_ir(ir).schedule
+    assert calls(s, "a0") == ["f t0", "h t2"]
