@@ -8,12 +8,15 @@ every edge a shared-memory channel). Payloads cycle through an int, 1 KiB of byt
 the 1 MiB default slot: the channels grow once, during warm-up). ``--window`` executions
 are kept in flight. After a warm-up, it samples the driver and the actors (by pid, with
 psutil): RSS and private memory (RSS less shared pages), open fds, threads, and this
-DAG's /dev/shm segments (count and bytes), then again every ``executions / reports``
-executions, and prints the table and the growth from the first sample to the last. With ``RAY_ADDRESS`` set it joins that
-cluster; otherwise it starts a local Ray.
+DAG's segments (count and bytes of those the processes map, read from /proc/<pid>/maps,
+since a segment's /dev/shm name may be gone while it is mapped; plus any still named), then
+again every ``executions / reports`` executions, and prints the table and the growth from
+the first sample to the last. With ``RAY_ADDRESS`` set it joins that cluster; otherwise it
+starts a local Ray.
 
-``tests/faults/test_soak.py`` runs :func:`soak` with a few thousand executions and
-asserts the growth stays within a small constant.
+``tests/faults/test_soak.py`` runs :func:`soak` with 3,000 executions in every test run
+and with 200,000 under ``pytest -m soak``, and asserts the growth stays within a small
+constant.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ def build(actors=None):
 
 def sample(token: str, pids: dict) -> dict:
     """RSS and private memory (bytes), fds and threads of each process; this DAG's
-    segments."""
+    segments (mapped or named)."""
     import psutil
     procs = {}
     for name, pid in pids.items():
@@ -99,14 +102,34 @@ def sample(token: str, pids: dict) -> dict:
             # leak shows in ``private``; the segments' own size is tracked below
             procs[name] = {"rss": mi.rss, "private": mi.rss - getattr(mi, "shared", 0),
                            "fds": p.num_fds(), "threads": p.num_threads()}
-    segs = glob.glob(f"/dev/shm/dagc-{token}-*")
-    size = 0
-    for s in segs:
+    segs = mapped_segments(token, pids.values())
+    return {"procs": procs, "segments": len(segs), "segment_bytes": sum(segs.values())}
+
+
+def mapped_segments(token: str, pids) -> dict:
+    """{path: bytes} of this DAG's segments: those any of ``pids`` maps (from
+    /proc/<pid>/maps; a segment's name may already be unlinked while it is mapped) and
+    those still named in /dev/shm."""
+    prefix = f"/dev/shm/dagc-{token}-"
+    segs: dict = {}
+    for pid in pids:
         try:
-            size += os.stat(s).st_size
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find(prefix)
+                    if i < 0:
+                        continue
+                    path = line[i:].rstrip("\n").removesuffix(" (deleted)")
+                    lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+                    segs[path] = max(segs.get(path, 0), hi - lo)
+        except OSError:
+            pass
+    for path in glob.glob(prefix + "*"):
+        try:
+            segs.setdefault(path, os.stat(path).st_size)
         except FileNotFoundError:
             pass
-    return {"procs": procs, "segments": len(segs), "segment_bytes": size}
+    return segs
 
 
 def soak(executions: int, actors=None, window: int = 4, warmup: int = 1000,

@@ -8,9 +8,11 @@ own 64-byte cache line so the writer and readers do not false-share)::
     8       nslots          creator      ring length (= max_inflight)
     16      slot_stride     creator      bytes per slot, header included
     24      nreaders        creator
+    32      writer_pid      writer       the pid of the process writing (set as it maps it)
     64      write_seq       writer       messages published; readers futex-wait on it
     128     writer_sleeping writer       1 while the writer blocks on a full ring
     192+128r  read_seq[r]     reader r     messages reader r has consumed; writer waits on it
+    200+128r  reader_pid[r]   reader r     its pid (set as it maps it)
     256+128r  reader_sleeping[r] reader r  1 while reader r blocks in futex_wait
     M       slot_map[nslots] writer        slot_map[m % nslots]: the slot holding message m
     H       slot 0 .. slot nslots-1, each: [length, kind, ...pad to 64] + payload
@@ -39,6 +41,14 @@ slot after the pickle bytes) and MOVED (the writer
 outgrew the slot size: the message names a bigger segment and the same message number is
 found there; readers follow, nobody fails).
 
+Names: a segment's name only has to exist until every process that uses it has mapped it.
+The DAG's own start-up removes the names of the segments it creates (see
+``Control.mark_opened``); a grown segment's name is removed by the last of its readers to
+follow the MOVED record (under a ``flock`` of the segment, so exactly one reader sees
+that every reader's pid is there), and by the writer once every reader is past the MOVED
+record, whichever comes first. The pids in the header are also how a segment whose every
+process died is recognised as stale (``shm.sweep_stale``).
+
 Waiting (``wait`` mode, see :class:`Waiter`): spin briefly, then poll with sched_yield for a
 self-tuning budget, then sleep in FUTEX_WAIT with a short timeout; a writer issues
 FUTEX_WAKE only when some reader's sleeping flag is set. Every sleep slice also checks the
@@ -58,6 +68,7 @@ from dagc.runtime.serialize import PickleEncoder
 
 MAGIC = 0x64616763
 W_NSLOTS, W_STRIDE, W_NREADERS = 1, 2, 3
+W_WPID = 4
 W_WSEQ = 8
 W_WSLEEP = 16
 SLOT_HDR = 64
@@ -65,6 +76,9 @@ KIND_PICKLE, KIND_MOVED, KIND_ARRAY = 1, 2, 3
 
 # control segment words
 C_STATE, C_WHO = 0, 1
+C_MAGIC = 2                    # CTL_MAGIC: what shm.sweep_stale trusts (with owner and size)
+C_OPENED = 3                   # processes of this node that have mapped all their segments
+C_NODE_PROCS = 4               # how many processes of the DAG run on this node
 C_PIDS = 8                     # pid of process i at word C_PIDS + i (0 = driver)
 RUNNING, CLOSED, FAILED = 0, 1, 2
 
@@ -111,6 +125,11 @@ def rsleep_word(r: int) -> int:
     return (256 + 128 * r) // 8
 
 
+def rpid_word(r: int) -> int:
+    """Reader r's pid: in its own read_seq line, written once as it maps the segment."""
+    return rseq_word(r) + 1
+
+
 def _round64(n: int) -> int:
     return (n + 63) & ~63
 
@@ -134,13 +153,41 @@ def create_segment(name: str, nreaders: int, slots: int, capacity: int, start_se
 
 
 class Control:
-    """The DAG-wide control segment: run state and every process's pid."""
+    """A node's control segment of a DAG: run state and the pids of its processes there.
 
-    def __init__(self, name: str, create: bool = False, nprocs: int = 0):
+    ``create`` makes it with ``nprocs`` (the DAG's processes on this node, which
+    :meth:`mark_opened` counts) and, if given, ``pid`` as process ``index``'s (the
+    creator's, so a DAG whose creator dies before anyone else joins is stale).
+    """
+
+    def __init__(self, name: str, create: bool = False, nprocs: int = 0, index: int = -1,
+                 pid: int = 0):
         self.name = name
-        self.mm = shm.create(name, 4096) if create else shm.open_existing(name)
+        self.mm = shm.create(name, shm.CTL_SIZE) if create else shm.open_existing(name)
         self.words = memoryview(self.mm).cast("q")
-        self.names: list[str] = []
+        if create:
+            self.words[C_NODE_PROCS] = nprocs
+            if index >= 0:
+                self.words[C_PIDS + index] = pid
+            self.words[C_MAGIC] = shm.CTL_MAGIC       # last: a complete control segment
+
+    def mark_opened(self, names) -> bool:
+        """This process has mapped every segment of this node it needs: count it; the
+        last process of the node to do so removes ``names`` (the node's segment names,
+        this control's last), as nobody will open them by name again. Returns whether this
+        call removed them. The count is taken under a flock of the segment, so exactly one
+        process sees it complete."""
+        def count():
+            n = self.words[C_OPENED] + 1
+            self.words[C_OPENED] = n
+            if n < self.words[C_NODE_PROCS]:
+                return False
+            for name in names:
+                if name != self.name:
+                    shm.unlink(name)
+            shm.unlink(self.name)
+            return True
+        return bool(shm.with_lock(self.name, count))
 
     @property
     def state(self) -> int:
@@ -285,6 +332,7 @@ class Writer(PickleEncoder):
         self.mm = mm
         self.mv = memoryview(mm)
         self.w = self.mv.cast("q")
+        self.w[W_WPID] = os.getpid()
         self.addr = shm.address(mm)
         self.stride = self.w[W_STRIDE]
         self.capacity = self.stride - SLOT_HDR
@@ -294,7 +342,9 @@ class Writer(PickleEncoder):
         self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
         self.map = map_word(self.nreaders)
 
-    def write(self, value, deadline: float | None = None) -> None:
+    def write(self, value, deadline: float | None = None) -> bool | None:
+        """Publish ``value``. Returns True when it could not be pickled and
+        ``on_encode_error``'s stand-in was published instead (None otherwise)."""
         raws = arr = None
         cls = value.__class__
         if cls in _SCALARS:
@@ -308,7 +358,11 @@ class Writer(PickleEncoder):
             hdr = _round64(16 + 8 * value.ndim + len(dt))
             need = hdr + value.nbytes
         else:
-            main = self._encode_or_replace(value)
+            try:
+                main = self._encode(value)
+            except Exception as e:
+                # on_encode_error's Failure goes instead; True tells the caller (None else)
+                return self._write_instead(e, value, deadline)
             bufs = self._bufs
             if bufs:
                 raws = [b.raw() for b in bufs]
@@ -409,16 +463,22 @@ class Writer(PickleEncoder):
                 shm.futex_wake(self.addr + W_WSEQ * 8)
                 break
         self._old.append((self.mm, self.mv, self.w, seq + 1,
-                          self.base if self.gen == 1 else f"{self.base}.g{self.gen - 1}"))
+                          self.base if self.gen == 1 else f"{self.base}.g{self.gen - 1}",
+                          new_name))
         self._map(mm)
 
     def _retire(self) -> None:
-        """Unmap old segments once every reader has followed the MOVED record."""
+        """Unmap old segments once every reader has followed the MOVED record.
+
+        A reader opens the new segment before it marks the MOVED record read, so by then
+        every reader has mapped the new one: its name goes too, if its last reader to
+        follow has not removed it already (and the old name, if anything left it)."""
         keep = []
         for entry in self._old:
-            mm, mv, w, done, name = entry
+            mm, mv, w, done, name, new_name = entry
             if all(w[i] >= done for i in self.rseq):
                 shm.unlink(name)
+                shm.unlink(new_name)
                 w.release()
                 mv.release()
                 mm.close()
@@ -435,7 +495,7 @@ class Writer(PickleEncoder):
             pass
 
     def close(self) -> None:
-        for mm, mv, w, _, _ in self._old:
+        for mm, mv, w, *_ in self._old:
             _release(w, mv, mm)
         self._old = []
         _release(self.w, self.mv, self.mm)
@@ -456,6 +516,7 @@ class Reader:
         self.mm = mm
         self.mv = memoryview(mm)
         self.w = self.mv.cast("q")
+        self.w[rpid_word(self.index)] = os.getpid()
         self.addr = shm.address(mm)
         nreaders = self.w[W_NREADERS]
         slots = self.w[W_NSLOTS]
@@ -534,11 +595,26 @@ class Reader:
     def _follow(self, off: int, n: int, deadline):
         name, _ = _loads(self.mv[off + SLOT_HDR:off + SLOT_HDR + n])
         seq = self.seq + 1
+        index = self.index
+
+        def joined(mm):
+            # under the segment's flock: record this reader; the last one removes the name
+            w = memoryview(mm).cast("q")
+            try:
+                w[rpid_word(index)] = os.getpid()
+                if all(w[rpid_word(r)] for r in range(w[W_NREADERS])):
+                    shm.unlink(name)
+            finally:
+                w.release()
+
+        # map the new segment before marking the MOVED record read: the writer removes
+        # its name once every reader is past that record
+        mm = shm.open_existing(name, locked=joined)
         self.w[self.my_seq] = seq
         if self.w[W_WSLEEP]:
             shm.futex_wake(self.addr + self.my_seq * 8)
         old = (self.w, self.mv, self.mm)
-        self._map(shm.open_existing(name))
+        self._map(mm)
         _release(*old)
         self.seq = seq
         return self.read(deadline)

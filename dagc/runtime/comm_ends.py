@@ -15,9 +15,12 @@ buffers; CUDA tensors through torch's own pickling, which is slow). The same ten
 twice in a value is sent once and comes back as one tensor in both places.
 
 The metadata of an execution is written once, when the value is sent to the first reader in
-``readers``; every reader gets the tensors by its own send. The writer sends contiguous
-tensors on the communicator's device (copies where needed); the reader allocates on its
-device and receives into them.
+``readers``; every reader gets the tensors by its own send. When the metadata cannot be
+pickled (a lock or a lambda next to the tensors), a Failure saying which part and why is
+published in its place and no tensor is sent to any reader: each reader returns the Failure
+without receiving, so sends and receives stay paired for the next execution. The writer
+sends contiguous tensors on the communicator's device (copies where needed); the reader
+allocates on its device and receives into them.
 
 Deferred receives. ``irecv`` (overlap) cannot post the tensor receives before the metadata
 is there, and must not block for it: the schedule may hoist it above ops the sender needs.
@@ -155,6 +158,31 @@ def _remake(v: tuple, items: list) -> tuple:
     return cls(items)
 
 
+def _unpicklable_part(v, path: str = "value", depth: int = 0) -> tuple:
+    """(path, object): the innermost part of ``v`` that does not pickle, e.g.
+    ``("value['lock']", <lock>)``; ``v`` itself when no part of it alone fails. Only
+    called for a value that failed to pickle (the error message), never per send."""
+    try:
+        pickle.dumps(v, 5)
+        return None
+    except Exception:
+        pass
+    if depth < 16 and v.__class__ not in _ATOMIC:
+        if isinstance(v, dict):
+            items = [(f"{path}[{k!r}]", x) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            items = [(f"{path}[{i}]", x) for i, x in enumerate(v)]
+        elif _is_dataclass(v) and not isinstance(v, type):
+            items = [(f"{path}.{f.name}", getattr(v, f.name, None)) for f in _fields(v)]
+        else:
+            items = [(f"{path}.{k}", x) for k, x in getattr(v, "__dict__", {}).items()]
+        for p, x in items[:1000]:
+            found = _unpicklable_part(x, p, depth + 1)
+            if found is not None:
+                return found
+    return path, v
+
+
 def _spec(t: Tensor) -> tuple:
     return (tuple(t.shape), _CODE.get(t.dtype, t.dtype))
 
@@ -238,6 +266,28 @@ class CommWriter:
         self._plan = {r: (ranks[r], i == 0, i == last) for i, r in enumerate(readers)}
         self._held = ()
         self._pending = _pending_of(comm)
+        # A value whose non-tensor part cannot be pickled: the metadata writer publishes a
+        # Failure instead (built by the loop's own on_encode_error when it has one, so the
+        # message names the actor as every other send error does) and its write() returns
+        # True; then no tensor follows, for any reader, and the readers' next receive pairs
+        # with the next execution's send.
+        self._hook = getattr(writer, "on_encode_error", None)
+        writer.on_encode_error = self._encode_error
+
+    def _encode_error(self, exc: Exception, meta) -> Failure:
+        """on_encode_error of the metadata writer: the Failure its readers get in place of
+        a value whose non-tensor part (``meta[0]``, the skeleton) cannot be pickled."""
+        value = meta[0] if meta.__class__ is tuple and len(meta) == 2 else meta
+        path, part = _unpicklable_part(value) or ("value", value)
+        err = TypeError(
+            f"{path} ({type(part).__name__}) cannot be pickled: {exc}. On a "
+            f"tensor-transport edge (to {', '.join(self.readers)}) only the tensors travel "
+            f"through the communicator; the rest of the value must pickle")
+        if self._hook is not None:
+            return self._hook(err, value)
+        return capture(TypeError(f"{self.actor or 'an actor'} produced a "
+                                 f"{type(value).__name__} that cannot be sent: {err}"),
+                       self.actor, "<send>", -1)
 
     def _prep(self, t: Tensor) -> Tensor:
         if t.device != self._dev:
@@ -261,13 +311,11 @@ class CommWriter:
         skel = _strip(value, out, {})
         ts = [self._prep(t) for t in out]
         try:
-            self._write((skel, tuple(_spec(t) for t in ts)))
+            if self._write((skel, tuple(_spec(t) for t in ts))):
+                return ()           # a Failure went instead (see _encode_error): no tensors
         except (pickle.PicklingError, TypeError, AttributeError) as e:
-            # nothing reached the ring: tell the readers instead of killing the loop
-            self._write(capture(TypeError(
-                f"the value sent to {peer} on a tensor-transport edge cannot be pickled "
-                f"({type(value).__name__}: {e}); only its tensors travel through the "
-                f"communicator, everything else must pickle"), self.actor, "send", -1))
+            # a writer that raises instead of calling on_encode_error: nothing reached it
+            self._write(self._encode_error(e, (skel, ())))
             return ()
         return tuple(t for t in ts if t.numel())
 

@@ -3,21 +3,20 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import pickle
 import secrets
 import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
-from dagc.errors import (ActorDiedError, CapacityError, DagClosedError,
-                         DagTimeoutError, ExecuteArgumentError)
+from dagc.errors import (ActorDiedError, CapacityError, DagClosedError, DagcError,
+                         DagTimeoutError)
 from dagc.ir import DRIVER
 from dagc.runtime import channel as ch
 from dagc.runtime import shm, worker
 from dagc.runtime.failure import Failure
 from dagc.runtime.inspection import InspectMixin, Profile  # noqa: F401
-from dagc.runtime.launch import LaunchMixin
+from dagc.runtime.launch import ArgumentsNotSent, LaunchMixin
 
 _LIVE: "weakref.WeakSet[CompiledDag]" = weakref.WeakSet()
 CREATED_PREFIXES: list[str] = []   # every segment prefix this process made (leak checks)
@@ -145,11 +144,14 @@ class CompiledDag(LaunchMixin, InspectMixin):
                 self._submit(args, kwargs)
             except (ch.PeerDied, ch.ChannelClosed) as e:
                 self._on_stop(e)
-            except (pickle.PicklingError, TypeError, AttributeError) as e:
-                if isinstance(e, ExecuteArgumentError):
-                    raise
-                raise TypeError(f"execute() could not send its arguments to the actors: "
-                                f"{type(e).__name__}: {e}. Pass picklable values.") from e
+            except (ArgumentsNotSent, DagcError):
+                # the arguments could not be pickled (the driver's writers raise this from
+                # the encoder itself, nothing was sent), or do not match the InputNode
+                raise
+            except Exception as e:
+                e.add_note("dagc internal error while submitting an execution (not caused "
+                           "by its arguments); please report it with this traceback.")
+                raise
             i = self._submitted
             self._submitted = i + 1
         return DagRef(self, i)
@@ -225,15 +227,12 @@ class CompiledDag(LaunchMixin, InspectMixin):
         return all(r.ready() for r in self._readers.values())
 
     def _abandon(self, idx: int) -> None:
-        """A DagRef died unfetched. Runs from __del__, so it never blocks on the lock."""
-        if self._closed:
-            return
-        self._dropped.append(idx)             # atomic; handled under the lock
-        if self._read_lock.acquire(blocking=False):
-            try:
-                self._take_abandoned()
-            finally:
-                self._read_lock.release()
+        """A DagRef died unfetched. Runs from __del__, which garbage collection can run at
+        any bytecode, even inside this DAG's own fetch on this very thread (where the
+        re-entrant read lock would let it in mid-update): so it only enqueues (list.append
+        is atomic); _fetch and _make_room take the queue under the read lock."""
+        if not self._closed:
+            self._dropped.append(idx)
 
     def _take_abandoned(self) -> None:
         while self._dropped:

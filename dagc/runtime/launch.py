@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import traceback
 
 from dagc.errors import ExecuteArgumentError
 from dagc.ir import DRIVER
@@ -49,8 +50,19 @@ class LaunchMixin:
         """Each node's control segment (nodes may share a /dev/shm in a test cluster)."""
         return f"{self._prefix}ctl.{self._nodes.index(node)}"
 
+    def _node_names(self, node: str) -> tuple:
+        """The names of the segments made on ``node`` (its control last): removed by the
+        last of the node's processes to map its ends (``Control.mark_opened``)."""
+        return tuple(self._prefix + c.id for c in self._ir.channels
+                     if not c.over_tcp and self._node_of[c.writer] == node) + (
+            self._ctl_name(node),)
+
+    def _node_procs(self, node: str) -> int:
+        """How many of the DAG's processes run on ``node`` (the driver included)."""
+        return (node == self._driver_node) + sum(a.node == node for a in self._ir.actors)
+
     def _start(self) -> None:
-        ir, opts = self._ir, self._options
+        ir = self._ir
         here = self._driver_node
         node_of = {a.id: a.node for a in ir.actors}
         node_of[DRIVER] = here
@@ -62,52 +74,64 @@ class LaunchMixin:
             shm.sweep_stale()
         except OSError:
             pass
-        self._control = ch.Control(self._ctl_name(here), create=True)
+        self._control = ch.Control(self._ctl_name(here), create=True,
+                                   nprocs=self._node_procs(here), index=0, pid=os.getpid())
         try:
-            self._control.set_pid(0, os.getpid())
-            for a, probe in zip(ir.actors, self._probes):
-                if a.node == here:     # a pid means something on its own node only
-                    self._control.set_pid(self._index[a.id], probe["pid"])
-            waiter = ch.Waiter(self._control, self._procs, opts["wait"])
-            local = tuple(self._index[a.id] for a in ir.actors if a.node == here)
-            for c in ir.channels:
-                if not c.over_tcp and node_of[c.writer] == here:
-                    ch.create_segment(self._prefix + c.id, len(c.readers), c.slots,
-                                      c.buffer_size).close()
-            addrs = self._prepare_nodes(waiter)
-            for c in ir.channels:
-                seg = self._prefix + c.id
-                if c.writer == DRIVER and not c.over_tcp:
-                    self._writers[c.id] = ch.Writer(seg, len(c.readers), c.slots,
-                                                    c.buffer_size, waiter, local, create=False)
-                if DRIVER in c.readers:
-                    if c.over_tcp:
-                        from dagc.runtime import tcp
-                        host, port = addrs[c.id]
-                        self._readers[c.id] = tcp.TcpReader(
-                            host, port, self._secret, c.readers.index(DRIVER), waiter,
-                            self._index[c.writer], channel=worker.tcp_channel_name(
-                                self._token, c.id), connect_timeout=opts["start_timeout"])
-                    else:
-                        r = self._readers[c.id] = ch.Reader(seg, c.readers.index(DRIVER),
-                                                            waiter, -1)
-                        r.peers = local
-            rdv = self._prepare_comms()
-            plans = [self._plan(a, rdv, addrs) for a in ir.actors]
-            refs = [h.__ray_call__.remote(worker.start, p) for h, p in zip(self._handles, plans)]
-            ray_get(refs, self._options["start_timeout"], self._procs, what="start the loops")
-            ns_drv = {}
-            mod = self._modules[DRIVER]
-            exec(compile(mod.source, mod.filename, "exec"), ns_drv)
-            linecache.cache[mod.filename] = (len(mod.source), None,
-                                             mod.source.splitlines(True), mod.filename)
-            self._submit, self._collect = ns_drv["bind"](_DriverRuntime(self._readers,
-                                                                        self._writers, ir))
-        except BaseException:
+            self._launch()
+        except BaseException as e:
             self._closed = True
             self._stop_actors(wait=True)
             self._release()
+            # let go of the ends now: the exception the caller may keep holds this object
+            # and, in its traceback's frames, whatever they referenced (wake pipes, sockets)
+            self._readers, self._writers = {}, {}
+            traceback.clear_frames(e.__traceback__)
             raise
+
+    def _launch(self) -> None:
+        ir, opts, here, node_of = self._ir, self._options, self._driver_node, self._node_of
+        for a, probe in zip(ir.actors, self._probes):
+            if a.node == here:     # a pid means something on its own node only
+                self._control.set_pid(self._index[a.id], probe["pid"])
+        waiter = ch.Waiter(self._control, self._procs, opts["wait"])
+        local = tuple(self._index[a.id] for a in ir.actors if a.node == here)
+        for c in ir.channels:
+            if not c.over_tcp and node_of[c.writer] == here:
+                ch.create_segment(self._prefix + c.id, len(c.readers), c.slots,
+                                  c.buffer_size).close()
+        addrs = self._prepare_nodes(waiter)
+        for c in ir.channels:
+            seg = self._prefix + c.id
+            if c.writer == DRIVER and not c.over_tcp:
+                self._writers[c.id] = ch.Writer(seg, len(c.readers), c.slots,
+                                                c.buffer_size, waiter, local, create=False)
+            if DRIVER in c.readers:
+                if c.over_tcp:
+                    from dagc.runtime import tcp
+                    host, port = addrs[c.id]
+                    self._readers[c.id] = tcp.TcpReader(
+                        host, port, self._secret, c.readers.index(DRIVER), waiter,
+                        self._index[c.writer], channel=worker.tcp_channel_name(
+                            self._token, c.id), connect_timeout=opts["start_timeout"])
+                else:
+                    r = self._readers[c.id] = ch.Reader(seg, c.readers.index(DRIVER),
+                                                        waiter, -1)
+                    r.peers = local
+        for w in self._writers.values():     # execute()'s arguments: see execute()
+            w.on_encode_error = arguments_not_picklable
+        # the driver has mapped its ends: the last process here removes the names
+        self._control.mark_opened(self._node_names(here))
+        rdv = self._prepare_comms()
+        plans = [self._plan(a, rdv, addrs) for a in ir.actors]
+        refs = [h.__ray_call__.remote(worker.start, p) for h, p in zip(self._handles, plans)]
+        ray_get(refs, self._options["start_timeout"], self._procs, what="start the loops")
+        ns_drv = {}
+        mod = self._modules[DRIVER]
+        exec(compile(mod.source, mod.filename, "exec"), ns_drv)
+        linecache.cache[mod.filename] = (len(mod.source), None,
+                                         mod.source.splitlines(True), mod.filename)
+        self._submit, self._collect = ns_drv["bind"](_DriverRuntime(self._readers,
+                                                                    self._writers, ir))
 
     def _prepare_nodes(self, waiter) -> dict:
         """Round 1: other nodes' leaders create their segments; TCP writers start listening.
@@ -126,7 +150,8 @@ class LaunchMixin:
         for a in ir.actors:
             if a.node != here and a.node not in leaders:
                 leaders[a.node] = a.id
-                specs[a.id] = {"ctl": self._ctl_name(a.node), "segments": [
+                specs[a.id] = {"ctl": self._ctl_name(a.node), "index": self._index[a.id],
+                               "nprocs": self._node_procs(a.node), "segments": [
                     (self._prefix + c.id, len(c.readers), c.slots, c.buffer_size)
                     for c in ir.channels
                     if not c.over_tcp and node_of[c.writer] == a.node]}
@@ -221,7 +246,20 @@ class LaunchMixin:
             collectives=collectives, ctl=self._ctl_name(actor.node),
             tcp_readers=tcp_readers, secret=self._secret,
             node_cleanup=actor.node != self._driver_node
-            and self._cleaner[actor.node] == actor.id)
+            and self._cleaner[actor.node] == actor.id,
+            node_names=self._node_names(actor.node))
+
+
+class ArgumentsNotSent(TypeError):
+    """``execute()``'s arguments could not be pickled (raised by the driver's writers)."""
+
+
+def arguments_not_picklable(exc: Exception, value):
+    """The driver's writers' ``on_encode_error``: encoding the user's arguments failed.
+    Only this becomes execute()'s "could not send its arguments" error; anything else
+    raised while submitting is dagc's own bug and propagates as it is."""
+    raise ArgumentsNotSent(f"execute() could not send its arguments to the actors: "
+                           f"{type(exc).__name__}: {exc}. Pass picklable values.") from exc
 
 
 def _driver_ip() -> str:

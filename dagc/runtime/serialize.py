@@ -47,16 +47,23 @@ class PickleEncoder:
 
     _bufs: list
     _dispatch = None          # becomes the tensor table (or {}) once torch is imported
-    on_encode_error = None    # set by actor loops: turns an unpicklable value into a Failure
+    # set by actor loops: ``on_encode_error(exc, value)`` -> the Failure to send in place of
+    # a value that cannot be pickled; ``write`` then returns True (otherwise None)
+    on_encode_error = None
 
-    def _encode_or_replace(self, value):
-        """``_encode``; a value that cannot be pickled is replaced by on_encode_error's."""
-        try:
-            return self._encode(value)
-        except Exception as e:
-            if self.on_encode_error is None:
-                raise
-            return self._encode(self.on_encode_error(e, value))
+    def _write_instead(self, exc: Exception, value, deadline) -> bool:
+        """Called by ``write`` when ``value`` cannot be pickled (``exc``): without an
+        ``on_encode_error`` re-raise ``exc``; with one, write its stand-in (a Failure)
+        instead and return True, so ``write`` can tell its caller that the value did not go
+        out (a tensor-transport end must then send no tensors). Off the hot path: ``write``
+        only gets here from its ``except``."""
+        handler = self.on_encode_error
+        if handler is None:
+            raise exc
+        stand_in = handler(exc, value)
+        self._encode(stand_in)           # must pickle: raise here rather than loop
+        self.write(stand_in, deadline)
+        return True
 
     def _encode(self, value):
         bufs = self._bufs

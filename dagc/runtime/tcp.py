@@ -30,6 +30,42 @@ cannot be reflected; the channel name is in the MAC, so a reader cannot be joine
 wrong channel of the same DAG. This is multiprocessing.connection's deliver_challenge /
 answer_challenge, done in both directions with timeouts.
 
+What the handshake does and does not protect. It authenticates both ends at connect time:
+only a process holding this compile's secret becomes a reader or the writer of this
+channel, and nothing is unpickled before that. Without TLS it does *not* protect what
+follows: frames travel in the clear with no per-frame authentication, so whoever can read
+the TCP stream sees every value, and whoever can inject into it (an on-path attacker,
+spoofed packets into the connection) can have arbitrary pickles unpickled in the reader -
+code execution. That is Ray's own exposure without TLS; the answer is the same as Ray's.
+
+TLS. When Ray runs with TLS (``RAY_USE_TLS`` = 1/true and ``RAY_TLS_SERVER_CERT``,
+``RAY_TLS_SERVER_KEY``, ``RAY_TLS_CA_CERT``, read by ``dagc.config.ray_tls`` exactly as Ray
+reads them), every connection is TLS (1.2 or later, the ``ssl`` module) with those files
+before anything else: the writer is the TLS server, the reader the client, and each
+requires the other's certificate to be signed by the CA (mutual authentication, as Ray's
+gRPC does; no host-name check: ends connect by IP address, and the CA is what admits a
+cluster member). A peer that does not speak TLS or shows a certificate the CA did not sign
+is dropped in the TLS handshake, before a byte of dagc's protocol is read from it. The HMAC
+handshake then runs inside TLS, unchanged, so a cluster member without this compile's
+secret is still refused; after it every frame and ack is encrypted and integrity-protected
+by TLS. Both ends must agree: a TLS reader meeting a plain writer fails at once with
+TcpAuthError ("RAY_USE_TLS set alike on every node"); a plain reader meeting a TLS writer
+gets no hello and gives up at its connect timeout. ``tls=`` on an end overrides the
+environment (None: plain; a (cert, key, ca) tuple: those files). The contexts are built
+once per process and file version.
+
+TLS costs only when it is on: a TLS end binds TLS variants of its per-message methods when
+it is made (``_send``/``_drain_acks`` of the writer, ``_fill``/``_send_ack`` of the reader),
+and a plain end runs exactly the code it ran before. The variants differ where TLS sockets
+do: there is no ``sendmsg`` (a frame up to 16 KiB is joined into one record, a bigger one
+is written part by part, and a part the TLS layer took only in part - "want write" - is
+offered again whole, as OpenSSL requires); "want read/write" stand for EAGAIN; a read returns
+at most one record and keeps what it decrypted beyond the request where poll() cannot see
+it, so the reader also checks ``pending()``; and one TLS object must never be used by two
+threads at once, so every TLS call of a writer (its thread, the sender thread, close())
+holds the writer's lock, and a reader's close() waits (up to 1 s) for its reading thread to
+leave. Figures: ``python benchmarks/tcp.py``.
+
 Wire format after the handshake (little-endian)::
 
     W → R   frame:  kind u8 | 0 u8 | 0 u16 | nbufs u32 | main_len u64 | nbufs × buf_len u64
@@ -98,9 +134,9 @@ channel); ``wake()``/``wake_all()``/``ready()`` may come from any thread. ``clos
 required: it stops the writer's accept and sender threads.
 """
 from dagc.runtime.tcp_reader import TcpReader
-from dagc.runtime.tcp_wire import (TcpAuthError, TcpProtocolError, TcpSetupError,
-                                   new_secret)
+from dagc.runtime.tcp_wire import (FROM_ENV, TcpAuthError, TcpProtocolError, TcpSetupError,
+                                   TlsFiles, new_secret)
 from dagc.runtime.tcp_writer import TcpWriter
 
 __all__ = ["TcpReader", "TcpWriter", "TcpAuthError", "TcpProtocolError", "TcpSetupError",
-           "new_secret"]
+           "TlsFiles", "FROM_ENV", "new_secret"]

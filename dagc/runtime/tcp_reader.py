@@ -14,12 +14,13 @@ import threading
 import time
 
 from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
-from dagc.runtime.tcp_wire import (ACK, _ACK_CLOSE, _again, _check_secret, _DONTWAIT, HDR,
-                                   HDR_SIZE, HELLO, KIND_CLOSE, KIND_DATA, KIND_FAIL, _loads, MAC,
-                                   _mac, _mark_failed, MAX_BUFS, MAX_NAME, _monotonic, NONCE,
-                                   _NOSIGNAL, _POLLIN, _proc_name, _recv_exact, _Retry, RING,
-                                   SLICE, TcpAuthError, TcpProtocolError, TcpSetupError, _tune,
-                                   _WakePipe)
+from dagc.runtime.tcp_wire import (ACK, _ACK_CLOSE, _again, _check_secret, _DONTWAIT,
+                                   FROM_ENV, HDR, HDR_SIZE, HELLO, KIND_CLOSE, KIND_DATA,
+                                   KIND_FAIL, _loads, MAC, _mac, _mark_failed, MAX_BUFS,
+                                   MAX_NAME, _monotonic, NONCE, _NOSIGNAL, _POLLIN, _proc_name,
+                                   _recv_exact, resolve_tls, _Retry, RING, SLICE, TcpAuthError,
+                                   TcpProtocolError, TcpSetupError, tls_context, _tls_refused,
+                                   _tls_send, _tune, _WANT, _WakePipe)
 
 
 class TcpReader:
@@ -27,13 +28,22 @@ class TcpReader:
 
     Connects (and authenticates) in the constructor, retrying until ``connect_timeout``;
     ``connect=False`` defers that to ``connect()``. ``writer_proc`` is the writer's
-    control index (its name for ``PeerDied`` via ``waiter.procs``).
+    control index (its name for ``PeerDied`` via ``waiter.procs``). ``tls`` as for
+    ``TcpWriter`` (default: TLS exactly when Ray uses it).
     """
 
     def __init__(self, host: str, port: int, secret: bytes, index: int = 0, waiter=None,
                  writer_proc: int = -1, *, channel: str = "", writer_name: str | None = None,
                  check_peers: tuple = (), connect_timeout: float = 60.0,
-                 liveness: float = 5.0, connect: bool = True):
+                 liveness: float = 5.0, connect: bool = True, tls=FROM_ENV):
+        self.tls = resolve_tls(tls)
+        self._ctx = None
+        if self.tls is not None:
+            # the TLS variants of the per-message socket calls (see TcpWriter.__init__)
+            self._ctx = tls_context(self.tls, server_side=False)
+            self._fill = self._fill_tls
+            self._send_ack = self._send_ack_tls
+            self._ack_new = b""
         self.host, self.port = host, int(port)
         self.channel = channel
         self._chan = channel.encode()
@@ -77,10 +87,13 @@ class TcpReader:
                 raise ChannelClosed()
             left = deadline - _monotonic()
             if left <= 0:
+                tls = "" if self._ctx is not None else (
+                    ", and is this end's RAY_USE_TLS the writer's (a TLS writer never "
+                    "answers a plain reader)")
                 raise TcpSetupError(
                     f"could not connect to the writer of channel {self.channel!r} at "
                     f"{self.host}:{self.port} within {self.connect_timeout:g} s ({last}); "
-                    f"is its process alive and the port reachable from this node?")
+                    f"is its process alive and the port reachable from this node{tls}?")
             try:
                 s = socket.create_connection((self.host, self.port), timeout=min(left, 2.0))
             except OSError as e:           # refused, unreachable, timed out: retry
@@ -89,6 +102,8 @@ class TcpReader:
             if s is not None:
                 try:
                     s.settimeout(min(max(left, 0.1), 10.0))
+                    if self._ctx is not None:
+                        s = self._tls_handshake(s)
                     self._authenticate(s)
                     break
                 except _Retry as e:
@@ -112,10 +127,35 @@ class TcpReader:
         self._poller.register(self._fd, _POLLIN)
         self._poller.register(self._wake.r, _POLLIN)
 
+    def _tls_handshake(self, s: socket.socket):
+        """Wrap ``s`` in TLS and shake hands; the writer's certificate must be signed by
+        the CA. A refusal either way is a TcpAuthError; a connection that just went away
+        is retried."""
+        raw = s
+        try:
+            s = self._ctx.wrap_socket(s, server_side=False, do_handshake_on_connect=False)
+            s.do_handshake()
+            return s
+        except OSError as e:
+            s.close()
+            raw.close()
+            if _tls_refused(e):
+                raise TcpAuthError(
+                    f"TLS handshake with the writer of channel {self.channel!r} at "
+                    f"{self.host}:{self.port} failed: {e} (its certificate must be signed by "
+                    f"RAY_TLS_CA_CERT, and it must use TLS too: RAY_USE_TLS set alike on "
+                    f"every node)") from None
+            raise _Retry() from e
+
     def _authenticate(self, s: socket.socket) -> None:
         try:
             hello = _recv_exact(s, len(HELLO) + NONCE)
         except (EOFError, OSError) as e:    # the writer shed us before its hello: retry
+            if _tls_refused(e):             # TLS 1.3: a refused certificate shows here
+                raise TcpAuthError(
+                    f"the writer of channel {self.channel!r} at {self.host}:{self.port} "
+                    f"refused this reader's TLS certificate: {e} (it must be signed by the "
+                    f"writer's RAY_TLS_CA_CERT)") from None
             raise _Retry() from e
         if hello[:len(HELLO)] != HELLO:
             raise TcpAuthError(f"{self.host}:{self.port} is not a dagc TCP channel writer")
@@ -410,6 +450,73 @@ class TcpReader:
             return
         self._ack_out = data[n:]
 
+    # -- the TLS variants (bound in __init__ when TLS is on) ----------------------------------
+    def _fill_tls(self) -> bool:
+        """``_fill`` over TLS: a TLS read returns at most one record, and what it decrypted
+        beyond what was asked for waits inside the TLS layer where poll() cannot see it,
+        so "drained" also needs ``pending() == 0``. A big frame is read record after record
+        here, until it is complete or the socket is empty (one call per record, not one
+        pass through the wait loop)."""
+        big = self._big
+        sock = self.sock
+        if big is not None:
+            targets = big[1]
+            got = 0
+            try:
+                while big[2] < len(targets):
+                    n = sock.recv_into(targets[big[2]][big[3]:])
+                    if not n:
+                        self._eof = True
+                        return got > 0
+                    got += n
+                    big[3] += n
+                    self._advance_big()
+            except _WANT:
+                self._drained = True
+                return got > 0
+            except OSError:
+                self._eof = True
+                return got > 0
+            self._drained = False
+            return True
+        if self._hi == len(self._buf):
+            self._compact(len(self._buf) + (RING if self._lo == 0 else 0))
+        want = len(self._buf) - self._hi
+        try:
+            n = sock.recv_into(self._mv[self._hi:])
+        except _WANT:
+            self._drained = True
+            return False
+        except OSError:
+            n = 0
+        if not n:
+            self._eof = True
+            return False
+        self._drained = n < want and not sock.pending()
+        self._hi += n
+        return True
+
+    def _send_ack_tls(self, ack: bytes) -> None:
+        """``_send_ack`` over TLS: a write the TLS layer refused ("want write") must be
+        offered again unchanged, so a newer ack waits in ``_ack_new`` behind it."""
+        if ack:
+            self._ack_new = ack           # cumulative: replaces an older one not yet sent
+        sock = self.sock
+        try:
+            if self._ack_out:
+                sock.send(self._ack_out)
+                self._ack_out = b""
+            new = self._ack_new
+            if new:
+                self._ack_new = b""
+                self._ack_out = new
+                sock.send(new)
+                self._ack_out = b""
+        except _WANT:
+            pass
+        except OSError:               # the writer is gone; the next wait says so
+            self._ack_out = self._ack_new = b""
+
     def wake(self) -> None:
         """End a wait in read()/wait_ready() now (it then consults the waiter)."""
         self._wake.wake()
@@ -420,7 +527,27 @@ class TcpReader:
             return
         self._closed = True
         s = self.sock
-        if s is not None:
+        if s is not None and self._ctx is not None:
+            # TLS: the reading thread must be out of the TLS layer first; woken, it sees
+            # _closed and leaves (or it is in a user's hands: then no CLOSE, just the FIN)
+            self._wake.wake()
+            held = self._rlock.acquire(timeout=1.0)
+            try:
+                if held and not abort:
+                    self._send_ack_tls(b"")
+                    if not self._ack_out:
+                        _tls_send(s, [_ACK_CLOSE])
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            finally:
+                if held:
+                    self._rlock.release()
+            try:
+                s.close()
+            except OSError:
+                pass
+        elif s is not None:
             try:
                 if not abort:
                     s.send(self._ack_out + _ACK_CLOSE, _NOSIGNAL | _DONTWAIT)

@@ -10,9 +10,11 @@ import os
 import pickle
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
+from typing import NamedTuple
 
 from dagc.runtime.channel import PeerDied
 
@@ -161,3 +163,94 @@ class _WakePipe:
 
 class _Retry(Exception):
     """Internal: this connection attempt failed in a way worth retrying."""
+
+
+# -- TLS ------------------------------------------------------------------------------------
+FROM_ENV = "ray"        # default of the ends' ``tls``: whatever Ray uses (dagc.config.ray_tls)
+_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class TlsFiles(NamedTuple):
+    """PEM files: this end's certificate (chain) and key, and the CA both ends trust."""
+    cert: str
+    key: str
+    ca: str
+
+
+def resolve_tls(tls) -> TlsFiles | None:
+    """``tls`` of a channel end -> the files to use, or None for plain TCP. ``FROM_ENV``
+    (the default): Ray's settings (TLS exactly when ``RAY_USE_TLS`` is set); None/False:
+    plain TCP; a (cert, key, ca) tuple: those files."""
+    if tls == FROM_ENV:
+        from dagc import config
+        tls = config.ray_tls()
+    if not tls:
+        return None
+    return TlsFiles(*tls)
+
+
+_CONTEXTS: dict = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def tls_context(files: TlsFiles, server_side: bool) -> ssl.SSLContext:
+    """The (cached) SSLContext of one side: TLS 1.2 or later, this process's certificate,
+    and the peer's certificate *required* and checked against the CA (mutual
+    authentication, as Ray's gRPC does with the same variables). No host name check: ends
+    connect by IP address and the CA is what admits a member of the cluster; which peer
+    of the DAG it is, the HMAC handshake inside TLS then proves. No session tickets and no
+    renegotiation: nothing but application data moves after the handshake, so a
+    non-blocking end never meets a TLS record it did not ask for."""
+    try:
+        stamp = tuple(os.stat(f).st_mtime_ns for f in files)   # a replaced file is re-read
+    except OSError as e:
+        raise TcpSetupError(f"TLS is on (RAY_USE_TLS) but {e.filename} cannot be read: "
+                            f"{e.strerror}") from None
+    key = (files, stamp, server_side)
+    with _CONTEXTS_LOCK:
+        ctx = _CONTEXTS.get(key)
+        if ctx is not None:
+            return ctx
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side
+                                 else ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if not server_side:
+                ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_cert_chain(files.cert, files.key)
+            ctx.load_verify_locations(cafile=files.ca)
+            ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0) | ssl.OP_NO_TICKET
+            if server_side:
+                ctx.num_tickets = 0
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise TcpSetupError(f"TLS is on (RAY_USE_TLS) but its files could not be loaded "
+                                f"(cert {files.cert}, key {files.key}, CA {files.ca}): {e}") \
+                from None
+        _CONTEXTS[key] = ctx
+        return ctx
+
+
+def _tls_send(sock, parts) -> int:
+    """``sendmsg`` for a non-blocking TLS socket, which has none: the parts one by one.
+    Returns the bytes written, whole parts only: a part the TLS layer took in part (it
+    answered "want write") must be offered again whole, from the same first byte, and is."""
+    n = 0
+    for p in parts:
+        if not len(p):
+            continue
+        try:
+            k = sock.send(p)
+        except _WANT:
+            break
+        n += k
+        if k < len(p):
+            break
+    return n
+
+
+def _tls_refused(e: BaseException) -> bool:
+    """A TLS error that means "refused" (a certificate, or a peer not speaking TLS), not a
+    connection that merely went away (retried)."""
+    return isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError,
+                                                              ssl.SSLZeroReturnError))

@@ -15,9 +15,14 @@ from collections import deque
 from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
 from dagc.runtime.serialize import PickleEncoder
 from dagc.runtime.tcp_wire import (ACK, ACK_CLOSE, _ACK_CLOSE, _again, _check_secret, _CLOSE_FRAME,
-                                   _DONTWAIT, HDR, HELLO, IOV_MAX, KIND_DATA, KIND_FAIL, MAC, _mac,
-                                   _mark_failed, MAX_NAME, _monotonic, NONCE, _NOSIGNAL, _POLLIN,
-                                   _POLLOUT, _proc_name, _recv_exact, SLICE, _tune, _WakePipe)
+                                   _DONTWAIT, FROM_ENV, HDR, HELLO, IOV_MAX, KIND_DATA, KIND_FAIL,
+                                   MAC, _mac, _mark_failed, MAX_NAME, _monotonic, NONCE,
+                                   _NOSIGNAL, _POLLIN, _POLLOUT, _proc_name, _recv_exact,
+                                   resolve_tls, SLICE, tls_context, _tls_send, _tune, _WANT,
+                                   _WakePipe)
+
+
+_TLS_JOIN = 16 << 10        # a TLS frame up to one record's payload is joined before writing
 
 
 def _fail_frame(who: str) -> bytes:
@@ -28,7 +33,7 @@ def _fail_frame(who: str) -> bytes:
 def _freeze(parts: list) -> list:
     """The frame as bytes this channel owns: out-of-band buffers (the caller's arrays) are
     copied; the header and the pickle already are ours."""
-    return [parts[0], parts[1]] + [bytes(p) for p in parts[2:]]
+    return parts[:2] + [bytes(p) for p in parts[2:]]
 
 
 def _after(parts: list, n: int) -> list:
@@ -70,14 +75,27 @@ class TcpWriter(PickleEncoder):
     ``waiter.procs``, and ``waiter.control.fail`` when one is lost); ``reader_names``
     overrides the names. ``check_peers`` goes to ``waiter.check`` (same-node pids only).
     ``stall_timeout`` (s, default off) sets TCP_USER_TIMEOUT on the reader connections.
+    ``tls``: ``FROM_ENV`` (default) uses TLS exactly when Ray does (``RAY_USE_TLS``, with
+    Ray's certificate files), None plain TCP, a (cert, key, ca) tuple those files; readers
+    must be made alike. See tcp.py, "TLS".
     """
 
     def __init__(self, channel: str, nreaders: int, slots: int, secret: bytes, waiter=None,
                  reader_procs: tuple = (), *, reader_names=None, check_peers: tuple = (),
                  connect_timeout: float = 60.0, liveness: float = 5.0,
-                 stall_timeout: float | None = None):
+                 stall_timeout: float | None = None, tls=FROM_ENV):
         if nreaders < 1 or slots < 1:
             raise ValueError("a TCP channel needs nreaders >= 1 and slots >= 1")
+        self.tls = resolve_tls(tls)
+        self._ctx = None
+        if self.tls is not None:
+            # TLS: the same frames inside TLS records. The socket calls differ (no
+            # sendmsg, "want read/write" instead of EAGAIN, one TLS object that two threads
+            # must not use at once), so a TLS writer binds the TLS variants of its two
+            # per-message methods here; the plain path runs exactly the code it always did
+            self._ctx = tls_context(self.tls, server_side=True)
+            self._send = self._send_tls
+            self._drain_acks = self._drain_acks_tls
         self.channel = channel
         self._chan = channel.encode()
         self.nreaders = nreaders
@@ -165,6 +183,11 @@ class TcpWriter(PickleEncoder):
         index = -1           # set once this connection owns a reader index
         try:
             s.settimeout(min(10.0, self.connect_timeout))
+            if self._ctx is not None:
+                # TLS first: a client without a certificate the CA signed, or one not
+                # speaking TLS, fails here (closed below) before a byte of ours is read
+                s = self._ctx.wrap_socket(s, server_side=True, do_handshake_on_connect=False)
+                s.do_handshake()
             nonce_w = os.urandom(NONCE)
             s.sendall(HELLO + nonce_w)
             msg = _recv_exact(s, NONCE + 4 + MAC)
@@ -226,10 +249,15 @@ class TcpWriter(PickleEncoder):
         self._wait_credit(self.seq - self.slots + 1, deadline)
 
     # -- writing -----------------------------------------------------------------------------
-    def write(self, value, deadline: float | None = None) -> None:
+    def write(self, value, deadline: float | None = None) -> bool | None:
         """Send one message to every reader. ``deadline`` bounds the wait for the window
-        (and for readers to connect); once a frame is being sent it is sent whole."""
-        main = self._encode_or_replace(value)
+        (and for readers to connect); once a frame is being sent it is sent whole.
+        Returns True when ``value`` could not be pickled and ``on_encode_error``'s stand-in
+        was sent instead (None otherwise)."""
+        try:
+            main = self._encode(value)
+        except Exception as e:
+            return self._write_instead(e, value, deadline)
         seq = self.seq
         if self._low <= seq - self.slots or len(self._conns) < self.nreaders:
             self._wait_credit(seq - self.slots + 1, deadline)
@@ -307,6 +335,7 @@ class TcpWriter(PickleEncoder):
         conns = list(self._conns)
         byfd = {c.fd: c for c in conns}
         watched: set = set()
+        tls = self._ctx is not None
         while not self._closed:
             busy = {c.fd for c in conns if c.queue and c.error is None}
             for fd in watched - busy:
@@ -324,9 +353,10 @@ class TcpWriter(PickleEncoder):
                     if self._closed or not c.queue:
                         continue
                     q = c.queue
+                    parts = [q[i] for i in range(min(len(q), IOV_MAX))]
                     try:
-                        n = c.sock.sendmsg([q[i] for i in range(min(len(q), IOV_MAX))],
-                                           (), _NOSIGNAL)
+                        n = (_tls_send(c.sock, parts) if tls
+                             else c.sock.sendmsg(parts, (), _NOSIGNAL))
                     except BlockingIOError:
                         continue
                     except OSError as e:
@@ -363,6 +393,88 @@ class TcpWriter(PickleEncoder):
                 raise ChannelClosed()
             if v > c.acked:
                 c.acked = v
+
+    # -- the TLS variants (bound in __init__ when TLS is on) ----------------------------------
+    def _send_tls(self, parts: list) -> None:
+        """``_send`` over TLS: the same queueing, every TLS call under the lock (the sender
+        thread and this one must not use one TLS object at once)."""
+        total = 0
+        for p in parts:
+            total += len(p)
+        if total <= _TLS_JOIN and len(parts) > 1:
+            parts = [b"".join(parts)]     # one TLS record and one syscall, not one per part
+        frozen = None
+        kick = False
+        for c in self._conns:
+            if c.error is not None:
+                self._lost(c, c.error)
+            error = None
+            with self._lock:
+                if self._closed:      # close() took the TLS layer off: never send raw
+                    raise ChannelClosed()
+                if c.queue:
+                    if frozen is None:
+                        frozen = _freeze(parts)
+                    c.queue.extend(frozen)
+                    kick = True
+                    continue
+                try:
+                    n = _tls_send(c.sock, parts)
+                except OSError as e:
+                    error = e
+                    n = total
+                if n < total:
+                    if frozen is None:
+                        frozen = _freeze(parts)
+                    c.queue.extend(_after(frozen, n))
+                    kick = True
+            if error is not None:
+                self._lost(c, error)
+        if kick:
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                                name=f"dagc-tcp-send-{self.channel}")
+                self._sender.start()
+            self._kick.wake()
+
+    def _drain_acks_tls(self, c: _Conn) -> None:
+        """``_drain_acks`` over TLS, under the lock: also takes what the TLS layer already
+        decrypted (``pending()``), which would not wake a poll."""
+        chunks = []
+        error = eof = None
+        with self._lock:
+            if self._closed:          # close() took the TLS layer off: never read raw
+                raise ChannelClosed()
+            sock = c.sock
+            try:
+                d = sock.recv(65536)
+                while d:
+                    chunks.append(d)
+                    if not sock.pending():
+                        break
+                    d = sock.recv(65536)
+                else:
+                    eof = True
+            except _WANT:
+                pass
+            except OSError as e:
+                error = e
+        if chunks:
+            data = b"".join(chunks)
+            if c.rx:
+                data = c.rx + data
+            k = len(data) & ~7
+            c.rx = data[k:]
+            if k:
+                v = ACK.unpack_from(data, k - 8)[0]
+                if v == ACK_CLOSE:
+                    c.closed = True
+                    raise ChannelClosed()
+                if v > c.acked:
+                    c.acked = v
+        if error is not None or eof:
+            with self._lock:
+                self._lost(c, error)
 
     def _wait_credit(self, low: int, deadline: float | None) -> None:
         """Return once every reader is connected and has acked message ``low - 1``."""
@@ -457,11 +569,18 @@ class TcpWriter(PickleEncoder):
         if self._sender is not None and self._sender is not threading.current_thread():
             self._sender.join(1.0)
         for c in conns:
+            frame = None if abort or c.queue else (
+                _CLOSE_FRAME if failed is None else _fail_frame(failed))
             try:
-                if not abort and not c.queue:
-                    c.sock.send(_CLOSE_FRAME if failed is None else _fail_frame(failed),
-                                _NOSIGNAL | _DONTWAIT)
-                c.sock.shutdown(socket.SHUT_WR)
+                if self._ctx is not None:
+                    with self._lock:          # the writing thread may be reading acks
+                        if frame is not None:
+                            _tls_send(c.sock, [frame])
+                        c.sock.shutdown(socket.SHUT_WR)   # drops TLS: the rest is raw
+                else:
+                    if frame is not None:
+                        c.sock.send(frame, _NOSIGNAL | _DONTWAIT)
+                    c.sock.shutdown(socket.SHUT_WR)
                 c.sock.recv(65536)     # unread acks would turn our FIN into a reset
             except OSError:
                 pass

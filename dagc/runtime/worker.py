@@ -52,13 +52,25 @@ class ActorPlan:
     secret: bytes = field(default=b"", repr=False)    # authenticates TCP channels
     node_cleanup: bool = True        # sweeps stale segments at start, this DAG's at stop:
                                      # one actor per node without the driver
+    node_names: tuple = ()           # this node's segment names (its control's last): the
+                                     # last of the node's processes to map its ends
+                                     # removes them (Control.mark_opened)
 
 
-_PREPARED: dict[str, dict] = {}   # compile token -> TCP writers listening since prepare()
+# compile token -> {"writers": {cid: TcpWriter listening since prepare()}, "leader": made
+# this node's control segment, "expires": monotonic time}: what a loop adopts at start, or
+# stop() cleans up when the compile fails before that. An entry whose driver never came
+# back (it died between the rounds) is discarded by this actor's next probe, prepare or
+# start once it expired (the driver gives up on a round after start_timeout).
+_PREPARED: dict[str, dict] = {}
 
 
 def tcp_channel_name(token: str, cid: str) -> str:
     return f"{token}:{cid}"
+
+
+def _prefix(token: str) -> str:
+    return f"{shm.PREFIX}{token}-"
 
 
 def prepare(instance, token: str, spec: dict) -> dict:
@@ -66,27 +78,72 @@ def prepare(instance, token: str, spec: dict) -> dict:
 
     A node's leader creates the node's control segment and the shared-memory segments
     written on that node; a TCP writer starts listening. Returns {cid: (host, port)}.
+    All or nothing: on failure, whatever it made is closed and removed.
     """
+    _expire_prepared()
+    entry = _PREPARED.setdefault(token, {
+        "writers": {}, "leader": False,
+        "expires": time.monotonic() + 3 * spec.get("timeout", 60.0) + 10.0})
+    try:
+        return _prepare(token, spec, entry)
+    except BaseException as e:
+        _discard_prepared(token)
+        _drop_frames(e)
+        raise
+
+
+def _prepare(token: str, spec: dict, entry: dict) -> dict:
     from dagc.runtime import tcp
     if spec.get("ctl"):
-        ch.Control(spec["ctl"], create=True).release()
+        entry["leader"] = True
+        ch.Control(spec["ctl"], create=True, nprocs=spec.get("nprocs", 0),
+                   index=spec.get("index", -1), pid=os.getpid()).release()
     for name, nreaders, slots, cap in spec.get("segments", ()):
         ch.create_segment(name, nreaders, slots, cap).close()
-    writers, addrs = {}, {}
+    addrs = {}
     for cid, nreaders, slots, ridx, rnames in spec.get("tcp", ()):
         w = tcp.TcpWriter(tcp_channel_name(token, cid), nreaders, slots, spec["secret"],
                           None, tuple(ridx), reader_names=list(rnames),
                           connect_timeout=spec.get("timeout", 60.0))
+        entry["writers"][cid] = w
         addrs[cid] = w.listen(spec["host"])
-        writers[cid] = w
-    if writers:
-        _PREPARED[token] = writers
     return addrs
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Let go of the objects a failed start-up's finished frames still reference (a
+    half-made reader, the writers being adopted): Ray keeps the raised exception in a
+    reference cycle, so its traceback's frames would hold their fds (wake pipes) until some
+    later garbage collection. The traceback itself (files, lines) stays intact. The
+    caller's own frame, still running, is not cleared: it keeps no end in a local."""
+    traceback.clear_frames(exc.__traceback__)
+
+
+def _expire_prepared() -> None:
+    now = time.monotonic()
+    for token in [t for t, e in _PREPARED.items() if e["expires"] < now]:
+        _discard_prepared(token)
+
+
+def _discard_prepared(token: str) -> None:
+    """A compile that failed after prepare(): close its TCP writers (the listening socket
+    and accept thread go with them) and, on a node leader, remove the node's segments."""
+    entry = _PREPARED.pop(token, None)
+    if entry is None:
+        return
+    for w in entry["writers"].values():
+        try:
+            w.close()
+        except Exception:
+            pass
+    if entry["leader"]:
+        shm.unlink_prefix(_prefix(token))
 
 
 def probe(instance, token: str) -> dict:
     """Where this actor lives, and whether it already runs another compiled DAG."""
     import ray
+    _expire_prepared()
     busy = [t for t, lp in _LOOPS.items() if lp.running() and t != token]
     ctx = ray.get_runtime_context()
     try:
@@ -103,6 +160,7 @@ def comm_prepare(instance, communicator) -> dict:
 
 
 def start(instance, plan: ActorPlan) -> dict:
+    _expire_prepared()
     if plan.node_cleanup:   # segments of DAGs whose processes all died together
         try:
             shm.sweep_stale()
@@ -114,21 +172,37 @@ def start(instance, plan: ActorPlan) -> dict:
                 _LOOPS.pop(t, None)
         busy = [t for t, lp in _LOOPS.items() if lp.running()]
         if busy:
+            _abort(plan)
             from dagc.errors import CompileError
             raise CompileError(f"actor {plan.label} already runs compiled DAG {busy[0]}; "
                                f"tear that DAG down before compiling another on this actor.")
-        loop = ActorLoop(instance, plan)
+        try:
+            loop = ActorLoop(instance, plan)
+        except BaseException as e:
+            _abort(plan)            # the ends it opened are closed already
+            _drop_frames(e)
+            raise
         _LOOPS[plan.token] = loop
     try:
         loop.start()
-    except BaseException:
+    except BaseException as e:
         _LOOPS.pop(plan.token, None)
         loop.close()
+        _abort(plan)
+        _drop_frames(e)
         raise
     return {"pid": os.getpid()}
 
 
+def _abort(plan: ActorPlan) -> None:
+    """This actor's start failed, so the compile does: leave nothing of it here."""
+    _discard_prepared(plan.token)
+    if plan.node_cleanup:                 # the node's leader: the node's segments too
+        shm.unlink_prefix(plan.prefix)
+
+
 def stop(instance, token: str, timeout: float = 2.0) -> dict:
+    _discard_prepared(token)              # a compile that failed before this loop started
     loop = _LOOPS.pop(token, None)
     if loop is None:
         return {"stopped": False}
@@ -200,6 +274,14 @@ class ActorLoop:
         self._event_loops: list = []
         self._failed_who: str | None = None
         self.control = ch.Control(plan.ctl or plan.prefix + "ctl")
+        try:
+            self._open_ends()
+        except BaseException:
+            self.close()           # every end opened so far, and the control
+            raise
+
+    def _open_ends(self) -> None:
+        plan = self.plan
         self.waiter = ch.Waiter(self.control, plan.procs, plan.wait)
         # every wait watches every other process of the DAG, not only the channel's peer:
         # a death anywhere (or the driver's) stops this loop within a wait slice, even
@@ -213,10 +295,16 @@ class ActorLoop:
             r = self._readers[cid] = ch.Reader(seg, index, self.waiter, widx)
             r.peers = others
         self.control.set_pid(plan.index, os.getpid())
-        for cid, w in _PREPARED.pop(plan.token, {}).items():
-            w.waiter = self.waiter
-            w.on_encode_error = self._encode_error
-            self._writers[cid] = w
+        # every segment of this node this process needs is mapped: the node's last
+        # process to get here removes their names (nothing opens them by name again)
+        if plan.node_names:
+            self.control.mark_opened(plan.node_names)
+        prepared = _PREPARED.pop(plan.token, None)
+        if prepared is not None:
+            for cid, w in prepared["writers"].items():
+                w.waiter = self.waiter
+                w.on_encode_error = self._encode_error
+                self._writers[cid] = w
         if plan.tcp_readers:
             from dagc.runtime import tcp
             for cid, (host, port, index, widx) in plan.tcp_readers.items():
@@ -250,7 +338,14 @@ class ActorLoop:
         comm = self._comms.get(kid)
         if comm is None:
             communicator, rank, world, rdv = self.plan.comm_groups[kid]
-            communicator.setup(rank, world, rdv, self.plan.comm_timeout)
+            try:
+                communicator.setup(rank, world, rdv, self.plan.comm_timeout)
+            except BaseException:
+                try:                       # whatever a failed set-up left open
+                    communicator.destroy()
+                except Exception:
+                    pass
+                raise
             comm = self._comms[kid] = communicator
         return comm
 

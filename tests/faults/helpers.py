@@ -152,3 +152,109 @@ class ChildDriver:
                 f.close()
             except OSError:
                 pass
+
+
+# -- a failed compile leaves the actors as they were (test_failed_compile.py) ----------------
+
+_GRPC_POOLS = ("grpc_global_tim", "event_engine")   # Ray's gRPC starts and ends these
+
+
+def census(instance=None) -> dict:
+    """This process's threads, fds, sockets (and listening TCP ones) and dagc's own state:
+    what a compile that fails must leave exactly as it found it. Runs in an actor through
+    ``__ray_call__`` or in the driver (``census()``)."""
+    from dagc.runtime import worker
+    fds = os.listdir("/proc/self/fd")
+    socks = set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            socks.add(int(target[8:-1]))
+    listening = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.readlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[9]) in socks:      # 0A: LISTEN
+                listening += 1
+    native = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read()
+        except OSError:
+            continue
+        native += not name.startswith(_GRPC_POOLS)
+    return {"fds": len(fds), "sockets": len(socks), "listening": listening,
+            # a Dummy-N is a thread Ray's C++ side called into Python on, not one started
+            "threads": sorted(t.name for t in threading.enumerate()
+                              if not isinstance(t, threading._DummyThread)),
+            "native_threads": native,
+            "dagc_threads": sorted(t.name for t in threading.enumerate()
+                                   if t.name.startswith("dagc")),
+            "prepared": sorted(worker._PREPARED), "loops": sorted(worker._LOOPS),
+            "shm_maps": _dagc_maps()}
+
+
+def _dagc_maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "/dev/shm/dagc-" in line)
+
+
+def fake_placement(instance, node: str, ip: str | None = None) -> None:
+    """Make this actor claim to live on ``node`` (and at ``ip``) when dagc probes it, so a
+    DAG over actors on one machine compiles the multi-node way: a prepare round, a control
+    segment per node, TCP channels between "nodes" (see :func:`fake_probe`)."""
+    instance._dagc_fake = (node, ip)
+
+
+def fake_probe(instance, token: str) -> dict:
+    """``worker.probe`` with the node (and address) set by :func:`fake_placement`."""
+    from dagc.runtime import worker
+    p = worker.probe(instance, token)
+    node, ip = getattr(instance, "_dagc_fake", (None, None))
+    if node is not None:
+        p["node"] = node
+    if ip is not None:
+        p["ip"] = ip
+    return p
+
+
+# -- segment modes at creation time (test_security.py) ---------------------------------------
+
+def record_creates(instance=None) -> None:
+    """From now on, this process creates segments under a umask of 0 and records each
+    one's (name, mode, owner) right after creating it (names no longer exist while a DAG
+    runs, so they are checked as they are made). ``created_segments`` stops it."""
+    from dagc.runtime import shm
+    if getattr(shm, "_test_real_create", None) is None:
+        real = shm._test_real_create = shm.create
+        shm._test_created = []
+
+        def create(name, size):
+            mm = real(name, size)
+            st = os.lstat(shm.path(name))
+            shm._test_created.append((name, st.st_mode, st.st_uid))
+            return mm
+        shm.create = create
+        shm._test_umask = os.umask(0)
+
+
+def created_segments(instance=None) -> list:
+    """Stop :func:`record_creates`; the (name, mode, owner) of each segment created."""
+    from dagc.runtime import shm
+    real = getattr(shm, "_test_real_create", None)
+    if real is None:
+        return []
+    shm.create = real
+    shm._test_real_create = None
+    os.umask(shm._test_umask)
+    return list(shm._test_created)
+

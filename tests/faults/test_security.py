@@ -1,9 +1,12 @@
 """Segments are created 0600, owned by this user, under unguessable names, and never
-adopted when the name already exists (O_EXCL: no pre-created file or symlink is used)."""
+adopted when the name already exists (O_EXCL: no pre-created file or symlink is used).
+Cleaning up after dead DAGs trusts only this user's own, well-formed segments: what
+another user plants in /dev/shm cannot make dagc remove a live DAG's segments."""
 import os
 import re
 import secrets
 import stat
+import struct
 
 import numpy as np
 import pytest
@@ -11,45 +14,47 @@ import pytest
 import dagc
 from dagc import InputNode
 from dagc.runtime import shm
-from tests.faults.helpers import segments
+from tests.faults.helpers import created_segments, record_creates, segments
 
 NAME = re.compile(r"^dagc-[0-9a-f]{24}-(ctl(\.\d+)?|c\d+(\.g\d+)?)$")
 
 
 @pytest.mark.timeout(120)
-def test_live_segments_are_private_and_unguessable(ray, nodes):
+def test_segments_are_private_and_unguessable(ray, nodes):
+    """Every segment a DAG makes (control, rings, grown rings; in the driver and in the
+    actors) is a regular file, mode 0600 even under a umask of 0, owned by this user,
+    under an unguessable name, checked as it is created; and once the DAG runs, and
+    after each growth, no name is left at all."""
     a, b = nodes(2)
     with InputNode() as inp:
         dag = b.step.bind(a.step.bind(inp))
-    old = os.umask(0)                 # even a permissive umask yields 0600
+    ray.get([h.__ray_call__.remote(record_creates) for h in (a, b)], timeout=30)
+    record_creates()
+    made = []
     try:
         cg = dagc.compile(dag, buffer_size=4096)
+        with cg:
+            assert not segments(cg._token), segments(cg._token)   # gone once mapped
+            x = np.ones(100_000)
+            # the driver's input ring, a's and b's output rings all grow (.g1)
+            assert cg.execute(x).get(timeout=30).sum() == x.sum()
+            assert not segments(cg._token), segments(cg._token)   # followed, so gone
+            assert cg.execute(x).get(timeout=30).sum() == x.sum()
     finally:
-        os.umask(old)
-    with cg:
-        x = np.ones(100_000)
-        assert cg.execute(x).get(timeout=30).sum() == x.sum()   # channels grew (.gN)
-        names = segments(cg._token)
-        assert any(".g" in n for n in names) and any("-ctl" in n for n in names), names
-        checked = []
-        for n in names:
-            assert NAME.match(n), n
-            try:
-                st = os.lstat(os.path.join(shm.SHM_DIR, n))
-            except FileNotFoundError:
-                # a pre-growth generation is unlinked by its writer once every reader
-                # has followed the MOVED record; that can land between listing and lstat
-                base, _, gen = n.partition(".g")
-                assert any(m.startswith(base + ".g") and m != n for m in names), (n, names)
-                continue
-            checked.append(n)
-            assert stat.S_ISREG(st.st_mode), n
-            assert stat.S_IMODE(st.st_mode) == 0o600, (n, oct(st.st_mode))
-            assert st.st_uid == os.getuid(), n
-        assert any(".g" in n for n in checked) and any("-ctl" in n for n in checked), checked
-        with dagc.compile(c_dag(nodes)) as other:
-            assert other._token != cg._token
-        assert len(cg._token) == 24 and int(cg._token, 16) >= 0   # 96 random bits
+        made = created_segments()
+        for h in (a, b):
+            made += ray.get(h.__ray_call__.remote(created_segments), timeout=30)
+    names = [n for n, _, _ in made]
+    assert sum(".g" in n for n in names) == 3 and any("-ctl" in n for n in names), names
+    assert all(n.startswith(f"dagc-{cg._token}-") for n in names), names
+    for name, mode, uid in made:
+        assert NAME.match(name), name
+        assert stat.S_ISREG(mode), name
+        assert stat.S_IMODE(mode) == 0o600, (name, oct(mode))
+        assert uid == os.getuid(), name
+    with dagc.compile(c_dag(nodes)) as other:
+        assert other._token != cg._token
+    assert len(cg._token) == 24 and int(cg._token, 16) >= 0   # 96 random bits
 
 
 def c_dag(nodes):
@@ -113,3 +118,156 @@ def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+# -- what cleaning up after dead DAGs trusts ---------------------------------------------------
+
+def _write(path, data: bytes) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+# a control segment's layout, spelled out (test_control_layout checks it is dagc's)
+CTL_SIZE, CTL_MAGIC_WORD, CTL_PIDS = 4096, 2, 8
+CTL_MAGIC = int.from_bytes(b"dagc-ctl", "little")
+
+
+def test_control_layout():
+    from dagc.runtime import channel as ch
+    assert (shm.CTL_SIZE, shm.CTL_MAGIC_WORD, shm.CTL_PIDS, shm.CTL_MAGIC) == \
+        (CTL_SIZE, CTL_MAGIC_WORD, CTL_PIDS, CTL_MAGIC)
+    assert (ch.C_MAGIC, ch.C_PIDS) == (CTL_MAGIC_WORD, CTL_PIDS)
+
+
+def _ctl_bytes(pids, magic=True, size=CTL_SIZE) -> bytes:
+    """What a control segment listing ``pids`` holds (``size`` bytes, magic word or not)."""
+    words = [0] * (max(size, CTL_SIZE) // 8)
+    if magic:
+        words[CTL_MAGIC_WORD] = CTL_MAGIC
+    for i, pid in enumerate(pids):
+        words[CTL_PIDS + i] = pid
+    return struct.pack(f"<{len(words)}q", *words)[:size]
+
+
+def _other_owner(path, monkeypatch) -> None:
+    """Make ``path`` another user's: chown as root, else make dagc believe it runs as
+    another uid (then this file, and everything else of ours, is not its own)."""
+    if os.getuid() == 0:
+        os.chown(path, 65534, 65534)
+    else:
+        monkeypatch.setattr(shm.os, "getuid", lambda: os.geteuid() + 1)
+
+
+PLANTED = ["other-owner", "symlink", "hard-link", "wrong-size", "no-magic", "fifo",
+           "directory"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", PLANTED)
+def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path, monkeypatch):
+    """Names in /dev/shm are visible to every user, and anyone can create one there. A
+    "control segment" planted under a live DAG's prefix with dead pids must not make the
+    stale sweep remove that DAG's segments; the planted entry itself is left untouched.
+    A real stale DAG next to it is still swept."""
+    from dagc.runtime import channel as ch
+    dead = _dead_pid()
+    live = f"dagc-{secrets.token_hex(12)}-"           # the victim: a grown ring in use
+    ch.create_segment(live + "c0.g1", 1, 2, 64).close()
+    seg = memoryview(shm.open_existing(live + "c0.g1")).cast("q")
+    seg[4] = seg[25] = os.getpid()                    # its writer's and reader's pids
+    stale = f"dagc-{secrets.token_hex(12)}-"          # a real leftover, to show the sweep runs
+    _write(shm.path(stale + "ctl.0"), _ctl_bytes([dead]))
+    ch.create_segment(stale + "c0", 1, 2, 64).close()
+    planted = shm.path(live + "ctl.7")
+    elsewhere = shm.path(f"dagc-{secrets.token_hex(12)}-x")   # a link's target
+    try:
+        good = _ctl_bytes([dead, dead])               # what the sweep would act on
+        if kind == "other-owner":
+            _write(planted, good)
+            _other_owner(planted, monkeypatch)
+        elif kind == "symlink":
+            _write(elsewhere, good)
+            os.symlink(elsewhere, planted)
+        elif kind == "hard-link":
+            _write(elsewhere, good)
+            os.link(elsewhere, planted)
+        elif kind == "wrong-size":
+            _write(planted, _ctl_bytes([dead, dead], size=2 * CTL_SIZE))
+        elif kind == "no-magic":
+            _write(planted, _ctl_bytes([dead, dead], magic=False))
+        elif kind == "fifo":                          # opening it must not block
+            os.mkfifo(planted, 0o600)
+        elif kind == "directory":
+            os.mkdir(planted, 0o700)
+        before = os.lstat(planted)
+        ours = not (kind == "other-owner" and os.getuid() != 0)   # see _other_owner
+        stale_now = shm.stale_prefixes()
+        assert live not in stale_now and (stale in stale_now or not ours), stale_now
+        shm.sweep_stale()
+        assert os.path.exists(shm.path(live + "c0.g1")), "the live DAG's segment was removed"
+        after = os.lstat(planted)                     # untouched, not even replaced
+        assert (after.st_ino, after.st_mode, after.st_uid, after.st_size) == \
+               (before.st_ino, before.st_mode, before.st_uid, before.st_size)
+        if kind in ("symlink", "hard-link"):
+            assert open(elsewhere, "rb").read() == good
+        if ours:
+            assert not [n for n in os.listdir(shm.SHM_DIR) if n.startswith(stale)]
+    finally:
+        seg.release()
+        for p in (planted, elsewhere):
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.rmdir(p)
+            elif os.path.lexists(p):
+                os.unlink(p)
+        shm.unlink(live + "c0.g1")
+        shm.unlink_prefix(stale)
+
+
+@pytest.mark.timeout(60)
+def test_sweep_removes_grown_rings_whose_processes_all_died(monkeypatch):
+    """A grown ring's name lives until its last reader follows it; if every process of
+    the DAG dies in that window, the ring (whose control segment is gone since start)
+    is recognised by the pids in its own header: removed when all of them are dead,
+    kept while any lives or none is recorded yet, and never when it is not a well-formed
+    ring of this user's."""
+    from dagc.runtime import channel as ch
+    dead = _dead_pid()
+    made = {}
+
+    def ring(kind, writer, readers, extra=b""):
+        name = f"dagc-{secrets.token_hex(12)}-c4.g2"
+        ch.create_segment(name, len(readers), 2, 64).close()
+        mm = shm.open_existing(name)
+        w = memoryview(mm).cast("q")
+        w[ch.W_WPID] = writer
+        for r, pid in enumerate(readers):
+            w[ch.rpid_word(r)] = pid
+        w.release()
+        mm.close()
+        if extra:
+            with open(shm.path(name), "ab") as f:
+                f.write(extra)
+        made[kind] = name
+        return name
+
+    ring("all-dead", dead, [dead, dead])
+    ring("reader-alive", dead, [dead, os.getpid()])
+    ring("none-yet", 0, [0])
+    ring("wrong-size", dead, [dead], extra=b"\0" * 64)
+    other = ring("other-owner", dead, [dead])
+    try:
+        _other_owner(shm.path(other), monkeypatch)
+        mine = [n for n in shm.stale_segments() if n in made.values()]
+        if os.getuid() != 0:          # dagc believes it is another user: nothing is its own
+            assert mine == []
+            return
+        assert mine == [made["all-dead"]]
+        shm.sweep_stale()
+        left = {k for k, n in made.items() if os.path.exists(shm.path(n))}
+        assert left == set(made) - {"all-dead"}, left
+    finally:
+        for n in made.values():
+            shm.unlink(n)

@@ -70,6 +70,55 @@ def test_capacity_error_is_immediate_and_recoverable(ray, nodes):
             [("sleep", 0, 1.0)] * 2, [2, 2], [3, 3]]
 
 
+@pytest.mark.timeout(120)
+def test_ref_collected_inside_a_fetch_keeps_the_counts(ray, nodes):
+    """Garbage collection can run a DagRef's finalizer at any bytecode, also inside this
+    DAG's own fetch on the same thread. Forced here at the worst point: right after the
+    fetch advanced past the execution whose (unreachable) ref is collected, before it
+    decided where that execution's value goes. The drop must still be accounted: once
+    every execution is fetched or dropped, the full capacity is there again."""
+    import gc
+    import weakref
+    (a,) = nodes(1)
+    with InputNode() as inp:
+        dag = a.step.bind(inp)
+    with dagc.compile(dag, max_inflight=2) as cg:
+        cls = type(cg)
+        seen = {}
+
+        class Hooked(cls):
+            @property
+            def _read_next(self):
+                return self.__dict__["_read_next"]
+
+            @_read_next.setter
+            def _read_next(self, value):
+                self.__dict__["_read_next"] = value
+                if value == 1 and "collected" not in seen:   # execution 0 was just read
+                    gc.collect()
+                    seen["collected"] = gone() is None
+
+        gc.disable()               # only the hook collects
+        try:
+            r0, r1 = cg.execute(0), cg.execute(1)
+            gone = weakref.ref(r0)
+            cycle = [r0]
+            cycle.append(cycle)    # unreachable once the names go: only gc frees it
+            del r0, cycle
+            cg.__class__ = Hooked
+            try:
+                assert r1.get(timeout=30) == 1       # reads execution 0 first
+            finally:
+                cg.__class__ = cls
+        finally:
+            gc.enable()
+        assert seen == {"collected": True}
+        # execution 0 was dropped, 1 fetched: both places are free again
+        refs = [cg.execute(2), cg.execute(3)]
+        assert [r.get(timeout=30) for r in refs] == [2, 3]
+        assert cg._submitted - cg._fetched == 0 and not cg._results and not cg._abandoned
+
+
 def _signal_interrupt():
     """Deliver a signal whose handler raises KeyboardInterrupt, as Ctrl-C does."""
     old = signal.signal(signal.SIGUSR1, _raise_interrupt)

@@ -83,6 +83,47 @@ def test_unpicklable_input_fails_in_execute(ray, nodes):
         assert [r.get(timeout=30) for r in [cg.execute(1), cg.execute(2)]] == [1, 2]
 
 
+class _ReduceFails:
+    """Its pickling raises AttributeError: an error of the user's argument all the same."""
+
+    def __reduce__(self):
+        raise AttributeError("_ReduceFails has no state to pickle")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("error", ["TypeError", "AttributeError"])
+def test_only_argument_encoding_blames_the_arguments(ray, nodes, error):
+    """execute() says "could not send its arguments" only when pickling the user's
+    arguments failed (whatever the exception); a TypeError or AttributeError that dagc's
+    own code raises while submitting propagates as it is, with its traceback, marked as
+    an internal error. Neither submits anything."""
+    (a,) = nodes(1)
+    with InputNode() as inp:
+        dag = a.step.bind(inp)
+    with dagc.compile(dag, max_inflight=2) as cg:
+        with pytest.raises(TypeError, match="could not send its arguments") as ei:
+            cg.execute(threading.Lock() if error == "TypeError" else _ReduceFails())
+        assert error in str(ei.value)
+        (w,) = cg._writers.values()            # the driver's input channel
+        real = w.slot_off
+        try:                                   # a dagc bug after the value was encoded
+            if error == "TypeError":
+                w.slot_off = None              # 'NoneType' object is not subscriptable
+            else:
+                del w.slot_off                 # no attribute 'slot_off'
+            with pytest.raises({"TypeError": TypeError,
+                                "AttributeError": AttributeError}[error]) as ei:
+                cg.execute(1)
+        finally:
+            w.slot_off = real
+        assert "could not send its arguments" not in str(ei.value)
+        assert "slot_off" in str(ei.value) or "subscriptable" in str(ei.value)
+        assert any("internal error" in n for n in getattr(ei.value, "__notes__", ()))
+        assert ei.traceback[-1].path.name == "channel.py", ei.traceback[-1]
+        assert cg._submitted == 0
+        assert [r.get(timeout=30) for r in [cg.execute(1), cg.execute(2)]] == [1, 2]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("value, words", [("three", "returned tuple"),
                                           ("scalar", "returned int")])

@@ -352,9 +352,58 @@ def check_dagc_node_killed(ctx) -> dict:
         REPORT.setdefault("timings", {})["teardown_after_node_loss"] = time.monotonic() - t1
 
 
+def _tcp_ends(ends: dict) -> list:
+    """[(channel, "reader"|"writer", tls files set?, every socket a TLS socket?)]."""
+    import ssl
+
+    from dagc.runtime.tcp import TcpReader, TcpWriter
+    out = []
+    for cid, e in sorted(ends.items()):
+        if isinstance(e, TcpReader):
+            out.append((cid, "reader", e.tls is not None, isinstance(e.sock, ssl.SSLSocket)))
+        elif isinstance(e, TcpWriter):
+            e.connected()
+            out.append((cid, "writer", e.tls is not None,
+                        bool(e._conns) and all(isinstance(c.sock, ssl.SSLSocket)
+                                               for c in e._conns)))
+    return out
+
+
+def _actor_tcp_ends(instance, token: str) -> list:
+    """Runs in an actor (``__ray_call__``): its loop's TCP ends."""
+    from dagc.runtime import worker
+    loop = worker._LOOPS[token]
+    return _tcp_ends(loop._readers) + _tcp_ends(loop._writers)
+
+
+def check_dagc_tls(ctx) -> dict:
+    """Which TCP ends of a cross-node DAG run TLS (driver and both actors), and that the DAG
+    runs: every one when the cluster runs with RAY_USE_TLS, none otherwise."""
+    import numpy as np
+    import ray
+    import dagc
+    from dagc import config
+    Hop = ctx["Hop"]
+    a, b = pinned(Hop, "node1", "la"), pinned(Hop, "node2", "lb")
+    with dagc.InputNode() as inp:
+        dag = b.fwd.bind(a.fwd.bind(inp))
+    with dagc.compile(dag) as cg:
+        results = [cg.execute(i).get(timeout=60) for i in range(20)]
+        big = cg.execute(np.arange(1 << 20)).get(timeout=60)
+        ends = {"driver": _tcp_ends(cg._readers) + _tcp_ends(cg._writers)}
+        for name, h in (("a", a), ("b", b)):
+            ends[name] = ray.get(h.__ray_call__.remote(_actor_tcp_ends, cg._token), timeout=60)
+    flags = [x for es in ends.values() for _, _, files, sock in es for x in (files, sock)]
+    return {"env_tls": config.ray_tls() is not None, "ends": ends,
+            "all_tls": bool(flags) and all(flags), "none_tls": not any(flags),
+            "results_ok": results == [i + 2 for i in range(20)],
+            "big_ok": bool(np.array_equal(big, np.arange(1 << 20) + 2))}
+
+
 CLUSTER: list = []
 
-CHECKS = {"cluster": check_cluster, "dagc_fanout": check_dagc_fanout,
+CHECKS = {"dagc_tls": check_dagc_tls,
+          "cluster": check_cluster, "dagc_fanout": check_dagc_fanout,
           "dagc_node_killed": check_dagc_node_killed, "tcp": check_tcp, "peer_death": check_peer_death,
           "dagc_pipeline": check_dagc_pipeline, "dagc_actor_death": check_dagc_actor_death,
           "dagc_teardown": check_dagc_teardown}

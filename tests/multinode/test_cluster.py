@@ -27,8 +27,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 CHILD = os.path.join(HERE, "cluster_child.py")
 CHILD_TIMEOUT = 600            # s; a healthy run takes ~20-35 s on the 2-core CI box
 
-ENABLED = ["cluster", "tcp", "peer_death", "dagc_pipeline", "dagc_fanout", "dagc_actor_death",
-           "dagc_teardown", "dagc_node_killed"]
+ENABLED = ["cluster", "tcp", "peer_death", "dagc_pipeline", "dagc_tls", "dagc_fanout",
+           "dagc_actor_death", "dagc_teardown", "dagc_node_killed"]
 PENDING: list = []
 NEEDS_INTEGRATION = pytest.mark.skip(
     reason="needs runtime integration (cross-node TCP channels in compiled.py/worker.py/api.py)")
@@ -54,14 +54,25 @@ def _wait_gone(pids, timeout: float) -> list:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("multinode")
+    # a plain cluster, whatever this process's environment says (test_tls_cluster.py
+    # runs one with TLS)
+    return run_child(tmp_path_factory.mktemp("multinode"), ENABLED,
+                     drop=("RAY_USE_TLS",))
+
+
+def run_child(out, checks, env_update=None, drop=()) -> dict:
+    """Run cluster_child.py with ``checks`` (its environment: ours less RAY_ADDRESS and
+    ``drop``, plus ``env_update``); its report, with every process it started gone."""
     path, log = out / "report.json", out / "child.log"
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)           # the child starts its own cluster
+    for k in drop:
+        env.pop(k, None)
+    env.update(env_update or {})
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.monotonic()
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, CHILD, str(path), *ENABLED], cwd=REPO, env=env,
+        p = subprocess.Popen([sys.executable, CHILD, str(path), *checks], cwd=REPO, env=env,
                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = p.wait(timeout=CHILD_TIMEOUT)
@@ -130,6 +141,12 @@ def test_cluster_leaves_no_processes(report):
 def test_dagc_compile_across_nodes(report):
     c = check(report, "dagc_pipeline")
     assert "tcp" in c["transports"] and c["results_ok"]
+
+
+def test_dagc_tcp_is_plain_without_ray_tls(report):
+    c = check(report, "dagc_tls")
+    assert not c["env_tls"] and c["results_ok"] and c["big_ok"], c
+    assert c["none_tls"] and all(c["ends"].values()), c     # TCP ends everywhere, none TLS
 
 
 def test_dagc_fan_out_readers_on_both_nodes(report):

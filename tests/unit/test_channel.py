@@ -104,8 +104,75 @@ def test_growth_keeps_order_and_frees_old_segments(prefix):
             assert a.size == n and (a == n % 256).all()
     w.write(0, deadline)  # lets the writer retire segments every reader has left
     assert r.read(deadline) == 0
-    names = [p for p in os.listdir(shm.SHM_DIR) if p.startswith(prefix)]
-    assert sorted(names) == sorted([prefix + "ctl", f"{prefix}c0.g{w.gen}"])
+    # every grown segment's name went once its reader followed (mappings stay); the
+    # writer retired the first one's
+    assert _names(prefix) == [prefix + "ctl"]
+
+
+def _names(prefix):
+    return sorted(p for p in os.listdir(shm.SHM_DIR) if p.startswith(prefix))
+
+
+def test_grown_segment_name_goes_when_its_last_reader_follows(prefix):
+    """The name of a grown segment exists only until every reader has mapped it: the last
+    reader to follow the MOVED record removes it, before the writer writes again."""
+    _, _, w, (r1, r2) = _setup(prefix, nreaders=2, slots=2, capacity=256)
+    deadline = time.monotonic() + 10
+    w.write(np.zeros(10_000, dtype=np.uint8), deadline)       # grows: c0.g1
+    grown = f"{prefix}c0.g1"
+    assert grown in _names(prefix)
+    assert r1.read(deadline).size == 10_000
+    assert grown in _names(prefix)                             # r2 has not mapped it yet
+    assert r2.read(deadline).size == 10_000
+    assert grown not in _names(prefix)                         # nobody opens it by name again
+    for i in range(5):                                         # and the channel goes on
+        w.write(np.full(9000, i, dtype=np.uint8), deadline)
+        assert r1.read(deadline)[0] == i and r2.read(deadline)[-1] == i
+    st = w.w                                                   # pids recorded for the sweep
+    assert st[ch.W_WPID] == os.getpid()
+    assert st[ch.rpid_word(0)] == st[ch.rpid_word(1)] == os.getpid()
+
+
+def _open_and_mark(prefix, go, out):
+    ctl = ch.Control(prefix + "ctl")
+    r = ch.Reader(prefix + "c0", 0, ch.Waiter(ctl, ["w", "r"]))
+    go.wait(30)
+    out.put(ctl.mark_opened([prefix + "c0", prefix + "ctl"]))
+    r.close()
+    ctl.release()
+
+
+def test_last_process_to_map_its_ends_removes_the_names(prefix):
+    """Each process of a node counts itself in the control segment once it mapped its
+    ends; exactly one, the last, removes the node's names (under a flock: processes that
+    count at the same moment cannot both miss being last), and the mappings live on."""
+    nprocs = 4
+    ctl = ch.Control(prefix + "ctl", create=True, nprocs=nprocs + 1, index=0, pid=os.getpid())
+    w = ch.Writer(prefix + "c0", 1, 2, 256, ch.Waiter(ctl, ["w", "r"]))
+    assert ctl.mark_opened([prefix + "c0", prefix + "ctl"]) is False     # 1 of 5
+    ctx = mp.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_open_and_mark, args=(prefix, go, out))
+             for _ in range(nprocs)]
+    for p in procs:
+        p.start()
+    try:
+        time.sleep(0.5)
+        assert sorted(os.listdir(shm.SHM_DIR)).count(prefix + "ctl") == 1
+        go.set()                                     # all count at about the same time
+        results = [out.get(timeout=60) for _ in procs]
+        assert sorted(results) == [False] * (nprocs - 1) + [True]
+        assert _names(prefix) == []
+        assert ctl.words[ch.C_OPENED] == nprocs + 1
+        w.write("still mapped")                      # the writer's mapping lives on
+        assert w.w[ch.W_WSEQ] == 1
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        w.close()
+        ctl.release()
 
 
 def test_closed_control_ends_waits(prefix):

@@ -326,8 +326,69 @@ def t_timeout(gid, rank, ws, rdv, timeout):
     return "no error", "", time.monotonic() - t0
 
 
+def _loop_hook(exc, value):
+    """What an actor loop installs as on_encode_error (worker.Loop._encode_error)."""
+    return capture(TypeError(f"a0:Stage produced a {type(value).__name__} that cannot be "
+                             f"pickled to send it on: {exc}. Return picklable values."),
+                   "a0", "<send>", -1)
+
+
+def _encode_rounds():
+    """Per round: a good value, one whose non-tensor part cannot pickle, a good one."""
+    import threading
+    return [[torch.full((2,), 10.0 * i + 1),
+             {"t": torch.full((2,), -1.0), "lock": threading.Lock()},
+             {"t": torch.full((3,), 10.0 * i + 3), "n": i}] for i in range(3)]
+
+
+def t_encode_error(gid, rank, ws, rdv, prefix, mode):
+    """As in an actor loop (on_encode_error installed on the metadata writer), rank 0 sends
+    _encode_rounds() to every other rank with ``mode`` send / isend / overlap (isend and
+    irecv); the readers report what each receive returned."""
+    comm = _join(gid, rank, ws, rdv)
+    ctl, waiter = _ends(prefix)
+    readers = ACTORS[1:ws]
+    rounds = _encode_rounds()
+    try:
+        if rank == 0:
+            w = Writer(prefix + "c0", len(readers), 4, 1 << 16, waiter, create=False)
+            w.on_encode_error = _loop_hook
+            cw = CommWriter(w, comm, {a: i for i, a in enumerate(ACTORS)}, readers, actor="a0")
+            for values in rounds:
+                for v in values:
+                    if mode == "send":
+                        for peer in readers:
+                            cw.send(v, peer)
+                    else:
+                        for h in [cw.isend(v, peer) for peer in readers]:
+                            h.wait()
+            w.close()
+            return None
+        r = Reader(prefix + "c0", rank - 1, waiter)
+        cr = CommReader(r, comm, 0, "cpu")
+        out = []
+        for values in rounds:
+            if mode == "overlap":
+                got = [h.wait() for h in [cr.irecv() for _ in values]]
+            else:
+                got = [cr.recv() for _ in values]
+            for g in got:
+                if g.__class__ is Failure:
+                    out.append(("failure", g.type_name, g.message, g.actor, g.method))
+                elif isinstance(g, dict):
+                    out.append(("dict", g["t"].tolist(), g["n"]))
+                else:
+                    out.append(("tensor", g.tolist()))
+        r.close()
+        return out
+    finally:
+        comm.destroy()
+        ctl.release()
+
+
 TASKS = {f.__name__: f for f in (t_prepare, t_p2p, t_async_order, t_allreduce, t_channel,
-                                 t_deferred, t_collective, t_gather_scatter, t_timeout)}
+                                 t_deferred, t_collective, t_gather_scatter, t_timeout,
+                                 t_encode_error)}
 
 
 # =========================================================================================
@@ -537,6 +598,114 @@ def test_comm_channel_values_two_readers(pool, shm_prefix, overlap):
     for rank in (1, 2):
         check_values(res[rank][0])
         assert res[rank][1][:2] == ("Failure", "TypeError")
+
+
+@pytest.mark.parametrize("mode", ["send", "isend", "overlap"])
+def test_unpicklable_metadata_is_a_failure_for_every_reader_and_sends_nothing(
+        pool, shm_prefix, mode):
+    """With the loop's on_encode_error installed (as worker.py does), a value holding a
+    tensor and a lock reaches both readers as a Failure naming the lock, no tensor is sent
+    for it (before the fix the writer still sent them: gloo hung, or the next receive paired
+    with the stale send), and the next values arrive intact."""
+    make_channel(shm_prefix + "c0", 2)
+    res = run_group(pool, "t_encode_error", 3, shm_prefix, mode, timeout=20)
+    for rank in (1, 2):
+        got = res[rank]
+        assert len(got) == 9
+        for i in range(3):
+            good1, bad, good2 = got[3 * i:3 * i + 3]
+            assert good1 == ("tensor", [10.0 * i + 1] * 2), (rank, i, good1)
+            assert good2 == ("dict", [10.0 * i + 3] * 3, i), (rank, i, good2)
+            kind, type_name, msg, actor, method = bad
+            assert (kind, type_name, actor, method) == ("failure", "TypeError", "a0",
+                                                        "<send>"), bad
+            assert msg.startswith("a0:Stage produced a dict that cannot be pickled"), msg
+            assert "value['lock'] (lock) cannot be pickled" in msg, msg
+            assert "_thread.lock" in msg and "tensor-transport edge (to a1, a2)" in msg, msg
+
+
+class _RecordingComm(Communicator):
+    """In-process stand-in for a communicator: sends queue per rank; a receive with nothing
+    queued fails at once (instead of hanging, as gloo would)."""
+
+    def __init__(self):
+        self.rank, self.world_size = 0, 3
+        self.queues = {1: [], 2: []}
+
+    def send(self, tensor, peer):
+        self.queues[peer].append(tensor.clone())
+
+    def recv(self, tensor, peer):
+        raise AssertionError("the writer's end never receives here")
+
+
+class _PeerView(Communicator):
+    """Rank ``rank``'s view of a _RecordingComm: recv pops what was sent to it."""
+
+    def __init__(self, comm, rank):
+        self.comm, self.rank, self.world_size = comm, rank, 3
+
+    def recv(self, tensor, peer):
+        q = self.comm.queues[self.rank]
+        assert q, f"rank {self.rank} receives a tensor that was never sent"
+        tensor.copy_(q.pop(0))
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(
+        shm_prefix, transport):
+    """The same, in one process, with the metadata on a shared-memory ring or on a TCP
+    channel (a reader on another node): write() says the value was replaced, so
+    CommWriter sends no tensor at all for it."""
+    import threading
+    comm = _RecordingComm()
+    ends = []
+    if transport == "tcp":
+        from dagc.runtime.tcp import TcpReader, TcpWriter, new_secret
+        secret = new_secret()
+        w = TcpWriter("c0", 2, 4, secret, tls=None)
+        host, port = w.listen("127.0.0.1")
+        rs = [TcpReader(host, port, secret, i, channel="c0", tls=None) for i in (0, 1)]
+    else:
+        make_channel(shm_prefix + "c0", 2)
+        ctl, waiter = _ends(shm_prefix)
+        ends.append(ctl)
+        w = Writer(shm_prefix + "c0", 2, 4, 1 << 16, waiter, create=False)
+        rs = [Reader(shm_prefix + "c0", i, waiter) for i in (0, 1)]
+    try:
+        w.on_encode_error = _loop_hook
+        cw = CommWriter(w, comm, {"a0": 0, "a1": 1, "a2": 2}, ("a1", "a2"), actor="a0")
+        crs = [CommReader(r, _PeerView(comm, rank), 0) for rank, r in ((1, rs[0]), (2, rs[1]))]
+        cw.send({"t": torch.ones(2), "lock": threading.Lock()}, "a1")
+        assert comm.queues == {1: [], 2: []}, "a tensor was sent for a value that failed"
+        cw.isend({"t": torch.ones(2), "lock": threading.Lock()}, "a2").wait()
+        assert comm.queues == {1: [], 2: []}, "a tensor was sent for a value that failed"
+        for cr in crs:
+            bad = cr.recv()
+            assert bad.__class__ is Failure and "value['lock'] (lock)" in bad.message
+        for peer in ("a1", "a2"):
+            cw.send(torch.full((3,), 7.0), peer)
+        for cr in crs:
+            assert cr.recv().tolist() == [7.0] * 3
+        assert comm.queues == {1: [], 2: []}
+        # the flag CommWriter relies on: write() says when on_encode_error's value went out
+        w.on_encode_error = _loop_hook
+        assert w.write({"lock": threading.Lock()}) is True
+        assert w.write({"fine": 1}) is None
+    finally:
+        for e in [w, *rs]:
+            e.close()
+        for e in ends:
+            e.release()
+
+
+def test_unpicklable_part_names_the_path():
+    import threading
+    from dagc.runtime.comm_ends import _unpicklable_part
+    lock = threading.Lock()
+    assert _unpicklable_part({"a": [1, (2, lock)]}) == ("value['a'][1][1]", lock)
+    assert _unpicklable_part(Batch(x=[lock], name="n")) == ("value.x[0]", lock)
+    assert _unpicklable_part([1, 2]) is None
 
 
 def test_irecv_does_not_block_on_missing_metadata(pool, shm_prefix):

@@ -2,7 +2,10 @@
 
 Every test is seeded (``DAGC_TEST_SEED`` reproduces a run; the seed is printed) and every
 wait has a deadline. Peer processes are plain ``python -c`` children so they can be
-SIGKILLed without touching pytest.
+SIGKILLed without touching pytest. Time bounds here are generous and only tell a behaviour
+from its absence (a wake-up vs. a 30 s sleep, a death noticed by EOF vs. by a 30 s
+keepalive); the speed figures are in ``python benchmarks/tcp.py``. These are the plain-TCP
+tests (``RAY_USE_TLS`` is cleared for them); test_tcp_tls.py runs the TLS side.
 """
 from __future__ import annotations
 
@@ -32,6 +35,21 @@ LOCAL = "127.0.0.1"
 
 def soon(seconds: float = 10.0) -> float:
     return time.monotonic() + seconds
+
+
+@pytest.fixture(autouse=True)
+def _plain_tcp(monkeypatch):
+    """Plain TCP whatever the caller's environment (children inherit it too)."""
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+
+
+def wait_until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.fixture
@@ -195,18 +213,15 @@ def test_large_payload_100mb(closing):
           f"{time.perf_counter() - t0:.2f} s")
 
 
-def test_many_small_messages_are_fast(closing):
+def test_many_small_messages_arrive_in_order(closing):
     w, (r,) = pair(closing, slots=8)
     n = 20000
-    t = Writes(w, range(n), soon(30))
-    t0 = time.perf_counter()
+    t = Writes(w, range(n), soon(60))
     t.start()
     for i in range(n):
-        assert r.read(soon()) == i
-    dt = time.perf_counter() - t0
-    t.join(5)
-    assert t.error is None
-    print(f"\n{n} small messages, 1 writer -> 1 reader (threads): {n / dt:,.0f} msg/s")
+        assert r.read(soon(30)) == i
+    t.join(10)
+    assert t.error is None and t.done == n
 
 
 def test_slow_reader_does_not_hold_up_the_others_and_values_are_snapshots(closing):
@@ -215,11 +230,9 @@ def test_slow_reader_does_not_hold_up_the_others_and_values_are_snapshots(closin
     write() does not change what the slow reader gets."""
     w, (fast, slow) = pair(closing, nreaders=2, slots=3)
     a = np.zeros(16 << 20, dtype=np.uint8)           # 16 MiB: far past the socket buffers
-    t0 = time.monotonic()
-    w.write(a, soon())
+    w.write(a, soon())              # a write that waited for `slow` would time out here
     a[:] = 1                                          # the caller reuses its buffer
     w.write("next", soon())
-    assert time.monotonic() - t0 < 5
     assert not fast.read(soon()).any()
     assert fast.read(soon()) == "next"                # while `slow` has not read at all
     assert not slow.read(soon()).any() and slow.read(soon()) == "next"
@@ -230,8 +243,8 @@ def test_unpicklable_value_goes_through_on_encode_error(closing):
     with pytest.raises(Exception):
         w.write(lambda: 1)
     w.on_encode_error = lambda exc, value: ("failed", type(value).__name__)
-    w.write(lambda: 1)
-    w.write(7)
+    assert w.write(lambda: 1) is True       # "replaced": a tensor-transport end sends nothing
+    assert w.write(7) is None
     assert r.read(soon()) == ("failed", "function")
     assert r.read(soon()) == 7
 
@@ -275,7 +288,7 @@ def test_writer_blocks_at_slots_unacked_and_resumes(closing):
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout):
         w.write("late", time.monotonic() + 0.3)
-    assert 0.25 < time.monotonic() - t0 < 2.0
+    assert 0.25 < time.monotonic() - t0 < 10, "the wait must end at its deadline"
     t = Writes(w, [slots], soon())
     t.start()
     time.sleep(0.3)
@@ -354,7 +367,7 @@ def test_reader_gives_up_at_connect_timeout():
     probe.close()
     with pytest.raises(TcpSetupError, match="could not connect"):
         TcpReader(LOCAL, port, new_secret(), 0, channel="c0", connect_timeout=0.5)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10, "connect_timeout (0.5 s), not the 60 s default"
 
 
 def test_writer_reports_a_reader_that_never_connects(closing):
@@ -459,7 +472,8 @@ def test_silent_client_does_not_block_readers(closing):
         t0 = time.monotonic()
         r = TcpReader(host, port, secret, 0, channel="c0")
         closing(r)
-        assert time.monotonic() - t0 < 2
+        # a squatter holding the handshake would hold the reader for its 10 s timeout
+        assert time.monotonic() - t0 < 8
         w.write("through", soon())
         assert r.read(soon()) == "through"
     finally:
@@ -474,7 +488,7 @@ def test_read_deadline_raises_wait_timeout(closing):
         t0 = time.monotonic()
         with pytest.raises(WaitTimeout):
             call(time.monotonic() + 0.2)
-        assert 0.15 < time.monotonic() - t0 < 1.5
+        assert 0.15 < time.monotonic() - t0 < 10, "the wait must end at its deadline"
     w.write("after", soon())        # a timeout loses nothing
     assert r.read(soon()) == "after"
 
@@ -543,8 +557,10 @@ class FlagWaiter:
             raise WaitTimeout()
 
 
-@pytest.mark.parametrize("side", ["reader", "writer"])
-def test_waiter_check_and_wake_end_a_wait(side, closing):
+def _blocked_wait(side, closing):
+    """A thread blocked in read() (side "reader") or write() (a full window), with no
+    deadline: only its waiter can end it. Returns (thread, box for its error, waiter,
+    wake function)."""
     waiter = FlagWaiter()
     secret = new_secret()
     w = TcpWriter("c0", 1, 1, secret, waiter=waiter if side == "writer" else None,
@@ -559,7 +575,7 @@ def test_waiter_check_and_wake_end_a_wait(side, closing):
     def wait():
         try:
             if side == "reader":
-                r.read()             # no deadline: only the waiter can end it
+                r.read()
             else:
                 w.write(1)
                 w.write(2)           # window of 1: blocks
@@ -568,15 +584,34 @@ def test_waiter_check_and_wake_end_a_wait(side, closing):
 
     th = threading.Thread(target=wait, daemon=True)
     th.start()
-    time.sleep(0.35)
-    assert th.is_alive() and waiter.calls >= 2, "waits must consult the waiter each slice"
+    return th, box, waiter, (r.wake if side == "reader" else w.wake_all)
+
+
+@pytest.mark.parametrize("side", ["reader", "writer"])
+def test_waits_consult_the_waiter_every_slice(side, closing):
+    th, box, waiter, _ = _blocked_wait(side, closing)
+    assert wait_until(lambda: waiter.calls >= 3), "waits must consult the waiter each slice"
+    assert th.is_alive()
+    waiter.stop = True               # no wake-up: the next slice's check ends it
+    th.join(10)
+    assert isinstance(box.get("e"), ChannelClosed), box
+    assert waiter.peers_seen == {()}, "remote pids must never reach the pid check"
+
+
+@pytest.mark.parametrize("side", ["reader", "writer"])
+def test_wake_ends_a_wait_before_its_slice_does(side, closing, monkeypatch):
+    from dagc.runtime import tcp_reader, tcp_writer
+    monkeypatch.setattr(tcp_reader, "SLICE", 30.0)     # a sleep only a wake-up cuts short
+    monkeypatch.setattr(tcp_writer, "SLICE", 30.0)
+    th, box, waiter, wake = _blocked_wait(side, closing)
+    time.sleep(0.3)
+    assert th.is_alive()
     waiter.stop = True
     t0 = time.monotonic()
-    (r.wake if side == "reader" else w.wake_all)()
-    th.join(3)
+    wake()
+    th.join(20)
     assert isinstance(box.get("e"), ChannelClosed), box
-    assert time.monotonic() - t0 < 0.1, "wake() must end the sleep at once"
-    assert waiter.peers_seen == {()}, "remote pids must never reach the pid check"
+    assert time.monotonic() - t0 < 10, "wake() must end the 30 s sleep well before its end"
 
 
 # -- a peer process dies -----------------------------------------------------------------------
@@ -604,7 +639,7 @@ time.sleep(60)
 
 def test_killed_reader_process_is_peer_died_for_the_writer(closing):
     secret = new_secret()
-    w = TcpWriter("c0", 1, 1, secret, reader_names=["a1:Child"])
+    w = TcpWriter("c0", 1, 1, secret, reader_names=["a1:Child"], liveness=30)
     closing(w)
     host, port = w.listen(LOCAL)
     p = child(CHILD_READER, host, port, secret.hex())
@@ -620,7 +655,7 @@ def test_killed_reader_process_is_peer_died_for_the_writer(closing):
         t0 = time.monotonic()
         t.join(10)
         assert isinstance(t.error, PeerDied) and t.error.who == "a1:Child", t.error
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 10, "the EOF, not a 30 s keepalive, tells"
         with pytest.raises(PeerDied):          # and it stays dead
             w.write(4, soon(2))
     finally:
@@ -633,7 +668,8 @@ def test_killed_writer_process_is_peer_died_for_the_reader(closing):
     p = child(CHILD_WRITER, secret.hex())
     try:
         port = int(first_line(p))
-        r = TcpReader(LOCAL, port, secret, 0, channel="c0", writer_name="a0:Child")
+        r = TcpReader(LOCAL, port, secret, 0, channel="c0", writer_name="a0:Child",
+                      liveness=30)
         closing(r)
         assert r.read(soon()) == "first"
         box = {}
@@ -651,7 +687,7 @@ def test_killed_writer_process_is_peer_died_for_the_reader(closing):
         t0 = time.monotonic()
         th.join(10)
         assert isinstance(box.get("e"), PeerDied) and box["e"].who == "a0:Child", box
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 10, "the EOF, not a 30 s keepalive, tells"
         assert r.ready()             # read() would not block: it raises
         with pytest.raises(PeerDied):
             r.read(soon(2))
@@ -672,7 +708,7 @@ time.sleep(60)
 
 def test_reader_killed_mid_frame_is_peer_died_for_the_writer(closing):
     secret = new_secret()
-    w = TcpWriter("c0", 1, 1, secret, reader_names=["a2:Child"])
+    w = TcpWriter("c0", 1, 1, secret, reader_names=["a2:Child"], liveness=30)
     closing(w)
     host, port = w.listen(LOCAL)
     p = child(CHILD_IDLE_READER, host, port, secret.hex())
@@ -686,7 +722,7 @@ def test_reader_killed_mid_frame_is_peer_died_for_the_writer(closing):
         t0 = time.monotonic()
         t.join(10)
         assert isinstance(t.error, PeerDied) and t.error.who == "a2:Child", t.error
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 10, "the EOF, not a 30 s keepalive, tells"
     finally:
         p.kill()
         p.wait(10)
@@ -774,7 +810,7 @@ def test_keepalive_and_user_timeout_are_set(closing):
             assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == user_timeout
 
 
-# -- latency -----------------------------------------------------------------------------------
+# -- two processes; the benchmark ------------------------------------------------------------
 CHILD_ECHO = r"""
 import sys
 from dagc.runtime.channel import ChannelClosed, PeerDied
@@ -791,7 +827,7 @@ except (ChannelClosed, PeerDied):
 """
 
 
-def test_round_trip_latency_loopback(closing):
+def test_echo_through_another_process(closing):
     secret = new_secret()
     w = TcpWriter("fwd", 1, 8, secret)
     closing(w)
@@ -801,22 +837,25 @@ def test_round_trip_latency_loopback(closing):
         r = TcpReader(LOCAL, int(first_line(p)), secret, 0, channel="back")
         closing(r)
         for i in range(500):
-            w.write(i)
+            w.write(i, soon())
             assert r.read(soon()) == i
-        n = 5000
-        ts = []
-        for i in range(n):
-            t0 = time.perf_counter()
-            w.write(i)
-            r.read(soon())
-            ts.append(time.perf_counter() - t0)
-        ts.sort()
-        p50, p90, p99 = (ts[int(n * q)] * 1e6 for q in (0.5, 0.9, 0.99))
-        print(f"\nTCP channel round trip of a small int over loopback (2 hops, 2 processes): "
-              f"p50 {p50:.0f} us, p90 {p90:.0f} us, p99 {p99:.0f} us")
-        assert p50 < 2000
         w.close()
         p.wait(10)
     finally:
         p.kill()
         p.wait(10)
+
+
+def test_tcp_benchmark_runs():
+    """benchmarks/tcp.py (the latency and throughput figures, plain and TLS) on a tiny n:
+    it must not rot. No timing is asserted."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from benchmarks import tcp as bench
+    from tests import tls_certs
+    modes = ("plain", "tls") if tls_certs.available() is None else ("plain",)
+    res = bench.run(n=20, modes=modes)
+    assert [r["mode"] for r in res] == list(modes)
+    for r in res:
+        assert 0 < r["rtt_p50_us"] <= r["rtt_p99_us"] and r["small_per_s"] > 0
+    assert "rtt p50" in bench.table(res)
