@@ -5,6 +5,9 @@ import os
 # Keep large payload buffers on the malloc heap (see shm.tune_malloc); "0" turns it off.
 MALLOC_TUNE = os.environ.get("DAGC_MALLOC_TUNE", "1") != "0"
 
+# "1": run IR.verify() after every compiler pass (dagc.passes.base.run_pipeline).
+VERIFY = os.environ.get("DAGC_VERIFY", "0") == "1"
+
 # Ray's TLS settings, beside dagc's own: when Ray runs with TLS, dagc's TCP channels use it
 # too, with the same certificates (see dagc/runtime/tcp.py, "TLS").
 RAY_TLS_VARS = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")

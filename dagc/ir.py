@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 import networkx as nx
 
-DRIVER = "driver"
+DRIVER = "driver"      # the driver's process name, beside actor ids "a0", "a1", ...
+INPUT = "in"           # the value the driver writes each execution: the "in" channel
 
 # Op kinds: a closed set.
 CALL = "call"              # actor method call
@@ -107,10 +108,20 @@ class ActorSpec:
     node: str = ""             # Ray node id, filled by place
     gpu_ids: tuple = ()        # filled by place
     name: str = ""             # "a0" or the Ray actor name when it has one
+    # filled by place: (method, where the user wrote it) pairs, sorted by method, e.g.
+    # ("embed", "pipeline.py:23 Embedder.embed"); plain data, for comments and errors
+    methods: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
         return f"{self.id}:{self.cls}"
+
+    def where(self, method: str) -> str:
+        """Where the user wrote ``method`` ("pipeline.py:23 Embedder.embed"), or ""."""
+        for name, where in self.methods:
+            if name == method:
+                return where
+        return ""
 
 
 @dataclass(frozen=True)
@@ -267,9 +278,25 @@ class IR:
         return h.hexdigest()[:12]
 
 
+# -- sort keys: the one place that orders op ids, values and processes ---------------------
+
 def op_sort_key(op_id: str) -> str:
     """Sort "t2" before "t10": numeric order of op ids, as a string key."""
     return f"{int(op_id[1:]):09d}" if op_id[1:].isdigit() else op_id
+
+
+def value_key(value: str):
+    """Order of values: "in" first, then by op number, a whole value before its elements."""
+    if value == INPUT:
+        return (-1, -1)
+    base, _, idx = value.partition(".")
+    return (int(base[1:]), int(idx) if idx else -1)
+
+
+def proc_key(proc: str):
+    """Order of processes: the driver first, then actors by number ("a2" before "a10")."""
+    return (0, 0, "") if proc == DRIVER else (
+        1, int(proc[1:]) if proc[1:].isdigit() else 0, proc)
 
 
 def bind_reordered(ops) -> set[str]:

@@ -6,6 +6,7 @@ import networkx as nx
 
 from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec
 from dagc.passes import PassContext, default_pipeline, run_pipeline
+from dagc.placement import ActorPlace, Placement
 
 
 def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None, bind=None):
@@ -49,9 +50,16 @@ def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None, bind=
     return ir
 
 
-def compile_ir(ir, overlap=False, gpus=(), **options):
-    ctx = PassContext(driver_node="n0", options=options,
-                      placement={a.id: ("n0", (0,) if a.id in gpus else ()) for a in ir.actors})
+def compile_ir(ir, overlap=False, gpus=(), methods=None, **options):
+    """Every pass on ``ir`` on one node "n0", verifying the IR after each.
+
+    ``gpus``: actor ids that hold a GPU; ``methods``: {actor id: {method: "file.py:1 C.m"}}.
+    """
+    methods = methods or {}
+    placement = Placement(driver_node="n0", actors={
+        a.id: ActorPlace(node="n0", gpus=(0,) if a.id in gpus else (),
+                         methods=methods.get(a.id, {})) for a in ir.actors})
+    ctx = PassContext(placement=placement, options=options)
     return run_pipeline(ir, default_pipeline(overlap), ctx, callback=lambda p, x: x.verify())
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import jinja2
 
 import dagc
-from dagc.ir import DRIVER, IR
-from dagc.passes.assign_channels import INPUT
+from dagc.ir import DRIVER, INPUT, IR
 from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV,
                            WAIT_SEND, WRITE, Action, Schedule)
 

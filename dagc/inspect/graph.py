@@ -24,12 +24,11 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from dagc.ir import DRIVER, op_sort_key
+from dagc.ir import DRIVER, INPUT, op_sort_key
 from dagc.schedule import CALL, COLL, READ, WRITE, Action, Schedule
 
 INPUT_NODE = "input"
 OUTPUT_NODE = "output"
-INPUT_VALUE = "in"
 FORMATS = ("ascii", "dot", "svg", "png")
 
 _TRANSPORT_STYLE = {            # DOT edge attributes per transport
@@ -90,7 +89,7 @@ def _refs(a: Action) -> list[str]:
 
 def _uses(ref: str, value: str) -> bool:
     """Does argument ``ref`` ("t3", "t3.1", "$0") read ``value`` ("t3", "t3.1", "in")?"""
-    if value == INPUT_VALUE:
+    if value == INPUT:
         return ref.startswith("$")
     if ref == value:
         return True
@@ -135,15 +134,15 @@ def build_graph(schedule: Schedule) -> DataflowGraph:
     ops = _op_nodes(schedule)
     nodes: dict[str, Node] = {k: n for k, (n, _) in ops.items()}
     edges: set[Edge] = set()
-    driver_writes_input = any(a.kind == WRITE and a.value == INPUT_VALUE
+    driver_writes_input = any(a.kind == WRITE and a.value == INPUT
                               for a in schedule.of(DRIVER))
-    if driver_writes_input or any(c.value == INPUT_VALUE for c in schedule.channels):
+    if driver_writes_input or any(c.value == INPUT for c in schedule.channels):
         nodes[INPUT_NODE] = Node(INPUT_NODE, DRIVER, INPUT_NODE)
     if any(a.kind == READ for a in schedule.of(DRIVER)) or any(
             DRIVER in c.readers for c in schedule.channels):
         nodes[OUTPUT_NODE] = Node(OUTPUT_NODE, DRIVER, OUTPUT_NODE)
     for c in schedule.channels:
-        src = INPUT_NODE if c.value == INPUT_VALUE else _base(c.value)
+        src = INPUT_NODE if c.value == INPUT else _base(c.value)
         if src not in nodes:
             continue
         for r in c.readers:

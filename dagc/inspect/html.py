@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 
 from dagc.inspect.graph import RenderUnavailableError, render
+from dagc.ir import proc_key
 from dagc.schedule import Schedule
 
 _MONO = "font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px"
@@ -78,15 +79,10 @@ def sources_html(sources: dict[str, str], labels: dict | None = None) -> str:
     """One collapsed ``<details>`` per generated module, summary = the actor's label."""
     labels = labels or {}
     blocks = []
-    for actor in sorted(sources, key=_source_order):
+    for actor in sorted(sources, key=proc_key):
         blocks.append(f"<details><summary>{_e(labels.get(actor, actor))} generated source"
                       f"</summary><pre style=\"{_MONO}\">{_e(sources[actor])}</pre></details>")
     return "\n".join(blocks)
-
-
-def _source_order(actor: str):
-    return (0, 0, "") if actor == "driver" else (
-        1, int(actor[1:]) if actor[1:].isdigit() else 0, actor)
 
 
 def compiled_html(schedule: Schedule, sources: dict[str, str] | None = None) -> str:

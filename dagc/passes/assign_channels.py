@@ -14,10 +14,8 @@ from typing import ClassVar
 
 import networkx as nx
 
-from dagc.ir import DRIVER, IR, ChannelSpec, op_sort_key
-from dagc.passes import Pass, PassContext
-
-INPUT = "in"
+from dagc.ir import DRIVER, INPUT, IR, ChannelSpec, op_sort_key, proc_key, value_key
+from dagc.passes.base import Pass, PassContext
 
 
 def consumers(ir: IR) -> dict[str, list[str]]:
@@ -43,12 +41,12 @@ class AssignChannels(Pass):
         buffer_size = int(ctx.options.get("buffer_size", 1 << 20))
         slots = int(ctx.options.get("max_inflight", 8))
         node_of = {a.id: a.node for a in ir.actors}
-        node_of[DRIVER] = ctx.driver_node
+        node_of[DRIVER] = ctx.placement.driver_node
         chans: list[ChannelSpec] = []
 
         def add(value, writer, readers, transport, carrier="shm"):
             chans.append(ChannelSpec(id=f"c{len(chans)}", value=value, writer=writer,
-                                     readers=tuple(sorted(readers, key=_proc_key)),
+                                     readers=tuple(sorted(readers, key=proc_key)),
                                      transport=transport, buffer_size=buffer_size,
                                      slots=slots, carrier=carrier))
 
@@ -79,16 +77,8 @@ class AssignChannels(Pass):
                 uses.setdefault(INPUT, []).append(a.id)
         if INPUT in uses:
             split(INPUT, DRIVER, uses[INPUT], tensor=False)
-        for value in sorted((v for v in uses if v != INPUT), key=_value_key):
+        for value in sorted((v for v in uses if v != INPUT), key=value_key):
             op = ir.op(value.split(".", 1)[0])
             split(value, op.actor, uses[value], tensor=op.transport is not None)
         return ir.replace(channels=tuple(chans))
 
-
-def _proc_key(p: str):
-    return (0, 0) if p == DRIVER else (1, int(p[1:]) if p[1:].isdigit() else p)
-
-
-def _value_key(v: str):
-    base, _, idx = v.partition(".")
-    return (int(base[1:]), int(idx) if idx else -1)

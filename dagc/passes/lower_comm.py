@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from dagc.errors import CompileError
 from dagc.ir import COLLECTIVE, IR, CommGroup
-from dagc.passes import Pass, PassContext
+from dagc.passes.base import Pass, PassContext
 
 
 def choose_backend(requested: str | None, option, members, has_gpu, where: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from dagc.ir import IR
-from dagc.passes import Pass, PassContext
+from dagc.passes.base import Pass, PassContext
 from dagc.passes.simulate import simulate
 from dagc.schedule import (CALL, COLL, COMM_KINDS, CRECV, CSEND, ICRECV, ISEND, WAIT_RECV,
                            WAIT_SEND, WRITE, Action, Schedule)

@@ -1,8 +1,10 @@
-"""place: IR -> IR whose ActorSpecs carry their Ray node id and GPU ids.
+"""place: IR -> IR whose ActorSpecs carry their Ray node id, GPU ids and method locations.
 
-The facts come from ``ctx.placement`` (gathered from Ray by the runtime before the
-pipeline runs), so the pass itself needs no Ray. Actors absent from the placement are
-taken to live on the driver's node with no GPUs.
+The facts come from ``ctx.placement`` (a :class:`dagc.placement.Placement`, gathered from
+Ray by the runtime before the pipeline runs, or written by hand for what-if lowering), so
+the pass itself needs no Ray. Actors absent from the placement are taken to live on the
+driver's node with no GPUs. Method locations ("pipeline.py:23 Embedder.embed") become
+``ActorSpec.methods``: generated code names them in its comments and errors.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dagc.ir import IR
-from dagc.passes import Pass, PassContext
+from dagc.passes.base import Pass, PassContext
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class PlaceActors(Pass):
     def run(self, ir: IR, ctx: PassContext) -> IR:
         actors = []
         for a in ir.actors:
-            node, gpus = ctx.placement.get(a.id, (ctx.driver_node, ()))
-            actors.append(dataclasses.replace(a, node=node or ctx.driver_node,
-                                              gpu_ids=tuple(gpus)))
+            place = ctx.placement.of(a.id)
+            actors.append(dataclasses.replace(a, node=place.node, gpu_ids=tuple(place.gpus),
+                                              methods=tuple(sorted(place.methods.items()))))
         return ir.replace(actors=tuple(actors))

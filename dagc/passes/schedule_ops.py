@@ -18,9 +18,8 @@ from typing import ClassVar
 import networkx as nx
 
 from dagc.errors import CompileError, DeadlockError
-from dagc.ir import COLLECTIVE, DRIVER, IR, op_sort_key
-from dagc.passes import Pass, PassContext
-from dagc.passes.assign_channels import INPUT
+from dagc.ir import COLLECTIVE, DRIVER, INPUT, IR, op_sort_key
+from dagc.passes.base import Pass, PassContext
 from dagc.passes.simulate import simulate
 from dagc.schedule import CALL, COLL, CRECV, CSEND, READ, WRITE, Action, Schedule
 

@@ -13,7 +13,7 @@ import networkx as nx
 
 from dagc.errors import CompileError
 from dagc.ir import COLLECTIVE, IR
-from dagc.passes import Pass, PassContext
+from dagc.passes.base import Pass, PassContext
 
 
 @dataclass(frozen=True)

@@ -363,3 +363,64 @@ def test_equal_bind_positions_leave_the_order_to_the_data():
                   ("t2", "a0", "h", ["t1"])], ["t2"], bind={"t2": 0, "t0": 0})
     s = compile_ir(ir).schedule
     assert calls(s, "a0") == ["f t0", "h t2"]
+
+
+# -- the pass contract ---------------------------------------------------------------------
+
+def test_registry_lists_every_pass_in_pipeline_order():
+    from dagc.passes import PASSES, REGISTRY
+    assert [p.name for p in PASSES] == ["validate", "place", "channels", "lower-comm",
+                                        "schedule", "overlap"]
+    assert all(REGISTRY[p.name] is p for p in PASSES)
+
+
+def test_pass_modules_import_the_base_not_the_package():
+    """No cycle dagc.passes <-> a pass: passes import dagc.passes.base, never the package."""
+    import ast
+    from pathlib import Path
+    import dagc.passes
+    for path in Path(dagc.passes.__file__).parent.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "dagc.passes", f"{path.name} imports dagc.passes"
+            elif isinstance(node, ast.Import):
+                assert all(a.name != "dagc.passes" for a in node.names), path.name
+
+
+def test_pass_context_takes_a_placement_or_the_old_dict():
+    from dagc.passes import PassContext
+    from dagc.placement import ActorPlace, Placement
+    old = PassContext(placement={"a0": ("n1", [0])}, driver_node="n0")
+    assert old.placement == Placement("n0", {"a0": ActorPlace("n1", (0,))})
+    assert PassContext(driver_node="n0").placement == Placement("n0")
+    p = Placement("n0", {"a1": ActorPlace("n2")})
+    assert PassContext(placement=p).placement is p
+
+
+def test_place_copies_node_gpus_and_method_locations():
+    ir = compile_ir(chain(2), gpus=("a1",),
+                    methods={"a0": {"fwd": "pipe.py:3 A.fwd", "aux": "pipe.py:9 A.aux"}})
+    a0, a1 = ir.actors
+    assert (a0.node, a0.gpu_ids, a1.gpu_ids) == ("n0", (), (0,))
+    assert a0.methods == (("aux", "pipe.py:9 A.aux"), ("fwd", "pipe.py:3 A.fwd"))
+    assert a0.where("fwd") == "pipe.py:3 A.fwd" and a1.where("fwd") == "" and a1.methods == ()
+
+
+def test_dagc_verify_checks_the_ir_after_every_pass(monkeypatch):
+    from dagc import config
+    from dagc.passes import Pass, PassContext, run_pipeline
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class DropActors(Pass):
+        name = "drop-actors"
+
+        def run(self, ir, ctx):
+            return ir.replace(actors=())
+
+    run_pipeline(chain(2), (DropActors(),), PassContext())        # unchecked by default
+    monkeypatch.setattr(config, "VERIFY", True)
+    with pytest.raises(AssertionError, match="unknown actor a0"):
+        run_pipeline(chain(2), (DropActors(),), PassContext())
