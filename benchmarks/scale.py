@@ -55,7 +55,7 @@ def _ir(ops: list[tuple[str, str, tuple[str, ...]]], n_actors: int, outputs: lis
     """ops: (op id, actor id, arg refs) in any order; builds the graph and specs."""
     g = nx.DiGraph()
     for oid, actor, args in ops:
-        op = Op(id=oid, kind=CALL, actor=actor, method="fwd", args=tuple(Arg(a) for a in args))
+        op = Op(id=oid, kind=CALL, actor=actor, method="fwd", args=tuple(Arg.parse(a) for a in args))
         g.add_node(oid, op=op)
         for a in args:
             if a.startswith("t"):
@@ -64,7 +64,7 @@ def _ir(ops: list[tuple[str, str, tuple[str, ...]]], n_actors: int, outputs: lis
     return IR(graph=g, actors=actors,
               inputs=InputSpec(fields=tuple(range(nfields)), num_positional=nfields,
                                direct=nfields == 1),
-              output=OutputSpec(refs=tuple(Arg(o) for o in outputs), multi=len(outputs) > 1))
+              output=OutputSpec(refs=tuple(Arg.parse(o) for o in outputs), multi=len(outputs) > 1))
 
 
 def make_dag(shape: str, n: int, ops_per_actor: int = 10) -> IR:

@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dagc.ir import ChannelSpec, bind_reordered
+from dagc.ir import ChannelSpec, Ref, bind_reordered
 
 READ, CALL, WRITE, CSEND, CRECV, COLL, ICRECV, ISEND, WAIT_RECV, WAIT_SEND = (
     "recv", "call", "send", "csend", "crecv", "coll", "icrecv", "isend", "wait_recv",
@@ -178,7 +178,8 @@ class Schedule:
             "actors": list(self.actors),
             "labels": {a: self.labels.get(a, a) for a in self.actors},
             "actions": {a: [x.to_dict() for x in self.of(a)] for a in self.actors},
-            "channels": [dataclasses.asdict(c) | {"readers": list(c.readers)}
+            "channels": [dataclasses.asdict(c) | {"value": str(c.value),
+                                                  "readers": list(c.readers)}
                          for c in self.channels],
             "simulated_steps": self.simulated_steps,
         }
@@ -188,7 +189,9 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
-        chans = tuple(ChannelSpec(**(c | {"readers": tuple(c["readers"])})) for c in d["channels"])
+        chans = tuple(ChannelSpec(**(c | {"value": Ref.parse(c["value"]),
+                                          "readers": tuple(c["readers"])}))
+                      for c in d["channels"])
         return cls(actors=tuple(d["actors"]),
                    actions={a: tuple(Action.from_dict(x) for x in xs)
                             for a, xs in d["actions"].items()},
@@ -242,7 +245,8 @@ class Schedule:
                     peers=split(r["peers"]), channel=r["channel"], group=r["group"],
                     num_returns=int(r["num_returns"]), bind=int(r.get("bind") or -1))))
             elif r["record"] == "channel":
-                chans.append(ChannelSpec(id=r["channel"], value=r["value"], writer=r["writer"],
+                chans.append(ChannelSpec(id=r["channel"], value=Ref.parse(r["value"]),
+                                         writer=r["writer"],
                                          readers=split(r["readers"]),
                                          transport=r["transport"],
                                          buffer_size=int(r["buffer_size"]),

@@ -4,7 +4,7 @@ import os
 
 import networkx as nx
 
-from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec
+from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec, Ref
 from dagc.passes import PassContext, default_pipeline, run_pipeline
 from dagc.placement import ActorPlace, Placement
 
@@ -30,13 +30,13 @@ def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None, bind=
         group = spec[6] if len(spec) > 6 else None
         op = Op(id=oid, kind=COLLECTIVE if group else CALL, actor=actor,
                 method="allreduce.sum" if group else method,
-                args=tuple(Arg(a) for a in args),
-                kwargs=tuple((k, Arg(v)) for k, v in kwargs.items()), num_returns=nret,
+                args=tuple(Arg.parse(a) for a in args),
+                kwargs=tuple((k, Arg.parse(v)) for k, v in kwargs.items()), num_returns=nret,
                 transport=transports.get(oid, "nccl" if group else None), group=group,
                 bind_index=bind[oid])
         g.add_node(oid, op=op)
         for a in op.refs():
-            if a.is_value:
+            if isinstance(a, Ref):
                 g.add_edge(a.op, oid)
         if actor not in [a.id for a in actors]:
             actors.append(ActorSpec(id=actor, cls="Stage", name=actor))
@@ -44,7 +44,7 @@ def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None, bind=
     fields = tuple(range(nfields))
     ir = IR(graph=g, actors=tuple(actors),
             inputs=InputSpec(fields=fields, num_positional=nfields, direct=nfields == 1),
-            output=OutputSpec(refs=tuple(Arg(o) for o in outputs),
+            output=OutputSpec(refs=tuple(Arg.parse(o) for o in outputs),
                               multi=len(outputs) > 1 if multi is None else multi))
     ir.verify()
     return ir

@@ -59,7 +59,7 @@ _IDENT = re.compile(r"[^0-9a-zA-Z_]")
 
 def local(ref: str, nfields: int) -> str:
     """The generated-code name of a ref: t3 -> t3, t3.1 -> t3_1, $0 -> inp / inp[0], #2 -> k2."""
-    if ref == INPUT:
+    if ref == str(INPUT):
         return "inp"
     if ref.startswith("$"):
         return "inp" if nfields == 1 else f"inp[{int(ref[1:])}]"
@@ -177,7 +177,7 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     cond += [f"{k!r} not in kwargs" for k in kws]
     if not kws:
         cond.append("kwargs")
-    result = [local(r.text, nfields) for r in ir.output.refs]
+    result = [local(str(r), nfields) for r in ir.output.refs]
     model = {"h": _header(ir, DRIVER, DRIVER, origin), "inputs": inputs, "fields": fields,
              "bad_input": " or ".join(cond), "outputs": outputs,
              "result": ("[" + ", ".join(result) + "]") if ir.output.multi else result[0],

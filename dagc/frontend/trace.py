@@ -9,14 +9,15 @@ the IR. A DAG node hidden inside an argument object is refused (``find_nodes``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
 
 from dagc.errors import CompileError
 from dagc.frontend.find_nodes import find_node
-from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec,
-                     SideTable)
+from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, Const, Field, InputSpec, Op,
+                     OutputSpec, Ref, SideTable)
 
 # Ray's collective op classes -> dagc's collective kinds (the method name's first part)
 _COLLECTIVES = {"AllReduceOp": "allreduce", "AllGatherOp": "allgather",
@@ -57,7 +58,6 @@ class _Tracer:
         self.actor_ids: dict[Any, str] = {}     # ActorId -> "aN"
         self.actor_specs: list[ActorSpec] = []
         self.groups: dict[int, str] = {}
-        self.group_objs: dict[str, Any] = {}
         self.pos_keys: set[int] = set()
         self.kw_keys: set[str] = set()
         self.direct = False
@@ -106,7 +106,7 @@ class _Tracer:
                 f"arguments. Pass the node as its own argument and build the "
                 f"{type(value).__name__} inside the method.")
         self.side.constants.append(value)
-        return Arg(f"#{len(self.side.constants) - 1}")
+        return Const(len(self.side.constants) - 1)
 
     def input_field(self, kind: str, key) -> Arg:
         self.input_uses.append((kind, key))
@@ -116,7 +116,7 @@ class _Tracer:
             self.pos_keys.add(key)
         else:
             self.kw_keys.add(key)
-        return Arg(f"${kind}:{key}")  # placeholder, renumbered in finish()
+        return _InputUse(kind, key)   # placeholder, numbered in finish()
 
     def check_input(self, node):
         if self.input_node is None:
@@ -168,7 +168,7 @@ class _Tracer:
         if node.is_class_method_output:
             parent = node.class_method_call
             base = self.node(parent)
-            return Arg(f"{base.text}.{node.output_idx}")
+            return Ref(base.op, node.output_idx)
         is_coll = isinstance(node, self.CollectiveOutputNode) and node.collective_op is not None
         args = tuple(self.arg(a, node, i) for i, a in enumerate(node.get_args()))
         kwargs = tuple((k, self.arg(v, node, k)) for k, v in node.get_kwargs().items())
@@ -192,7 +192,6 @@ class _Tracer:
             if gid is None:
                 gid = f"g{len(self.groups)}"
                 self.groups[id(cop)] = gid
-                self.group_objs[gid] = cop
                 self.keep_alive.append(cop)
             group = gid
             transport = self.collective_transport(cop)
@@ -214,9 +213,9 @@ class _Tracer:
                 group=group, bind_index=raw_bind if isinstance(raw_bind, int) else None)
         self.graph.add_node(op_id, op=op)
         for a in op.refs():
-            if a.is_value:
+            if isinstance(a, Ref):
                 self.graph.add_edge(a.op, op_id)
-        return Arg(op_id)
+        return Ref(op_id)
 
     def transport_of(self, node) -> str | None:
         hint = getattr(node, "_type_hint", None)
@@ -264,11 +263,7 @@ class _Tracer:
         index[("direct", None)] = index.get(("pos", 0), 0)
 
         def renumber(a: Arg) -> Arg:
-            if not a.is_input:
-                return a
-            kind, _, key = a.text[1:].partition(":")
-            k = None if kind == "direct" else (int(key) if kind == "pos" else key)
-            return Arg(f"${index[(kind, k)]}")
+            return Field(index[(a.kind, a.key)]) if isinstance(a, _InputUse) else a
 
         bind_rank = _bind_ranks(data["op"] for _, data in self.graph.nodes(data=True))
         for n, data in self.graph.nodes(data=True):
@@ -283,8 +278,16 @@ class _Tracer:
                            direct=self.direct)
         ir = IR(graph=self.graph, actors=tuple(self.actor_specs), inputs=inputs,
                 output=OutputSpec(refs=out, multi=multi))
-        self.side.group_objs = self.group_objs  # type: ignore[attr-defined]
         return ir, self.side
+
+
+@dataclass(frozen=True)
+class _InputUse(Arg):
+    """An input use while tracing (``inp``, ``inp[i]``, ``inp["k"]``); a Field once the
+    whole DAG is seen and the fields are numbered."""
+
+    kind: str            # "direct" | "pos" | "kw"
+    key: Any             # None | int | str
 
 
 def _bind_ranks(ops) -> dict[str, int]:

@@ -89,7 +89,7 @@ def _refs(a: Action) -> list[str]:
 
 def _uses(ref: str, value: str) -> bool:
     """Does argument ``ref`` ("t3", "t3.1", "$0") read ``value`` ("t3", "t3.1", "in")?"""
-    if value == INPUT:
+    if value == str(INPUT):
         return ref.startswith("$")
     if ref == value:
         return True
@@ -134,7 +134,7 @@ def build_graph(schedule: Schedule) -> DataflowGraph:
     ops = _op_nodes(schedule)
     nodes: dict[str, Node] = {k: n for k, (n, _) in ops.items()}
     edges: set[Edge] = set()
-    driver_writes_input = any(a.kind == WRITE and a.value == INPUT
+    driver_writes_input = any(a.kind == WRITE and a.value == str(INPUT)
                               for a in schedule.of(DRIVER))
     if driver_writes_input or any(c.value == INPUT for c in schedule.channels):
         nodes[INPUT_NODE] = Node(INPUT_NODE, DRIVER, INPUT_NODE)
@@ -142,12 +142,12 @@ def build_graph(schedule: Schedule) -> DataflowGraph:
             DRIVER in c.readers for c in schedule.channels):
         nodes[OUTPUT_NODE] = Node(OUTPUT_NODE, DRIVER, OUTPUT_NODE)
     for c in schedule.channels:
-        src = INPUT_NODE if c.value == INPUT else _base(c.value)
+        src = INPUT_NODE if c.value == INPUT else c.value.op
         if src not in nodes:
             continue
         for r in c.readers:
-            for dst in _consumers(schedule, r, c.value, c.id):
-                edges.add(Edge(src, dst, c.value, c.transport, c.id))
+            for dst in _consumers(schedule, r, str(c.value), c.id):
+                edges.add(Edge(src, dst, str(c.value), c.transport, c.id))
     for node, act in ops.values():
         for ref in _refs(act):
             if not ref.startswith("t") or _base(ref) not in ops:

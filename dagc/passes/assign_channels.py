@@ -14,22 +14,22 @@ from typing import ClassVar
 
 import networkx as nx
 
-from dagc.ir import DRIVER, INPUT, IR, ChannelSpec, op_sort_key, proc_key, value_key
+from dagc.ir import DRIVER, INPUT, IR, ChannelSpec, Field, Ref, op_sort_key, proc_key, value_key
 from dagc.passes.base import Pass, PassContext
 
 
-def consumers(ir: IR) -> dict[str, list[str]]:
-    """value ref ("t3", "t3.1", "in") -> processes that read it (in op order, no repeats)."""
-    out: dict[str, list[str]] = {}
+def consumers(ir: IR) -> dict[Ref, list[str]]:
+    """value (t3, t3.1, INPUT) -> processes that read it (in op order, no repeats)."""
+    out: dict[Ref, list[str]] = {}
     for n in nx.lexicographical_topological_sort(ir.graph, key=op_sort_key):
         op = ir.op(n)
         for a in op.refs():
-            key = a.text if a.is_value else (INPUT if a.is_input else None)
+            key = a if isinstance(a, Ref) else (INPUT if isinstance(a, Field) else None)
             if key and op.actor not in out.setdefault(key, []):
                 out[key].append(op.actor)
     for r in ir.output.refs:
-        if DRIVER not in out.setdefault(r.text, []):
-            out[r.text].append(DRIVER)
+        if DRIVER not in out.setdefault(r, []):
+            out[r].append(DRIVER)
     return out
 
 
@@ -71,14 +71,14 @@ class AssignChannels(Pass):
         # every actor must be paced by some read; one that reads nothing from another
         # process is triggered by the input channel
         fed = {r for k, procs in uses.items() if k != INPUT
-               for r in procs if r != ir.op(k.split(".", 1)[0]).actor}
+               for r in procs if r != ir.op(k.op).actor}
         for a in ir.actors:
             if a.id not in fed and a.id not in uses.get(INPUT, []):
                 uses.setdefault(INPUT, []).append(a.id)
         if INPUT in uses:
             split(INPUT, DRIVER, uses[INPUT], tensor=False)
         for value in sorted((v for v in uses if v != INPUT), key=value_key):
-            op = ir.op(value.split(".", 1)[0])
+            op = ir.op(value.op)
             split(value, op.actor, uses[value], tensor=op.transport is not None)
         return ir.replace(channels=tuple(chans))
 

@@ -60,7 +60,7 @@ class LowerComm(Pass):
         for c in ir.channels:
             if c.transport != "comm":
                 continue
-            op = ir.op(c.value.split(".", 1)[0])
+            op = ir.op(c.value.op)
             members = (c.writer, *c.readers)
             b = choose_backend(op.transport if op.transport not in ("nccl", "auto") else None,
                                option_name, members, has_gpu, f"{op.actor}.{op.method} ({op.id})")

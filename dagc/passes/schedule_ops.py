@@ -18,7 +18,7 @@ from typing import ClassVar
 import networkx as nx
 
 from dagc.errors import CompileError, DeadlockError
-from dagc.ir import COLLECTIVE, DRIVER, INPUT, IR, op_sort_key
+from dagc.ir import COLLECTIVE, DRIVER, INPUT, IR, Field, Ref, op_sort_key
 from dagc.passes.base import Pass, PassContext
 from dagc.passes.simulate import simulate
 from dagc.schedule import CALL, COLL, CRECV, CSEND, READ, WRITE, Action, Schedule
@@ -118,13 +118,13 @@ def build_schedule(ir: IR) -> Schedule:
             by_value[(c.value, r)] = c
         written_by.setdefault(c.value, []).append(c)
 
-    def emit(p: str, step: int, **kw) -> Action:
-        a = Action(step=step, actor=p, **kw)
+    def emit(p: str, step: int, value: Ref, **kw) -> Action:
+        a = Action(step=step, actor=p, value=str(value), **kw)
         acts[p].append(a)
         ready[p] = step + 1
         return a
 
-    def fetch(p: str, value: str) -> None:
+    def fetch(p: str, value: Ref) -> None:
         """Make ``value`` (a value ref or INPUT) present on process p."""
         if value in have[p]:
             return
@@ -139,7 +139,7 @@ def build_schedule(ir: IR) -> Schedule:
         have[p].add(value)
 
     def produced(p: str, op_id: str, num_returns: int) -> None:
-        values = [op_id] if num_returns == 1 else [f"{op_id}.{i}" for i in range(num_returns)]
+        values = [Ref(op_id)] if num_returns == 1 else [Ref(op_id, i) for i in range(num_returns)]
         for v in values:
             have[p].add(v)
             for c in written_by.get(v, []):
@@ -153,7 +153,7 @@ def build_schedule(ir: IR) -> Schedule:
                     a = emit(p, ready[p], kind=WRITE, value=v, peers=c.readers, channel=c.id)
                     avail[c.id] = a.step + 1
         if num_returns != 1:
-            have[p].add(op_id)
+            have[p].add(Ref(op_id))
 
     for c in ir.channels:
         if c.value == INPUT:
@@ -171,22 +171,22 @@ def build_schedule(ir: IR) -> Schedule:
             if op.actor in input_readers:
                 fetch(op.actor, INPUT)
             for a in op.refs():
-                if a.is_value:
-                    fetch(op.actor, a.text)
-                elif a.is_input:
+                if isinstance(a, Ref):
+                    fetch(op.actor, a)
+                elif isinstance(a, Field):
                     fetch(op.actor, INPUT)
         step = max(ready[op.actor] for op in ops)
         for op in ops:
             emit(op.actor, step if op.kind == COLLECTIVE else ready[op.actor],
-                 kind=COLL if op.kind == COLLECTIVE else CALL, value=op.id,
-                 method=op.method, args=tuple(a.text for a in op.args),
-                 kwargs=tuple((k, v.text) for k, v in op.kwargs), group=op.group or "",
+                 kind=COLL if op.kind == COLLECTIVE else CALL, value=Ref(op.id),
+                 method=op.method, args=tuple(str(a) for a in op.args),
+                 kwargs=tuple((k, str(v)) for k, v in op.kwargs), group=op.group or "",
                  num_returns=op.num_returns,
                  bind=-1 if op.bind_index is None else op.bind_index)
         for op in ops:
             produced(op.actor, op.id, op.num_returns)
 
-    for r in dict.fromkeys(x.text for x in ir.output.refs):
+    for r in dict.fromkeys(ir.output.refs):
         fetch(DRIVER, r)
 
     labels = {DRIVER: DRIVER}

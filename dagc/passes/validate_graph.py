@@ -12,7 +12,7 @@ from typing import ClassVar
 import networkx as nx
 
 from dagc.errors import CompileError
-from dagc.ir import COLLECTIVE, IR
+from dagc.ir import COLLECTIVE, IR, Ref
 from dagc.passes.base import Pass, PassContext
 
 
@@ -32,7 +32,7 @@ def validate(ir: IR) -> None:
         raise CompileError("the DAG has a cycle through " + " -> ".join(u for u, _ in cycle)
                            + "; a compiled DAG must be acyclic.")
     for r in ir.output.refs:
-        if not r.is_value:
+        if not isinstance(r, Ref):
             raise CompileError(f"the DAG output {r} is the InputNode itself; the output must "
                                f"come from an actor method (echo it through a method).")
     used = {r.op for r in ir.output.refs}
@@ -48,7 +48,7 @@ def validate(ir: IR) -> None:
         if op.kind == COLLECTIVE:
             groups.setdefault(op.group, []).append(op)
             for a in op.refs():
-                if a.is_value and ir.op(a.op).actor != op.actor:
+                if isinstance(a, Ref) and ir.op(a.op).actor != op.actor:
                     raise CompileError(
                         f"{op.actor}.{op.method} ({op.id}): a collective input must be "
                         f"computed on the participating actor itself.")

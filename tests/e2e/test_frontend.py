@@ -105,7 +105,7 @@ def test_collectives_trace_to_one_op_per_actor(workers):
         ("g0", "a0", "allgather", 1), ("g0", "a1", "allgather", 1),
         ("g1", "a0", "reducescatter.avg", 1), ("g1", "a1", "reducescatter.avg", 1),
         ("g2", "a0", "allreduce.min", 2), ("g2", "a1", "allreduce.min", 2)]
-    assert [r.text for r in ir.output.refs] == [f"{colls[4].id}.1", f"{colls[5].id}.0"]
+    assert [str(r) for r in ir.output.refs] == [f"{colls[4].id}.1", f"{colls[5].id}.0"]
     ir.verify()
 
 

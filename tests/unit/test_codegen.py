@@ -133,9 +133,9 @@ def test_generated_loop_runs_with_fake_runtime():
 
     ns = {}
     exec(compile(mods["a0"].source, "a0", "exec"), ns)
-    chans = {c.value: c.id for c in ir.channels if "a0" in c.readers or c.writer == "a0"}
+    chans = {str(c.value): c.id for c in ir.channels if "a0" in c.readers or c.writer == "a0"}
     rt = FakeRT({chans["in"]: [(1, 2)]})
-    rt.inbox[[c.id for c in ir.channels if c.value == "t1"][0]] = [50]
+    rt.inbox[[c.id for c in ir.channels if str(c.value) == "t1"][0]] = [50]
     loop = ns["bind"](rt)
     with pytest.raises(Stop):
         loop()
@@ -150,7 +150,7 @@ def test_driver_writes_every_input_channel():
     ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "f", ["$0"])], ["t0", "t1"])
     ctx = PassContext(driver_node="n0", placement={"a0": ("n1", ()), "a1": ("n2", ())})
     out = run_pipeline(ir, default_pipeline(), ctx)
-    inputs = [c for c in out.channels if c.value == "in"]
+    inputs = [c for c in out.channels if str(c.value) == "in"]
     assert len(inputs) == 2 and {c.transport for c in inputs} == {"tcp"}
     src = render_all(out)["driver"].source
     for c in inputs:

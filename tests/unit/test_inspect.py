@@ -19,7 +19,7 @@ from dagc.inspect import (ArtifactsError, RenderUnavailableError, chrome_trace, 
                           to_dot, write_artifacts)
 from dagc.inspect.graph import build_graph
 from dagc.inspect.trace import match_spans
-from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec
+from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec, Ref
 from dagc.passes import PassContext, default_pipeline, run_pipeline
 from dagc.schedule import COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV, WRITE, Schedule
 
@@ -34,11 +34,11 @@ def make_ir(ops, actors, output, multi=False) -> IR:
     for op in ops:
         g.add_node(op.id, op=op)
         for a in op.refs():
-            if a.is_value:
+            if isinstance(a, Ref):
                 g.add_edge(a.op, op.id)
     return IR(graph=g, actors=tuple(ActorSpec(id=a, cls=c, name=a) for a, c in actors),
               inputs=InputSpec(fields=(0,), num_positional=1, direct=True),
-              output=OutputSpec(refs=tuple(Arg(r) for r in output), multi=multi))
+              output=OutputSpec(refs=tuple(Arg.parse(r) for r in output), multi=multi))
 
 
 def compile_schedule(ir: IR, overlap: bool = False, placement=None) -> Schedule:
@@ -47,7 +47,7 @@ def compile_schedule(ir: IR, overlap: bool = False, placement=None) -> Schedule:
 
 
 def call(op_id, actor, method, *args, **kw) -> Op:
-    return Op(op_id, CALL, actor, method, tuple(Arg(a) for a in args), **kw)
+    return Op(op_id, CALL, actor, method, tuple(Arg.parse(a) for a in args), **kw)
 
 
 def chain_ir() -> IR:
@@ -60,7 +60,7 @@ def fanout_ir() -> IR:
     return make_ir([call("t0", "a0", "split", "$0", num_returns=2),
                     call("t1", "a1", "left", "t0.0"),
                     call("t2", "a2", "right", "t0.1"),
-                    Op("t3", CALL, "a1", "post", (Arg("t1"),), kwargs=(("scale", Arg("#0")),))],
+                    Op("t3", CALL, "a1", "post", (Arg.parse("t1"),), kwargs=(("scale", Arg.parse("#0")),))],
                    [("a0", "Src"), ("a1", "Worker"), ("a2", "Worker")],
                    ["t3", "t2", "t0.0"], multi=True)
 
@@ -80,8 +80,8 @@ def tensor_ir() -> IR:
 
 def collective_ir() -> IR:
     return make_ir([call("t0", "a0", "f", "$0"), call("t1", "a1", "f", "$0"),
-                    Op("t2", COLLECTIVE, "a0", "allreduce.sum", (Arg("t0"),), group="g0"),
-                    Op("t3", COLLECTIVE, "a1", "allreduce.sum", (Arg("t1"),), group="g0")],
+                    Op("t2", COLLECTIVE, "a0", "allreduce.sum", (Arg.parse("t0"),), group="g0"),
+                    Op("t3", COLLECTIVE, "a1", "allreduce.sum", (Arg.parse("t1"),), group="g0")],
                    [("a0", "W"), ("a1", "W")], ["t2", "t3"], multi=True)
 
 
@@ -209,7 +209,7 @@ def test_graph_collective_and_paced_reader():
     assert "a0:W.allreduce.sum  [g0]" in text
     assert '"t2" -> "t3" [label="g0", style=dashed, dir=none' in to_dot(coll)
     # an actor that reads no input field is still paced by the input: edge to its first op
-    paced = compile_schedule(make_ir([Op("t0", CALL, "a0", "make", (Arg("#0"),)),
+    paced = compile_schedule(make_ir([Op("t0", CALL, "a0", "make", (Arg.parse("#0"),)),
                                       call("t1", "a1", "use", "t0")],
                                      [("a0", "Gen"), ("a1", "Use")], ["t1"]))
     assert "t0      a0:Gen.make\n          <- in (shm c0) from input" in to_ascii(paced)

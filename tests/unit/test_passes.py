@@ -31,7 +31,7 @@ def test_local_edges_are_variables_not_channels():
     ir = make_ir([("t0", "a0", "fwd", ["$0"]), ("t1", "a0", "g", ["t0"]),
                   ("t2", "a1", "h", ["t1", "t0"])], ["t2"])
     out = compile_ir(ir)
-    values = sorted(c.value for c in out.channels)
+    values = sorted(str(c.value) for c in out.channels)
     assert values == ["in", "t0", "t1", "t2"]
     assert all(c.writer != r for c in out.channels for r in c.readers)
     assert column(out.schedule, "a0") == ["recv in<driver", "fwd t0", "send t0>a1", "g t1",
@@ -42,7 +42,7 @@ def test_fan_out_one_channel_many_readers():
     ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "g", ["t0"]),
                   ("t2", "a2", "g", ["t0"])], ["t1", "t2", "t0"])
     out = compile_ir(ir)
-    c = [c for c in out.channels if c.value == "t0"]
+    c = [c for c in out.channels if str(c.value) == "t0"]
     assert len(c) == 1 and c[0].readers == (DRIVER, "a1", "a2")
     assert column(out.schedule, DRIVER)[1:] == ["recv t1<a1", "recv t2<a2", "recv t0<a0"]
 
@@ -58,7 +58,7 @@ def test_revisited_actor_order_is_consistent():
 def test_actor_without_inputs_is_paced_by_input_channel():
     ir = make_ir([("t0", "a0", "const", ["#0"]), ("t1", "a1", "g", ["t0", "$0"])], ["t1"])
     out = compile_ir(ir)
-    inp = [c for c in out.channels if c.value == "in"][0]
+    inp = [c for c in out.channels if str(c.value) == "in"][0]
     assert inp.readers == ("a0", "a1")
     assert column(out.schedule, "a0")[0] == "recv in<driver"
 
@@ -67,7 +67,7 @@ def test_num_returns_splits_values():
     ir = make_ir([("t0", "a0", "pair", ["$0"], {}, 2), ("t1", "a1", "g", ["t0.1"])],
                  ["t1", "t0.0"])
     out = compile_ir(ir)
-    assert sorted(c.value for c in out.channels) == ["in", "t0.0", "t0.1", "t1"]
+    assert sorted(str(c.value) for c in out.channels) == ["in", "t0.0", "t0.1", "t1"]
 
 
 def test_unused_op_is_compile_error():
@@ -89,7 +89,7 @@ def test_tensor_edges_lower_to_comm_on_cpu_actors_as_gloo():
     out = compile_ir(ir)
     comm = [c for c in out.channels if c.transport == "comm"]
     assert len(comm) == 1 and comm[0].readers == ("a1",)
-    shm_for_driver = [c for c in out.channels if c.value == "t0" and c.transport == "shm"]
+    shm_for_driver = [c for c in out.channels if str(c.value) == "t0" and c.transport == "shm"]
     assert shm_for_driver and shm_for_driver[0].readers == (DRIVER,)
     assert [g.backend for g in out.comm_groups] == ["gloo"]
     s = out.schedule

@@ -1,15 +1,9 @@
 """The dagc IR: a networkx DiGraph of plain-data ops plus the tables the passes fill in.
 
 Nothing here holds a live Ray object. Actors are named by stable ids ("a0", "a1", ...) in
-order of first appearance; values by op ids ("t0", "t1", ...). Live handles and constants
-are kept by the frontend in a :class:`SideTable` that travels beside the IR.
-
-Argument notation (used in the IR, the schedule and the generated code comments)::
-
-    t3      the value of op t3
-    t3.1    element 1 of op t3's return tuple (``num_returns > 1``)
-    $0      input field 0 (``inp``, ``inp[i]`` or ``inp["key"]``, see InputSpec)
-    #2      constant 2 of the side table
+order of first appearance; values by op ids ("t0", "t1", ...), arguments by typed
+:class:`~dagc.ir.values.Arg`s (see :mod:`dagc.ir.values`). Live handles and constants are
+kept by the frontend in a :class:`SideTable` that travels beside the IR.
 """
 from __future__ import annotations
 
@@ -22,51 +16,12 @@ from typing import Any, Optional
 
 import networkx as nx
 
-DRIVER = "driver"      # the driver's process name, beside actor ids "a0", "a1", ...
-INPUT = "in"           # the value the driver writes each execution: the "in" channel
+from dagc.ir.values import Arg, Field, Ref, op_sort_key
 
 # Op kinds: a closed set.
 CALL = "call"              # actor method call
 COLLECTIVE = "collective"  # one participant of a collective (allreduce/allgather/reducescatter)
 KINDS = (CALL, COLLECTIVE)
-
-
-@dataclass(frozen=True, order=True)
-class Arg:
-    """An argument: a value ref ("t3", "t3.1"), an input field ("$0") or a constant ("#2")."""
-
-    text: str
-
-    @property
-    def is_value(self) -> bool:
-        return self.text.startswith("t")
-
-    @property
-    def is_input(self) -> bool:
-        return self.text.startswith("$")
-
-    @property
-    def is_const(self) -> bool:
-        return self.text.startswith("#")
-
-    @property
-    def op(self) -> str:
-        """The producing op id of a value ref ("t3.1" -> "t3")."""
-        return self.text.split(".", 1)[0]
-
-    @property
-    def index(self) -> Optional[int]:
-        if self.is_value and "." in self.text:
-            return int(self.text.split(".", 1)[1])
-        return None
-
-    @property
-    def number(self) -> int:
-        """The field or constant number of "$k" / "#k"."""
-        return int(self.text[1:])
-
-    def __str__(self) -> str:
-        return self.text
 
 
 @dataclass(frozen=True)
@@ -140,7 +95,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    refs: tuple[Arg, ...] = ()
+    refs: tuple[Arg, ...] = ()        # Refs (validate refuses a raw input Field)
     multi: bool = False
 
 
@@ -149,7 +104,7 @@ class ChannelSpec:
     """One edge carrier between processes. Plain data, printed in the schedule."""
 
     id: str                          # "c0"
-    value: str                       # the value ref it carries: "t3", "t3.1", or "in" (input)
+    value: Ref                       # the value it carries: t3, t3.1, or INPUT ("in")
     writer: str                      # actor id or DRIVER
     readers: tuple[str, ...]         # actor ids and/or DRIVER, sorted
     transport: str = "shm"           # "shm" | "tcp" | "comm" (tensor metadata + communicator)
@@ -252,14 +207,14 @@ class IR:
             if op.actor not in actor_ids:
                 problems.append(f"{n}: unknown actor {op.actor}")
             for a in op.refs():
-                if a.is_value and a.op not in self.graph:
+                if isinstance(a, Ref) and a.op not in self.graph:
                     problems.append(f"{n}: argument {a} names no op")
-                elif a.is_value and not self.graph.has_edge(a.op, n):
+                elif isinstance(a, Ref) and not self.graph.has_edge(a.op, n):
                     problems.append(f"{n}: missing edge {a.op} -> {n}")
-                elif a.is_input and a.number >= len(self.inputs.fields):
+                elif isinstance(a, Field) and a.number >= len(self.inputs.fields):
                     problems.append(f"{n}: argument {a} names no input field")
         for r in self.output.refs:
-            if r.is_value and r.op not in self.graph:
+            if isinstance(r, Ref) and r.op not in self.graph:
                 problems.append(f"output {r} names no op")
         if problems:
             raise AssertionError("IR verification failed:\n  " + "\n  ".join(problems)
@@ -276,27 +231,6 @@ class IR:
         h.update(json.dumps([dataclasses.astuple(a)[:2] for a in self.actors]).encode())
         h.update(repr(self.options).encode())
         return h.hexdigest()[:12]
-
-
-# -- sort keys: the one place that orders op ids, values and processes ---------------------
-
-def op_sort_key(op_id: str) -> str:
-    """Sort "t2" before "t10": numeric order of op ids, as a string key."""
-    return f"{int(op_id[1:]):09d}" if op_id[1:].isdigit() else op_id
-
-
-def value_key(value: str):
-    """Order of values: "in" first, then by op number, a whole value before its elements."""
-    if value == INPUT:
-        return (-1, -1)
-    base, _, idx = value.partition(".")
-    return (int(base[1:]), int(idx) if idx else -1)
-
-
-def proc_key(proc: str):
-    """Order of processes: the driver first, then actors by number ("a2" before "a10")."""
-    return (0, 0, "") if proc == DRIVER else (
-        1, int(proc[1:]) if proc[1:].isdigit() else 0, proc)
 
 
 def bind_reordered(ops) -> set[str]:
