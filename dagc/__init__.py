@@ -23,16 +23,16 @@ def __getattr__(name):
         from dagc import schedule
         return getattr(schedule, name)
     if name in ("CompiledDag", "DagRef", "Profile", "Profile"):
-        from dagc.runtime import compiled
+        from dagc.runtime.driver import compiled
         return getattr(compiled, name)
     if name == "Communicator":
-        from dagc.runtime.communicator import Communicator
+        from dagc.runtime.comm.base import Communicator
         return Communicator
     if name == "GlooCommunicator":
-        from dagc.runtime.gloo import GlooCommunicator
+        from dagc.runtime.comm.gloo import GlooCommunicator
         return GlooCommunicator
     if name == "NcclCommunicator":
-        from dagc.runtime.nccl import NcclCommunicator
+        from dagc.runtime.comm.nccl import NcclCommunicator
         return NcclCommunicator
     raise AttributeError(f"module 'dagc' has no attribute {name!r}")
 

@@ -43,7 +43,7 @@ def check_options(options: dict) -> dict:
             raise ValueError(f"communicator must be 'auto', 'nccl', 'gloo' or a "
                              f"dagc.Communicator instance, got {comm!r}")
     else:
-        from dagc.runtime.communicator import Communicator
+        from dagc.runtime.comm.base import Communicator
         if not isinstance(comm, Communicator):
             raise ValueError(f"communicator must be 'auto', 'nccl', 'gloo' or a "
                              f"dagc.Communicator instance, got {type(comm).__name__}")
@@ -90,9 +90,9 @@ def compile(dag, **options):
 
     from dagc.codegen import render_all
     from dagc.frontend import trace
-    from dagc.runtime import worker
-    from dagc.runtime.calls import ray_get
-    from dagc.runtime.compiled import CompiledDag
+    from dagc.runtime.actor import loop as worker
+    from dagc.runtime.driver.calls import ray_get
+    from dagc.runtime.driver.compiled import CompiledDag
     t_start = time.perf_counter()
     opts = check_options(options)
     origin = _origin()

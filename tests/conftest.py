@@ -60,7 +60,7 @@ def no_shm_leak():
     Only segments of DAGs compiled by this process during the test count, so other
     processes using dagc on the machine do not make tests fail.
     """
-    from dagc.runtime.compiled import CREATED_PREFIXES
+    from dagc.runtime.driver.compiled import CREATED_PREFIXES
     first = len(CREATED_PREFIXES)
     yield
     import gc

@@ -1,5 +1,5 @@
 """Communicators that fail on purpose (importable by actors; imports torch)."""
-from dagc.runtime.gloo import GlooCommunicator
+from dagc.runtime.comm.gloo import GlooCommunicator
 
 
 class BadPrepareComm(GlooCommunicator):

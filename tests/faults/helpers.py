@@ -36,7 +36,7 @@ def mapped(pid: int, token: str) -> int:
 
 def inside(instance, token: str) -> dict:
     """Run in an actor (``h.__ray_call__.remote(inside, token)``): its dagc state for one DAG."""
-    from dagc.runtime import worker
+    from dagc.runtime.actor import loop as worker
     st = worker.status(instance, token)
     return {
         "pid": os.getpid(),
@@ -163,7 +163,7 @@ def census(instance=None) -> dict:
     """This process's threads, fds, sockets (and listening TCP ones) and dagc's own state:
     what a compile that fails must leave exactly as it found it. Runs in an actor through
     ``__ray_call__`` or in the driver (``census()``)."""
-    from dagc.runtime import worker
+    from dagc.runtime.actor import loop as worker
     fds = os.listdir("/proc/self/fd")
     socks = set()
     for fd in fds:
@@ -217,7 +217,7 @@ def fake_placement(instance, node: str, ip: str | None = None) -> None:
 
 def fake_probe(instance, token: str) -> dict:
     """``worker.probe`` with the node (and address) set by :func:`fake_placement`."""
-    from dagc.runtime import worker
+    from dagc.runtime.actor import loop as worker
     p = worker.probe(instance, token)
     node, ip = getattr(instance, "_dagc_fake", (None, None))
     if node is not None:
@@ -233,7 +233,7 @@ def record_creates(instance=None) -> None:
     """From now on, this process creates segments under a umask of 0 and records each
     one's (name, mode, owner) right after creating it (names no longer exist while a DAG
     runs, so they are checked as they are made). ``created_segments`` stops it."""
-    from dagc.runtime import shm
+    from dagc.runtime.channels import shm
     if getattr(shm, "_test_real_create", None) is None:
         real = shm._test_real_create = shm.create
         shm._test_created = []
@@ -249,7 +249,7 @@ def record_creates(instance=None) -> None:
 
 def created_segments(instance=None) -> list:
     """Stop :func:`record_creates`; the (name, mode, owner) of each segment created."""
-    from dagc.runtime import shm
+    from dagc.runtime.channels import shm
     real = getattr(shm, "_test_real_create", None)
     if real is None:
         return []

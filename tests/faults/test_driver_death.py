@@ -14,7 +14,7 @@ import pytest
 
 import dagc
 from dagc import InputNode
-from dagc.runtime import shm
+from dagc.runtime.channels import shm
 from tests.faults.actors import Node
 from tests.faults.helpers import ChildDriver, loops_stopped, segments, state, wait_until
 

@@ -20,7 +20,9 @@ import pytest
 
 import dagc
 from dagc import InputNode
-from dagc.runtime import compiled, launch, worker
+from dagc.runtime.driver import compiled
+from dagc.runtime.driver import session as launch
+from dagc.runtime.actor import loop as worker
 from tests.faults import helpers
 from tests.faults.helpers import census, segments
 
@@ -157,7 +159,7 @@ def test_prepared_writers_of_a_vanished_driver_expire():
     prepare or start once they expired (no thread waits for that)."""
     import threading
     import time
-    from dagc.runtime import tcp
+    from dagc.runtime.channels import tcp
     token = "f" * 24
     spec = {"tcp": [("c0", 1, 2, (2,), ("a1:Node",))], "secret": tcp.new_secret(),
             "host": "127.0.0.1", "timeout": 0.1}

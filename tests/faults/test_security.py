@@ -13,7 +13,7 @@ import pytest
 
 import dagc
 from dagc import InputNode
-from dagc.runtime import shm
+from dagc.runtime.channels import shm
 from tests.faults.helpers import created_segments, record_creates, segments
 
 NAME = re.compile(r"^dagc-[0-9a-f]{24}-(ctl(\.\d+)?|c\d+(\.g\d+)?)$")
@@ -87,7 +87,7 @@ def test_existing_name_is_never_adopted(tmp_path):
 def test_stale_sweep_spares_live_and_half_created_dags():
     """shm.sweep_stale removes a DAG only when every pid in its control segment is dead;
     a control segment still without a driver pid (being created) is left alone."""
-    from dagc.runtime import channel as ch
+    from dagc.runtime.channels import ring as ch
     assert shm.CTL_PIDS == ch.C_PIDS
     dead = _dead_pid()
     made = {}
@@ -136,7 +136,7 @@ CTL_MAGIC = int.from_bytes(b"dagc-ctl", "little")
 
 
 def test_control_layout():
-    from dagc.runtime import channel as ch
+    from dagc.runtime.channels import ring as ch
     assert (shm.CTL_SIZE, shm.CTL_MAGIC_WORD, shm.CTL_PIDS, shm.CTL_MAGIC) == \
         (CTL_SIZE, CTL_MAGIC_WORD, CTL_PIDS, CTL_MAGIC)
     assert (ch.C_MAGIC, ch.C_PIDS) == (CTL_MAGIC_WORD, CTL_PIDS)
@@ -172,7 +172,7 @@ def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path,
     "control segment" planted under a live DAG's prefix with dead pids must not make the
     stale sweep remove that DAG's segments; the planted entry itself is left untouched.
     A real stale DAG next to it is still swept."""
-    from dagc.runtime import channel as ch
+    from dagc.runtime.channels import ring as ch
     dead = _dead_pid()
     live = f"dagc-{secrets.token_hex(12)}-"           # the victim: a grown ring in use
     ch.create_segment(live + "c0.g1", 1, 2, 64).close()
@@ -233,7 +233,7 @@ def test_sweep_removes_grown_rings_whose_processes_all_died(monkeypatch):
     is recognised by the pids in its own header: removed when all of them are dead,
     kept while any lives or none is recorded yet, and never when it is not a well-formed
     ring of this user's."""
-    from dagc.runtime import channel as ch
+    from dagc.runtime.channels import ring as ch
     dead = _dead_pid()
     made = {}
 

@@ -119,7 +119,7 @@ def test_only_argument_encoding_blames_the_arguments(ray, nodes, error):
         assert "could not send its arguments" not in str(ei.value)
         assert "slot_off" in str(ei.value) or "subscriptable" in str(ei.value)
         assert any("internal error" in n for n in getattr(ei.value, "__notes__", ()))
-        assert ei.traceback[-1].path.name == "channel.py", ei.traceback[-1]
+        assert ei.traceback[-1].path.name == "ring.py", ei.traceback[-1]
         assert cg._submitted == 0
         assert [r.get(timeout=30) for r in [cg.execute(1), cg.execute(2)]] == [1, 2]
 

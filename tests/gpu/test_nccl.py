@@ -20,11 +20,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("cupy")
 pytest.importorskip("cupy.cuda.nccl")
 
-from dagc.runtime import shm  # noqa: E402
-from dagc.runtime.channel import Control, Reader, Waiter, Writer  # noqa: E402
-from dagc.runtime.comm_ends import Collective, CommReader, CommWriter  # noqa: E402
-from dagc.runtime.communicator import make_communicator  # noqa: E402
-from dagc.runtime.nccl import NcclCommunicator  # noqa: E402
+from dagc.runtime.channels import shm  # noqa: E402
+from dagc.runtime.channels.ring import Control, Reader, Waiter, Writer  # noqa: E402
+from dagc.runtime.comm.p2p import Collective, CommReader, CommWriter  # noqa: E402
+from dagc.runtime.comm.base import make_communicator  # noqa: E402
+from dagc.runtime.comm.nccl import NcclCommunicator  # noqa: E402
 from dagc.runtime.failure import Failure, capture  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -180,7 +180,7 @@ def test_allgather_reducescatter_on_gpu(comm):
 
 def _join_alone(q):
     import torch  # noqa: F401
-    from dagc.runtime.nccl import NcclCommunicator
+    from dagc.runtime.comm.nccl import NcclCommunicator
     c = NcclCommunicator()
     rdv = c.prepare()
     t0 = time.monotonic()

@@ -109,18 +109,18 @@ def actor_class():
             return x + 1
 
         def open_writer(self, channel, nreaders, slots, secret):
-            from dagc.runtime.tcp import TcpWriter
+            from dagc.runtime.channels.tcp import TcpWriter
             self.w = TcpWriter(channel, nreaders, slots, secret, connect_timeout=60)
             return self.w.listen(ray.util.get_node_ip_address())
 
         def open_reader(self, channel, host, port, secret, index, writer_name):
-            from dagc.runtime.tcp import TcpReader
+            from dagc.runtime.channels.tcp import TcpReader
             self.r = TcpReader(host, port, secret, index, channel=channel,
                                writer_name=writer_name, connect_timeout=60)
             return True
 
         def relay(self):
-            from dagc.runtime.channel import ChannelClosed, PeerDied
+            from dagc.runtime.channels.ring import ChannelClosed, PeerDied
 
             def run():
                 try:
@@ -167,7 +167,7 @@ def check_tcp(ctx) -> dict:
     """driver -> a (node1) -> b (node2) -> driver, each hop an authenticated TCP channel."""
     import numpy as np
     import ray
-    from dagc.runtime.tcp import TcpReader, TcpWriter, new_secret
+    from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret
     a, b = ctx["a"], ctx["b"]
     secret = new_secret()
     ip = ray.util.get_node_ip_address()
@@ -216,7 +216,7 @@ def check_tcp(ctx) -> dict:
 def check_peer_death(ctx) -> dict:
     """Kill b (node2): the driver's read of b's channel must end in PeerDied("b")."""
     import ray
-    from dagc.runtime.channel import PeerDied
+    from dagc.runtime.channels.ring import PeerDied
     w_in, r_out = ctx["w_in"], ctx["r_out"]
     box = {}
 
@@ -356,7 +356,7 @@ def _tcp_ends(ends: dict) -> list:
     """[(channel, "reader"|"writer", tls files set?, every socket a TLS socket?)]."""
     import ssl
 
-    from dagc.runtime.tcp import TcpReader, TcpWriter
+    from dagc.runtime.channels.tcp import TcpReader, TcpWriter
     out = []
     for cid, e in sorted(ends.items()):
         if isinstance(e, TcpReader):
@@ -371,7 +371,7 @@ def _tcp_ends(ends: dict) -> list:
 
 def _actor_tcp_ends(instance, token: str) -> list:
     """Runs in an actor (``__ray_call__``): its loop's TCP ends."""
-    from dagc.runtime import worker
+    from dagc.runtime.actor import loop as worker
     loop = worker._LOOPS[token]
     return _tcp_ends(loop._readers) + _tcp_ends(loop._writers)
 

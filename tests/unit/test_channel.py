@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from dagc.runtime import channel as ch
-from dagc.runtime import shm
+from dagc.runtime.channels import ring as ch
+from dagc.runtime.channels import shm
 
 
 @pytest.fixture

@@ -21,12 +21,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dagc.runtime import shm  # noqa: E402
-from dagc.runtime.channel import Control, Reader, Waiter, Writer, create_segment  # noqa: E402
-from dagc.runtime.comm_ends import (Collective, CommReader, CommWriter, _fill,  # noqa: E402
+from dagc.runtime.channels import shm  # noqa: E402
+from dagc.runtime.channels.ring import Control, Reader, Waiter, Writer, create_segment  # noqa: E402
+from dagc.runtime.comm.p2p import (Collective, CommReader, CommWriter, _fill,  # noqa: E402
                                     _strip)
-from dagc.runtime.communicator import Communicator, make_communicator  # noqa: E402
-from dagc.runtime.gloo import GlooCommunicator  # noqa: E402
+from dagc.runtime.comm.base import Communicator, make_communicator  # noqa: E402
+from dagc.runtime.comm.gloo import GlooCommunicator  # noqa: E402
 from dagc.runtime.failure import Failure, capture  # noqa: E402
 
 WORKERS = 3
@@ -661,7 +661,7 @@ def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(
     comm = _RecordingComm()
     ends = []
     if transport == "tcp":
-        from dagc.runtime.tcp import TcpReader, TcpWriter, new_secret
+        from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret
         secret = new_secret()
         w = TcpWriter("c0", 2, 4, secret, tls=None)
         host, port = w.listen("127.0.0.1")
@@ -701,7 +701,7 @@ def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(
 
 def test_unpicklable_part_names_the_path():
     import threading
-    from dagc.runtime.comm_ends import _unpicklable_part
+    from dagc.runtime.comm.p2p import _unpicklable_part
     lock = threading.Lock()
     assert _unpicklable_part({"a": [1, (2, lock)]}) == ("value['a'][1][1]", lock)
     assert _unpicklable_part(Batch(x=[lock], name="n")) == ("value.x[0]", lock)

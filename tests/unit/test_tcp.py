@@ -1,4 +1,4 @@
-"""dagc.runtime.tcp: the authenticated TCP channel. No Ray; loopback (127.0.0.1) only.
+"""dagc.runtime.channels.tcp: the authenticated TCP channel. No Ray; loopback (127.0.0.1) only.
 
 Every test is seeded (``DAGC_TEST_SEED`` reproduces a run; the seed is printed) and every
 wait has a deadline. Peer processes are plain ``python -c`` children so they can be
@@ -23,9 +23,9 @@ import time
 import numpy as np
 import pytest
 
-from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
-from dagc.runtime.tcp import TcpAuthError, TcpReader, TcpSetupError, TcpWriter, new_secret
-from dagc.runtime.tcp_wire import HDR, HELLO, KIND_DATA, MAC, NONCE, RING
+from dagc.runtime.channels.ring import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.channels.tcp import TcpAuthError, TcpReader, TcpSetupError, TcpWriter, new_secret
+from dagc.runtime.channels.tcp.wire import HDR, HELLO, KIND_DATA, MAC, NONCE, RING
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -600,7 +600,8 @@ def test_waits_consult_the_waiter_every_slice(side, closing):
 
 @pytest.mark.parametrize("side", ["reader", "writer"])
 def test_wake_ends_a_wait_before_its_slice_does(side, closing, monkeypatch):
-    from dagc.runtime import tcp_reader, tcp_writer
+    from dagc.runtime.channels.tcp import reader as tcp_reader
+    from dagc.runtime.channels.tcp import writer as tcp_writer
     monkeypatch.setattr(tcp_reader, "SLICE", 30.0)     # a sleep only a wake-up cuts short
     monkeypatch.setattr(tcp_writer, "SLICE", 30.0)
     th, box, waiter, wake = _blocked_wait(side, closing)
@@ -617,7 +618,7 @@ def test_wake_ends_a_wait_before_its_slice_does(side, closing, monkeypatch):
 # -- a peer process dies -----------------------------------------------------------------------
 CHILD_READER = r"""
 import sys, time
-from dagc.runtime.tcp import TcpReader
+from dagc.runtime.channels.tcp import TcpReader
 host, port, secret = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
 r = TcpReader(host, port, secret, 0, channel="c0")
 print("connected", flush=True)
@@ -628,7 +629,7 @@ time.sleep(60)
 
 CHILD_WRITER = r"""
 import sys, time
-from dagc.runtime.tcp import TcpWriter
+from dagc.runtime.channels.tcp import TcpWriter
 w = TcpWriter("c0", 1, 2, bytes.fromhex(sys.argv[1]))
 host, port = w.listen("127.0.0.1")
 print(port, flush=True)
@@ -698,7 +699,7 @@ def test_killed_writer_process_is_peer_died_for_the_reader(closing):
 
 CHILD_IDLE_READER = r"""
 import sys, time
-from dagc.runtime.tcp import TcpReader
+from dagc.runtime.channels.tcp import TcpReader
 host, port, secret = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
 r = TcpReader(host, port, secret, 0, channel="c0")
 print("connected", flush=True)
@@ -813,8 +814,8 @@ def test_keepalive_and_user_timeout_are_set(closing):
 # -- two processes; the benchmark ------------------------------------------------------------
 CHILD_ECHO = r"""
 import sys
-from dagc.runtime.channel import ChannelClosed, PeerDied
-from dagc.runtime.tcp import TcpReader, TcpWriter
+from dagc.runtime.channels.ring import ChannelClosed, PeerDied
+from dagc.runtime.channels.tcp import TcpReader, TcpWriter
 secret, port = bytes.fromhex(sys.argv[1]), int(sys.argv[2])
 w = TcpWriter("back", 1, 8, secret)
 print(w.listen("127.0.0.1")[1], flush=True)

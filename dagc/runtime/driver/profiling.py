@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 
 from dagc.ir import DRIVER
-from dagc.runtime import channel as ch
-from dagc.runtime import worker
-from dagc.runtime.calls import ray_get
+from dagc.runtime.channels import ring as ch
+from dagc.runtime.actor import loop as worker
+from dagc.runtime.driver.calls import ray_get
 
 
 class Profile:
@@ -107,7 +107,7 @@ class InspectMixin:
     def _swap(self, profile: bool) -> None:
         """Park every loop, have it rebind to the (un)profiled module, resume."""
         from dagc.errors import DagcError
-        from dagc.runtime.worker import SWAP
+        from dagc.runtime.actor.loop import SWAP
         self._control.words[ch.C_STATE] = SWAP
         try:
             sources = self._profile_sources() if profile else [None] * len(self._handles)

@@ -25,11 +25,11 @@ communicator ops is what keeps that order the same on both ends.
 
 Two implementations, each in its own module:
 
-- :class:`~dagc.runtime.gloo.GlooCommunicator` - ``torch.distributed``'s gloo backend, built directly on a
+- :class:`~dagc.runtime.comm.gloo.GlooCommunicator` - ``torch.distributed``'s gloo backend, built directly on a
   ``TCPStore``/``PrefixStore`` and a ``ProcessGroupGloo`` so the global default process
   group (the user's own ``torch.distributed``) is never touched, and one process can be in
   several groups. CPU tensors.
-- :class:`~dagc.runtime.nccl.NcclCommunicator` - ``cupy.cuda.nccl`` with one CUDA stream for communication and
+- :class:`~dagc.runtime.comm.nccl.NcclCommunicator` - ``cupy.cuda.nccl`` with one CUDA stream for communication and
   CUDA events ordering it against the caller's current (compute) stream. GPU tensors.
   cupy is imported only when an instance is set up.
 """
@@ -161,10 +161,10 @@ class Communicator:
 def make_communicator(backend: str) -> Communicator:
     """A fresh, unconfigured communicator for ``"gloo"`` or ``"nccl"``."""
     if backend == "gloo":
-        from dagc.runtime.gloo import GlooCommunicator
+        from dagc.runtime.comm.gloo import GlooCommunicator
         return GlooCommunicator()
     if backend == "nccl":
-        from dagc.runtime.nccl import NcclCommunicator
+        from dagc.runtime.comm.nccl import NcclCommunicator
         return NcclCommunicator()
     raise ValueError(f"unknown communicator backend {backend!r}; expected 'gloo' or 'nccl' "
                      f"(or pass a dagc.Communicator instance)")

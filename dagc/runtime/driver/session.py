@@ -11,9 +11,10 @@ import traceback
 
 from dagc.errors import ExecuteArgumentError
 from dagc.ir import DRIVER
-from dagc.runtime import channel as ch
-from dagc.runtime import shm, worker
-from dagc.runtime.calls import ray_get
+from dagc.runtime.channels import ring as ch
+from dagc.runtime.channels import shm
+from dagc.runtime.actor import loop as worker
+from dagc.runtime.driver.calls import ray_get
 from dagc.runtime.failure import Failure
 
 
@@ -107,7 +108,7 @@ class LaunchMixin:
                                                 c.buffer_size, waiter, local, create=False)
             if DRIVER in c.readers:
                 if c.over_tcp:
-                    from dagc.runtime import tcp
+                    from dagc.runtime.channels import tcp
                     host, port = addrs[c.id]
                     self._readers[c.id] = tcp.TcpReader(
                         host, port, self._secret, c.readers.index(DRIVER), waiter,
@@ -143,7 +144,7 @@ class LaunchMixin:
         tcp_chans = [c for c in ir.channels if c.over_tcp]
         if not tcp_chans and all(a.node == here for a in ir.actors):
             return {}
-        from dagc.runtime import tcp
+        from dagc.runtime.channels import tcp
         self._secret = tcp.new_secret()
         specs: dict[str, dict] = {}
         leaders = {}
@@ -184,7 +185,7 @@ class LaunchMixin:
         """Rank 0 of every communicator group makes its rendezvous info."""
         if not self._ir.comm_groups:
             return {}
-        from dagc.runtime.communicator import make_communicator
+        from dagc.runtime.comm.base import make_communicator
         self._comm_objs = {}
         refs = {}
         for g in self._ir.comm_groups:

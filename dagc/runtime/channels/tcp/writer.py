@@ -12,9 +12,9 @@ import struct
 import threading
 from collections import deque
 
-from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
-from dagc.runtime.serialize import PickleEncoder
-from dagc.runtime.tcp_wire import (ACK, ACK_CLOSE, _ACK_CLOSE, _again, _check_secret, _CLOSE_FRAME,
+from dagc.runtime.channels.ring import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.channels.serialize import PickleEncoder
+from dagc.runtime.channels.tcp.wire import (ACK, ACK_CLOSE, _ACK_CLOSE, _again, _check_secret, _CLOSE_FRAME,
                                    _DONTWAIT, FROM_ENV, HDR, HELLO, IOV_MAX, KIND_DATA, KIND_FAIL,
                                    MAC, _mac, _mark_failed, MAX_NAME, _monotonic, NONCE,
                                    _NOSIGNAL, _POLLIN, _POLLOUT, _proc_name, _recv_exact,

@@ -63,8 +63,8 @@ import time
 
 import numpy as np
 
-from dagc.runtime import shm
-from dagc.runtime.serialize import PickleEncoder
+from dagc.runtime.channels import shm
+from dagc.runtime.channels.serialize import PickleEncoder
 
 MAGIC = 0x64616763
 W_NSLOTS, W_STRIDE, W_NREADERS = 1, 2, 3

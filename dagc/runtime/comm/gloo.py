@@ -2,7 +2,7 @@
 
 Built directly on a ``TCPStore``/``PrefixStore`` and a ``ProcessGroupGloo``, so the global
 default process group (the user's own ``torch.distributed``) is never touched and one
-process can be in several groups. See :mod:`dagc.runtime.communicator` for the interface
+process can be in several groups. See :mod:`dagc.runtime.comm.base` for the interface
 and the life of a group.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 
-from dagc.runtime.communicator import Communicator, Work, _check_op, node_ip
+from dagc.runtime.comm.base import Communicator, Work, _check_op, node_ip
 
 # A very long op timeout ("wait as long as it takes"): gloo's waits need some value, and a
 # timeout there closes every connection of the group. Peer death still ends a wait at once

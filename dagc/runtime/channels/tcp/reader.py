@@ -13,8 +13,8 @@ import struct
 import threading
 import time
 
-from dagc.runtime.channel import ChannelClosed, PeerDied, WaitTimeout
-from dagc.runtime.tcp_wire import (ACK, _ACK_CLOSE, _again, _check_secret, _DONTWAIT,
+from dagc.runtime.channels.ring import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.channels.tcp.wire import (ACK, _ACK_CLOSE, _again, _check_secret, _DONTWAIT,
                                    FROM_ENV, HDR, HDR_SIZE, HELLO, KIND_CLOSE, KIND_DATA,
                                    KIND_FAIL, _loads, MAC, _mac, _mark_failed, MAX_BUFS,
                                    MAX_NAME, _monotonic, NONCE, _NOSIGNAL, _POLLIN, _proc_name,

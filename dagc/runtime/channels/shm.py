@@ -237,7 +237,7 @@ def _channel_pids(name: str) -> list[int] | None:
     """The pids recorded in a trusted channel segment (its writer's and each reader's, as
     they mapped it), or None if ``name`` is not one: this user's regular file whose header
     carries the channel magic word and whose size matches its own geometry."""
-    from dagc.runtime import channel as ch
+    from dagc.runtime.channels import ring as ch
     got = _read_own(name, 64)
     if got is None:
         return None

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from dagc.runtime.channel import PeerDied
+from dagc.runtime.channels.ring import PeerDied
 
 HELLO = b"DAGCTCP1"
 NONCE = 32

@@ -2,14 +2,14 @@
 
 One CUDA stream per group for communication, CUDA events ordering it against the caller's
 current (compute) stream; cupy is imported only when an instance is set up. See
-:mod:`dagc.runtime.communicator` for the interface and the life of a group.
+:mod:`dagc.runtime.comm.base` for the interface and the life of a group.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 
-from dagc.runtime.communicator import Communicator, Work, _check_op
+from dagc.runtime.comm.base import Communicator, Work, _check_op
 
 # ncclDataType_t / ncclRedOp_t values (part of NCCL's ABI; cupy mirrors them)
 _NCCL_INT8, _NCCL_UINT8, _NCCL_INT32, _NCCL_INT64 = 0, 1, 2, 4

@@ -17,8 +17,8 @@ import traceback
 import types
 from dataclasses import dataclass, field
 
-from dagc.runtime import channel as ch
-from dagc.runtime import shm
+from dagc.runtime.channels import ring as ch
+from dagc.runtime.channels import shm
 from dagc.runtime.failure import Failure, capture, first_failure
 
 _LOOPS: dict[str, "ActorLoop"] = {}     # compile token -> this process's loop
@@ -93,7 +93,7 @@ def prepare(instance, token: str, spec: dict) -> dict:
 
 
 def _prepare(token: str, spec: dict, entry: dict) -> dict:
-    from dagc.runtime import tcp
+    from dagc.runtime.channels import tcp
     if spec.get("ctl"):
         entry["leader"] = True
         ch.Control(spec["ctl"], create=True, nprocs=spec.get("nprocs", 0),
@@ -306,7 +306,7 @@ class ActorLoop:
                 w.on_encode_error = self._encode_error
                 self._writers[cid] = w
         if plan.tcp_readers:
-            from dagc.runtime import tcp
+            from dagc.runtime.channels import tcp
             for cid, (host, port, index, widx) in plan.tcp_readers.items():
                 self._readers[cid] = tcp.TcpReader(
                     host, port, plan.secret, index, self.waiter, widx,
@@ -350,7 +350,7 @@ class ActorLoop:
         return comm
 
     def comm_writer(self, cid: str):
-        from dagc.runtime.comm_ends import CommWriter
+        from dagc.runtime.comm.p2p import CommWriter
         end = self._comm_ends.get(cid)
         if end is None:
             _, kid, ranks, readers = self.plan.comm_channels[cid]
@@ -359,7 +359,7 @@ class ActorLoop:
         return end
 
     def comm_reader(self, cid: str):
-        from dagc.runtime.comm_ends import CommReader
+        from dagc.runtime.comm.p2p import CommReader
         end = self._comm_ends.get(cid)
         if end is None:
             _, kid, writer_rank = self.plan.comm_channels[cid]
@@ -369,7 +369,7 @@ class ActorLoop:
         return end
 
     def collective(self, gid: str):
-        from dagc.runtime.comm_ends import Collective
+        from dagc.runtime.comm.p2p import Collective
         end = self._comm_ends.get(gid)
         if end is None:
             kid, method, step = self.plan.collectives[gid]

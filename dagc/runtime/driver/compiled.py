@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dagc.errors import (ActorDiedError, CapacityError, DagClosedError, DagcError,
                          DagTimeoutError)
 from dagc.ir import DRIVER
-from dagc.runtime import channel as ch
-from dagc.runtime import shm, worker
+from dagc.runtime.channels import ring as ch
+from dagc.runtime.channels import shm
+from dagc.runtime.actor import loop as worker
 from dagc.runtime.failure import Failure
-from dagc.runtime.inspection import InspectMixin, Profile  # noqa: F401
-from dagc.runtime.launch import ArgumentsNotSent, LaunchMixin
+from dagc.runtime.driver.profiling import InspectMixin, Profile  # noqa: F401
+from dagc.runtime.driver.session import ArgumentsNotSent, LaunchMixin
 
 _LIVE: "weakref.WeakSet[CompiledDag]" = weakref.WeakSet()
 CREATED_PREFIXES: list[str] = []   # every segment prefix this process made (leak checks)

@@ -133,10 +133,10 @@ Threads: one thread writes a TcpWriter and one reads a TcpReader (as with the sh
 channel); ``wake()``/``wake_all()``/``ready()`` may come from any thread. ``close()`` is
 required: it stops the writer's accept and sender threads.
 """
-from dagc.runtime.tcp_reader import TcpReader
-from dagc.runtime.tcp_wire import (FROM_ENV, TcpAuthError, TcpProtocolError, TcpSetupError,
+from dagc.runtime.channels.tcp.reader import TcpReader
+from dagc.runtime.channels.tcp.wire import (FROM_ENV, TcpAuthError, TcpProtocolError, TcpSetupError,
                                    TlsFiles, new_secret)
-from dagc.runtime.tcp_writer import TcpWriter
+from dagc.runtime.channels.tcp.writer import TcpWriter
 
 __all__ = ["TcpReader", "TcpWriter", "TcpAuthError", "TcpProtocolError", "TcpSetupError",
            "TlsFiles", "FROM_ENV", "new_secret"]

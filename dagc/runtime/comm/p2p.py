@@ -46,7 +46,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from dagc.runtime.communicator import DONE, REDUCE_OPS, Communicator, Work
+from dagc.runtime.comm.base import DONE, REDUCE_OPS, Communicator, Work
 from dagc.runtime.failure import Failure, capture
 
 _DTYPES = tuple(d for d in (

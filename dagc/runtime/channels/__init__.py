@@ -1,0 +1,1 @@
+"""Channels: how values move between the processes of a compiled DAG."""

@@ -1,0 +1,1 @@
+"""Communicators: how tensors move between actors, and the ends generated loops call."""

@@ -1,0 +1,1 @@
+"""What runs in the driver: CompiledDag, DagRef, starting the loops, profiling."""
