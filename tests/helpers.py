@@ -64,7 +64,8 @@ def compile_ir(ir, overlap=False, gpus=(), methods=None, **options):
 
 
 def column(sched, actor):
-    return [str(a) for a in sched.of(actor)]
+    """An actor's column of the schedule as action strings."""
+    return [str(a) for _, a in sched.of(actor)]
 
 
 @contextlib.contextmanager

@@ -17,9 +17,8 @@ from pathlib import Path
 import jinja2
 
 import dagc
-from dagc.ir import DRIVER, INPUT, IR
-from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV,
-                           WAIT_SEND, WRITE, Action, Schedule)
+from dagc.ir import DRIVER, INPUT, IR, Arg, Const, Field, Ref
+from dagc.schedule import Action, Kind, Schedule
 
 
 @dataclass(frozen=True)
@@ -57,27 +56,28 @@ def environment() -> jinja2.Environment:
 _IDENT = re.compile(r"[^0-9a-zA-Z_]")
 
 
-def local(ref: str, nfields: int) -> str:
-    """The generated-code name of a ref: t3 -> t3, t3.1 -> t3_1, $0 -> inp / inp[0], #2 -> k2."""
-    if ref == str(INPUT):
+def local(arg: Arg, nfields: int) -> str:
+    """The generated-code name of an argument: t3 -> t3, t3.1 -> t3_1, in -> inp,
+    $0 -> inp / inp[0], #2 -> k2."""
+    if arg == INPUT:
         return "inp"
-    if ref.startswith("$"):
-        return "inp" if nfields == 1 else f"inp[{int(ref[1:])}]"
-    if ref.startswith("#"):
-        return f"k{int(ref[1:])}"
-    return ref.replace(".", "_")
+    if isinstance(arg, Field):
+        return "inp" if nfields == 1 else f"inp[{arg.number}]"
+    if isinstance(arg, Const):
+        return f"k{arg.number}"
+    return str(arg).replace(".", "_")
 
 
 def _ident(s: str) -> str:
     return _IDENT.sub("_", s)
 
 
-def recv_handle(value: str) -> str:
+def recv_handle(value: Ref) -> str:
     """The local holding an issued receive of ``value`` (icrecv and its wait_recv)."""
     return f"h_{local(value, 0)}"
 
 
-def send_handle(value: str, peer: str) -> str:
+def send_handle(value: Ref, peer: str) -> str:
     """The local holding an issued send of ``value`` to ``peer`` (isend and its wait_send)."""
     return f"h_{local(value, 0)}_{peer}"
 
@@ -93,45 +93,52 @@ class _Model:
         self.bindings.setdefault(name, expr)
         return name
 
-    def ref(self, r: str) -> str:
-        if r.startswith("#"):
-            k = int(r[1:])
-            return self.bind(f"k{k}", f"rt.constant({k})")
+    def ref(self, r: Arg) -> str:
+        if isinstance(r, Const):
+            return self.bind(f"k{r.number}", f"rt.constant({r.number})")
         return local(r, self.nfields)
 
 
-def _action_model(a: Action, m: _Model, actor: str) -> dict:
-    d = {"kind": a.kind, "step": a.step, "comment": f"step {a.step}  {a.detail()}"}
-    if a.kind in (CALL, COLL):
-        if a.kind == CALL:
+def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
+                  where: str) -> dict:
+    """The template's view of one action. ``where``: the user's method's place, or ""."""
+    comment = f"step {step}  {sched.detail(actor, a)}" + (f"   {where}" if where else "")
+    d = {"kind": a.kind.value, "step": step, "comment": comment}
+    k = a.kind
+    if k in (Kind.CALL, Kind.COLL):
+        call = sched.call(a.value)
+        if k == Kind.CALL:
             fn = m.bind(f"m_{_ident(a.method)}", f"rt.method({a.method!r})")
         else:
             fn = m.bind(f"coll_{a.group}", f"rt.collective({a.group!r})")
-        args = [m.ref(x) for x in a.args]
-        kwargs = [f"{k}={m.ref(v)}" for k, v in a.kwargs]
-        checks = sorted({local(x, m.nfields) for x in [*a.args, *(v for _, v in a.kwargs)]
-                         if x.startswith("t")})
+        args = [m.ref(x) for x in call.args]
+        kwargs = [f"{kw}={m.ref(v)}" for kw, v in call.kwargs]
+        checks = sorted({local(x, m.nfields) for x in call.refs() if isinstance(x, Ref)})
+        n = call.num_returns
         d.update(fn=fn, call_args=", ".join(args + kwargs), checks=checks,
-                 target=local(a.value, m.nfields), method=a.method, actor=actor,
-                 outs=[f"{a.value}_{i}" for i in range(a.num_returns)]
-                 if a.num_returns != 1 else [], num_returns=a.num_returns)
-    elif a.kind == READ:
-        d.update(fn=m.bind(f"read_{a.channel}", f"rt.reader({a.channel!r}).read"),
+                 target=local(a.value, m.nfields), method=a.method, actor=actor, where=where,
+                 outs=[f"{a.value}_{i}" for i in range(n)] if n != 1 else [], num_returns=n)
+        return d
+    if k == Kind.WAIT_RECV:
+        d.update(target=local(a.value, m.nfields), handle=recv_handle(a.value))
+        return d
+    if k == Kind.WAIT_SEND:
+        d.update(handles=[send_handle(a.value, p) for p in a.peers])
+        return d
+    cid = sched.channel_of(actor, a).id
+    if k == Kind.READ:
+        d.update(fn=m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"),
                  target=local(a.value, m.nfields))
-    elif a.kind == WRITE:
-        d.update(fn=m.bind(f"write_{a.channel}", f"rt.writer({a.channel!r}).write"),
+    elif k == Kind.WRITE:
+        d.update(fn=m.bind(f"write_{cid}", f"rt.writer({cid!r}).write"),
                  source=local(a.value, m.nfields))
-    elif a.kind in (CSEND, ISEND):
-        cw = m.bind(f"cw_{a.channel}", f"rt.comm_writer({a.channel!r})")
+    elif k in (Kind.CSEND, Kind.ISEND):
+        cw = m.bind(f"cw_{cid}", f"rt.comm_writer({cid!r})")
         d.update(obj=cw, source=local(a.value, m.nfields), peer=a.peers[0],
                  handle=send_handle(a.value, a.peers[0]))
-    elif a.kind in (CRECV, ICRECV):
-        cr = m.bind(f"cr_{a.channel}", f"rt.comm_reader({a.channel!r})")
+    elif k in (Kind.CRECV, Kind.ICRECV):
+        cr = m.bind(f"cr_{cid}", f"rt.comm_reader({cid!r})")
         d.update(obj=cr, target=local(a.value, m.nfields), handle=recv_handle(a.value))
-    elif a.kind == WAIT_RECV:
-        d.update(target=local(a.value, m.nfields), handle=recv_handle(a.value))
-    elif a.kind == WAIT_SEND:
-        d.update(handles=[send_handle(a.value, p) for p in a.peers])
     else:
         raise AssertionError(f"no code for schedule action kind {a.kind!r} ({a})")
     return d
@@ -146,7 +153,10 @@ def render_actor(ir: IR, sched: Schedule, actor: str, origin: str = "",
                  profile: bool = False) -> GeneratedModule:
     nfields = len(ir.inputs.fields)
     m = _Model(nfields)
-    acts = [_action_model(a, m, actor) for a in sched.of(actor)]
+    spec = ir.actor(actor)
+    acts = [_action_model(sched, actor, step, a, m, spec.where(a.method)
+                          if a.kind == Kind.CALL else "")
+            for step, a in sched.of(actor)]
     label = sched.labels.get(actor, actor)
     model = {"h": _header(ir, actor, label, origin), "actions": acts,
              "bindings": sorted(m.bindings.items(), key=_binding_order), "profile": profile}
@@ -159,13 +169,14 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     m = _Model(nfields)
     inputs = []         # one write per input channel (readers on several nodes: several)
     outputs = []
-    for a in sched.of(DRIVER):
-        if a.kind == WRITE:
-            inputs.append(m.bind(f"write_{a.channel}", f"rt.writer({a.channel!r}).write"))
-        elif a.kind == READ:
-            outputs.append({"target": local(a.value, nfields), "channel": a.channel,
-                            "fn": m.bind(f"read_{a.channel}", f"rt.reader({a.channel!r}).read"),
-                            "comment": f"step {a.step}  {a.detail()}"})
+    for step, a in sched.of(DRIVER):
+        cid = sched.channel_of(DRIVER, a).id
+        if a.kind == Kind.WRITE:
+            inputs.append(m.bind(f"write_{cid}", f"rt.writer({cid!r}).write"))
+        elif a.kind == Kind.READ:
+            outputs.append({"target": local(a.value, nfields), "channel": cid,
+                            "fn": m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"),
+                            "comment": f"step {step}  {sched.detail(DRIVER, a)}"})
     if len(outputs) > 1:     # several outputs: wait for all before consuming any
         for o in outputs:
             o["wait"] = m.bind(f"ready_{o['channel']}", f"rt.reader({o['channel']!r}).wait_ready")
@@ -177,7 +188,7 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     cond += [f"{k!r} not in kwargs" for k in kws]
     if not kws:
         cond.append("kwargs")
-    result = [local(str(r), nfields) for r in ir.output.refs]
+    result = [local(r, nfields) for r in ir.output.refs]
     model = {"h": _header(ir, DRIVER, DRIVER, origin), "inputs": inputs, "fields": fields,
              "bad_input": " or ".join(cond), "outputs": outputs,
              "result": ("[" + ", ".join(result) + "]") if ir.output.multi else result[0],

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from dagc.ir import DRIVER, INPUT, op_sort_key
-from dagc.schedule import CALL, COLL, READ, WRITE, Action, Schedule
+from dagc.ir import DRIVER, INPUT, Arg, Field, Ref, op_sort_key
+from dagc.schedule import OP_KINDS, Action, Kind, Schedule
 
 INPUT_NODE = "input"
 OUTPUT_NODE = "output"
@@ -83,49 +83,40 @@ class DataflowGraph:
 
 # -- building the graph -------------------------------------------------------------------
 
-def _refs(a: Action) -> list[str]:
-    return list(a.args) + [v for _, v in a.kwargs]
-
-
-def _uses(ref: str, value: str) -> bool:
-    """Does argument ``ref`` ("t3", "t3.1", "$0") read ``value`` ("t3", "t3.1", "in")?"""
-    if value == str(INPUT):
-        return ref.startswith("$")
-    if ref == value:
-        return True
-    rbase, vbase = ref.split(".", 1)[0], value.split(".", 1)[0]
-    return rbase == vbase and ("." not in ref or "." not in value)
-
-
-def _base(value: str) -> str:
-    return value.split(".", 1)[0]
+def _uses(arg: Arg, value: Ref) -> bool:
+    """Does argument ``arg`` (t3, t3.1, $0) read ``value`` (t3, t3.1, in)?"""
+    if value == INPUT:
+        return isinstance(arg, Field)
+    return isinstance(arg, Ref) and arg.op == value.op and (
+        arg == value or arg.index is None or value.index is None)
 
 
 def _op_nodes(schedule: Schedule) -> dict[str, tuple[Node, Action]]:
     out = {}
     for actor in schedule.actors:
-        label = schedule.labels.get(actor, actor)
-        for a in schedule.of(actor):
-            if a.kind in (CALL, COLL):
-                out[a.value] = (Node(a.value, actor, f"{label}.{a.method}", a.group), a)
+        label = schedule.label(actor)
+        for _, a in schedule.of(actor):
+            if a.kind in OP_KINDS:
+                out[a.value.op] = (Node(a.value.op, actor, f"{label}.{a.method}", a.group), a)
     return out
 
 
-def _consumers(schedule: Schedule, reader: str, value: str, channel: str) -> list[str]:
+def _consumers(schedule: Schedule, reader: str, value: Ref, channel: str) -> list[str]:
     """Node ids on ``reader`` fed by ``value`` arriving through ``channel``."""
     if reader == DRIVER:
         return [OUTPUT_NODE]
-    acts = schedule.of(reader)
-    users = [a.value for a in acts if a.kind in (CALL, COLL)
-             and any(_uses(r, value) for r in _refs(a))]
+    acts = [a for _, a in schedule.of(reader)]
+    users = [a.value.op for a in acts if a.kind in OP_KINDS
+             and any(_uses(r, value) for r in schedule.call(a.value).refs())]
     if users:
         return users
     # paced only: the first op after the read
     after = False
     for a in acts:
-        after = after or (a.kind not in (CALL, COLL) and a.channel == channel)
-        if after and a.kind in (CALL, COLL):
-            return [a.value]
+        after = after or (a.kind not in OP_KINDS
+                          and schedule.channel_of(reader, a).id == channel)
+        if after and a.kind in OP_KINDS:
+            return [a.value.op]
     return []
 
 
@@ -134,11 +125,11 @@ def build_graph(schedule: Schedule) -> DataflowGraph:
     ops = _op_nodes(schedule)
     nodes: dict[str, Node] = {k: n for k, (n, _) in ops.items()}
     edges: set[Edge] = set()
-    driver_writes_input = any(a.kind == WRITE and a.value == str(INPUT)
-                              for a in schedule.of(DRIVER))
+    driver_writes_input = any(a.kind == Kind.WRITE and a.value == INPUT
+                              for _, a in schedule.of(DRIVER))
     if driver_writes_input or any(c.value == INPUT for c in schedule.channels):
         nodes[INPUT_NODE] = Node(INPUT_NODE, DRIVER, INPUT_NODE)
-    if any(a.kind == READ for a in schedule.of(DRIVER)) or any(
+    if any(a.kind == Kind.READ for _, a in schedule.of(DRIVER)) or any(
             DRIVER in c.readers for c in schedule.channels):
         nodes[OUTPUT_NODE] = Node(OUTPUT_NODE, DRIVER, OUTPUT_NODE)
     for c in schedule.channels:
@@ -146,14 +137,14 @@ def build_graph(schedule: Schedule) -> DataflowGraph:
         if src not in nodes:
             continue
         for r in c.readers:
-            for dst in _consumers(schedule, r, str(c.value), c.id):
+            for dst in _consumers(schedule, r, c.value, c.id):
                 edges.add(Edge(src, dst, str(c.value), c.transport, c.id))
     for node, act in ops.values():
-        for ref in _refs(act):
-            if not ref.startswith("t") or _base(ref) not in ops:
+        for ref in schedule.call(act.value).refs():
+            if not isinstance(ref, Ref) or ref.op not in ops:
                 continue
-            if ops[_base(ref)][0].actor == node.actor:
-                edges.add(Edge(_base(ref), node.id, ref, "local"))
+            if ops[ref.op][0].actor == node.actor:
+                edges.add(Edge(ref.op, node.id, str(ref), "local"))
     order = _topological(nodes, edges)
     rank = {n: i for i, n in enumerate(order)}
     return DataflowGraph(

@@ -18,8 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV, WRITE,
-                           Action, Schedule)
+from dagc.schedule import OP_KINDS, Action, Kind, Schedule
 
 PID = 1
 
@@ -47,7 +46,7 @@ class Span:
 
 def op_name(action: Action) -> str:
     """The span name of an action: the method for calls (``fwd``), else ``recv t2<a0``."""
-    return action.method if action.kind in (CALL, COLL) else str(action)
+    return action.method if action.kind in OP_KINDS else str(action)
 
 
 def _actor_order(schedule: Schedule, records: dict) -> list[str]:
@@ -65,8 +64,8 @@ def match_spans(schedule: Schedule, records: dict) -> list[Span]:
     for actor in _actor_order(schedule, records):
         acts = schedule.of(actor)
         at_step: dict[int, list[int]] = {}
-        for i, a in enumerate(acts):
-            at_step.setdefault(a.step, []).append(i)
+        for i, (step, _) in enumerate(acts):
+            at_step.setdefault(step, []).append(i)
         used: dict[tuple[int, int], int] = {}       # (execution, step) -> records matched
         for rec in records.get(actor, ()):
             n, step, t0, t1 = (int(x) for x in rec[:4])
@@ -74,7 +73,8 @@ def match_spans(schedule: Schedule, records: dict) -> list[Span]:
             used[(n, step)] = k + 1
             candidates = at_step.get(step, [])
             idx = candidates[k] if k < len(candidates) else -1
-            spans.append(Span(actor, n, step, idx, acts[idx] if idx >= 0 else None, t0, t1))
+            spans.append(Span(actor, n, step, idx, acts[idx].action if idx >= 0 else None,
+                              t0, t1))
     order = {a: i for i, a in enumerate(_actor_order(schedule, records))}
     spans.sort(key=lambda s: (order[s.actor], s.execution, s.start_ns, s.index))
     return spans
@@ -110,7 +110,7 @@ def chrome_trace(schedule: Schedule, records: dict) -> dict:
         if actor not in records:
             continue
         tids[actor] = i + 1
-        label = schedule.labels.get(actor, actor)
+        label = schedule.label(actor)
         events.append({"ph": "M", "name": "thread_name", "pid": PID, "tid": i + 1,
                        "args": {"name": label}})
         events.append({"ph": "M", "name": "thread_sort_index", "pid": PID, "tid": i + 1,
@@ -118,10 +118,11 @@ def chrome_trace(schedule: Schedule, records: dict) -> dict:
     for s in spans:
         a = s.action
         events.append({
-            "ph": "X", "name": s.name, "cat": a.kind if a else "unknown", "pid": PID,
+            "ph": "X", "name": s.name, "cat": a.kind.value if a else "unknown", "pid": PID,
             "tid": tids[s.actor], "ts": _us(s.start_ns - t0), "dur": _us(s.dur_ns),
             "args": {"execution": s.execution, "step": s.step,
-                     "value": a.value if a else "", "op": a.detail() if a else ""}})
+                     "value": str(a.value) if a else "",
+                     "op": schedule.detail(s.actor, a) if a else ""}})
     return {"traceEvents": events, "displayTimeUnit": "ns"}
 
 
@@ -146,9 +147,10 @@ def _op_stats(schedule: Schedule, spans: list[Span]) -> list[dict]:
                                                            kv[0][1])):
         durs = sorted(s.dur_ns for s in ss)
         a = ss[0].action
-        rows.append({"actor": actor, "label": schedule.labels.get(actor, actor),
+        rows.append({"actor": actor, "label": schedule.label(actor),
                      "step": step, "index": index, "action": str(a) if a else ss[0].name,
-                     "kind": a.kind if a else "unknown", "value": a.value if a else "",
+                     "kind": a.kind.value if a else "unknown",
+                     "value": str(a.value) if a else "",
                      "count": len(durs), "mean_us": _us(sum(durs) / len(durs)),
                      "p50_us": _us(_percentile(durs, 50)),
                      "p99_us": _us(_percentile(durs, 99))})
@@ -187,9 +189,9 @@ def _representative(by_exec: dict, complete: list[int]) -> tuple[int, str]:
 
 def _senders(a: Action) -> list[tuple[str, str]]:
     """(peer actor, kinds) whose matching action released receive-like action ``a``."""
-    if a.kind == READ:
-        return [(a.peers[0], WRITE)] if a.peers else []
-    if a.kind in (CRECV, ICRECV, WAIT_RECV):
+    if a.kind == Kind.READ:
+        return [(a.peers[0], Kind.WRITE)] if a.peers else []
+    if a.kind in (Kind.CRECV, Kind.ICRECV, Kind.WAIT_RECV):
         return [(a.peers[0], "comm-send")] if a.peers else []
     return []
 
@@ -203,22 +205,23 @@ def _predecessors(x: Span, spans: dict, schedule: Schedule) -> list[tuple[Span, 
     a = x.action
     if a is None:
         return out
-    acts_of = {p: schedule.of(p) for p in schedule.actors}
     for peer, kind in _senders(a):
-        for i, y in enumerate(acts_of.get(peer, ())):
+        for i, (_, y) in enumerate(schedule.of(peer)):
             s = spans.get((peer, i))
             if s is None or y.value != a.value:
                 continue
-            if kind == WRITE and y.kind == WRITE and (not a.channel or y.channel == a.channel):
-                out.append((s, f"{a.value} via {a.channel or 'channel'} from {peer}"))
-            elif kind == "comm-send" and y.kind in (CSEND, ISEND) and x.actor in y.peers:
+            if kind == Kind.WRITE and y.kind == Kind.WRITE and x.actor in y.peers:
+                cid = schedule.channel_of(x.actor, a).id
+                out.append((s, f"{a.value} via {cid} from {peer}"))
+            elif kind == "comm-send" and y.kind in (Kind.CSEND, Kind.ISEND) \
+                    and x.actor in y.peers:
                 out.append((s, f"{a.value} via communicator from {peer}"))
-    if a.kind == COLL:
+    if a.kind == Kind.COLL:
         for p in schedule.actors:
             if p == x.actor:
                 continue
-            for i, y in enumerate(schedule.of(p)):
-                if y.kind == COLL and y.group == a.group and (p, i - 1) in spans:
+            for i, (_, y) in enumerate(schedule.of(p)):
+                if y.kind == Kind.COLL and y.group == a.group and (p, i - 1) in spans:
                     out.append((spans[(p, i - 1)], f"collective {a.group} waits for {p}"))
     return out
 
@@ -286,7 +289,7 @@ def summary_dict(schedule: Schedule, records: dict) -> dict:
         gaps += 0 if prev_end is None else max(0, s.start_ns - prev_end)
         busy += adds
         prev_end = s.end_ns if prev_end is None else max(prev_end, s.end_ns)
-        ops.append({"actor": s.actor, "label": schedule.labels.get(s.actor, s.actor),
+        ops.append({"actor": s.actor, "label": schedule.label(s.actor),
                     "step": s.step, "action": str(s.action) if s.action else s.name,
                     "start_us": _us(s.start_ns - t0), "dur_us": _us(s.dur_ns),
                     "adds_us": _us(adds), "via": link})

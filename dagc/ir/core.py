@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -99,6 +100,10 @@ class OutputSpec:
     multi: bool = False
 
 
+_CHANNEL = re.compile(r"(\w+): (\S+) (\S+) -> (\S+) \[(\w+)(?: via (\w+))?"
+                      r"(?: \(metadata over (\w+)\))?, (\d+) x (\d+) B\]")
+
+
 @dataclass(frozen=True)
 class ChannelSpec:
     """One edge carrier between processes. Plain data, printed in the schedule."""
@@ -124,6 +129,17 @@ class ChannelSpec:
             comm += f" (metadata over {self.carrier})"
         return (f"{self.id}: {self.value} {self.writer} -> {','.join(self.readers)} "
                 f"[{self.transport}{comm}, {self.slots} x {self.buffer_size} B]")
+
+    @classmethod
+    def parse(cls, text: str) -> "ChannelSpec":
+        """Inverse of ``str()``."""
+        m = _CHANNEL.fullmatch(text)
+        if m is None:
+            raise ValueError(f"bad channel {text!r}: expected 'c0: t3 a0 -> a1,a2 "
+                             f"[shm, 8 x 1048576 B]'")
+        cid, value, writer, readers, transport, comm, carrier, slots, size = m.groups()
+        return cls(cid, Ref.parse(value), writer, tuple(readers.split(",")), transport,
+                   int(size), int(slots), comm or "", carrier or "shm")
 
 
 @dataclass(frozen=True)

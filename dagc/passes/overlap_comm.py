@@ -14,58 +14,57 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from dagc.ir import IR
+from dagc.ir import IR, Ref
 from dagc.passes.base import Pass, PassContext
 from dagc.passes.simulate import simulate
-from dagc.schedule import (CALL, COLL, COMM_KINDS, CRECV, CSEND, ICRECV, ISEND, WAIT_RECV,
-                           WAIT_SEND, WRITE, Action, Schedule)
+from dagc.schedule import COMM_KINDS, Action, Entry, Kind, Schedule
 
 
-def _uses(a: Action, value: str) -> bool:
-    if a.kind in (CALL, COLL):
-        refs = list(a.args) + [v for _, v in a.kwargs]
-        return any(r == value or r.split(".", 1)[0] == value for r in refs)
-    if a.kind == WRITE:
+def _uses(sched: Schedule, a, value: Ref) -> bool:
+    """Whether action ``a`` reads ``value`` (a call taking it or an element of it, a write)."""
+    if a.kind in (Kind.CALL, Kind.COLL):
+        return any(r == value or (value.index is None and isinstance(r, Ref) and r.op == value.op)
+                   for r in sched.call(a.value).refs())
+    if a.kind == Kind.WRITE:
         return a.value == value
     return False
 
 
-def overlap_actions(acts: tuple[Action, ...]) -> tuple[Action, ...]:
-    body: list[Action] = []
+def overlap_actions(sched: Schedule, actor: str) -> tuple[Entry, ...]:
+    body: list[Entry] = []
     last_comm = -1                          # index in `body` of the last communicator op
-    recv_waits: list[Action] = []           # one wait_recv per hoisted receive
-    sends: dict[tuple[str, str], list[str]] = {}   # (value, channel) -> peers, issue order
-    for a in acts:
-        if a.kind == CRECV:
-            body.insert(last_comm + 1, replace(a, kind=ICRECV))
+    recv_waits: list[Entry] = []            # one wait_recv per hoisted receive
+    sends: dict[tuple[Ref, str], list[str]] = {}   # (value, channel id) -> peers, issue order
+    for step, a in sched.of(actor):
+        if a.kind == Kind.CRECV:
+            body.insert(last_comm + 1, Entry(step, replace(a, kind=Kind.ICRECV)))
             last_comm += 1
-            recv_waits.append(replace(a, kind=WAIT_RECV))
+            recv_waits.append(Entry(step, replace(a, kind=Kind.WAIT_RECV)))
             continue
-        if a.kind == CSEND:
-            sends.setdefault((a.value, a.channel), []).extend(a.peers)
-            a = replace(a, kind=ISEND)
-        body.append(a)
+        if a.kind == Kind.CSEND:
+            cid = sched.channel_of(actor, a).id
+            sends.setdefault((a.value, cid), []).extend(a.peers)
+            a = replace(a, kind=Kind.ISEND)
+        body.append(Entry(step, a))
         if a.kind in COMM_KINDS:
             last_comm = len(body) - 1
     # each receive's wait goes just before the first use of its value
-    result: list[Action] = []
+    result: list[Entry] = []
     pending = list(recv_waits)
-    for x in body:
-        for w in [w for w in pending if _uses(x, w.value)]:
-            result.append(replace(w, step=x.step))
+    for step, x in body:
+        for w in [w for w in pending if _uses(sched, x, w.action.value)]:
+            result.append(Entry(step, w.action))
             pending.remove(w)
-        result.append(x)
+        result.append(Entry(step, x))
     result.extend(pending)
     last = result[-1].step if result else 0
-    for (value, channel), peers in sends.items():
-        actor = acts[0].actor
-        result.append(Action(step=last, actor=actor, kind=WAIT_SEND, value=value,
-                             peers=tuple(peers), channel=channel))
+    for (value, _), peers in sends.items():
+        result.append(Entry(last, Action(Kind.WAIT_SEND, value, peers=tuple(peers))))
     return tuple(result)
 
 
 def overlap(sched: Schedule) -> Schedule:
-    return replace(sched, actions={p: overlap_actions(sched.of(p)) for p in sched.actors})
+    return replace(sched, actions={p: overlap_actions(sched, p) for p in sched.actors})
 
 
 @dataclass(frozen=True)

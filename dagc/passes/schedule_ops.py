@@ -12,16 +12,16 @@ raises DeadlockError if it can get stuck.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import networkx as nx
 
 from dagc.errors import CompileError, DeadlockError
-from dagc.ir import COLLECTIVE, DRIVER, INPUT, IR, Field, Ref, op_sort_key
+from dagc.ir import COLLECTIVE, DRIVER, INPUT, IR, Field, Ref, bind_reordered, op_sort_key
 from dagc.passes.base import Pass, PassContext
 from dagc.passes.simulate import simulate
-from dagc.schedule import CALL, COLL, CRECV, CSEND, READ, WRITE, Action, Schedule
+from dagc.schedule import Action, Call, Entry, Kind, Schedule
 
 
 def global_order(ir: IR) -> list[list[str]]:
@@ -107,7 +107,7 @@ def _ordinal(k: int) -> str:
 
 def build_schedule(ir: IR) -> Schedule:
     procs = [DRIVER] + [a.id for a in ir.actors]
-    acts: dict[str, list[Action]] = {p: [] for p in procs}
+    acts: dict[str, list[Entry]] = {p: [] for p in procs}
     ready = {p: 0 for p in procs}                 # next free step per process
     avail: dict[tuple[str, str], int] = {}        # (channel id) -> first step a reader may read
     have: dict[str, set] = {p: set() for p in procs}
@@ -118,11 +118,10 @@ def build_schedule(ir: IR) -> Schedule:
             by_value[(c.value, r)] = c
         written_by.setdefault(c.value, []).append(c)
 
-    def emit(p: str, step: int, value: Ref, **kw) -> Action:
-        a = Action(step=step, actor=p, value=str(value), **kw)
-        acts[p].append(a)
+    def emit(p: str, step: int, kind: Kind, value: Ref, **kw) -> int:
+        acts[p].append(Entry(step, Action(kind, value, **kw)))
         ready[p] = step + 1
-        return a
+        return step
 
     def fetch(p: str, value: Ref) -> None:
         """Make ``value`` (a value ref or INPUT) present on process p."""
@@ -134,8 +133,7 @@ def build_schedule(ir: IR) -> Schedule:
             return
         if c.transport == "comm":
             raise AssertionError(f"{value} on {p}: comm values arrive when produced")
-        emit(p, max(ready[p], avail[c.id]), kind=READ, value=value, peers=(c.writer,),
-             channel=c.id)
+        emit(p, max(ready[p], avail[c.id]), Kind.READ, value, peers=(c.writer,))
         have[p].add(value)
 
     def produced(p: str, op_id: str, num_returns: int) -> None:
@@ -146,21 +144,20 @@ def build_schedule(ir: IR) -> Schedule:
                 if c.transport == "comm":
                     for r in c.readers:
                         s = max(ready[p], ready[r])
-                        emit(p, s, kind=CSEND, value=v, peers=(r,), channel=c.id)
-                        emit(r, s, kind=CRECV, value=v, peers=(p,), channel=c.id)
+                        emit(p, s, Kind.CSEND, v, peers=(r,))
+                        emit(r, s, Kind.CRECV, v, peers=(p,))
                         have[r].add(v)
                 else:
-                    a = emit(p, ready[p], kind=WRITE, value=v, peers=c.readers, channel=c.id)
-                    avail[c.id] = a.step + 1
+                    avail[c.id] = emit(p, ready[p], Kind.WRITE, v, peers=c.readers) + 1
         if num_returns != 1:
             have[p].add(Ref(op_id))
 
     for c in ir.channels:
         if c.value == INPUT:
-            a = emit(DRIVER, 0, kind=WRITE, value=INPUT, peers=c.readers, channel=c.id)
-            avail[c.id] = a.step + 1
+            avail[c.id] = emit(DRIVER, 0, Kind.WRITE, INPUT, peers=c.readers) + 1
             have[DRIVER].add(INPUT)
 
+    shown = bind_reordered((o.actor, o.id, o.bind_index) for o in ir.ops())
     input_readers = set()
     for c in ir.channels:
         if c.value == INPUT:
@@ -177,12 +174,10 @@ def build_schedule(ir: IR) -> Schedule:
                     fetch(op.actor, INPUT)
         step = max(ready[op.actor] for op in ops)
         for op in ops:
-            emit(op.actor, step if op.kind == COLLECTIVE else ready[op.actor],
-                 kind=COLL if op.kind == COLLECTIVE else CALL, value=Ref(op.id),
-                 method=op.method, args=tuple(str(a) for a in op.args),
-                 kwargs=tuple((k, str(v)) for k, v in op.kwargs), group=op.group or "",
-                 num_returns=op.num_returns,
-                 bind=-1 if op.bind_index is None else op.bind_index)
+            coll = op.kind == COLLECTIVE
+            emit(op.actor, step if coll else ready[op.actor], Kind.COLL if coll else Kind.CALL,
+                 Ref(op.id), method=op.method, group=op.group or "",
+                 bind=op.bind_index if op.actor in shown and op.bind_index is not None else -1)
         for op in ops:
             produced(op.actor, op.id, op.num_returns)
 
@@ -191,8 +186,10 @@ def build_schedule(ir: IR) -> Schedule:
 
     labels = {DRIVER: DRIVER}
     labels.update({a.id: a.label for a in ir.actors})
-    return Schedule(actors=tuple(procs), actions={p: tuple(v) for p, v in acts.items()},
-                    channels=ir.channels, labels=labels)
+    calls = tuple(Call(Ref(op.id), op.method, op.args, op.kwargs, op.num_returns)
+                  for op in sorted(ir.ops(), key=lambda o: op_sort_key(o.id)))
+    return Schedule(actors=tuple(procs), actions=acts, calls=calls, channels=ir.channels,
+                    labels=labels)
 
 
 @dataclass(frozen=True)
@@ -202,9 +199,4 @@ class ScheduleOps(Pass):
     def run(self, ir: IR, ctx: PassContext) -> IR:
         sched = build_schedule(ir)
         steps = simulate(sched)
-        return ir.replace(schedule=_with_steps(sched, steps))
-
-
-def _with_steps(s: Schedule, steps: int) -> Schedule:
-    from dataclasses import replace
-    return replace(s, simulated_steps=steps)
+        return ir.replace(schedule=replace(sched, simulated_steps=steps))

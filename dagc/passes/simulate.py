@@ -23,11 +23,13 @@ from __future__ import annotations
 from collections import deque
 
 from dagc.errors import DeadlockError
-from dagc.schedule import (CALL, COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV,
-                           WAIT_SEND, WRITE, Schedule)
+from dagc.schedule import COMM_KINDS, Kind, Schedule
 
+CALL, COLL, READ, WRITE = Kind.CALL, Kind.COLL, Kind.READ, Kind.WRITE
+CSEND, CRECV, ISEND, ICRECV = Kind.CSEND, Kind.CRECV, Kind.ISEND, Kind.ICRECV
+WAIT_RECV, WAIT_SEND = Kind.WAIT_RECV, Kind.WAIT_SEND
 _BLOCKING = (CSEND, CRECV, COLL)
-_QUEUED = (CSEND, CRECV, COLL, ISEND, ICRECV)
+_QUEUED = COMM_KINDS
 
 
 def _match_key(proc: str, a) -> tuple:
@@ -41,7 +43,8 @@ def _match_key(proc: str, a) -> tuple:
 
 def _participants(sched: Schedule, a, proc: str) -> set:
     if a.kind == COLL:
-        return {p for p in sched.actors for x in sched.of(p) if x.kind == COLL and x.group == a.group}
+        return {p for p in sched.actors for _, x in sched.of(p)
+                if x.kind == COLL and x.group == a.group}
     return {proc, a.peers[0]}
 
 
@@ -56,23 +59,23 @@ def check_waits(sched: Schedule) -> None:
     mark = {}
     for p in sched.actors:
         open_: dict[tuple, object] = {}
-        for a in sched.of(p):
+        for step, a in sched.of(p):
             if a.kind in (ISEND, ICRECV):
                 if len(a.peers) != 1:
-                    mark[(p, a.step)] = f"names {len(a.peers)} peers, not exactly one"
+                    mark[(p, step)] = f"names {len(a.peers)} peers, not exactly one"
                 for peer in a.peers:
                     k = _handle(p, a, 0, peer)
                     if k in open_:
-                        mark[(p, a.step)] = f"issued twice before a wait ({k[2]} {a.value})"
-                    open_[k] = a
+                        mark[(p, step)] = f"issued twice before a wait ({k[2]} {a.value})"
+                    open_[k] = (step, a)
             elif a.kind in (WAIT_RECV, WAIT_SEND):
                 if not a.peers:
-                    mark[(p, a.step)] = "waits on nothing: no peers named"
+                    mark[(p, step)] = "waits on nothing: no peers named"
                 for peer in a.peers:
                     if open_.pop(_handle(p, a, 0, peer), None) is None:
-                        mark[(p, a.step)] = f"waits on {a.value} {peer}, never issued before"
-        for a in open_.values():
-            mark[(p, a.step)] = f"never waited on ({a})"
+                        mark[(p, step)] = f"waits on {a.value} {peer}, never issued before"
+        for step, a in open_.values():
+            mark[(p, step)] = f"never waited on ({a})"
     if mark:
         raise DeadlockError(
             "the schedule's waits do not match the communicator ops it issues: a value "
@@ -83,7 +86,9 @@ def check_waits(sched: Schedule) -> None:
 def simulate(sched: Schedule, executions: int = 2) -> int:
     check_waits(sched)
     procs = [p for p in sched.actors if sched.of(p)]
-    prog = {p: list(sched.of(p)) * executions for p in procs}
+    # per process: (step, action, channel id of a READ/WRITE), for `executions` rounds
+    prog = {p: [(s, a, sched.channel_of(p, a).id if a.kind in (READ, WRITE) else "")
+                for s, a in sched.of(p)] * executions for p in procs}
     pc = {p: 0 for p in procs}
     slots = {c.id: max(1, c.slots) for c in sched.channels}
     readers = {c.id: c.readers for c in sched.channels}
@@ -108,17 +113,17 @@ def simulate(sched: Schedule, executions: int = 2) -> int:
         # 2. each process runs its next action if it can
         for p in procs:
             while pc[p] < len(prog[p]):
-                a = prog[p][pc[p]]
+                _, a, cid = prog[p][pc[p]]
                 entry = issued.get((p, id(a), pc[p]))
                 if a.kind == READ:
-                    if written[a.channel] <= read[(a.channel, p)]:
+                    if written[cid] <= read[(cid, p)]:
                         break
-                    read[(a.channel, p)] += 1
+                    read[(cid, p)] += 1
                 elif a.kind == WRITE:
-                    lo = min(read[(a.channel, r)] for r in readers[a.channel])
-                    if written[a.channel] - lo >= slots[a.channel]:
+                    lo = min(read[(cid, r)] for r in readers[cid])
+                    if written[cid] - lo >= slots[cid]:
                         break
-                    written[a.channel] += 1
+                    written[cid] += 1
                 elif a.kind in _QUEUED:
                     if entry is None:
                         n = pc[p] // len(sched.of(p))
@@ -150,8 +155,8 @@ def simulate(sched: Schedule, executions: int = 2) -> int:
             mark = {}
             for p in procs:
                 if pc[p] < len(prog[p]):
-                    a = prog[p][pc[p]]
-                    mark[(p, a.step)] = f"stuck ({_why(a, p)})"
+                    step, a, _ = prog[p][pc[p]]
+                    mark[(p, step)] = f"stuck ({_why(a, p)})"
             raise DeadlockError(
                 "the schedule can deadlock: the marked ops wait on each other forever. "
                 "Communicator ops must be issued in the same relative order by every "

@@ -42,7 +42,7 @@ def test_json_format_and_byte_identical_artifacts(tmp_path):
     r2 = run_cli("compile", "examples/pipeline.py", "--format", "json", "-o", str(b))
     assert r1.returncode == 0, r1.stderr[-3000:]
     data = json.loads(r1.stdout)
-    assert data["schedule"]["format"] == "dagc.schedule/1"
+    assert data["schedule"]["format"] == "dagc.schedule/2"
     for p in sorted(a.iterdir()):
         assert p.read_bytes() == (b / p.name).read_bytes(), p.name
 

@@ -21,7 +21,10 @@ from dagc.inspect.graph import build_graph
 from dagc.inspect.trace import match_spans
 from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec, Ref
 from dagc.passes import PassContext, default_pipeline, run_pipeline
-from dagc.schedule import COLL, CRECV, CSEND, ICRECV, ISEND, READ, WAIT_RECV, WRITE, Schedule
+from dagc.schedule import Kind, Schedule
+
+COLL, CRECV, CSEND, ICRECV, ISEND = Kind.COLL, Kind.CRECV, Kind.CSEND, Kind.ICRECV, Kind.ISEND
+READ, WAIT_RECV, WRITE = Kind.READ, Kind.WAIT_RECV, Kind.WRITE
 
 HAVE_DOT = shutil.which("dot") is not None
 needs_dot = pytest.mark.skipif(not HAVE_DOT, reason="Graphviz 'dot' program not installed")
@@ -121,18 +124,20 @@ def synth_records(schedule: Schedule, executions: int = 3, dur=None, extra=None)
     for n in range(executions):
         free = {a: t for a in schedule.actors}
         sent: dict[tuple, int] = {}
-        acts = sorted(((x.step, _SEND_FIRST.get(x.kind, 1), col[a], i, a, x)
-                       for a in schedule.actors for i, x in enumerate(schedule.of(a))),
+        acts = sorted(((step, _SEND_FIRST.get(x.kind, 1), col[a], i, a, x)
+                       for a in schedule.actors
+                       for i, (step, x) in enumerate(schedule.of(a))),
                       key=lambda e: e[:4])
-        members = {x.group: [a for a in schedule.actors for y in schedule.of(a)
+        members = {x.group: [a for a in schedule.actors for _, y in schedule.of(a)
                              if y.kind == COLL and y.group == x.group]
-                   for a in schedule.actors for x in schedule.of(a) if x.kind == COLL}
+                   for a in schedule.actors for _, x in schedule.of(a) if x.kind == COLL}
         coll_arrive: dict[str, int] = {}
         for step, _, _, _, a, x in acts:
             start = free[a]
             d = dur(a, x, n) + extra.get(n, 0)
             if x.kind in (READ, CRECV, ICRECV):
-                end = max(start, sent.get((x.channel, x.value), start)) + d
+                cid = schedule.channel_of(a, x).id
+                end = max(start, sent.get((cid, x.value), start)) + d
             elif x.kind == COLL:
                 # every participant's earlier steps are done: the last one to arrive
                 arrive = coll_arrive.setdefault(x.group, max(free[m] for m in members[x.group]))
@@ -140,10 +145,10 @@ def synth_records(schedule: Schedule, executions: int = 3, dur=None, extra=None)
             else:
                 end = start + d
             if x.kind in (WRITE, CSEND, ISEND):
-                sent[(x.channel, x.value)] = end
+                sent[(schedule.channel_of(a, x).id, x.value)] = end
             free[a] = end
             if a != "driver":
-                records.setdefault(a, []).append((n, x.step, start, end))
+                records.setdefault(a, []).append((n, step, start, end))
         t = max(free.values()) + 10_000
     return records
 
@@ -366,7 +371,7 @@ def test_summary_table(chain):
 
 
 def test_critical_path_follows_the_slow_branch(fanout):
-    slow = lambda a, x, n: 50_000 if x.value == "t2" and x.kind == CALL else 1000
+    slow = lambda a, x, n: 50_000 if str(x.value) == "t2" and x.kind == CALL else 1000
     d = summary_dict(fanout, synth_records(fanout, dur=slow))
     path = [(o["actor"], o["action"]) for o in d["critical_path"]["ops"]]
     assert path == [("a0", "recv in<driver"), ("a0", "split t0"),
@@ -380,7 +385,7 @@ def test_critical_path_follows_the_slow_branch(fanout):
     assert cp["gaps_us"] == 0.0 and cp["ops"][4]["adds_us"] == 1.0
     assert cp["path_us"] == cp["span_us"]
     # slowing the other branch moves the path
-    slow = lambda a, x, n: 50_000 if x.value == "t1" and x.kind == CALL else 1000
+    slow = lambda a, x, n: 50_000 if str(x.value) == "t1" and x.kind == CALL else 1000
     d = summary_dict(fanout, synth_records(fanout, dur=slow))
     assert [o["action"] for o in d["critical_path"]["ops"]][-3:] == [
         "left t1", "post t3", "send t3>driver"]
@@ -417,7 +422,7 @@ def test_critical_path_through_communicator_and_collective():
     d = summary_dict(coll, synth_records(coll, dur=slow))
     ops = [(o["actor"], o["action"], o["via"]) for o in d["critical_path"]["ops"]]
     assert ops[-3:] == [("a0", "f t0", "same actor"),
-                        ("a1", "allreduce.sum t3", "collective g0 waits for a0"),
+                        ("a1", "allreduce.sum t3 [g0]", "collective g0 waits for a0"),
                         ("a1", "send t3>driver", "same actor")]
 
 

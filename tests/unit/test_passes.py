@@ -1,14 +1,14 @@
 """Passes on hand-built IR: no Ray. Schedules are compared as tables of action strings."""
-from dataclasses import replace
+import textwrap
 
 import pytest
 
 from dagc.errors import CompileError, DeadlockError
-from dagc.ir import DRIVER
+from dagc.ir import DRIVER, Ref
 from dagc.passes import parse_pipeline, pipeline_string, default_pipeline
 from dagc.passes.simulate import simulate
 from dagc.passes.overlap_comm import overlap
-from dagc.schedule import Action, Schedule
+from dagc.schedule import OP_KINDS, Action, Kind, Schedule
 from tests.helpers import column, compile_ir, make_ir
 
 
@@ -93,9 +93,9 @@ def test_tensor_edges_lower_to_comm_on_cpu_actors_as_gloo():
     assert shm_for_driver and shm_for_driver[0].readers == (DRIVER,)
     assert [g.backend for g in out.comm_groups] == ["gloo"]
     s = out.schedule
-    csend = [a for a in s.of("a0") if a.kind == "csend"][0]
-    crecv = [a for a in s.of("a1") if a.kind == "crecv"][0]
-    assert csend.step == crecv.step          # a rendezvous shares one row
+    csend = [step for step, a in s.of("a0") if a.kind == Kind.CSEND][0]
+    crecv = [step for step, a in s.of("a1") if a.kind == Kind.CRECV][0]
+    assert csend == crecv                    # a rendezvous shares one row
 
 
 def test_nccl_requested_on_cpu_actors_is_compile_error():
@@ -121,47 +121,54 @@ def test_bidirectional_exchange_and_collective_schedule_simulates():
     ], ["t4", "t5"], transports={"t0": "nccl", "t1": "nccl"})
     out = compile_ir(ir)
     s = out.schedule
-    colls = [a for p in ("a0", "a1") for a in s.of(p) if a.kind == "coll"]
-    assert len({a.step for a in colls}) == 1
+    colls = [step for p in ("a0", "a1") for step, a in s.of(p) if a.kind == Kind.COLL]
+    assert len(set(colls)) == 1
     assert simulate(s) > 0
+
+
+def table(text, sections=""):
+    """A schedule written as its table (columns start under the dashes), plus sections."""
+    return Schedule.from_table(textwrap.dedent(text).strip("\n") + "\n\n"
+                               + textwrap.dedent(sections).strip("\n"))
 
 
 def test_simulator_catches_misordered_sends():
     # a0 sends x then receives y; a1 also sends y first: both block in their sends
-    acts = {
-        "a0": (Action(0, "a0", "csend", "t0", peers=("a1",), channel="c0"),
-               Action(1, "a0", "crecv", "t1", peers=("a1",), channel="c1")),
-        "a1": (Action(0, "a1", "csend", "t1", peers=("a0",), channel="c1"),
-               Action(1, "a1", "crecv", "t0", peers=("a0",), channel="c0")),
-    }
-    s = Schedule(actors=("a0", "a1"), actions=acts)
+    s = table("""
+        step  a0           a1
+        ----  -----------  -----------
+        0     csend t0>a1  csend t1>a0
+        1     crecv t1<a1  crecv t0<a0
+        """)
     with pytest.raises(DeadlockError) as ei:
         simulate(s)
     assert "<-- stuck" in ei.value.table and "csend t0>a1" in ei.value.table
 
 
 def test_simulator_catches_collective_order_mismatch():
-    acts = {
-        "a0": (Action(0, "a0", "coll", "t0", method="allreduce.sum", group="g0"),
-               Action(1, "a0", "coll", "t1", method="allreduce.sum", group="g1")),
-        "a1": (Action(0, "a1", "coll", "t1", method="allreduce.sum", group="g1"),
-               Action(1, "a1", "coll", "t0", method="allreduce.sum", group="g0")),
-    }
+    s = table("""
+        step  a0                     a1
+        ----  ---------------------  ---------------------
+        0     allreduce.sum t0 [g0]  allreduce.sum t1 [g1]
+        1     allreduce.sum t1 [g1]  allreduce.sum t0 [g0]
+        """)
     with pytest.raises(DeadlockError):
-        simulate(Schedule(actors=("a0", "a1"), actions=acts))
+        simulate(s)
 
 
 def test_simulator_catches_read_before_write_cycle():
-    from dagc.ir import ChannelSpec
-    chans = (ChannelSpec("c0", "t0", "a0", ("a1",)), ChannelSpec("c1", "t1", "a1", ("a0",)))
-    acts = {
-        "a0": (Action(0, "a0", "recv", "t1", peers=("a1",), channel="c1"),
-               Action(1, "a0", "send", "t0", peers=("a1",), channel="c0")),
-        "a1": (Action(0, "a1", "recv", "t0", peers=("a0",), channel="c0"),
-               Action(1, "a1", "send", "t1", peers=("a0",), channel="c1")),
-    }
+    s = table("""
+        step  a0         a1
+        ----  ---------  ---------
+        0     recv t1<a1  recv t0<a0
+        1     send t0>a1  send t1>a0
+
+        channels:
+          c0: t0 a0 -> a1 [shm, 8 x 1048576 B]
+          c1: t1 a1 -> a0 [shm, 8 x 1048576 B]
+        """)
     with pytest.raises(DeadlockError, match="deadlock"):
-        simulate(Schedule(actors=("a0", "a1"), actions=acts, channels=chans))
+        simulate(s)
 
 
 def test_overlap_hoists_receives_and_keeps_comm_order():
@@ -185,63 +192,89 @@ def two_reader_tensor_ir(to_driver=False):
 def test_overlap_waits_say_what_they_wait_for():
     """A tensor read by two actors: one wait_send naming both readers, one wait_recv each."""
     s = compile_ir(two_reader_tensor_ir(), overlap=True).schedule
-    waits = [a for a in s.of("a0") if a.kind.startswith("wait")]
-    assert [(a.kind, a.value, a.peers) for a in waits] == [("wait_send", "t0", ("a1", "a2"))]
+    waits = [a for _, a in s.of("a0") if a.kind in (Kind.WAIT_SEND, Kind.WAIT_RECV)]
+    assert waits == [Action(Kind.WAIT_SEND, Ref("t0"), peers=("a1", "a2"))]
     assert column(s, "a0")[-3:] == ["isend t0>a1", "isend t0>a2", "wait t0>a1,a2"]
     for r in ("a1", "a2"):
-        w = [a for a in s.of(r) if a.kind.startswith("wait")]
-        assert [(a.kind, a.value, a.peers, a.channel) for a in w] == [
-            ("wait_recv", "t0", ("a0",), "c1")]
+        w = [a for _, a in s.of(r) if a.kind in (Kind.WAIT_SEND, Kind.WAIT_RECV)]
+        assert w == [Action(Kind.WAIT_RECV, Ref("t0"), peers=("a0",))]
+        assert s.channel_of(r, w[0]).id == "c1"
         use = "g t1" if r == "a1" else "g t2"
         assert column(s, r)[:3] == ["icrecv t0<a0", "wait t0<a0", use]
 
 
-def _waits_schedule(a0, a1):
-    from dagc.ir import ChannelSpec
-    return Schedule(actors=("a0", "a1"), actions={"a0": a0, "a1": a1},
-                    channels=(ChannelSpec("c0", "t0", "a0", ("a1",), transport="comm"),))
+COMM_C0 = """
+    channels:
+      c0: t0 a0 -> a1 [comm, 8 x 1048576 B]
+    """
 
 
 def test_simulator_refuses_a_wait_on_nothing_issued():
-    isend = Action(0, "a0", "isend", "t0", peers=("a1",), channel="c0")
-    icrecv = Action(0, "a1", "icrecv", "t0", peers=("a0",), channel="c0")
-    wsend = Action(1, "a0", "wait_send", "t0", peers=("a1",), channel="c0")
-    wrecv = Action(1, "a1", "wait_recv", "t0", peers=("a0",), channel="c0")
-    assert simulate(_waits_schedule((isend, wsend), (icrecv, wrecv))) > 0
+    assert simulate(table("""
+        step  a0           a1
+        ----  -----------  ------------
+        0     isend t0>a1  icrecv t0<a0
+        1     wait t0>a1   wait t0<a0
+        """, COMM_C0)) > 0
     # the old model's mistake: a receive-style wait on the writer, which issued no receive
     with pytest.raises(DeadlockError, match="waits do not match") as ei:
-        simulate(_waits_schedule((isend, wsend, replace(wrecv, actor="a0", step=2,
-                                                        peers=("a1",))), (icrecv, wrecv)))
+        simulate(table("""
+            step  a0           a1
+            ----  -----------  ------------
+            0     isend t0>a1  icrecv t0<a0
+            1     wait t0>a1   wait t0<a0
+            2     wait t0<a1
+            """, COMM_C0))
     assert "never issued" in ei.value.table
     with pytest.raises(DeadlockError, match="waits do not match") as ei:
-        simulate(_waits_schedule((isend,), (icrecv, wrecv)))          # a send never waited
+        simulate(table("""
+            step  a0           a1
+            ----  -----------  ------------
+            0     isend t0>a1  icrecv t0<a0
+            1                  wait t0<a0
+            """, COMM_C0))                                           # a send never waited
     assert "never waited on (isend t0>a1)" in ei.value.table
     with pytest.raises(DeadlockError, match="waits do not match"):    # waits for a2 too
-        simulate(_waits_schedule((isend, replace(wsend, peers=("a1", "a2"))), (icrecv, wrecv)))
+        simulate(table("""
+            step  a0             a1
+            ----  -------------  ------------
+            0     isend t0>a1    icrecv t0<a0
+            1     wait t0>a1,a2  wait t0<a0
+            """, COMM_C0))
 
 
 def test_simulator_wait_send_waits_for_every_named_send():
     """a0 waits for its sends of t0 to a1 and a2, then sends t1 to a1. Fine while a1
     receives t0 first; when a1 first waits for t1, a0's wait never ends."""
-    from dagc.ir import ChannelSpec
-    chans = (ChannelSpec("c0", "t0", "a0", ("a1", "a2"), transport="comm"),
-             ChannelSpec("c1", "t1", "a0", ("a1",)))
-    a0 = (Action(0, "a0", "isend", "t0", peers=("a1",), channel="c0"),
-          Action(0, "a0", "isend", "t0", peers=("a2",), channel="c0"),
-          Action(1, "a0", "wait_send", "t0", peers=("a1", "a2"), channel="c0"),
-          Action(2, "a0", "send", "t1", peers=("a1",), channel="c1"))
-    a1 = (Action(0, "a1", "crecv", "t0", peers=("a0",), channel="c0"),)
-    a2_ok = (Action(0, "a2", "crecv", "t0", peers=("a0",), channel="c0"),)
-    ok = Schedule(actors=("a0", "a1", "a2"), actions={"a0": a0, "a1": a1 + (
-        Action(3, "a1", "recv", "t1", peers=("a0",), channel="c1"),), "a2": a2_ok},
-        channels=chans)
+    ok = table("""
+        step  a0                        a1           a2
+        ----  ------------------------  -----------  -----------
+        0     isend t0>a1; isend t0>a2  crecv t0<a0  crecv t0<a0
+        1     wait t0>a1,a2
+        2     send t1>a1
+        3                               recv t1<a0
+
+        channels:
+          c0: t0 a0 -> a1,a2 [comm, 8 x 1048576 B]
+          c1: t1 a0 -> a1 [shm, 8 x 1048576 B]
+        """)
     assert simulate(ok) > 0
-    chans2 = chans + (ChannelSpec("c2", "t2", "a1", ("a2",)),)
-    a1b = (Action(3, "a1", "recv", "t1", peers=("a0",), channel="c1"),
-           Action(4, "a1", "send", "t2", peers=("a2",), channel="c2")) + a1
-    a2b = (Action(5, "a2", "recv", "t2", peers=("a1",), channel="c2"),) + a2_ok
-    stuck = Schedule(actors=("a0", "a1", "a2"), actions={"a0": a0, "a1": a1b, "a2": a2b},
-                     channels=chans2)
+    stuck = table("""
+        step  a0                        a1           a2
+        ----  ------------------------  -----------  -----------
+        0     isend t0>a1; isend t0>a2
+        1     wait t0>a1,a2
+        2     send t1>a1
+        3                               recv t1<a0
+        4                               send t2>a2
+        5                               crecv t0<a0  recv t2<a1
+        6                                            crecv t0<a0
+
+        channels:
+          c0: t0 a0 -> a1,a2 [comm, 8 x 1048576 B]
+          c1: t1 a0 -> a1 [shm, 8 x 1048576 B]
+          c2: t2 a1 -> a2 [shm, 8 x 1048576 B]
+        """)
     with pytest.raises(DeadlockError) as ei:
         simulate(stuck)
     assert "wait t0>a1,a2  <-- stuck (waits for a1,a2 to receive t0)" in ei.value.table
@@ -281,7 +314,8 @@ def test_internal_error_names_the_pass():
 # -- bind order ----------------------------------------------------------------------------
 
 def calls(sched, actor):
-    return [str(a) for a in sched.of(actor) if a.kind in ("call", "coll")]
+    """The actor's calls in order, as "method value" (bind positions left out)."""
+    return [f"{a.method} {a.value}" for _, a in sched.of(actor) if a.kind in OP_KINDS]
 
 
 def issue_example_ir():
