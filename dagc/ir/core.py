@@ -17,13 +17,8 @@ from typing import Any, Optional
 
 import networkx as nx
 
-from dagc.ir.values import Arg, Field, Ref, op_sort_key
-
-# Op kinds: a closed set.
-CALL = "call"              # actor method call
-COLLECTIVE = "collective"  # one participant of a collective (allreduce/allgather/reducescatter)
-KINDS = (CALL, COLLECTIVE)
-
+from dagc.ir import verify
+from dagc.ir.values import Arg, Ref, op_sort_key
 
 @dataclass(frozen=True)
 class Op:
@@ -208,33 +203,16 @@ class IR:
         return "\n".join(lines)
 
     def verify(self) -> None:
-        """Check the IR's internal invariants; the error shows the printed IR."""
-        problems = []
-        actor_ids = {a.id for a in self.actors}
-        if not nx.is_directed_acyclic_graph(self.graph):
-            problems.append("graph has a cycle")
-        for n, data in self.graph.nodes(data=True):
-            op = data.get("op")
-            if not isinstance(op, Op) or op.id != n:
-                problems.append(f"node {n} has no matching Op")
-                continue
-            if op.kind not in KINDS:
-                problems.append(f"{n}: unknown kind {op.kind}")
-            if op.actor not in actor_ids:
-                problems.append(f"{n}: unknown actor {op.actor}")
-            for a in op.refs():
-                if isinstance(a, Ref) and a.op not in self.graph:
-                    problems.append(f"{n}: argument {a} names no op")
-                elif isinstance(a, Ref) and not self.graph.has_edge(a.op, n):
-                    problems.append(f"{n}: missing edge {a.op} -> {n}")
-                elif isinstance(a, Field) and a.number >= len(self.inputs.fields):
-                    problems.append(f"{n}: argument {a} names no input field")
-        for r in self.output.refs:
-            if isinstance(r, Ref) and r.op not in self.graph:
-                problems.append(f"output {r} names no op")
+        """Check the IR's invariants (see :mod:`dagc.ir.verify`): the graph, channels,
+        communicator groups and, once scheduled, the schedule against them. The error
+        shows the printed IR, and the schedule table with the problems marked."""
+        problems, marks = verify.problems(self)
         if problems:
-            raise AssertionError("IR verification failed:\n  " + "\n  ".join(problems)
-                                 + "\n--- IR ---\n" + str(self))
+            text = ("IR verification failed:\n  " + "\n  ".join(problems)
+                    + "\n--- IR ---\n" + str(self))
+            if self.schedule is not None:
+                text += "\n--- schedule ---\n" + self.schedule.table(marks)
+            raise AssertionError(text)
 
     def fingerprint(self) -> str:
         """A stable hash of everything that decides the generated code (computed once)."""

@@ -9,7 +9,8 @@ An op's argument is an :class:`Arg`, one of::
 
 A value that moves between processes is a :class:`Ref`; the driver's input moves as one
 value, :data:`INPUT` (printed ``in``: the "in" channel). ``Arg.parse(str(a)) == a``.
-Processes are :data:`DRIVER` and actor ids "a0", "a1", ...
+Processes are :data:`DRIVER` and actor ids "a0", "a1", ...; ops are of kind :data:`CALL`
+or :data:`COLLECTIVE`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 DRIVER = "driver"      # the driver's process name, beside actor ids "a0", "a1", ...
+
+# Op kinds: a closed set.
+CALL = "call"              # actor method call
+COLLECTIVE = "collective"  # one participant of a collective (allreduce/allgather/reducescatter)
+KINDS = (CALL, COLLECTIVE)
 
 _REF = re.compile(r"([A-Za-z_]\w*)(?:\.(\d+))?")
 

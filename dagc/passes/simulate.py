@@ -24,6 +24,7 @@ from collections import deque
 
 from dagc.errors import DeadlockError
 from dagc.schedule import COMM_KINDS, Kind, Schedule
+from dagc.schedule.check import wait_problems
 
 CALL, COLL, READ, WRITE = Kind.CALL, Kind.COLL, Kind.READ, Kind.WRITE
 CSEND, CRECV, ISEND, ICRECV = Kind.CSEND, Kind.CRECV, Kind.ISEND, Kind.ICRECV
@@ -56,26 +57,7 @@ def _handle(proc: str, a, execution: int, peer: str) -> tuple:
 
 def check_waits(sched: Schedule) -> None:
     """Each column waits once on every op it issues, after issuing it; DeadlockError if not."""
-    mark = {}
-    for p in sched.actors:
-        open_: dict[tuple, object] = {}
-        for step, a in sched.of(p):
-            if a.kind in (ISEND, ICRECV):
-                if len(a.peers) != 1:
-                    mark[(p, step)] = f"names {len(a.peers)} peers, not exactly one"
-                for peer in a.peers:
-                    k = _handle(p, a, 0, peer)
-                    if k in open_:
-                        mark[(p, step)] = f"issued twice before a wait ({k[2]} {a.value})"
-                    open_[k] = (step, a)
-            elif a.kind in (WAIT_RECV, WAIT_SEND):
-                if not a.peers:
-                    mark[(p, step)] = "waits on nothing: no peers named"
-                for peer in a.peers:
-                    if open_.pop(_handle(p, a, 0, peer), None) is None:
-                        mark[(p, step)] = f"waits on {a.value} {peer}, never issued before"
-        for step, a in open_.values():
-            mark[(p, step)] = f"never waited on ({a})"
+    mark = {(p, step): problem for p, step, problem in wait_problems(sched)}
     if mark:
         raise DeadlockError(
             "the schedule's waits do not match the communicator ops it issues: a value "

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from dagc.ir import ChannelSpec, Ref
+from dagc.schedule.check import problems as _problems
 from dagc.schedule.action import OP_KINDS, RECV_KINDS, Action, Call, Entry, Kind
 
 FORMAT = "dagc.schedule/2"
@@ -98,6 +99,11 @@ class Schedule:
         except KeyError:
             raise KeyError(f"no channel carries {action.value} for {actor}'s "
                            f"'{action}'") from None
+
+    def problems(self) -> list[tuple[str, int, str]]:
+        """(actor, step, problem) for each way the schedule is not well-formed (see
+        :mod:`dagc.schedule.check`); empty when it is."""
+        return _problems(self)
 
     def detail(self, actor: str, action: Action) -> str:
         """The full form of an action: ``t3 = fwd(t2, #0)`` or ``recv t2<a0 via c1``."""

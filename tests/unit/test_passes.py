@@ -454,7 +454,8 @@ def test_dagc_verify_checks_the_ir_after_every_pass(monkeypatch):
         def run(self, ir, ctx):
             return ir.replace(actors=())
 
-    run_pipeline(chain(2), (DropActors(),), PassContext())        # unchecked by default
+    monkeypatch.setattr(config, "VERIFY", False)
+    run_pipeline(chain(2), (DropActors(),), PassContext())        # unchecked
     monkeypatch.setattr(config, "VERIFY", True)
     with pytest.raises(AssertionError, match="unknown actor a0"):
         run_pipeline(chain(2), (DropActors(),), PassContext())
