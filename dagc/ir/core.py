@@ -223,6 +223,8 @@ class IR:
         h = hashlib.sha256()
         h.update(str(self).encode())
         h.update(json.dumps([dataclasses.astuple(a)[:2] for a in self.actors]).encode())
+        if any(a.methods for a in self.actors):     # they name the user's code in comments
+            h.update(json.dumps([a.methods for a in self.actors]).encode())
         h.update(repr(self.options).encode())
         return h.hexdigest()[:12]
 

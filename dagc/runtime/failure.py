@@ -15,9 +15,10 @@ from dagc.errors import TaskError, make_task_error
 
 class Failure:
     __slots__ = ("exc_bytes", "cls_bytes", "type_name", "message", "tb", "actor", "method",
-                 "step")
+                 "step", "where")
 
-    def __init__(self, exc_bytes, cls_bytes, type_name, message, tb, actor, method, step):
+    def __init__(self, exc_bytes, cls_bytes, type_name, message, tb, actor, method, step,
+                 where=""):
         self.exc_bytes = exc_bytes
         self.cls_bytes = cls_bytes
         self.type_name = type_name
@@ -26,10 +27,11 @@ class Failure:
         self.actor = actor
         self.method = method
         self.step = step
+        self.where = where              # the user's method: "pipeline.py:23 Embedder.embed"
 
     def __reduce__(self):
         return (Failure, (self.exc_bytes, self.cls_bytes, self.type_name, self.message,
-                          self.tb, self.actor, self.method, self.step))
+                          self.tb, self.actor, self.method, self.step, self.where))
 
     def to_error(self) -> TaskError:
         cause = None
@@ -45,7 +47,8 @@ class Failure:
         if isinstance(cause, TaskError):
             return cause
         msg = (f"{self.type_name}: {self.message}\n\n"
-               f"raised by {self.actor}.{self.method} (schedule step {self.step}); "
+               f"raised by {self.actor}.{self.method}"
+               f"{f' at {self.where}' if self.where else ''} (schedule step {self.step}); "
                f"remote traceback:\n{self.tb}")
         return make_task_error(cause, cause_type, msg, self.actor, self.method, self.tb)
 
@@ -75,8 +78,9 @@ def generated_context(exc: BaseException, around: int = 3) -> str:
     return f"\nin generated code {fname}:\n" + "\n".join(body) + "\n"
 
 
-def capture(exc: BaseException, actor: str, method: str, step: int) -> Failure:
-    """Turn an exception raised by a user method into a Failure value."""
+def capture(exc: BaseException, actor: str, method: str, step: int, where: str = "") -> Failure:
+    """Turn an exception raised by a user method into a Failure value. ``where``: where the
+    user wrote the method ("pipeline.py:23 Embedder.embed"), when the compiler knew it."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     tb += generated_context(exc)
     exc_bytes = None
@@ -97,7 +101,8 @@ def capture(exc: BaseException, actor: str, method: str, step: int) -> Failure:
         message = str(exc)
     except Exception:
         message = "<unprintable exception>"
-    return Failure(exc_bytes, cls_bytes, type(exc).__name__, message, tb, actor, method, step)
+    return Failure(exc_bytes, cls_bytes, type(exc).__name__, message, tb, actor, method, step,
+                   where)
 
 
 class _Shell:

@@ -35,6 +35,9 @@ CASES = {
                                               ("t1", "a1", "g", ["t0"]),
                                               ("t2", "a2", "g", ["t0"])],
                                              ["t1", "t2", "t0"], transports={"t0": "nccl"}),
+    # the user's methods named with their place: in each op's comment and capture() call
+    "chain_places": lambda: make_ir([("t0", "a0", "fwd", ["$0"]), ("t1", "a1", "fwd", ["t0"]),
+                                     ("t2", "a1", "pair", ["t1"], {}, 2)], ["t2.0", "t2.1"]),
     # the example: each actor's methods run in bind order, not op-id order
     "bind_order": lambda: make_ir([("t0", "a0", "inc", ["$0"]),
                                    ("t1", "a1", "double_and_inc", ["t0"]),
@@ -44,8 +47,14 @@ CASES = {
 }
 
 
+METHODS = {"chain_places": {"a0": {"fwd": "pipeline.py:12 Embed.fwd"},
+                            "a1": {"fwd": "pipeline.py:30 Head.fwd",
+                                   "pair": "pipeline.py:41 Head.pair"}}}
+
+
 def render(name):
-    ir = compile_ir(CASES[name](), overlap=name.endswith("overlap"))
+    ir = compile_ir(CASES[name](), overlap=name.endswith("overlap"),
+                    methods=METHODS.get(name))
     mods = render_all(ir, origin="tests/unit/test_codegen.py")
     out = {f"{name}.schedule.txt": str(ir.schedule) + "\n"}
     for actor, m in mods.items():
@@ -155,3 +164,44 @@ def test_driver_writes_every_input_channel():
     src = render_all(out)["driver"].source
     for c in inputs:
         assert f"write_{c.id}(value)" in src
+
+
+def test_comments_and_task_errors_name_the_users_method():
+    ir = compile_ir(CASES["chain_places"](), methods=METHODS["chain_places"])
+    src = render_all(ir)["a1"].source
+    assert "# step 5  t1 = fwd(t0)   pipeline.py:30 Head.fwd\n" in src
+    assert 'capture(e, "a1", "pair", 6, "pipeline.py:41 Head.pair")' in src
+    from dagc.runtime import failure as fl
+
+    def boom(x):
+        raise KeyError("nope")
+    ns = {}
+    exec(compile(src, "a1", "exec"), ns)
+
+    class RT:
+        Failure, capture, first_failure = fl.Failure, staticmethod(fl.capture), \
+            staticmethod(fl.first_failure)
+        sent = []
+
+        def method(self, name):
+            return boom
+
+        def reader(self, cid):
+            class R:
+                n = 0
+
+                def read(self_):
+                    R.n += 1
+                    if R.n > 1:
+                        raise StopIteration
+                    return 1
+            return R()
+
+        def writer(self, cid):
+            return type("W", (), {"write": lambda self_, v: RT.sent.append(v)})()
+
+    with pytest.raises(StopIteration):
+        ns["bind"](RT())()
+    err = RT.sent[0].to_error()
+    assert isinstance(err, KeyError) and err.method == "fwd"
+    assert "raised by a1.fwd at pipeline.py:30 Head.fwd (schedule step 5)" in str(err)
