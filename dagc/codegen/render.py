@@ -8,8 +8,6 @@ by name when the module is bound on its actor.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +190,6 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     model = {"h": _header(ir, DRIVER, DRIVER, origin), "inputs": inputs, "fields": fields,
              "bad_input": " or ".join(cond), "outputs": outputs,
              "result": ("[" + ", ".join(result) + "]") if ir.output.multi else result[0],
-             "failure_checks": sorted(set(result)),
              "bindings": sorted(m.bindings.items(), key=_binding_order)}
     src = environment().get_template("driver.py.j2").render(**model)
     return _finish(DRIVER, DRIVER, ir, src)
@@ -228,16 +225,3 @@ def render_all(ir: IR, origin: str = "", profile: bool = False) -> dict[str, Gen
             out[a] = render_actor(ir, sched, a, origin, profile)
     return out
 
-
-def source_digest(mods: dict[str, GeneratedModule]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(mods):
-        h.update(mods[k].source.encode())
-    return h.hexdigest()[:12]
-
-
-def relative_origin(path: str) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return path

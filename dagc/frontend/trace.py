@@ -249,7 +249,7 @@ class _Tracer:
         return name
 
     # -- finish --------------------------------------------------------------------------
-    def finish(self, out_refs: list[Arg], multi: bool, pipeline_names=()) -> tuple[IR, SideTable]:
+    def finish(self, out_refs: list[Arg], multi: bool) -> tuple[IR, SideTable]:
         if self.direct and (self.pos_keys or self.kw_keys):
             raise CompileError(
                 "the DAG uses the InputNode both directly (inp) and indexed (inp[0], "

@@ -183,9 +183,6 @@ class IR:
     def replace(self, **changes) -> "IR":
         return dataclasses.replace(self, **changes)
 
-    def option(self, name: str, default=None):
-        return dict(self.options).get(name, default)
-
     def __str__(self) -> str:
         lines = ["actors: " + ", ".join(a.label for a in self.actors)]
         lines.append(f"inputs: fields={list(self.inputs.fields)} direct={self.inputs.direct}")

@@ -59,11 +59,6 @@ class Ref(Arg):
     def __str__(self) -> str:
         return self.op if self.index is None else f"{self.op}.{self.index}"
 
-    @property
-    def whole(self) -> "Ref":
-        """The op's whole result: t3.1 -> t3."""
-        return self if self.index is None else Ref(self.op)
-
     @staticmethod
     def parse(text: str) -> "Ref":
         m = _REF.fullmatch(text)

@@ -36,7 +36,7 @@ from typing import Mapping, Optional
 
 from dagc.ir import ChannelSpec, Ref
 from dagc.schedule.check import problems as _problems
-from dagc.schedule.action import OP_KINDS, RECV_KINDS, Action, Call, Entry, Kind
+from dagc.schedule.action import OP_KINDS, RECV_KINDS, Action, Call, Entry
 
 FORMAT = "dagc.schedule/2"
 
@@ -77,12 +77,6 @@ class Schedule:
     @property
     def num_steps(self) -> int:
         return 1 + max((e.step for col in self.actions.values() for e in col), default=-1)
-
-    def channel(self, cid: str) -> ChannelSpec:
-        for c in self.channels:
-            if c.id == cid:
-                return c
-        raise KeyError(cid)
 
     def call(self, value: Ref) -> Call:
         """The call that produces ``value`` (a CALL or COLL action's value)."""

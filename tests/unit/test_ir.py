@@ -12,10 +12,9 @@ def test_args_print_and_parse_back(text, arg):
     assert Arg.parse(str(arg)) == arg
 
 
-def test_refs_know_their_op_and_whole_value():
+def test_refs_know_their_op_and_index():
     r = Ref("t3", 1)
-    assert (r.op, r.index, r.whole) == ("t3", 1, Ref("t3"))
-    assert Ref("t3").whole == Ref("t3") and INPUT == Ref("in")
+    assert (r.op, r.index) == ("t3", 1) and Ref("t3").index is None and INPUT == Ref("in")
     assert Ref("t3") != Field(3) and len({Ref("t3"), Ref.parse("t3")}) == 1
 
 
@@ -37,7 +36,7 @@ def test_sort_keys():
 
 from dataclasses import replace  # noqa: E402
 
-from dagc.ir import ChannelSpec, CommGroup  # noqa: E402
+from dagc.ir import CommGroup  # noqa: E402
 from dagc.schedule import Action, Entry  # noqa: E402
 from tests.helpers import compile_ir, make_ir  # noqa: E402
 

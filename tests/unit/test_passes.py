@@ -7,7 +7,6 @@ from dagc.errors import CompileError, DeadlockError
 from dagc.ir import DRIVER, Ref
 from dagc.passes import parse_pipeline, pipeline_string, default_pipeline
 from dagc.passes.simulate import simulate
-from dagc.passes.overlap_comm import overlap
 from dagc.schedule import OP_KINDS, Action, Kind, Schedule
 from tests.helpers import column, compile_ir, make_ir
 
