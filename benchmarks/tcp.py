@@ -34,12 +34,12 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from dagc.runtime.channels.ring import ChannelClosed, PeerDied  # noqa: E402
+from dagc.runtime.channels import ChannelClosed, PeerDied  # noqa: E402
 from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret  # noqa: E402
 
 ECHO = r"""
 import json, sys
-from dagc.runtime.channels.ring import ChannelClosed, PeerDied
+from dagc.runtime.channels import ChannelClosed, PeerDied
 from dagc.runtime.channels.tcp import TcpReader, TcpWriter
 secret, port, tls = bytes.fromhex(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 w = TcpWriter("back", 1, 8, secret, tls=tls)

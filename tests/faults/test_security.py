@@ -13,7 +13,7 @@ import pytest
 
 import dagc
 from dagc import InputNode
-from dagc.runtime.channels import shm
+from dagc.runtime.channels import control, segment, shm, sweep
 from tests.faults.helpers import created_segments, record_creates, segments
 
 NAME = re.compile(r"^dagc-[0-9a-f]{24}-(ctl(\.\d+)?|c\d+(\.g\d+)?)$")
@@ -85,25 +85,23 @@ def test_existing_name_is_never_adopted(tmp_path):
 
 
 def test_stale_sweep_spares_live_and_half_created_dags():
-    """shm.sweep_stale removes a DAG only when every pid in its control segment is dead;
+    """sweep.sweep_stale removes a DAG only when every pid in its control segment is dead;
     a control segment still without a driver pid (being created) is left alone."""
-    from dagc.runtime.channels import ring as ch
-    assert shm.CTL_PIDS == ch.C_PIDS
     dead = _dead_pid()
     made = {}
     for kind, pids in {"live": [os.getpid(), dead], "stale": [dead, dead],
                        "new": []}.items():
         prefix = f"dagc-{secrets.token_hex(12)}-"
-        c = ch.Control(prefix + "ctl.0", create=True)
+        c = control.Control(prefix + "ctl.0", create=True)
         for i, p in enumerate(pids):
             c.set_pid(i, p)
-        ch.create_segment(prefix + "c0", 1, 2, 64).close()
+        segment.create_segment(prefix + "c0", 1, 2, 64).close()
         made[kind] = (prefix, c)
     try:
-        stale = shm.stale_prefixes()
+        stale = sweep.stale_prefixes()
         assert made["stale"][0] in stale
         assert made["live"][0] not in stale and made["new"][0] not in stale
-        shm.sweep_stale()
+        sweep.sweep_stale()
         assert not [n for n in os.listdir(shm.SHM_DIR) if n.startswith(made["stale"][0])]
         assert len([n for n in os.listdir(shm.SHM_DIR) if n.startswith(made["live"][0])]) == 2
     finally:
@@ -136,10 +134,8 @@ CTL_MAGIC = int.from_bytes(b"dagc-ctl", "little")
 
 
 def test_control_layout():
-    from dagc.runtime.channels import ring as ch
-    assert (shm.CTL_SIZE, shm.CTL_MAGIC_WORD, shm.CTL_PIDS, shm.CTL_MAGIC) == \
+    assert (control.CTL_SIZE, control.C_MAGIC, control.C_PIDS, control.CTL_MAGIC) == \
         (CTL_SIZE, CTL_MAGIC_WORD, CTL_PIDS, CTL_MAGIC)
-    assert (ch.C_MAGIC, ch.C_PIDS) == (CTL_MAGIC_WORD, CTL_PIDS)
 
 
 def _ctl_bytes(pids, magic=True, size=CTL_SIZE) -> bytes:
@@ -172,15 +168,14 @@ def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path,
     "control segment" planted under a live DAG's prefix with dead pids must not make the
     stale sweep remove that DAG's segments; the planted entry itself is left untouched.
     A real stale DAG next to it is still swept."""
-    from dagc.runtime.channels import ring as ch
     dead = _dead_pid()
     live = f"dagc-{secrets.token_hex(12)}-"           # the victim: a grown ring in use
-    ch.create_segment(live + "c0.g1", 1, 2, 64).close()
+    segment.create_segment(live + "c0.g1", 1, 2, 64).close()
     seg = memoryview(shm.open_existing(live + "c0.g1")).cast("q")
     seg[4] = seg[25] = os.getpid()                    # its writer's and reader's pids
     stale = f"dagc-{secrets.token_hex(12)}-"          # a real leftover, to show the sweep runs
     _write(shm.path(stale + "ctl.0"), _ctl_bytes([dead]))
-    ch.create_segment(stale + "c0", 1, 2, 64).close()
+    segment.create_segment(stale + "c0", 1, 2, 64).close()
     planted = shm.path(live + "ctl.7")
     elsewhere = shm.path(f"dagc-{secrets.token_hex(12)}-x")   # a link's target
     try:
@@ -204,9 +199,9 @@ def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path,
             os.mkdir(planted, 0o700)
         before = os.lstat(planted)
         ours = not (kind == "other-owner" and os.getuid() != 0)   # see _other_owner
-        stale_now = shm.stale_prefixes()
+        stale_now = sweep.stale_prefixes()
         assert live not in stale_now and (stale in stale_now or not ours), stale_now
-        shm.sweep_stale()
+        sweep.sweep_stale()
         assert os.path.exists(shm.path(live + "c0.g1")), "the live DAG's segment was removed"
         after = os.lstat(planted)                     # untouched, not even replaced
         assert (after.st_ino, after.st_mode, after.st_uid, after.st_size) == \
@@ -233,18 +228,17 @@ def test_sweep_removes_grown_rings_whose_processes_all_died(monkeypatch):
     is recognised by the pids in its own header: removed when all of them are dead,
     kept while any lives or none is recorded yet, and never when it is not a well-formed
     ring of this user's."""
-    from dagc.runtime.channels import ring as ch
     dead = _dead_pid()
     made = {}
 
     def ring(kind, writer, readers, extra=b""):
         name = f"dagc-{secrets.token_hex(12)}-c4.g2"
-        ch.create_segment(name, len(readers), 2, 64).close()
+        segment.create_segment(name, len(readers), 2, 64).close()
         mm = shm.open_existing(name)
         w = memoryview(mm).cast("q")
-        w[ch.W_WPID] = writer
+        w[segment.W_WPID] = writer
         for r, pid in enumerate(readers):
-            w[ch.rpid_word(r)] = pid
+            w[segment.rpid_word(r)] = pid
         w.release()
         mm.close()
         if extra:
@@ -260,12 +254,12 @@ def test_sweep_removes_grown_rings_whose_processes_all_died(monkeypatch):
     other = ring("other-owner", dead, [dead])
     try:
         _other_owner(shm.path(other), monkeypatch)
-        mine = [n for n in shm.stale_segments() if n in made.values()]
+        mine = [n for n in sweep.stale_segments() if n in made.values()]
         if os.getuid() != 0:          # dagc believes it is another user: nothing is its own
             assert mine == []
             return
         assert mine == [made["all-dead"]]
-        shm.sweep_stale()
+        sweep.sweep_stale()
         left = {k for k, n in made.items() if os.path.exists(shm.path(n))}
         assert left == set(made) - {"all-dead"}, left
     finally:

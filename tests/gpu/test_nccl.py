@@ -21,9 +21,10 @@ pytest.importorskip("cupy")
 pytest.importorskip("cupy.cuda.nccl")
 
 from dagc.runtime.channels import shm  # noqa: E402
-from dagc.runtime.channels.ring import Control, Reader, Waiter, Writer  # noqa: E402
-from dagc.runtime.comm.p2p import Collective, CommReader, CommWriter  # noqa: E402
-from dagc.runtime.comm.base import make_communicator  # noqa: E402
+from dagc.runtime.channels import Control, Reader, Waiter, Writer  # noqa: E402
+from dagc.runtime.comm.collective import Collective  # noqa: E402
+from dagc.runtime.comm.p2p import CommReader, CommWriter  # noqa: E402
+from dagc.runtime.comm.backends import make_communicator  # noqa: E402
 from dagc.runtime.comm.nccl import NcclCommunicator  # noqa: E402
 from dagc.runtime.failure import Failure, capture  # noqa: E402
 

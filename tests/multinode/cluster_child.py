@@ -120,7 +120,7 @@ def actor_class():
             return True
 
         def relay(self):
-            from dagc.runtime.channels.ring import ChannelClosed, PeerDied
+            from dagc.runtime.channels import ChannelClosed, PeerDied
 
             def run():
                 try:
@@ -216,7 +216,7 @@ def check_tcp(ctx) -> dict:
 def check_peer_death(ctx) -> dict:
     """Kill b (node2): the driver's read of b's channel must end in PeerDied("b")."""
     import ray
-    from dagc.runtime.channels.ring import PeerDied
+    from dagc.runtime.channels import PeerDied
     w_in, r_out = ctx["w_in"], ctx["r_out"]
     box = {}
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from dagc.runtime.channels import ring as ch
-from dagc.runtime.channels import shm
+from dagc.runtime import channels as ch
+from dagc.runtime.channels import control, segment, shm
 
 
 @pytest.fixture
@@ -129,8 +129,8 @@ def test_grown_segment_name_goes_when_its_last_reader_follows(prefix):
         w.write(np.full(9000, i, dtype=np.uint8), deadline)
         assert r1.read(deadline)[0] == i and r2.read(deadline)[-1] == i
     st = w.w                                                   # pids recorded for the sweep
-    assert st[ch.W_WPID] == os.getpid()
-    assert st[ch.rpid_word(0)] == st[ch.rpid_word(1)] == os.getpid()
+    assert st[segment.W_WPID] == os.getpid()
+    assert st[segment.rpid_word(0)] == st[segment.rpid_word(1)] == os.getpid()
 
 
 def _open_and_mark(prefix, go, out):
@@ -163,9 +163,9 @@ def test_last_process_to_map_its_ends_removes_the_names(prefix):
         results = [out.get(timeout=60) for _ in procs]
         assert sorted(results) == [False] * (nprocs - 1) + [True]
         assert _names(prefix) == []
-        assert ctl.words[ch.C_OPENED] == nprocs + 1
+        assert ctl.words[control.C_OPENED] == nprocs + 1
         w.write("still mapped")                      # the writer's mapping lives on
-        assert w.w[ch.W_WSEQ] == 1
+        assert w.w[segment.W_WSEQ] == 1
     finally:
         for p in procs:
             p.join(30)

@@ -22,10 +22,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dagc.runtime.channels import shm  # noqa: E402
-from dagc.runtime.channels.ring import Control, Reader, Waiter, Writer, create_segment  # noqa: E402
-from dagc.runtime.comm.p2p import (Collective, CommReader, CommWriter, _fill,  # noqa: E402
-                                    _strip)
-from dagc.runtime.comm.base import Communicator, make_communicator  # noqa: E402
+from dagc.runtime.channels import Control, Reader, Waiter, Writer, create_segment  # noqa: E402
+from dagc.runtime.comm.collective import Collective  # noqa: E402
+from dagc.runtime.comm.p2p import CommReader, CommWriter  # noqa: E402
+from dagc.runtime.comm.packing import fill as _fill, strip as _strip  # noqa: E402
+from dagc.runtime.comm.backends import make_communicator  # noqa: E402
+from dagc.runtime.comm.base import Communicator  # noqa: E402
 from dagc.runtime.comm.gloo import GlooCommunicator  # noqa: E402
 from dagc.runtime.failure import Failure, capture  # noqa: E402
 
@@ -701,7 +703,7 @@ def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(
 
 def test_unpicklable_part_names_the_path():
     import threading
-    from dagc.runtime.comm.p2p import _unpicklable_part
+    from dagc.runtime.comm.packing import unpicklable_part as _unpicklable_part
     lock = threading.Lock()
     assert _unpicklable_part({"a": [1, (2, lock)]}) == ("value['a'][1][1]", lock)
     assert _unpicklable_part(Batch(x=[lock], name="n")) == ("value.x[0]", lock)

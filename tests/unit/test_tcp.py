@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from dagc.runtime.channels.ring import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
 from dagc.runtime.channels.tcp import TcpAuthError, TcpReader, TcpSetupError, TcpWriter, new_secret
 from dagc.runtime.channels.tcp.wire import HDR, HELLO, KIND_DATA, MAC, NONCE, RING
 
@@ -814,7 +814,7 @@ def test_keepalive_and_user_timeout_are_set(closing):
 # -- two processes; the benchmark ------------------------------------------------------------
 CHILD_ECHO = r"""
 import sys
-from dagc.runtime.channels.ring import ChannelClosed, PeerDied
+from dagc.runtime.channels import ChannelClosed, PeerDied
 from dagc.runtime.channels.tcp import TcpReader, TcpWriter
 secret, port = bytes.fromhex(sys.argv[1]), int(sys.argv[2])
 w = TcpWriter("back", 1, 8, secret)

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from dagc import config
-from dagc.runtime.channels.ring import ChannelClosed
+from dagc.runtime.channels import ChannelClosed
 from dagc.runtime.channels.tcp import TcpAuthError, TcpReader, TcpSetupError, TcpWriter, new_secret
-from dagc.runtime.channels.tcp.wire import HDR, HELLO, KIND_DATA, MAC, NONCE, TlsFiles
+from dagc.runtime.channels.tcp import TlsFiles
+from dagc.runtime.channels.tcp.wire import HDR, HELLO, KIND_DATA, MAC, NONCE
 from tests import tls_certs
 from tests.unit import test_tcp as base
 from tests.unit.test_tcp import _MakeFile, closing, rng, soon  # noqa: F401 (fixtures)

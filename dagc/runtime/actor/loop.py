@@ -17,14 +17,14 @@ import traceback
 import types
 from dataclasses import dataclass, field
 
-from dagc.runtime.channels import ring as ch
-from dagc.runtime.channels import shm
+from dagc.runtime import channels as ch
+from dagc.runtime.channels.control import C_STATE, SWAP
+from dagc.runtime.channels import shm, sweep
 from dagc.runtime.failure import Failure, capture, first_failure
 
 _LOOPS: dict[str, "ActorLoop"] = {}     # compile token -> this process's loop
 _LOCK = threading.Lock()
 
-SWAP = 3                                  # control state: loops park, then run a new body
 
 
 @dataclass
@@ -163,7 +163,7 @@ def start(instance, plan: ActorPlan) -> dict:
     _expire_prepared()
     if plan.node_cleanup:   # segments of DAGs whose processes all died together
         try:
-            shm.sweep_stale()
+            sweep.sweep_stale()
         except OSError:
             pass
     with _LOCK:
@@ -219,7 +219,7 @@ def resume(instance, token: str) -> None:
     """After every loop of the DAG parked for a swap: let this node's loops run again."""
     loop = _LOOPS.get(token)
     if loop is not None and loop.control.state == SWAP:
-        loop.control.words[ch.C_STATE] = ch.RUNNING
+        loop.control.words[C_STATE] = ch.RUNNING
 
 
 def fetch_profile(instance, token: str) -> list:
@@ -369,7 +369,7 @@ class ActorLoop:
         return end
 
     def collective(self, gid: str):
-        from dagc.runtime.comm.p2p import Collective
+        from dagc.runtime.comm.collective import Collective
         end = self._comm_ends.get(gid)
         if end is None:
             kid, method, step = self.plan.collectives[gid]
@@ -446,7 +446,7 @@ class ActorLoop:
     def swap(self, source: str | None, timeout: float) -> bool:
         self._next_fn = self._bind(source or self.plan.source)
         if self.control.state == ch.RUNNING:
-            self.control.words[ch.C_STATE] = SWAP     # this node's loops park
+            self.control.words[C_STATE] = SWAP     # this node's loops park
         self.records = []
         self._wake()
         return self._parked.wait(timeout)

@@ -1,21 +1,6 @@
 """Shared-memory ring channels: one writer, any number of readers, ``slots`` messages.
 
-Memory layout of one segment (all words are little-endian int64; each hot word has its
-own 64-byte cache line so the writer and readers do not false-share)::
-
-    offset  word            written by   meaning
-    0       magic           creator      0x64616763 ("dagc")
-    8       nslots          creator      ring length (= max_inflight)
-    16      slot_stride     creator      bytes per slot, header included
-    24      nreaders        creator
-    32      writer_pid      writer       the pid of the process writing (set as it maps it)
-    64      write_seq       writer       messages published; readers futex-wait on it
-    128     writer_sleeping writer       1 while the writer blocks on a full ring
-    192+128r  read_seq[r]     reader r     messages reader r has consumed; writer waits on it
-    200+128r  reader_pid[r]   reader r     its pid (set as it maps it)
-    256+128r  reader_sleeping[r] reader r  1 while reader r blocks in futex_wait
-    M       slot_map[nslots] writer        slot_map[m % nslots]: the slot holding message m
-    H       slot 0 .. slot nslots-1, each: [length, kind, ...pad to 64] + payload
+The segment's memory layout and payload kinds are in ``channels/segment.py``.
 
 Slots are not tied to message numbers: the writer fills the lowest slot that no unread
 message holds, so a DAG run one execution at a time keeps reusing slot 0, whose lines are
@@ -34,20 +19,13 @@ The writer stores the payload, then slot_map, then ``write_seq``; a reader loads
 ``read_seq``. x86-64 keeps stores in order, which
 is what this relies on (see docs/architecture.md on other architectures).
 
-Payload kinds: ARRAY (a plain C-contiguous numpy array as a value: ndim, dtype and shape in
-a small header, then its bytes; no pickle at all), PICKLE (pickle protocol 5; out-of-band
-buffers — numpy arrays and CPU torch tensors inside other values — are copied once into the
-slot after the pickle bytes) and MOVED (the writer
-outgrew the slot size: the message names a bigger segment and the same message number is
-found there; readers follow, nobody fails).
-
 Names: a segment's name only has to exist until every process that uses it has mapped it.
 The DAG's own start-up removes the names of the segments it creates (see
 ``Control.mark_opened``); a grown segment's name is removed by the last of its readers to
 follow the MOVED record (under a ``flock`` of the segment, so exactly one reader sees
 that every reader's pid is there), and by the writer once every reader is past the MOVED
 record, whichever comes first. The pids in the header are also how a segment whose every
-process died is recognised as stale (``shm.sweep_stale``).
+process died is recognised as stale (``channels.sweep``).
 
 Waiting (``wait`` mode, see :class:`Waiter`): spin briefly, then poll with sched_yield for a
 self-tuning budget, then sleep in FUTEX_WAIT with a short timeout; a writer issues
@@ -59,256 +37,23 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 
 import numpy as np
 
 from dagc.runtime.channels import shm
+from dagc.runtime.channels.control import Waiter
 from dagc.runtime.channels.serialize import PickleEncoder
-
-MAGIC = 0x64616763
-W_NSLOTS, W_STRIDE, W_NREADERS = 1, 2, 3
-W_WPID = 4
-W_WSEQ = 8
-W_WSLEEP = 16
-SLOT_HDR = 64
-KIND_PICKLE, KIND_MOVED, KIND_ARRAY = 1, 2, 3
-
-# control segment words
-C_STATE, C_WHO = 0, 1
-C_MAGIC = 2                    # CTL_MAGIC: what shm.sweep_stale trusts (with owner and size)
-C_OPENED = 3                   # processes of this node that have mapped all their segments
-C_NODE_PROCS = 4               # how many processes of the DAG run on this node
-C_PIDS = 8                     # pid of process i at word C_PIDS + i (0 = driver)
-RUNNING, CLOSED, FAILED = 0, 1, 2
+from dagc.runtime.channels.segment import (KIND_ARRAY, KIND_MOVED, KIND_PICKLE, SLOT_HDR,
+                                          W_NREADERS, W_NSLOTS, W_STRIDE, W_WPID, W_WSEQ,
+                                          W_WSLEEP, create_segment, header_size, map_word,
+                                          round64, rpid_word, rseq_word, rsleep_word)
 
 _ndarray = np.ndarray
 _SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
 _frombuffer = np.frombuffer
 _uint8 = np.uint8
-_monotonic = time.monotonic
-_yield = os.sched_yield
 _loads = pickle.loads
 _dumps = pickle.dumps
-
-
-class ChannelClosed(Exception):
-    """The DAG is being torn down; the loop should stop quietly."""
-
-
-class PeerDied(Exception):
-    """A process of the DAG died (``who`` names it)."""
-
-    def __init__(self, who: str):
-        super().__init__(who)
-        self.who = who
-
-
-class WaitTimeout(Exception):
-    pass
-
-
-def map_word(nreaders: int) -> int:
-    """First word of the slot map: map[m % nslots] is the slot that holds message m."""
-    return (256 + 128 * nreaders) // 8
-
-
-def header_size(nreaders: int, slots: int) -> int:
-    return 256 + 128 * nreaders + _round64(8 * slots)
-
-
-def rseq_word(r: int) -> int:
-    return (192 + 128 * r) // 8
-
-
-def rsleep_word(r: int) -> int:
-    return (256 + 128 * r) // 8
-
-
-def rpid_word(r: int) -> int:
-    """Reader r's pid: in its own read_seq line, written once as it maps the segment."""
-    return rseq_word(r) + 1
-
-
-def _round64(n: int) -> int:
-    return (n + 63) & ~63
-
-
-def segment_size(nreaders: int, slots: int, capacity: int) -> tuple[int, int]:
-    stride = SLOT_HDR + _round64(capacity)
-    return header_size(nreaders, slots) + slots * stride, stride
-
-
-def create_segment(name: str, nreaders: int, slots: int, capacity: int, start_seq: int = 0):
-    size, stride = segment_size(nreaders, slots, capacity)
-    mm = shm.create(name, size)
-    w = memoryview(mm).cast("q")
-    w[W_NSLOTS], w[W_STRIDE], w[W_NREADERS] = slots, stride, nreaders
-    w[W_WSEQ] = start_seq
-    for r in range(nreaders):
-        w[rseq_word(r)] = start_seq
-    w[0] = MAGIC
-    w.release()
-    return mm
-
-
-class Control:
-    """A node's control segment of a DAG: run state and the pids of its processes there.
-
-    ``create`` makes it with ``nprocs`` (the DAG's processes on this node, which
-    :meth:`mark_opened` counts) and, if given, ``pid`` as process ``index``'s (the
-    creator's, so a DAG whose creator dies before anyone else joins is stale).
-    """
-
-    def __init__(self, name: str, create: bool = False, nprocs: int = 0, index: int = -1,
-                 pid: int = 0):
-        self.name = name
-        self.mm = shm.create(name, shm.CTL_SIZE) if create else shm.open_existing(name)
-        self.words = memoryview(self.mm).cast("q")
-        if create:
-            self.words[C_NODE_PROCS] = nprocs
-            if index >= 0:
-                self.words[C_PIDS + index] = pid
-            self.words[C_MAGIC] = shm.CTL_MAGIC       # last: a complete control segment
-
-    def mark_opened(self, names) -> bool:
-        """This process has mapped every segment of this node it needs: count it; the
-        last process of the node to do so removes ``names`` (the node's segment names,
-        this control's last), as nobody will open them by name again. Returns whether this
-        call removed them. The count is taken under a flock of the segment, so exactly one
-        process sees it complete."""
-        def count():
-            n = self.words[C_OPENED] + 1
-            self.words[C_OPENED] = n
-            if n < self.words[C_NODE_PROCS]:
-                return False
-            for name in names:
-                if name != self.name:
-                    shm.unlink(name)
-            shm.unlink(self.name)
-            return True
-        return bool(shm.with_lock(self.name, count))
-
-    @property
-    def state(self) -> int:
-        return self.words[C_STATE]
-
-    def set_pid(self, index: int, pid: int) -> None:
-        self.words[C_PIDS + index] = pid
-
-    def pid(self, index: int) -> int:
-        return self.words[C_PIDS + index]
-
-    def fail(self, who_index: int) -> None:
-        if self.words[C_STATE] == RUNNING:
-            self.words[C_WHO] = who_index + 1
-            self.words[C_STATE] = FAILED
-
-    def close(self) -> None:
-        try:
-            if self.words[C_STATE] == RUNNING:
-                self.words[C_STATE] = CLOSED
-        except ValueError:  # already released
-            pass
-
-    def release(self) -> None:
-        try:
-            self.words.release()
-            self.mm.close()
-        except (BufferError, ValueError):
-            pass
-
-
-class Waiter:
-    """How a process waits: the wait mode, the adaptive budget, and the health checks.
-
-    ``procs`` are the DAG's process names by control index (0 = driver).
-    """
-
-    SPIN, BLOCK, ADAPTIVE = "spin", "block", "adaptive"
-    MIN_BUDGET, MAX_BUDGET = 20e-6, 2e-3
-    SLICE = 0.1                       # longest futex sleep between health checks
-
-    def __init__(self, control: Control, procs: list[str], mode: str = "adaptive",
-                 pids: list[int] | None = None):
-        self.control = control
-        self.cw = control.words
-        self.procs = procs
-        self.mode = mode
-        self.budget = 200e-6 if mode == self.ADAPTIVE else (1e9 if mode == self.SPIN else 0.0)
-        self._last_liveness = 0.0
-        self.pids = pids
-
-    def check(self, peers: tuple, deadline: float | None) -> None:
-        """Raise ChannelClosed / PeerDied / WaitTimeout when the wait must end."""
-        st = self.cw[C_STATE]
-        if st != RUNNING:
-            if st == FAILED:
-                who = self.cw[C_WHO] - 1
-                raise PeerDied(self.procs[who] if 0 <= who < len(self.procs) else "?")
-            raise ChannelClosed()
-        now = _monotonic()
-        if now - self._last_liveness > 0.2:
-            self._last_liveness = now
-            for i in peers:
-                pid = self.cw[C_PIDS + i]
-                if pid and not shm.pid_alive(pid):
-                    self.control.fail(i)
-                    raise PeerDied(self.procs[i] if i < len(self.procs) else "?")
-        if deadline is not None and now >= deadline:
-            raise WaitTimeout()
-
-    def wait(self, words, idx: int, target: int, addr: int, sleep_idx: int,
-             peers: tuple, deadline: float | None = None) -> None:
-        """Return once ``words[idx] >= target``."""
-        if words[idx] >= target:
-            return
-        budget = self.budget
-        if budget > 0.0:
-            # Poll with sched_yield between looks: with more processes than cores the one
-            # holding the data gets the CPU within a yield; the loop stays tight (16 looks
-            # per clock read) because its period is the hand-off latency.
-            t0 = _monotonic()
-            n = 0
-            while True:
-                for _ in range(16):
-                    _yield()
-                    if words[idx] >= target:
-                        return
-                now = _monotonic()
-                if now - t0 > budget:
-                    break
-                n += 1
-                if not n & 63 or (deadline is not None and now >= deadline):
-                    self.check(peers, deadline)
-        t1 = _monotonic()
-        while True:
-            words[sleep_idx] = 1
-            v = words[idx]
-            if v >= target:
-                words[sleep_idx] = 0
-                break
-            slice_ = self.SLICE
-            if deadline is not None:
-                slice_ = max(0.0, min(slice_, deadline - _monotonic()))
-            shm.futex_wait(addr + idx * 8, v, slice_)
-            words[sleep_idx] = 0
-            if words[idx] >= target:
-                break
-            self.check(peers, deadline)
-        if self.mode == self.ADAPTIVE:
-            self._tune(_monotonic() - t1, False)
-
-    def _tune(self, waited: float, in_budget: bool) -> None:
-        # Waits that end inside the polling budget keep it; a wake-up shortly after the
-        # budget ran out means the budget was a little short: double it. Long idle
-        # sleeps shrink it back, so an idle DAG polls less before sleeping next time.
-        if in_budget:
-            return
-        if waited < 4 * self.budget:
-            self.budget = min(self.MAX_BUDGET, self.budget * 2)
-        elif waited > 0.05:
-            self.budget = max(self.MIN_BUDGET, self.budget / 2)
 
 
 class Writer(PickleEncoder):
@@ -355,7 +100,7 @@ class Writer(PickleEncoder):
             # a plain array skips pickle: dtype and shape in a small header, then its bytes
             arr = value
             dt = value.dtype.str.encode()
-            hdr = _round64(16 + 8 * value.ndim + len(dt))
+            hdr = round64(16 + 8 * value.ndim + len(dt))
             need = hdr + value.nbytes
         else:
             try:
@@ -366,8 +111,8 @@ class Writer(PickleEncoder):
             bufs = self._bufs
             if bufs:
                 raws = [b.raw() for b in bufs]
-                need = (_round64(16 + 8 * len(raws)) + _round64(len(main))
-                        + sum(_round64(r.nbytes) for r in raws))
+                need = (round64(16 + 8 * len(raws)) + round64(len(main))
+                        + sum(round64(r.nbytes) for r in raws))
             else:
                 need = len(main)
         # The slot: the lowest one no unread message holds. A DAG run one execution at a
@@ -555,7 +300,7 @@ class Reader:
                 dlen = w[hw + 1]
                 shape = tuple(w[hw + 2:hw + 2 + ndim])
                 q = p + 16 + 8 * ndim
-                hdr = _round64(16 + 8 * ndim + dlen)
+                hdr = round64(16 + 8 * ndim + dlen)
                 value = _frombuffer(bytearray(self.mv[p + hdr:p + n]),    # owns its memory
                                     bytes(self.mv[q:q + dlen]).decode()).reshape(shape)
             elif n >= 0:

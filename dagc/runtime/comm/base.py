@@ -23,7 +23,8 @@ Ordering: point-to-point messages between two ranks are matched in issue order (
 backends here use one tag/stream per group). The schedule's single global order of
 communicator ops is what keeps that order the same on both ends.
 
-Two implementations, each in its own module:
+Two implementations, each in its own module (``backends.make_communicator`` picks one by
+name):
 
 - :class:`~dagc.runtime.comm.gloo.GlooCommunicator` - ``torch.distributed``'s gloo backend, built directly on a
   ``TCPStore``/``PrefixStore`` and a ``ProcessGroupGloo`` so the global default process
@@ -39,7 +40,6 @@ import contextlib
 import sys
 
 REDUCE_OPS = ("sum", "product", "min", "max", "avg")
-
 
 
 class Work:
@@ -158,18 +158,6 @@ class Communicator:
         return f"{type(self).__name__}({state})"
 
 
-def make_communicator(backend: str) -> Communicator:
-    """A fresh, unconfigured communicator for ``"gloo"`` or ``"nccl"``."""
-    if backend == "gloo":
-        from dagc.runtime.comm.gloo import GlooCommunicator
-        return GlooCommunicator()
-    if backend == "nccl":
-        from dagc.runtime.comm.nccl import NcclCommunicator
-        return NcclCommunicator()
-    raise ValueError(f"unknown communicator backend {backend!r}; expected 'gloo' or 'nccl' "
-                     f"(or pass a dagc.Communicator instance)")
-
-
 def node_ip() -> str:
     """This node's IP as Ray knows it when Ray is up in this process, else loopback."""
     ray = sys.modules.get("ray")          # not imported: certainly not initialised here
@@ -188,7 +176,7 @@ def _bool():
     return torch.bool
 
 
-def _check_op(op: str) -> str:
+def check_op(op: str) -> str:
     if op not in REDUCE_OPS:
         raise ValueError(f"unknown reduce op {op!r}; expected one of {', '.join(REDUCE_OPS)}")
     return op

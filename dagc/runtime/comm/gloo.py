@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 
-from dagc.runtime.comm.base import Communicator, Work, _check_op, node_ip
+from dagc.runtime.comm.base import Communicator, Work, check_op, node_ip
 
 # A very long op timeout ("wait as long as it takes"): gloo's waits need some value, and a
 # timeout there closes every connection of the group. Peer death still ends a wait at once
@@ -166,7 +166,7 @@ class GlooCommunicator(Communicator):
     def allreduce(self, tensor, op: str = "sum") -> None:
         opts = self._opts.get(op)
         if opts is None:
-            _check_op(op)
+            check_op(op)
             raise RuntimeError(f"{self!r} is not set up")
         self._pg.allreduce([tensor], opts).wait()
         if op == "avg":
@@ -181,7 +181,7 @@ class GlooCommunicator(Communicator):
     def reducescatter(self, tensor, out, op: str = "sum") -> None:
         opts = self._opts.get("rs_" + op)
         if opts is None:
-            _check_op(op)
+            check_op(op)
             raise RuntimeError(f"{self!r} is not set up")
         self._pg.reduce_scatter([out], [list(tensor.chunk(self.world_size))], opts).wait()
         if op == "avg":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from dagc.runtime.comm.base import Communicator, Work, _check_op
+from dagc.runtime.comm.base import Communicator, Work, check_op
 
 # ncclDataType_t / ncclRedOp_t values (part of NCCL's ABI; cupy mirrors them)
 _NCCL_INT8, _NCCL_UINT8, _NCCL_INT32, _NCCL_INT64 = 0, 1, 2, 4
@@ -189,7 +189,7 @@ class NcclCommunicator(Communicator):
         return self._async(tensor, s)
 
     def allreduce(self, tensor, op: str = "sum") -> None:
-        _check_op(op)
+        check_op(op)
         self._check(tensor)
         buf, dtype = self._nccl_type(tensor, "all-reduce")
         code, int_avg = _reduce_code(tensor, op)
@@ -219,7 +219,7 @@ class NcclCommunicator(Communicator):
         self._leave(cur, s)
 
     def reducescatter(self, tensor, out, op: str = "sum") -> None:
-        _check_op(op)
+        check_op(op)
         self._check(tensor)
         self._check(out)
         src, dtype = self._nccl_type(tensor, "reduce-scatter")

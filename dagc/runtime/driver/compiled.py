@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dagc.errors import (ActorDiedError, CapacityError, DagClosedError, DagcError,
                          DagTimeoutError)
 from dagc.ir import DRIVER
-from dagc.runtime.channels import ring as ch
+from dagc.runtime import channels as ch
 from dagc.runtime.channels import shm
 from dagc.runtime.actor import loop as worker
 from dagc.runtime.failure import Failure

@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 
 from dagc.ir import DRIVER
-from dagc.runtime.channels import ring as ch
+from dagc.runtime import channels as ch
+from dagc.runtime.channels.control import C_STATE, SWAP
 from dagc.runtime.actor import loop as worker
 from dagc.runtime.driver.calls import ray_get
 
@@ -107,14 +108,13 @@ class InspectMixin:
     def _swap(self, profile: bool) -> None:
         """Park every loop, have it rebind to the (un)profiled module, resume."""
         from dagc.errors import DagcError
-        from dagc.runtime.actor.loop import SWAP
-        self._control.words[ch.C_STATE] = SWAP
+        self._control.words[C_STATE] = SWAP
         try:
             sources = self._profile_sources() if profile else [None] * len(self._handles)
             ok = ray_get([h.__ray_call__.remote(worker.swap, self._token, src)
                           for h, src in zip(self._handles, sources)], 30.0, self._procs, "switch loops")
         finally:
-            self._control.words[ch.C_STATE] = ch.RUNNING
+            self._control.words[C_STATE] = ch.RUNNING
             ray_get([h.__ray_call__.remote(worker.resume, self._token) for h in self._handles],
                     30.0, self._procs, "resume after the switch")
         if not all(ok):

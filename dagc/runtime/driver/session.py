@@ -11,8 +11,8 @@ import traceback
 
 from dagc.errors import ExecuteArgumentError
 from dagc.ir import DRIVER
-from dagc.runtime.channels import ring as ch
-from dagc.runtime.channels import shm
+from dagc.runtime import channels as ch
+from dagc.runtime.channels import shm, sweep
 from dagc.runtime.actor import loop as worker
 from dagc.runtime.driver.calls import ray_get
 from dagc.runtime.failure import Failure
@@ -72,7 +72,7 @@ class LaunchMixin:
         self._cleaner = {a.node: a.id for a in reversed(ir.actors)}
         self._nodes = [here] + sorted({a.node for a in ir.actors} - {here})
         try:   # this node's segments of DAGs whose processes all died together
-            shm.sweep_stale()
+            sweep.sweep_stale()
         except OSError:
             pass
         self._control = ch.Control(self._ctl_name(here), create=True,
@@ -185,7 +185,7 @@ class LaunchMixin:
         """Rank 0 of every communicator group makes its rendezvous info."""
         if not self._ir.comm_groups:
             return {}
-        from dagc.runtime.comm.base import make_communicator
+        from dagc.runtime.comm.backends import make_communicator
         self._comm_objs = {}
         refs = {}
         for g in self._ir.comm_groups:

@@ -1,29 +1,33 @@
 """The reading end of a TCP channel: connects, authenticates, parses frames, acks.
 
-See dagc/runtime/tcp.py for the protocol and the states of a message.
+See docs/tcp.md for the protocol and the states of a message; ``handshake.py`` has the
+reader's half of the handshake, ``tls.py`` the TLS variants of the per-message methods.
 """
 from __future__ import annotations
 
 import ctypes
-import hmac
-import os
+import pickle
 import select
 import socket
 import struct
 import threading
 import time
 
-from dagc.runtime.channels.ring import ChannelClosed, PeerDied, WaitTimeout
-from dagc.runtime.channels.tcp.wire import (ACK, _ACK_CLOSE, _again, _check_secret, _DONTWAIT,
-                                   FROM_ENV, HDR, HDR_SIZE, HELLO, KIND_CLOSE, KIND_DATA,
-                                   KIND_FAIL, _loads, MAC, _mac, _mark_failed, MAX_BUFS,
-                                   MAX_NAME, _monotonic, NONCE, _NOSIGNAL, _POLLIN, _proc_name,
-                                   _recv_exact, resolve_tls, _Retry, RING, SLICE, TcpAuthError,
-                                   TcpProtocolError, TcpSetupError, tls_context, _tls_refused,
-                                   _tls_send, _tune, _WANT, _WakePipe)
+from dagc.runtime.channels.control import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.channels.tcp import handshake
+from dagc.runtime.channels.tcp.tls import FROM_ENV, ReaderTls, resolve_tls, tls_context
+from dagc.runtime.channels.tcp.wire import (ACK, CLOSE_ACK, DONTWAIT, HDR, HDR_SIZE,
+                                            KIND_CLOSE, KIND_DATA, KIND_FAIL, MAX_BUFS,
+                                            MAX_NAME, NOSIGNAL, RING, SLICE, Retry,
+                                            TcpProtocolError, TcpSetupError, WakePipe, again,
+                                            check_secret, mark_failed, proc_name, tune_socket)
+
+_monotonic = time.monotonic
+_loads = pickle.loads
+_POLLIN = select.POLLIN
 
 
-class TcpReader:
+class TcpReader(ReaderTls):
     """The reading end of a TCP channel for reader number ``index``.
 
     Connects (and authenticates) in the constructor, retrying until ``connect_timeout``;
@@ -46,19 +50,18 @@ class TcpReader:
             self._ack_new = b""
         self.host, self.port = host, int(port)
         self.channel = channel
-        self._chan = channel.encode()
-        self._secret = _check_secret(secret)
+        self._secret = check_secret(secret)
         self.index = index
         self.waiter = waiter
         self.writer_proc = writer_proc
-        self.writer_name = writer_name or _proc_name(
+        self.writer_name = writer_name or proc_name(
             waiter, writer_proc, f"writer of channel {channel} at {host}:{port}")
         self.check_peers = tuple(check_peers)
         self.connect_timeout = connect_timeout
         self.liveness = liveness
         self.seq = 0
         self.sock: socket.socket | None = None
-        self._wake = _WakePipe()
+        self._wake = WakePipe()
         self._buf = bytearray(RING)
         self._mv = memoryview(self._buf)
         self._lo = self._hi = 0       # unparsed bytes are _buf[_lo:_hi]
@@ -95,23 +98,11 @@ class TcpReader:
                     f"{self.host}:{self.port} within {self.connect_timeout:g} s ({last}); "
                     f"is its process alive and the port reachable from this node{tls}?")
             try:
-                s = socket.create_connection((self.host, self.port), timeout=min(left, 2.0))
-            except OSError as e:           # refused, unreachable, timed out: retry
-                last = e
-                s = None
-            if s is not None:
-                try:
-                    s.settimeout(min(max(left, 0.1), 10.0))
-                    if self._ctx is not None:
-                        s = self._tls_handshake(s)
-                    self._authenticate(s)
-                    break
-                except _Retry as e:
-                    last = e.__cause__ or e
-                    s.close()
-                except BaseException:
-                    s.close()
-                    raise
+                s = handshake.dial(self.host, self.port, left, self._ctx, self._secret,
+                                   self.channel, self.index)
+                break
+            except Retry as e:             # refused, unreachable, timed out, shed: retry
+                last = e.__cause__ or e
             if self.waiter is not None:
                 try:
                     self.waiter.check(self.check_peers, None)
@@ -119,61 +110,13 @@ class TcpReader:
                     pass
             time.sleep(min(pause, max(0.0, deadline - _monotonic())))
             pause = min(pause * 2, 0.25)
-        _tune(s, self.liveness, self.liveness)
+        tune_socket(s, self.liveness, self.liveness)
         s.setblocking(False)
         self.sock = s
         self._fd = s.fileno()
         self._poller = select.poll()
         self._poller.register(self._fd, _POLLIN)
         self._poller.register(self._wake.r, _POLLIN)
-
-    def _tls_handshake(self, s: socket.socket):
-        """Wrap ``s`` in TLS and shake hands; the writer's certificate must be signed by
-        the CA. A refusal either way is a TcpAuthError; a connection that just went away
-        is retried."""
-        raw = s
-        try:
-            s = self._ctx.wrap_socket(s, server_side=False, do_handshake_on_connect=False)
-            s.do_handshake()
-            return s
-        except OSError as e:
-            s.close()
-            raw.close()
-            if _tls_refused(e):
-                raise TcpAuthError(
-                    f"TLS handshake with the writer of channel {self.channel!r} at "
-                    f"{self.host}:{self.port} failed: {e} (its certificate must be signed by "
-                    f"RAY_TLS_CA_CERT, and it must use TLS too: RAY_USE_TLS set alike on "
-                    f"every node)") from None
-            raise _Retry() from e
-
-    def _authenticate(self, s: socket.socket) -> None:
-        try:
-            hello = _recv_exact(s, len(HELLO) + NONCE)
-        except (EOFError, OSError) as e:    # the writer shed us before its hello: retry
-            if _tls_refused(e):             # TLS 1.3: a refused certificate shows here
-                raise TcpAuthError(
-                    f"the writer of channel {self.channel!r} at {self.host}:{self.port} "
-                    f"refused this reader's TLS certificate: {e} (it must be signed by the "
-                    f"writer's RAY_TLS_CA_CERT)") from None
-            raise _Retry() from e
-        if hello[:len(HELLO)] != HELLO:
-            raise TcpAuthError(f"{self.host}:{self.port} is not a dagc TCP channel writer")
-        nonce_w = hello[len(HELLO):]
-        nonce_r = os.urandom(NONCE)
-        s.sendall(nonce_r + struct.pack("<I", self.index)
-                  + _mac(self._secret, b"reader", self._chan, nonce_w, nonce_r, self.index))
-        try:
-            proof = _recv_exact(s, MAC)
-        except (EOFError, OSError):
-            raise TcpAuthError(
-                f"the writer of channel {self.channel!r} at {self.host}:{self.port} rejected "
-                f"reader {self.index} (wrong secret or channel, or the index is taken)") from None
-        want = _mac(self._secret, b"writer", self._chan, nonce_r, nonce_w, self.index)
-        if not hmac.compare_digest(proof, want):
-            raise TcpAuthError(
-                f"the peer at {self.host}:{self.port} failed authentication for channel "
-                f"{self.channel!r}; nothing it sent was unpickled")
 
     # -- receiving ---------------------------------------------------------------------------
     def _fill(self) -> bool:
@@ -318,7 +261,7 @@ class TcpReader:
         if m is not None:
             return m
         if self._end is not None:
-            raise _again(self._end)
+            raise again(self._end)
         if self._closed:
             raise ChannelClosed()
         if self.sock is None:
@@ -364,7 +307,7 @@ class TcpReader:
     def _lost(self):
         if self._closed:
             raise ChannelClosed()
-        _mark_failed(self.waiter, self.writer_proc)
+        mark_failed(self.waiter, self.writer_proc)
         self._end = PeerDied(self.writer_name)
         raise self._end
 
@@ -420,12 +363,12 @@ class TcpReader:
                 value = _loads(blob)
         elif m.__class__ is PeerDied:  # FAIL: the writer passes on a death it saw
             procs = getattr(self.waiter, "procs", None) or ()
-            _mark_failed(self.waiter, procs.index(m.who) if m.who in procs else -1)
+            mark_failed(self.waiter, procs.index(m.who) if m.who in procs else -1)
             self._end = m
-            raise _again(m)
+            raise again(m)
         else:                       # KIND_CLOSE
             self._end = ChannelClosed()
-            raise _again(self._end)
+            raise again(self._end)
         self.seq = seq = self.seq + 1
         self._send_ack(ACK.pack(seq))
         return value
@@ -442,80 +385,13 @@ class TcpReader:
         if not data:
             return
         try:
-            n = self.sock.send(data, _NOSIGNAL)
+            n = self.sock.send(data, NOSIGNAL)
         except BlockingIOError:
             n = 0
         except OSError:             # the writer is gone; the next wait says so
             self._ack_out = b""
             return
         self._ack_out = data[n:]
-
-    # -- the TLS variants (bound in __init__ when TLS is on) ----------------------------------
-    def _fill_tls(self) -> bool:
-        """``_fill`` over TLS: a TLS read returns at most one record, and what it decrypted
-        beyond what was asked for waits inside the TLS layer where poll() cannot see it,
-        so "drained" also needs ``pending() == 0``. A big frame is read record after record
-        here, until it is complete or the socket is empty (one call per record, not one
-        pass through the wait loop)."""
-        big = self._big
-        sock = self.sock
-        if big is not None:
-            targets = big[1]
-            got = 0
-            try:
-                while big[2] < len(targets):
-                    n = sock.recv_into(targets[big[2]][big[3]:])
-                    if not n:
-                        self._eof = True
-                        return got > 0
-                    got += n
-                    big[3] += n
-                    self._advance_big()
-            except _WANT:
-                self._drained = True
-                return got > 0
-            except OSError:
-                self._eof = True
-                return got > 0
-            self._drained = False
-            return True
-        if self._hi == len(self._buf):
-            self._compact(len(self._buf) + (RING if self._lo == 0 else 0))
-        want = len(self._buf) - self._hi
-        try:
-            n = sock.recv_into(self._mv[self._hi:])
-        except _WANT:
-            self._drained = True
-            return False
-        except OSError:
-            n = 0
-        if not n:
-            self._eof = True
-            return False
-        self._drained = n < want and not sock.pending()
-        self._hi += n
-        return True
-
-    def _send_ack_tls(self, ack: bytes) -> None:
-        """``_send_ack`` over TLS: a write the TLS layer refused ("want write") must be
-        offered again unchanged, so a newer ack waits in ``_ack_new`` behind it."""
-        if ack:
-            self._ack_new = ack           # cumulative: replaces an older one not yet sent
-        sock = self.sock
-        try:
-            if self._ack_out:
-                sock.send(self._ack_out)
-                self._ack_out = b""
-            new = self._ack_new
-            if new:
-                self._ack_new = b""
-                self._ack_out = new
-                sock.send(new)
-                self._ack_out = b""
-        except _WANT:
-            pass
-        except OSError:               # the writer is gone; the next wait says so
-            self._ack_out = self._ack_new = b""
 
     def wake(self) -> None:
         """End a wait in read()/wait_ready() now (it then consults the waiter)."""
@@ -528,29 +404,11 @@ class TcpReader:
         self._closed = True
         s = self.sock
         if s is not None and self._ctx is not None:
-            # TLS: the reading thread must be out of the TLS layer first; woken, it sees
-            # _closed and leaves (or it is in a user's hands: then no CLOSE, just the FIN)
-            self._wake.wake()
-            held = self._rlock.acquire(timeout=1.0)
-            try:
-                if held and not abort:
-                    self._send_ack_tls(b"")
-                    if not self._ack_out:
-                        _tls_send(s, [_ACK_CLOSE])
-                s.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            finally:
-                if held:
-                    self._rlock.release()
-            try:
-                s.close()
-            except OSError:
-                pass
+            self._close_tls(s, abort)
         elif s is not None:
             try:
                 if not abort:
-                    s.send(self._ack_out + _ACK_CLOSE, _NOSIGNAL | _DONTWAIT)
+                    s.send(self._ack_out + CLOSE_ACK, NOSIGNAL | DONTWAIT)
                 s.shutdown(socket.SHUT_WR)
             except OSError:
                 pass

@@ -1,22 +1,17 @@
-"""The TCP channel's wire: constants, the HMAC handshake pieces, errors, helpers.
+"""The TCP channel's wire: frame and ack formats, errors, and the socket helpers both ends use.
 
-See dagc/runtime/tcp.py for the protocol.
+The protocol (handshake, frames, acks, the window, losses) is described in docs/tcp.md.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
-import pickle
-import select
 import socket
-import ssl
 import struct
 import threading
-import time
-from typing import NamedTuple
 
-from dagc.runtime.channels.ring import PeerDied
+from dagc.runtime.channels.control import PeerDied
 
 HELLO = b"DAGCTCP1"
 NONCE = 32
@@ -32,15 +27,10 @@ MAX_BUFS = 1 << 24                         # sanity bound on a frame's out-of-ba
 IOV_MAX = 512                              # buffers per sendmsg call (the kernel allows 1024)
 SLICE = 0.1                                # longest poll sleep between health checks
 
-_monotonic = time.monotonic
-_loads = pickle.loads
-_dumps = pickle.dumps
-_POLLIN = select.POLLIN
-_POLLOUT = select.POLLOUT
-_CLOSE_FRAME = HDR.pack(KIND_CLOSE, 0, 0, 0, 0)
-_ACK_CLOSE = ACK.pack(ACK_CLOSE)
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+CLOSE_FRAME = HDR.pack(KIND_CLOSE, 0, 0, 0, 0)     # the writer's orderly close
+CLOSE_ACK = ACK.pack(ACK_CLOSE)                    # the reader's orderly close
+NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class TcpSetupError(ConnectionError):
@@ -55,24 +45,34 @@ class TcpProtocolError(ConnectionError):
     """An authenticated peer sent a frame this version cannot parse."""
 
 
+class Retry(Exception):
+    """This connection attempt failed in a way worth retrying (a reader's connect loop)."""
+
+
 def new_secret() -> bytes:
     """A per-compile channel secret."""
     return os.urandom(32)
 
 
-def _mac(secret: bytes, role: bytes, channel: bytes, n1: bytes, n2: bytes, index: int) -> bytes:
-    msg = b"".join((b"dagc-tcp\0", role, b"\0", struct.pack("<I", len(channel)), channel,
-                    n1, n2, struct.pack("<I", index)))
-    return hmac.new(secret, msg, hashlib.sha256).digest()
-
-
-def _check_secret(secret) -> bytes:
+def check_secret(secret) -> bytes:
     if not isinstance(secret, (bytes, bytearray)) or len(secret) < 16:
         raise ValueError("a TCP channel secret must be at least 16 bytes (use tcp.new_secret())")
     return bytes(secret)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def mac(secret: bytes, role: bytes, channel: bytes, n1: bytes, n2: bytes, index: int) -> bytes:
+    msg = b"".join((b"dagc-tcp\0", role, b"\0", struct.pack("<I", len(channel)), channel,
+                    n1, n2, struct.pack("<I", index)))
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def fail_frame(who: str) -> bytes:
+    """A FAIL frame naming ``who`` (text, never unpickled)."""
+    name = who.encode("utf-8", "replace")[:MAX_NAME]
+    return HDR.pack(KIND_FAIL, 0, 0, 0, len(name)) + name
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Blocking receive of exactly n bytes (handshake only; the socket has a timeout)."""
     buf = bytearray(n)
     mv = memoryview(buf)
@@ -85,7 +85,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _tune(sock: socket.socket, liveness: float, user_timeout: float | None) -> None:
+def tune_socket(sock: socket.socket, liveness: float, user_timeout: float | None) -> None:
     """Low latency, and a dead peer host noticed within ``liveness`` seconds when the
     connection is idle (keepalive: 1 s idle, then 1 s probes); ``user_timeout`` bounds how
     long sent data may stay unacknowledged (TCP_USER_TIMEOUT)."""
@@ -100,7 +100,7 @@ def _tune(sock: socket.socket, liveness: float, user_timeout: float | None) -> N
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
 
 
-def _again(e: BaseException) -> BaseException:
+def again(e: BaseException) -> BaseException:
     """A fresh copy of a sticky end-of-channel error (re-raising one instance grows its
     traceback on every raise)."""
     if isinstance(e, PeerDied):
@@ -108,14 +108,14 @@ def _again(e: BaseException) -> BaseException:
     return type(e)(*e.args)
 
 
-def _proc_name(waiter, proc: int, fallback: str) -> str:
+def proc_name(waiter, proc: int, fallback: str) -> str:
     procs = getattr(waiter, "procs", None)
     if procs is not None and 0 <= proc < len(procs):
         return procs[proc]
     return fallback
 
 
-def _mark_failed(waiter, proc: int) -> None:
+def mark_failed(waiter, proc: int) -> None:
     """Tell this node's other processes (through the control segment) that ``proc`` died."""
     control = getattr(waiter, "control", None)
     if control is not None and proc >= 0:
@@ -125,7 +125,7 @@ def _mark_failed(waiter, proc: int) -> None:
             pass
 
 
-class _WakePipe:
+class WakePipe:
     """A self-pipe: ``wake()`` from any thread ends the owner's poll() sleep."""
 
     def __init__(self):
@@ -160,97 +160,20 @@ class _WakePipe:
             self.r = self.w = -1
 
 
-
-class _Retry(Exception):
-    """Internal: this connection attempt failed in a way worth retrying."""
-
-
-# -- TLS ------------------------------------------------------------------------------------
-FROM_ENV = "ray"        # default of the ends' ``tls``: whatever Ray uses (dagc.config.ray_tls)
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+def freeze(parts: list) -> list:
+    """A frame as bytes the writer owns: out-of-band buffers (the caller's arrays) are
+    copied; the header and the pickle already are its own."""
+    return parts[:2] + [bytes(p) for p in parts[2:]]
 
 
-class TlsFiles(NamedTuple):
-    """PEM files: this end's certificate (chain) and key, and the CA both ends trust."""
-    cert: str
-    key: str
-    ca: str
-
-
-def resolve_tls(tls) -> TlsFiles | None:
-    """``tls`` of a channel end -> the files to use, or None for plain TCP. ``FROM_ENV``
-    (the default): Ray's settings (TLS exactly when ``RAY_USE_TLS`` is set); None/False:
-    plain TCP; a (cert, key, ca) tuple: those files."""
-    if tls == FROM_ENV:
-        from dagc import config
-        tls = config.ray_tls()
-    if not tls:
-        return None
-    return TlsFiles(*tls)
-
-
-_CONTEXTS: dict = {}
-_CONTEXTS_LOCK = threading.Lock()
-
-
-def tls_context(files: TlsFiles, server_side: bool) -> ssl.SSLContext:
-    """The (cached) SSLContext of one side: TLS 1.2 or later, this process's certificate,
-    and the peer's certificate *required* and checked against the CA (mutual
-    authentication, as Ray's gRPC does with the same variables). No host name check: ends
-    connect by IP address and the CA is what admits a member of the cluster; which peer
-    of the DAG it is, the HMAC handshake inside TLS then proves. No session tickets and no
-    renegotiation: nothing but application data moves after the handshake, so a
-    non-blocking end never meets a TLS record it did not ask for."""
-    try:
-        stamp = tuple(os.stat(f).st_mtime_ns for f in files)   # a replaced file is re-read
-    except OSError as e:
-        raise TcpSetupError(f"TLS is on (RAY_USE_TLS) but {e.filename} cannot be read: "
-                            f"{e.strerror}") from None
-    key = (files, stamp, server_side)
-    with _CONTEXTS_LOCK:
-        ctx = _CONTEXTS.get(key)
-        if ctx is not None:
-            return ctx
-        try:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side
-                                 else ssl.PROTOCOL_TLS_CLIENT)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            if not server_side:
-                ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_cert_chain(files.cert, files.key)
-            ctx.load_verify_locations(cafile=files.ca)
-            ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0) | ssl.OP_NO_TICKET
-            if server_side:
-                ctx.num_tickets = 0
-        except (ssl.SSLError, OSError, ValueError) as e:
-            raise TcpSetupError(f"TLS is on (RAY_USE_TLS) but its files could not be loaded "
-                                f"(cert {files.cert}, key {files.key}, CA {files.ca}): {e}") \
-                from None
-        _CONTEXTS[key] = ctx
-        return ctx
-
-
-def _tls_send(sock, parts) -> int:
-    """``sendmsg`` for a non-blocking TLS socket, which has none: the parts one by one.
-    Returns the bytes written, whole parts only: a part the TLS layer took in part (it
-    answered "want write") must be offered again whole, from the same first byte, and is."""
-    n = 0
-    for p in parts:
-        if not len(p):
-            continue
-        try:
-            k = sock.send(p)
-        except _WANT:
-            break
-        n += k
-        if k < len(p):
-            break
-    return n
-
-
-def _tls_refused(e: BaseException) -> bool:
-    """A TLS error that means "refused" (a certificate, or a peer not speaking TLS), not a
-    connection that merely went away (retried)."""
-    return isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError,
-                                                              ssl.SSLZeroReturnError))
+def after(parts: list, n: int) -> list:
+    """What is left of ``parts`` after the first ``n`` bytes were sent."""
+    for i, p in enumerate(parts):
+        k = len(p)
+        if n < k:
+            rest = parts[i:]
+            if n:
+                rest[0] = memoryview(p)[n:]
+            return rest
+        n -= k
+    return []

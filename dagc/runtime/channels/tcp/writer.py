@@ -1,74 +1,32 @@
 """The writing end of a TCP channel: listens, authenticates readers, sends frames.
 
-See dagc/runtime/tcp.py for the protocol and the states of a message.
+See docs/tcp.md for the protocol and the states of a message; ``accept.py`` accepts and
+authenticates the readers, ``tls.py`` has the TLS variants of the per-message methods.
 """
 from __future__ import annotations
 
-import hmac
-import os
 import select
 import socket
 import struct
 import threading
-from collections import deque
+import time
 
-from dagc.runtime.channels.ring import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.channels.control import ChannelClosed, PeerDied, WaitTimeout
 from dagc.runtime.channels.serialize import PickleEncoder
-from dagc.runtime.channels.tcp.wire import (ACK, ACK_CLOSE, _ACK_CLOSE, _again, _check_secret, _CLOSE_FRAME,
-                                   _DONTWAIT, FROM_ENV, HDR, HELLO, IOV_MAX, KIND_DATA, KIND_FAIL,
-                                   MAC, _mac, _mark_failed, MAX_NAME, _monotonic, NONCE,
-                                   _NOSIGNAL, _POLLIN, _POLLOUT, _proc_name, _recv_exact,
-                                   resolve_tls, SLICE, tls_context, _tls_send, _tune, _WANT,
-                                   _WakePipe)
+from dagc.runtime.channels.tcp.accept import Acceptor, Conn
+from dagc.runtime.channels.tcp.tls import (FROM_ENV, WriterTls, resolve_tls, tls_context,
+                                           tls_send)
+from dagc.runtime.channels.tcp.wire import (ACK, ACK_CLOSE, CLOSE_ACK, CLOSE_FRAME, DONTWAIT,
+                                            HDR, IOV_MAX, KIND_DATA, NOSIGNAL, SLICE,
+                                            WakePipe, after, again, check_secret, fail_frame,
+                                            freeze, mark_failed, proc_name)
+
+_monotonic = time.monotonic
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
 
 
-_TLS_JOIN = 16 << 10        # a TLS frame up to one record's payload is joined before writing
-
-
-def _fail_frame(who: str) -> bytes:
-    name = who.encode("utf-8", "replace")[:MAX_NAME]
-    return HDR.pack(KIND_FAIL, 0, 0, 0, len(name)) + name
-
-
-def _freeze(parts: list) -> list:
-    """The frame as bytes this channel owns: out-of-band buffers (the caller's arrays) are
-    copied; the header and the pickle already are ours."""
-    return parts[:2] + [bytes(p) for p in parts[2:]]
-
-
-def _after(parts: list, n: int) -> list:
-    """What is left of ``parts`` after the first ``n`` bytes were sent."""
-    for i, p in enumerate(parts):
-        k = len(p)
-        if n < k:
-            rest = parts[i:]
-            if n:
-                rest[0] = memoryview(p)[n:]
-            return rest
-        n -= k
-    return []
-
-
-class _Conn:
-    """The writer's end of one reader's connection."""
-
-    __slots__ = ("sock", "fd", "index", "name", "proc", "acked", "rx", "closed", "queue",
-                 "error")
-
-    def __init__(self, sock, index, name, proc):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.index = index
-        self.name = name
-        self.proc = proc
-        self.acked = 0          # messages this reader consumed
-        self.rx = b""           # a partial ack
-        self.closed = False     # the reader sent CLOSE
-        self.queue = deque()    # bytes written and not yet taken by the kernel, in order
-        self.error = None       # a send error the sender thread ran into
-
-
-class TcpWriter(PickleEncoder):
+class TcpWriter(WriterTls, PickleEncoder):
     """The writing end of a TCP channel: listens; ``nreaders`` readers connect to it.
 
     ``reader_procs`` are the readers' control indices (names for ``PeerDied`` via
@@ -77,7 +35,7 @@ class TcpWriter(PickleEncoder):
     ``stall_timeout`` (s, default off) sets TCP_USER_TIMEOUT on the reader connections.
     ``tls``: ``FROM_ENV`` (default) uses TLS exactly when Ray does (``RAY_USE_TLS``, with
     Ray's certificate files), None plain TCP, a (cert, key, ca) tuple those files; readers
-    must be made alike. See tcp.py, "TLS".
+    must be made alike. See docs/tcp.md, "TLS".
     """
 
     def __init__(self, channel: str, nreaders: int, slots: int, secret: bytes, waiter=None,
@@ -97,15 +55,14 @@ class TcpWriter(PickleEncoder):
             self._send = self._send_tls
             self._drain_acks = self._drain_acks_tls
         self.channel = channel
-        self._chan = channel.encode()
         self.nreaders = nreaders
         self.slots = slots
-        self._secret = _check_secret(secret)
+        self._secret = check_secret(secret)
         self.waiter = waiter
         self.reader_procs = tuple(reader_procs)
         names = list(reader_names or ())
         self.reader_names = [
-            names[r] if r < len(names) else _proc_name(
+            names[r] if r < len(names) else proc_name(
                 waiter, self.reader_procs[r] if r < len(self.reader_procs) else -1,
                 f"reader {r} of channel {channel}")
             for r in range(nreaders)]
@@ -115,18 +72,16 @@ class TcpWriter(PickleEncoder):
         self.stall_timeout = stall_timeout
         self.seq = 0
         self.address: tuple | None = None
-        self._conns: list[_Conn] = []
-        self._taken: set[int] = set()
-        self._incoming: list[_Conn] = []
+        self._conns: list[Conn] = []
         self._lock = threading.Lock()
-        self._handshakes = threading.BoundedSemaphore(32)
-        self._lsock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
         self._connect_deadline = None
         self._closed = False
         self._error: BaseException | None = None
-        self._wake = _WakePipe()        # ends the writing thread's waits
-        self._kick = _WakePipe()        # wakes the sender thread
+        self._wake = WakePipe()         # ends the writing thread's waits
+        self._kick = WakePipe()         # wakes the sender thread
+        self._acceptor = Acceptor(channel, nreaders, self._secret, self._ctx,
+                                  self.reader_procs, self.reader_names, connect_timeout,
+                                  liveness, stall_timeout, self._wake.wake)
         self._sender: threading.Thread | None = None
         self._bufs: list = []
         self._dispatch = None
@@ -137,104 +92,14 @@ class TcpWriter(PickleEncoder):
     def listen(self, host: str = "127.0.0.1", port: int = 0,
                advertise: str | None = None) -> tuple[str, int]:
         """Bind and listen; return the (host, port) readers must connect to."""
-        if self._lsock is not None:
+        if self._acceptor.listening():
             return self.address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        ls = socket.create_server((host, port), family=family, backlog=max(16, self.nreaders))
-        ls.settimeout(0.2)
-        self._lsock = ls
-        bound = ls.getsockname()
-        if advertise is None:
-            advertise = bound[0]
-            if advertise in ("0.0.0.0", "::"):
-                try:
-                    advertise = socket.gethostbyname(socket.gethostname())
-                except OSError:
-                    advertise = "127.0.0.1"
-        self.address = (advertise, bound[1])
+        self.address = self._acceptor.listen(host, port, advertise)
         self._connect_deadline = _monotonic() + self.connect_timeout
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                        name=f"dagc-tcp-accept-{self.channel}")
-        self._thread.start()
         return self.address
 
-    def _accept_loop(self) -> None:
-        ls = self._lsock
-        while not self._closed and len(self._taken) < self.nreaders:
-            try:
-                s, _ = ls.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            if not self._handshakes.acquire(blocking=False):
-                s.close()           # a flood of unauthenticated connections: shed it
-                continue
-            threading.Thread(target=self._handshake, args=(s,), daemon=True,
-                             name=f"dagc-tcp-auth-{self.channel}").start()
-        with self._lock:
-            self._lsock = None
-        try:
-            ls.close()
-        except OSError:
-            pass
-
-    def _handshake(self, s: socket.socket) -> None:
-        index = -1           # set once this connection owns a reader index
-        try:
-            s.settimeout(min(10.0, self.connect_timeout))
-            if self._ctx is not None:
-                # TLS first: a client without a certificate the CA signed, or one not
-                # speaking TLS, fails here (closed below) before a byte of ours is read
-                s = self._ctx.wrap_socket(s, server_side=True, do_handshake_on_connect=False)
-                s.do_handshake()
-            nonce_w = os.urandom(NONCE)
-            s.sendall(HELLO + nonce_w)
-            msg = _recv_exact(s, NONCE + 4 + MAC)
-            nonce_r, claimed, proof = (msg[:NONCE], struct.unpack_from("<I", msg, NONCE)[0],
-                                       msg[NONCE + 4:])
-            want = _mac(self._secret, b"reader", self._chan, nonce_w, nonce_r, claimed)
-            if not hmac.compare_digest(proof, want) or not 0 <= claimed < self.nreaders:
-                s.close()           # wrong secret or channel: say nothing, unpickle nothing
-                return
-            with self._lock:
-                if self._closed or claimed in self._taken:
-                    s.close()
-                    return
-                self._taken.add(claimed)
-                index = claimed
-            s.sendall(_mac(self._secret, b"writer", self._chan, nonce_r, nonce_w, index))
-            _tune(s, self.liveness, self.stall_timeout)
-            s.setblocking(False)
-            proc = self.reader_procs[index] if index < len(self.reader_procs) else -1
-            conn = _Conn(s, index, self.reader_names[index], proc)
-            with self._lock:
-                if self._closed:
-                    s.close()
-                    return
-                self._incoming.append(conn)
-            self._wake.wake()
-        except (OSError, EOFError):
-            with self._lock:
-                self._taken.discard(index)
-            try:
-                s.close()
-            except OSError:
-                pass
-        finally:
-            self._handshakes.release()
-            if len(self._taken) >= self.nreaders:
-                ls = self._lsock
-                if ls is not None:      # all readers in: stop accepting now
-                    try:
-                        ls.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
     def _adopt(self) -> None:
-        with self._lock:
-            new, self._incoming = self._incoming, []
-        self._conns.extend(new)
+        self._conns.extend(self._acceptor.take())
         self._conns.sort(key=lambda c: c.index)
         if len(self._conns) == self.nreaders:
             self._low = min(c.acked for c in self._conns)
@@ -296,23 +161,23 @@ class TcpWriter(PickleEncoder):
                 self._lost(c, c.error)
             if c.queue:                 # emptied only by the sender thread, under the lock
                 if frozen is None:
-                    frozen = _freeze(parts)
+                    frozen = freeze(parts)
                 with self._lock:
                     c.queue.extend(frozen)
                 kick = True
                 continue
             try:
                 n = c.sock.sendmsg(parts if len(parts) <= IOV_MAX else parts[:IOV_MAX],
-                                   (), _NOSIGNAL)
+                                   (), NOSIGNAL)
             except BlockingIOError:
                 n = 0
             except OSError as e:
                 self._lost(c, e)
             if n < total:
                 if frozen is None:
-                    frozen = _freeze(parts)
+                    frozen = freeze(parts)
                 with self._lock:
-                    c.queue.extend(_after(frozen, n))
+                    c.queue.extend(after(frozen, n))
                 kick = True
         if kick:
             if self._sender is None:
@@ -355,8 +220,8 @@ class TcpWriter(PickleEncoder):
                     q = c.queue
                     parts = [q[i] for i in range(min(len(q), IOV_MAX))]
                     try:
-                        n = (_tls_send(c.sock, parts) if tls
-                             else c.sock.sendmsg(parts, (), _NOSIGNAL))
+                        n = (tls_send(c.sock, parts) if tls
+                             else c.sock.sendmsg(parts, (), NOSIGNAL))
                     except BlockingIOError:
                         continue
                     except OSError as e:
@@ -372,7 +237,7 @@ class TcpWriter(PickleEncoder):
                         q.popleft()
                         n -= k
 
-    def _drain_acks(self, c: _Conn) -> None:
+    def _drain_acks(self, c: Conn) -> None:
         """Read whatever acks reader ``c`` has sent (non-blocking)."""
         try:
             data = c.sock.recv(65536)
@@ -394,92 +259,10 @@ class TcpWriter(PickleEncoder):
             if v > c.acked:
                 c.acked = v
 
-    # -- the TLS variants (bound in __init__ when TLS is on) ----------------------------------
-    def _send_tls(self, parts: list) -> None:
-        """``_send`` over TLS: the same queueing, every TLS call under the lock (the sender
-        thread and this one must not use one TLS object at once)."""
-        total = 0
-        for p in parts:
-            total += len(p)
-        if total <= _TLS_JOIN and len(parts) > 1:
-            parts = [b"".join(parts)]     # one TLS record and one syscall, not one per part
-        frozen = None
-        kick = False
-        for c in self._conns:
-            if c.error is not None:
-                self._lost(c, c.error)
-            error = None
-            with self._lock:
-                if self._closed:      # close() took the TLS layer off: never send raw
-                    raise ChannelClosed()
-                if c.queue:
-                    if frozen is None:
-                        frozen = _freeze(parts)
-                    c.queue.extend(frozen)
-                    kick = True
-                    continue
-                try:
-                    n = _tls_send(c.sock, parts)
-                except OSError as e:
-                    error = e
-                    n = total
-                if n < total:
-                    if frozen is None:
-                        frozen = _freeze(parts)
-                    c.queue.extend(_after(frozen, n))
-                    kick = True
-            if error is not None:
-                self._lost(c, error)
-        if kick:
-            if self._sender is None:
-                self._sender = threading.Thread(target=self._send_loop, daemon=True,
-                                                name=f"dagc-tcp-send-{self.channel}")
-                self._sender.start()
-            self._kick.wake()
-
-    def _drain_acks_tls(self, c: _Conn) -> None:
-        """``_drain_acks`` over TLS, under the lock: also takes what the TLS layer already
-        decrypted (``pending()``), which would not wake a poll."""
-        chunks = []
-        error = eof = None
-        with self._lock:
-            if self._closed:          # close() took the TLS layer off: never read raw
-                raise ChannelClosed()
-            sock = c.sock
-            try:
-                d = sock.recv(65536)
-                while d:
-                    chunks.append(d)
-                    if not sock.pending():
-                        break
-                    d = sock.recv(65536)
-                else:
-                    eof = True
-            except _WANT:
-                pass
-            except OSError as e:
-                error = e
-        if chunks:
-            data = b"".join(chunks)
-            if c.rx:
-                data = c.rx + data
-            k = len(data) & ~7
-            c.rx = data[k:]
-            if k:
-                v = ACK.unpack_from(data, k - 8)[0]
-                if v == ACK_CLOSE:
-                    c.closed = True
-                    raise ChannelClosed()
-                if v > c.acked:
-                    c.acked = v
-        if error is not None or eof:
-            with self._lock:
-                self._lost(c, error)
-
     def _wait_credit(self, low: int, deadline: float | None) -> None:
         """Return once every reader is connected and has acked message ``low - 1``."""
         if self._error is not None:
-            raise _again(self._error)
+            raise again(self._error)
         if self._closed:
             raise ChannelClosed()
         poller = None
@@ -524,21 +307,21 @@ class TcpWriter(PickleEncoder):
             if woke and self.waiter is not None:
                 self.waiter.check(self.check_peers, deadline)
 
-    def _lost(self, c: _Conn, exc) -> None:
+    def _lost(self, c: Conn, exc) -> None:
         if c.closed:
             raise ChannelClosed()
         # an orderly CLOSE may still sit in the socket ahead of the error
         try:
             data = c.rx + c.sock.recv(65536)
             k = len(data) & ~7
-            if k and data[k - 8:k] == _ACK_CLOSE:
+            if k and data[k - 8:k] == CLOSE_ACK:
                 c.closed = True
                 raise ChannelClosed()
         except OSError:
             pass
         if self._closed:
             raise ChannelClosed()
-        _mark_failed(self.waiter, c.proc)
+        mark_failed(self.waiter, c.proc)
         self._break(PeerDied(c.name))
         raise self._error
 
@@ -557,29 +340,23 @@ class TcpWriter(PickleEncoder):
         with self._lock:
             self._closed = True
             self._break(ChannelClosed())
-            conns = self._conns + self._incoming
-            self._conns, self._incoming = [], []
-            ls = self._lsock
-        if ls is not None:
-            try:
-                ls.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            conns, self._conns = self._conns, []
+        conns += self._acceptor.close()      # connections it authenticated and we never took
         self._kick.wake()
         if self._sender is not None and self._sender is not threading.current_thread():
             self._sender.join(1.0)
         for c in conns:
             frame = None if abort or c.queue else (
-                _CLOSE_FRAME if failed is None else _fail_frame(failed))
+                CLOSE_FRAME if failed is None else fail_frame(failed))
             try:
                 if self._ctx is not None:
                     with self._lock:          # the writing thread may be reading acks
                         if frame is not None:
-                            _tls_send(c.sock, [frame])
+                            tls_send(c.sock, [frame])
                         c.sock.shutdown(socket.SHUT_WR)   # drops TLS: the rest is raw
                 else:
                     if frame is not None:
-                        c.sock.send(frame, _NOSIGNAL | _DONTWAIT)
+                        c.sock.send(frame, NOSIGNAL | DONTWAIT)
                     c.sock.shutdown(socket.SHUT_WR)
                 c.sock.recv(65536)     # unread acks would turn our FIN into a reset
             except OSError:

@@ -1,0 +1,172 @@
+"""Tensors in and out of a value: what a tensor-transport edge sends through the
+communicator, and what through the channel.
+
+A "comm" channel (``p2p.py``) carries one value per execution in two parts::
+
+    metadata  the channel's shared-memory ring (a ring.Writer / ring.Reader):
+                Failure              the upstream op failed; no tensors follow
+                (skeleton, specs)    specs: one (shape, dtype code) per tensor, in send
+                                     order; skeleton: the value with each tensor replaced
+                                     by _Slot(i), or None when the value is one bare tensor
+    tensors   the Communicator: one send per non-empty tensor, in spec order, per reader
+
+Tensors are found in dicts, lists, tuples (named too) and dataclass fields, nested; a tensor
+inside any other object travels inside the metadata, pickled (CPU tensors as out-of-band
+buffers; CUDA tensors through torch's own pickling, which is slow). The same tensor object
+twice in a value is sent once and comes back as one tensor in both places.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+
+import torch
+from torch import Tensor
+
+from dagc.runtime.comm.base import Communicator
+
+DTYPES = tuple(d for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+    getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None),
+    getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+    getattr(torch, "uint64", None)) if d is not None)
+CODE = {d: i for i, d in enumerate(DTYPES)}
+_ATOMIC = frozenset({int, float, str, bytes, bool, type(None), complex})
+_is_dataclass = dataclasses.is_dataclass
+_fields = dataclasses.fields
+
+
+class _Slot:
+    """Where tensor ``i`` of the spec list goes back in the value."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __reduce__(self):
+        return (_Slot, (self.i,))
+
+    def __repr__(self) -> str:
+        return f"<tensor {self.i}>"
+
+
+# -- value <-> skeleton + tensors -----------------------------------------------------------
+def strip(v, out: list, seen: dict):
+    """``v`` with every tensor replaced by a _Slot (appended to ``out``); ``v`` itself when it
+    holds none. Never mutates ``v``."""
+    cls = v.__class__
+    if cls in _ATOMIC:
+        return v
+    if isinstance(v, Tensor):
+        slot = seen.get(id(v))
+        if slot is None:
+            slot = seen[id(v)] = _Slot(len(out))
+            out.append(v)
+        return slot
+    if isinstance(v, (dict, list)):
+        new = None
+        for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
+            y = strip(x, out, seen)
+            if y is not x:
+                if new is None:       # copy on first change; a subclass keeps its class
+                    new = cls(v) if cls is dict or cls is list else copy.copy(v)
+                new[k] = y
+        return v if new is None else new
+    if isinstance(v, tuple):
+        items = [strip(x, out, seen) for x in v]
+        for a, b in zip(items, v):
+            if a is not b:
+                return _remake(v, items)
+        return v
+    if _is_dataclass(v) and not isinstance(v, type):
+        new = None
+        for f in _fields(v):
+            x = getattr(v, f.name)
+            y = strip(x, out, seen)
+            if y is not x:
+                if new is None:
+                    new = copy.copy(v)
+                object.__setattr__(new, f.name, y)
+        return v if new is None else new
+    return v
+
+
+def fill(v, ts: list):
+    """Put the received tensors back into the (freshly unpickled, so ours) skeleton."""
+    cls = v.__class__
+    if cls is _Slot:
+        return ts[v.i]
+    if cls in _ATOMIC:
+        return v
+    if isinstance(v, (dict, list)):
+        for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
+            y = fill(x, ts)
+            if y is not x:
+                v[k] = y          # an existing key or index: safe while iterating
+        return v
+    if isinstance(v, tuple):
+        items = [fill(x, ts) for x in v]
+        for a, b in zip(items, v):
+            if a is not b:
+                return _remake(v, items)
+        return v
+    if _is_dataclass(v) and not isinstance(v, type):
+        for f in _fields(v):
+            x = getattr(v, f.name)
+            y = fill(x, ts)
+            if y is not x:
+                object.__setattr__(v, f.name, y)
+        return v
+    return v
+
+
+def _remake(v: tuple, items: list) -> tuple:
+    cls = v.__class__
+    if cls is tuple:
+        return tuple(items)
+    if hasattr(cls, "_make"):          # namedtuple
+        return cls._make(items)
+    return cls(items)
+
+
+def unpicklable_part(v, path: str = "value", depth: int = 0) -> tuple:
+    """(path, object): the innermost part of ``v`` that does not pickle, e.g.
+    ``("value['lock']", <lock>)``; ``v`` itself when no part of it alone fails. Only
+    called for a value that failed to pickle (the error message), never per send."""
+    try:
+        pickle.dumps(v, 5)
+        return None
+    except Exception:
+        pass
+    if depth < 16 and v.__class__ not in _ATOMIC:
+        if isinstance(v, dict):
+            items = [(f"{path}[{k!r}]", x) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            items = [(f"{path}[{i}]", x) for i, x in enumerate(v)]
+        elif _is_dataclass(v) and not isinstance(v, type):
+            items = [(f"{path}.{f.name}", getattr(v, f.name, None)) for f in _fields(v)]
+        else:
+            items = [(f"{path}.{k}", x) for k, x in getattr(v, "__dict__", {}).items()]
+        for p, x in items[:1000]:
+            found = unpicklable_part(x, p, depth + 1)
+            if found is not None:
+                return found
+    return path, v
+
+
+def spec(t: Tensor) -> tuple:
+    return (tuple(t.shape), CODE.get(t.dtype, t.dtype))
+
+
+def device_of(comm: Communicator, device=None) -> torch.device:
+    """The torch device tensors of ``comm`` live on ("cuda" -> the comm's GPU)."""
+    d = device if device is not None else getattr(comm, "device", "cpu")
+    if isinstance(d, torch.device):
+        return d
+    if d == "cuda":
+        index = getattr(comm, "_index", None)
+        return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+    return torch.device(d)
