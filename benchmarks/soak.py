@@ -141,7 +141,7 @@ def soak(executions: int, actors=None, window: int = 4, warmup: int = 1000,
     pids.update(zip(("a", "b", "c"), ray.get([h.pid.remote() for h in (a, b, c)],
                                                timeout=120)))
     cg = dagc.compile(dag, max_inflight=max(8, window), **compile_options)
-    token = cg._token
+    token = cg._session.token
     samples = []
     try:
         def run(start: int, n: int) -> None:

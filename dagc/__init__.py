@@ -6,8 +6,12 @@
         dag = b.fwd.bind(a.fwd.bind(inp))
     with dagc.compile(dag) as cg:
         print(cg.execute(1).get())
+
+``dagc.compile`` is three stages in a row, each of which can be stopped at:
+``dagc.trace(dag)`` -> ``Traced`` (the IR), ``.lower(**options)`` -> ``Lowered`` (schedule
+and generated modules, no actor touched), ``.load()`` -> ``CompiledDag`` (see dagc.stages).
 """
-__version__ = "0.1.0"
+from dagc.version import __version__  # noqa: F401
 
 from ray.dag import InputNode, MultiOutputNode  # noqa: E402  (the same classes as Ray's)
 
@@ -15,6 +19,8 @@ from dagc.api import compile, get  # noqa: E402
 from dagc.errors import (ActorDiedError, CapacityError, CompileError, DagClosedError,  # noqa: E402
                          DagcError, DagTimeoutError, DeadlockError, ExecuteArgumentError,
                          TaskError)
+from dagc.placement import Placement  # noqa: E402
+from dagc.stages import Lowered, Traced, trace  # noqa: E402
 
 
 def __getattr__(name):
@@ -22,7 +28,7 @@ def __getattr__(name):
     if name in ("Schedule", "Action"):
         from dagc import schedule
         return getattr(schedule, name)
-    if name in ("CompiledDag", "DagRef", "Profile", "Profile"):
+    if name in ("CompiledDag", "DagRef", "Profile"):
         from dagc.runtime.driver import compiled
         return getattr(compiled, name)
     if name == "Communicator":
@@ -37,7 +43,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'dagc' has no attribute {name!r}")
 
 
-__all__ = ["compile", "get", "InputNode", "MultiOutputNode", "CompiledDag", "DagRef", "Profile",
-           "Schedule", "Action", "Communicator", "GlooCommunicator", "NcclCommunicator",
-           "DagcError", "CompileError", "DeadlockError", "TaskError", "DagTimeoutError",
-           "CapacityError", "ActorDiedError", "DagClosedError", "ExecuteArgumentError"]
+__all__ = ["compile", "get", "trace", "Traced", "Lowered", "Placement", "InputNode",
+           "MultiOutputNode", "CompiledDag", "DagRef", "Profile", "Schedule", "Action",
+           "Communicator", "GlooCommunicator", "NcclCommunicator", "DagcError", "CompileError",
+           "DeadlockError", "TaskError", "DagTimeoutError", "CapacityError", "ActorDiedError",
+           "DagClosedError", "ExecuteArgumentError"]

@@ -1,4 +1,4 @@
-"""``dagc compile PIPELINE.py [-o DIR] [--run N] [--profile] [--format text|json]``
+"""``dagc compile PIPELINE.py [-o DIR] [--run N] [--profile] [--lower-only] [--format text|json]``
 and ``dagc show DIR``."""
 from __future__ import annotations
 
@@ -85,9 +85,13 @@ def run_n(cg, args: tuple, n: int, show_progress: bool) -> dict:
 
 def cmd_compile(ns) -> int:
     import dagc
+    if ns.lower_only and (ns.run or ns.profile):
+        raise UsageError("--lower-only starts no loops, so it cannot --run or --profile.")
     mod = load_pipeline(ns.pipeline)
     init_ray()
     dag = mod.build()
+    if ns.lower_only:
+        return lower_only(ns, dag)
     t0 = time.perf_counter()
     if ns.format == "text" and sys.stderr.isatty():
         from rich.console import Console
@@ -126,6 +130,29 @@ def cmd_compile(ns) -> int:
     return 0
 
 
+def lower_only(ns, dag) -> int:
+    """Trace and lower ``dag`` for where its actors run (one read-only call each), print
+    the schedule and write the artifacts; no loop is started and no channel made."""
+    from dagc.stages import probe, trace
+    t0 = time.perf_counter()
+    traced = trace(dag)
+    _, placement = probe(traced)
+    lowered = traced.lower(placement=placement)
+    lower_s = time.perf_counter() - t0
+    if ns.format == "text":
+        print(lowered.as_text())
+        print(f"\nlowered in {lower_s * 1e3:.1f} ms (no loops started)")
+    if ns.output:
+        lowered.dump(ns.output)
+        if ns.format == "text":
+            print(f"\nwrote artifacts to {ns.output}/")
+    if ns.format == "json":
+        print(json.dumps({"pipeline": ns.pipeline, "lower_s": lower_s,
+                          "timings_s": dict(lowered.timings),
+                          "schedule": lowered.schedule.to_dict()}, indent=1, default=str))
+    return 0
+
+
 def cmd_show(ns) -> int:
     from dagc.inspect.artifacts import show
     print(show(ns.dir))
@@ -140,6 +167,9 @@ def main(argv=None) -> int:
     c.add_argument("-o", "--output", metavar="DIR", help="write the inspection artifacts here")
     c.add_argument("--run", type=int, metavar="N", default=0, help="execute N times and report latency")
     c.add_argument("--profile", action="store_true", help="record per-op timings (adds trace.json with -o)")
+    c.add_argument("--lower-only", action="store_true",
+                   help="stop after lowering: print the schedule, write the artifacts with -o; "
+                        "start no loops, make no channels")
     c.add_argument("--format", choices=("text", "json"), default="text")
     c.set_defaults(fn=cmd_compile)
     s = sub.add_parser("show", help="print a written artifact directory's schedule")

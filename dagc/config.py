@@ -9,7 +9,7 @@ MALLOC_TUNE = os.environ.get("DAGC_MALLOC_TUNE", "1") != "0"
 VERIFY = os.environ.get("DAGC_VERIFY", "0") == "1"
 
 # Ray's TLS settings, beside dagc's own: when Ray runs with TLS, dagc's TCP channels use it
-# too, with the same certificates (see dagc/runtime/tcp.py, "TLS").
+# too, with the same certificates (see docs/tcp.md, "TLS").
 RAY_TLS_VARS = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
 
 

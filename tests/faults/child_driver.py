@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     cg = dagc.compile(dag)
     for i in range(20):
         assert cg.execute(i).get(timeout=30) == i
-    info = {"token": cg._token, "pid": os.getpid(), "actor_pids": pids}
+    info = {"token": cg._session.token, "pid": os.getpid(), "actor_pids": pids}
     print("DAGC-CHILD " + json.dumps(info), flush=True)
     if mode == "spin":
         deadline = time.monotonic() + 300

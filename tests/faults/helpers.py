@@ -36,8 +36,8 @@ def mapped(pid: int, token: str) -> int:
 
 def inside(instance, token: str) -> dict:
     """Run in an actor (``h.__ray_call__.remote(inside, token)``): its dagc state for one DAG."""
-    from dagc.runtime.actor import loop as worker
-    st = worker.status(instance, token)
+    from dagc.runtime.actor import lifecycle
+    st = lifecycle.status(instance, token)
     return {
         "pid": os.getpid(),
         "running": st["running"],
@@ -163,7 +163,7 @@ def census(instance=None) -> dict:
     """This process's threads, fds, sockets (and listening TCP ones) and dagc's own state:
     what a compile that fails must leave exactly as it found it. Runs in an actor through
     ``__ray_call__`` or in the driver (``census()``)."""
-    from dagc.runtime.actor import loop as worker
+    from dagc.runtime.actor import loop, prepared
     fds = os.listdir("/proc/self/fd")
     socks = set()
     for fd in fds:
@@ -199,7 +199,7 @@ def census(instance=None) -> dict:
             "native_threads": native,
             "dagc_threads": sorted(t.name for t in threading.enumerate()
                                    if t.name.startswith("dagc")),
-            "prepared": sorted(worker._PREPARED), "loops": sorted(worker._LOOPS),
+            "prepared": prepared.tokens(), "loops": sorted(loop.LOOPS),
             "shm_maps": _dagc_maps()}
 
 
@@ -215,15 +215,17 @@ def fake_placement(instance, node: str, ip: str | None = None) -> None:
     instance._dagc_fake = (node, ip)
 
 
-def fake_probe(instance, token: str) -> dict:
-    """``worker.probe`` with the node (and address) set by :func:`fake_placement`."""
-    from dagc.runtime.actor import loop as worker
-    p = worker.probe(instance, token)
+def fake_probe(instance, *args):
+    """``lifecycle.probe`` with the node (and address) set by :func:`fake_placement`."""
+    import dataclasses
+
+    from dagc.runtime.actor import lifecycle
+    p = lifecycle.probe(instance, *args)
     node, ip = getattr(instance, "_dagc_fake", (None, None))
     if node is not None:
-        p["node"] = node
+        p = dataclasses.replace(p, place=dataclasses.replace(p.place, node=node))
     if ip is not None:
-        p["ip"] = ip
+        p = dataclasses.replace(p, ip=ip)
     return p
 
 

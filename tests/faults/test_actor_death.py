@@ -35,7 +35,7 @@ def _chain(a, b, c):
 def test_actor_death_ends_pending_and_later_gets(ray, nodes, how):
     a, b, c = nodes(3)
     cg = dagc.compile(_chain(a, b, c))
-    token = cg._token
+    token = cg._session.token
     try:
         assert [cg.execute(i).get(timeout=30) for i in range(5)] == list(range(5))
         t0 = time.monotonic()              # the fault: submitting it, or ray.kill below
@@ -95,7 +95,7 @@ def test_death_with_no_get_pending_stops_every_loop(ray, nodes):
     with InputNode() as inp:
         dag = MultiOutputNode([a.step.bind(inp), b.step.bind(inp), c.step.bind(inp)])
     cg = dagc.compile(dag)
-    token = cg._token
+    token = cg._session.token
     try:
         assert cg.execute(1).get(timeout=30) == [1, 1, 1]
         t0 = time.monotonic()
@@ -121,7 +121,7 @@ def test_crashed_loop_reports_its_traceback(ray, nodes):
     with InputNode() as inp:
         dag = b.step.bind(a.step.bind(inp))
     cg = dagc.compile(dag)
-    token = cg._token
+    token = cg._session.token
     try:
         assert cg.execute(1).get(timeout=30) == 1
         t0 = time.monotonic()
@@ -173,7 +173,7 @@ def test_death_before_a_collective_names_the_dead_actor(ray, nodes):
     with InputNode() as inp:
         dag = MultiOutputNode(allreduce.bind([w.tensor.bind(inp) for w in (a, b, c)]))
     cg = dagc.compile(dag)
-    token = cg._token
+    token = cg._session.token
     try:
         assert [float(t[0]) for t in cg.execute(0).get(timeout=30)] == [3.0] * 3
         t0 = time.monotonic()

@@ -20,9 +20,11 @@ import pytest
 
 import dagc
 from dagc import InputNode
-from dagc.runtime.driver import compiled
-from dagc.runtime.driver import session as launch
-from dagc.runtime.actor import loop as worker
+import dataclasses
+
+from dagc.runtime.actor import lifecycle, prepared
+from dagc.runtime.actor.plan import PrepareSpec, TcpOut
+from dagc.runtime.driver import compiled, plans
 from tests.faults import helpers
 from tests.faults.helpers import census, segments
 
@@ -71,28 +73,28 @@ def _place(ray, a0, a1, a2, monkeypatch):
     ray.get([a0.__ray_call__.remote(helpers.fake_placement, "fake-node-0"),
              a1.__ray_call__.remote(helpers.fake_placement, "fake-node-1"),
              a2.__ray_call__.remote(helpers.fake_placement, "fake-node-1")], timeout=30)
-    monkeypatch.setattr(worker, "probe", helpers.fake_probe)
+    monkeypatch.setattr(lifecycle, "probe", helpers.fake_probe)
 
 
 def _plan_for_a2(monkeypatch, change):
-    real = launch.LaunchMixin._plan
+    real = plans.actor_plan
 
-    def plan(self, actor, rdv, addrs):
-        p = real(self, actor, rdv, addrs)
-        if actor.id == "a2":
-            change(p)
-        return p
-    monkeypatch.setattr(launch.LaunchMixin, "_plan", plan)
+    def plan(layout, ir, actor, *args):
+        p = real(layout, ir, actor, *args)
+        return change(p) if actor.id == "a2" else p
+    monkeypatch.setattr(plans, "actor_plan", plan)
 
 
 def _missing_segment(p):
-    cid, (seg, index, widx) = next(iter(p.readers.items()))
-    p.readers[cid] = (p.prefix + "c99", index, widx)
+    cid, ring = next(iter(p.readers.items()))
+    return dataclasses.replace(p, readers={
+        **p.readers, cid: dataclasses.replace(ring, segment=p.prefix + "c99")})
 
 
 def _missing_method(p):
     assert "rt.method('step')" in p.source
-    p.source = p.source.replace("rt.method('step')", "rt.method('no_such_method')")
+    return dataclasses.replace(
+        p, source=p.source.replace("rt.method('step')", "rt.method('no_such_method')"))
 
 
 CASES = {
@@ -148,7 +150,7 @@ def _run_once(a0, a1, a2, tensor, names_gone=False):
     with dagc.compile(_chain(a0, a1, a2, tensor)) as cg:
         assert sorted(c.transport for c in cg._ir.channels).count("tcp") == 3
         if names_gone:   # three nodes' control segments and a ring: all names went once
-            assert not segments(cg._token), segments(cg._token)   # their node mapped them
+            assert not segments(cg._session.token), segments(cg._session.token)   # their node mapped them
         assert cg.execute(1).get(timeout=60) is not None
 
 
@@ -161,20 +163,20 @@ def test_prepared_writers_of_a_vanished_driver_expire():
     import time
     from dagc.runtime.channels import tcp
     token = "f" * 24
-    spec = {"tcp": [("c0", 1, 2, (2,), ("a1:Node",))], "secret": tcp.new_secret(),
-            "host": "127.0.0.1", "timeout": 0.1}
-    (host, port), = worker.prepare(None, token, spec).values()
+    spec = PrepareSpec(secret=tcp.new_secret(), host="127.0.0.1", timeout=0.1,
+                       tcp=(TcpOut("c0", 1, 2, (2,), ("a1:Node",)),))
+    (host, port), = prepared.prepare(None, token, spec).values()
     try:
-        w = worker._PREPARED[token]["writers"]["c0"]
+        w = prepared._PREPARED[token]["writers"]["c0"]
         assert w.address == (host, port)
-        worker._expire_prepared()                 # not yet expired: kept
-        assert token in worker._PREPARED
-        worker._PREPARED[token]["expires"] = time.monotonic() - 1
-        worker._expire_prepared()
-        assert token not in worker._PREPARED
+        prepared.expire()                         # not yet expired: kept
+        assert token in prepared.tokens()
+        prepared._PREPARED[token]["expires"] = time.monotonic() - 1
+        prepared.expire()
+        assert token not in prepared.tokens()
         deadline = time.monotonic() + 5
         while any(t.name.endswith(f"{token}:c0") for t in threading.enumerate()):
             assert time.monotonic() < deadline, "the accept thread did not end"
             time.sleep(0.05)
     finally:
-        worker._discard_prepared(token)
+        prepared.discard(token)

@@ -34,11 +34,11 @@ def test_segments_are_private_and_unguessable(ray, nodes):
     try:
         cg = dagc.compile(dag, buffer_size=4096)
         with cg:
-            assert not segments(cg._token), segments(cg._token)   # gone once mapped
+            assert not segments(cg._session.token), segments(cg._session.token)   # gone once mapped
             x = np.ones(100_000)
             # the driver's input ring, a's and b's output rings all grow (.g1)
             assert cg.execute(x).get(timeout=30).sum() == x.sum()
-            assert not segments(cg._token), segments(cg._token)   # followed, so gone
+            assert not segments(cg._session.token), segments(cg._session.token)   # followed, so gone
             assert cg.execute(x).get(timeout=30).sum() == x.sum()
     finally:
         made = created_segments()
@@ -46,15 +46,15 @@ def test_segments_are_private_and_unguessable(ray, nodes):
             made += ray.get(h.__ray_call__.remote(created_segments), timeout=30)
     names = [n for n, _, _ in made]
     assert sum(".g" in n for n in names) == 3 and any("-ctl" in n for n in names), names
-    assert all(n.startswith(f"dagc-{cg._token}-") for n in names), names
+    assert all(n.startswith(f"dagc-{cg._session.token}-") for n in names), names
     for name, mode, uid in made:
         assert NAME.match(name), name
         assert stat.S_ISREG(mode), name
         assert stat.S_IMODE(mode) == 0o600, (name, oct(mode))
         assert uid == os.getuid(), name
     with dagc.compile(c_dag(nodes)) as other:
-        assert other._token != cg._token
-    assert len(cg._token) == 24 and int(cg._token, 16) >= 0   # 96 random bits
+        assert other._session.token != cg._session.token
+    assert len(cg._session.token) == 24 and int(cg._session.token, 16) >= 0   # 96 random bits
 
 
 def c_dag(nodes):

@@ -23,7 +23,7 @@ def _chain(a, b):
 def test_teardown_bounded_while_a_method_sleeps_60s(ray, nodes):
     a, b = nodes(2)
     cg = dagc.compile(_chain(a, b))
-    token = cg._token
+    token = cg._session.token
     assert cg.execute(1).get(timeout=30) == 1
     stuck = cg.execute(("sleep", 1, 60))
     time.sleep(0.5)
@@ -61,7 +61,7 @@ def test_teardown_bounded_while_the_actor_thread_is_busy(ray, nodes):
     a, b = nodes(2)
     pid_b = ray.get(b.pid.remote(), timeout=30)
     cg = dagc.compile(_chain(a, b), teardown_timeout=2.0)
-    token = cg._token
+    token = cg._session.token
     assert cg.execute(1).get(timeout=30) == 1
     busy = b.step.remote(("sleep", 1, 60))
     time.sleep(0.5)
@@ -83,7 +83,7 @@ def test_ctrl_c_during_teardown_still_releases(ray, nodes):
     a, b = nodes(2)
     pid_b = ray.get(b.pid.remote(), timeout=30)
     cg = dagc.compile(_chain(a, b), teardown_timeout=30.0)
-    token = cg._token
+    token = cg._session.token
     b.step.remote(("sleep", 1, 60))                # teardown would wait 30 s for b
     time.sleep(0.3)
     fire, restore = _signal_interrupt()
@@ -114,7 +114,7 @@ def test_dropped_without_teardown(ray, nodes):
     segments, so the actors can be compiled again."""
     a, b = nodes(2)
     cg = dagc.compile(_chain(a, b))
-    token = cg._token
+    token = cg._session.token
     assert cg.execute(1).get(timeout=30) == 1
     del cg
     gc.collect()
@@ -148,7 +148,7 @@ def test_compile_teardown_cycles_do_not_leak(ray, nodes):
     for i in range(25):
         with dagc.compile(dag) as cg:
             assert cg.execute(i).get(timeout=30) == i
-            tokens.append(cg._token)
+            tokens.append(cg._session.token)
     fds1, threads1 = census()
     print(f"\n[fault] 25 compile/teardown cycles: fds {fds0} -> {fds1}, "
           f"threads {threads0} -> {threads1}")

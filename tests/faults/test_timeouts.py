@@ -83,7 +83,8 @@ def test_ref_collected_inside_a_fetch_keeps_the_counts(ray, nodes):
     with InputNode() as inp:
         dag = a.step.bind(inp)
     with dagc.compile(dag, max_inflight=2) as cg:
-        cls = type(cg)
+        runs = cg._runs                        # what DagRef.get() reads through
+        cls = type(runs)
         seen = {}
 
         class Hooked(cls):
@@ -105,18 +106,18 @@ def test_ref_collected_inside_a_fetch_keeps_the_counts(ray, nodes):
             cycle = [r0]
             cycle.append(cycle)    # unreachable once the names go: only gc frees it
             del r0, cycle
-            cg.__class__ = Hooked
+            runs.__class__ = Hooked
             try:
                 assert r1.get(timeout=30) == 1       # reads execution 0 first
             finally:
-                cg.__class__ = cls
+                runs.__class__ = cls
         finally:
             gc.enable()
         assert seen == {"collected": True}
         # execution 0 was dropped, 1 fetched: both places are free again
         refs = [cg.execute(2), cg.execute(3)]
         assert [r.get(timeout=30) for r in refs] == [2, 3]
-        assert cg._submitted - cg._fetched == 0 and not cg._results and not cg._abandoned
+        assert runs.pending == 0 and not runs._results and not runs._abandoned
 
 
 def _signal_interrupt():

@@ -104,7 +104,7 @@ def test_only_argument_encoding_blames_the_arguments(ray, nodes, error):
         with pytest.raises(TypeError, match="could not send its arguments") as ei:
             cg.execute(threading.Lock() if error == "TypeError" else _ReduceFails())
         assert error in str(ei.value)
-        (w,) = cg._writers.values()            # the driver's input channel
+        (w,) = cg._session.writers.values()            # the driver's input channel
         real = w.slot_off
         try:                                   # a dagc bug after the value was encoded
             if error == "TypeError":
@@ -120,7 +120,7 @@ def test_only_argument_encoding_blames_the_arguments(ray, nodes, error):
         assert "slot_off" in str(ei.value) or "subscriptable" in str(ei.value)
         assert any("internal error" in n for n in getattr(ei.value, "__notes__", ()))
         assert ei.traceback[-1].path.name == "ring.py", ei.traceback[-1]
-        assert cg._submitted == 0
+        assert cg._runs.pending == 0
         assert [r.get(timeout=30) for r in [cg.execute(1), cg.execute(2)]] == [1, 2]
 
 

@@ -371,8 +371,8 @@ def _tcp_ends(ends: dict) -> list:
 
 def _actor_tcp_ends(instance, token: str) -> list:
     """Runs in an actor (``__ray_call__``): its loop's TCP ends."""
-    from dagc.runtime.actor import loop as worker
-    loop = worker._LOOPS[token]
+    from dagc.runtime.actor.loop import LOOPS
+    loop = LOOPS[token]
     return _tcp_ends(loop._readers) + _tcp_ends(loop._writers)
 
 
@@ -390,9 +390,9 @@ def check_dagc_tls(ctx) -> dict:
     with dagc.compile(dag) as cg:
         results = [cg.execute(i).get(timeout=60) for i in range(20)]
         big = cg.execute(np.arange(1 << 20)).get(timeout=60)
-        ends = {"driver": _tcp_ends(cg._readers) + _tcp_ends(cg._writers)}
+        ends = {"driver": _tcp_ends(cg._session.readers) + _tcp_ends(cg._session.writers)}
         for name, h in (("a", a), ("b", b)):
-            ends[name] = ray.get(h.__ray_call__.remote(_actor_tcp_ends, cg._token), timeout=60)
+            ends[name] = ray.get(h.__ray_call__.remote(_actor_tcp_ends, cg._session.token), timeout=60)
     flags = [x for es in ends.values() for _, _, files, sock in es for x in (files, sock)]
     return {"env_tls": config.ray_tls() is not None, "ends": ends,
             "all_tls": bool(flags) and all(flags), "none_tls": not any(flags),

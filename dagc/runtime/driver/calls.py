@@ -1,7 +1,10 @@
-"""Calls into the actors, with errors turned into dagc errors."""
+"""Calls into the actors, with errors turned into dagc errors; the probe round."""
 from __future__ import annotations
 
+import os
+
 from dagc.errors import ActorDiedError, CompileError
+from dagc.runtime.actor import lifecycle
 
 
 def ray_get(refs, timeout, procs, what: str):
@@ -22,3 +25,18 @@ def ray_get(refs, timeout, procs, what: str):
             raise CompileError(str(cause)) from None
         raise CompileError(f"failed to {what}: {e}") from None
 
+
+def probe_actors(handles: dict, methods: dict, timeout: float) -> dict:
+    """The probe round: {actor id: lifecycle.Probe} for every actor in ``handles`` (actor id
+    -> ActorHandle); ``methods`` names, per actor, the methods whose source location the
+    probe reports. An actor that already runs another compiled DAG is a CompileError."""
+    ids = list(handles)
+    cwd = os.getcwd()
+    probes = ray_get([handles[a].__ray_call__.remote(lifecycle.probe, "",
+                                                     tuple(methods.get(a, ())), cwd)
+                      for a in ids], timeout, ["driver"] + ids, what="report where they run")
+    for a, p in zip(ids, probes):
+        if p.busy:
+            raise CompileError(f"actor {a} already runs compiled DAG {p.busy[0]}; tear that "
+                               f"DAG down (cg.teardown()) before compiling another on it.")
+    return dict(zip(ids, probes))

@@ -1,12 +1,17 @@
-"""CompiledDag's inspection methods: sources, visualize, dump, profile, HTML."""
+"""Per-op timings: switch every loop to its profiling variant, run, switch back.
+
+The profiling variant of each actor's module (timing calls compiled in) comes from the
+layer that generated the modules, as a callable (``profile_sources``): the runtime never
+renders code itself.
+"""
 from __future__ import annotations
 
 import time
 
+from dagc.errors import DagcError
 from dagc.ir import DRIVER
-from dagc.runtime import channels as ch
-from dagc.runtime.channels.control import C_STATE, SWAP
-from dagc.runtime.actor import loop as worker
+from dagc.runtime.actor import lifecycle
+from dagc.runtime.channels.control import C_STATE, RUNNING, SWAP
 from dagc.runtime.driver.calls import ray_get
 
 
@@ -37,86 +42,72 @@ class Profile:
         return f"<dagc.Profile {n} op records over {len(self.records)} processes>"
 
 
-class InspectMixin:
-    """CompiledDag's inspection side: it reads plain data (schedule, sources, timings)."""
+class Profiler:
+    """Runs profiled executions of one DAG; keeps the last :class:`Profile`.
 
-    _last_profile = None
-    _profiled_sources = None
+    ``profile_sources()`` returns the profiling variant of every actor's module, in the
+    order of ``ir.actors``; it is called once, on the first profile.
+    """
 
-    def sources(self) -> dict:
-        return {a: m.source for a, m in self._modules.items()}
+    def __init__(self, session, runs, ir, profile_sources=None):
+        self._session = session
+        self._runs = runs
+        self._ir = ir
+        self._profile_sources = profile_sources
+        self._sources = None
+        self.last: Profile | None = None
 
-    def visualize(self, format: str = "ascii"):
-        """The dataflow graph: "ascii" (always), "dot", "svg" or "png" (need Graphviz)."""
-        from dagc.inspect.graph import render
-        return render(self.schedule, format)
-
-    def dump(self, directory) -> None:
-        """Write the generated modules, schedule.{txt,json,csv}, graph.dot (+ trace.json)."""
-        from dagc.inspect.artifacts import write_artifacts
-        trace = self._last_profile.trace() if self._last_profile is not None else None
-        write_artifacts(directory, self.schedule, self.sources(), trace)
-
-    def _repr_html_(self) -> str:
-        from dagc.inspect.html import compiled_html
-        return compiled_html(self.schedule, self.sources())
-
-    def profile(self, n: int, *args, **kwargs) -> Profile:
-        """Run ``n`` executions of ``execute(*args, **kwargs)`` with per-op timing.
-
-        The loops switch to their profiling variant (timing calls compiled in) for these
-        executions and back afterwards, so an unprofiled DAG pays nothing.
-        """
-        from dagc.errors import DagcError
-        if self._closed or self._dead:
-            self._raise_closed()
-        if self._submitted != self._fetched:
+    def run(self, n: int, args: tuple, kwargs: dict) -> Profile:
+        runs = self._runs
+        if runs.closed or runs.dead:
+            runs._raise_closed()
+        if runs.pending:
             raise DagcError("profile() needs every earlier execution fetched first; call "
                             "get() on the pending DagRefs.")
-        sched = self.schedule
-        wstep = next((a.step for a in sched.of(DRIVER) if a.kind == "send"), 0)
-        rstep = max((a.step for a in sched.of(DRIVER) if a.kind == "recv"), default=0)
+        sched = self._ir.schedule
+        wstep = next((e.step for e in sched.of(DRIVER) if e.action.kind == "send"), 0)
+        rstep = max((e.step for e in sched.of(DRIVER) if e.action.kind == "recv"), default=0)
+        s = self._session
         self._swap(True)
         drv = []
         try:
             clock = time.monotonic_ns
+            execute = runs.execute
             for i in range(n):
                 s0 = clock()
-                ref = self.execute(*args, **kwargs)
+                ref = execute(*args, **kwargs)
                 s1 = clock()
                 ref.get()
                 drv.append((i, wstep, s0, s1))
                 drv.append((i, rstep, s1, clock()))
-            recs = ray_get([h.__ray_call__.remote(worker.fetch_profile, self._token)
-                             for h in self._handles], 30.0, self._procs, "report timings")
+            recs = ray_get([h.__ray_call__.remote(lifecycle.fetch_profile, s.token)
+                            for h in s.handles], 30.0, s.procs, "report timings")
         finally:
             self._swap(False)
         records = {DRIVER: drv}
         records.update({a.id: r for a, r in zip(self._ir.actors, recs)})
-        self._last_profile = Profile(sched, records)
-        return self._last_profile
+        self.last = Profile(sched, records)
+        return self.last
 
-    def _profile_sources(self) -> list:
-        """The profiling variant of every actor's module, rendered on first use."""
-        if self._profiled_sources is None:
-            from dagc.codegen import render_actor
-            self._profiled_sources = [
-                render_actor(self._ir, self.schedule, a.id, self._origin, profile=True).source
-                for a in self._ir.actors]
-        return self._profiled_sources
+    def _variants(self) -> list:
+        if self._sources is None:
+            if self._profile_sources is None:
+                raise DagcError("this compiled DAG was loaded without its profiling "
+                                "variants; compile it with dagc.compile() to profile it.")
+            self._sources = list(self._profile_sources())
+        return self._sources
 
     def _swap(self, profile: bool) -> None:
         """Park every loop, have it rebind to the (un)profiled module, resume."""
-        from dagc.errors import DagcError
-        self._control.words[C_STATE] = SWAP
+        s = self._session
+        s.control.words[C_STATE] = SWAP
         try:
-            sources = self._profile_sources() if profile else [None] * len(self._handles)
-            ok = ray_get([h.__ray_call__.remote(worker.swap, self._token, src)
-                          for h, src in zip(self._handles, sources)], 30.0, self._procs, "switch loops")
+            sources = self._variants() if profile else [None] * len(s.handles)
+            ok = ray_get([h.__ray_call__.remote(lifecycle.swap, s.token, src)
+                          for h, src in zip(s.handles, sources)], 30.0, s.procs, "switch loops")
         finally:
-            self._control.words[C_STATE] = ch.RUNNING
-            ray_get([h.__ray_call__.remote(worker.resume, self._token) for h in self._handles],
-                    30.0, self._procs, "resume after the switch")
+            s.control.words[C_STATE] = RUNNING
+            ray_get([h.__ray_call__.remote(lifecycle.resume, s.token) for h in s.handles],
+                    30.0, s.procs, "resume after the switch")
         if not all(ok):
             raise DagcError("an actor loop did not pause to switch its profiling mode")
-

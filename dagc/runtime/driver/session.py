@@ -1,32 +1,51 @@
-"""Starting a compiled DAG's loops: segments, the prepare round, plans, the start round.
+"""A compiled DAG's resources in the driver: its token, control segment, channel ends and
+actor handles; starting the loops (the rounds of actor calls) and stopping them.
 
-Compiling takes three rounds of actor calls at most: the probe (in api.py), a prepare round
-only when other nodes or TCP channels are involved, and the start round.
+Compiling takes three rounds of actor calls at most: the probe (``calls.probe_actors``,
+before lowering), a prepare round only when other nodes or TCP channels are involved (each
+other node's first actor creates that node's control and ring segments; TCP writers start
+listening), and the start round (open the ends, form communicators, bind the module, start
+the thread). A :class:`Session` knows nothing of executions (``executions.py``).
 """
 from __future__ import annotations
 
-import linecache
 import os
+import secrets
 import traceback
 
 from dagc.errors import ExecuteArgumentError
 from dagc.ir import DRIVER
 from dagc.runtime import channels as ch
+from dagc.runtime import generated
+from dagc.runtime.actor import lifecycle, prepared
+from dagc.runtime.actor.plan import tcp_channel_name
 from dagc.runtime.channels import shm, sweep
-from dagc.runtime.actor import loop as worker
+from dagc.runtime.driver import plans
 from dagc.runtime.driver.calls import ray_get
 from dagc.runtime.failure import Failure
 
 
-class _DriverRuntime:
+class ArgumentsNotSent(TypeError):
+    """``execute()``'s arguments could not be pickled (raised by the driver's writers)."""
+
+
+def arguments_not_picklable(exc: Exception, value):
+    """The driver's writers' ``on_encode_error``: encoding the user's arguments failed.
+    Only this becomes execute()'s "could not send its arguments" error; anything else
+    raised while submitting is dagc's own bug and propagates as it is."""
+    raise ArgumentsNotSent(f"execute() could not send its arguments to the actors: "
+                           f"{type(exc).__name__}: {exc}. Pass picklable values.") from exc
+
+
+class DriverRuntime:
     """The ``rt`` object the generated driver module binds against."""
 
     Failure = Failure
 
-    def __init__(self, readers, writers, ir):
+    def __init__(self, readers, writers, inputs):
         self._readers = readers
         self._writers = writers
-        self._inputs = ir.inputs
+        self._inputs = inputs
 
     def reader(self, cid):
         return self._readers[cid]
@@ -44,223 +63,230 @@ class _DriverRuntime:
             f"{len(args)} positional and keyword(s) {sorted(kwargs) or 'none'}.")
 
 
-class LaunchMixin:
-    """CompiledDag's start-up side; it fills the driver's ends and ``_submit``/``_collect``."""
+class Session:
+    """One compiled DAG's resources in the driver. ``start()`` runs the rounds and returns
+    the driver module's (submit, collect); ``stop_actors``, ``close_ends``, ``release``
+    undo it."""
 
-    def _ctl_name(self, node: str) -> str:
-        """Each node's control segment (nodes may share a /dev/shm in a test cluster)."""
-        return f"{self._prefix}ctl.{self._nodes.index(node)}"
+    def __init__(self, ir, side, modules, options: dict, probes: dict, driver_node: str):
+        self.ir = ir
+        self.side = side
+        self.modules = modules
+        self.options = options
+        self.probes = probes                     # actor id -> lifecycle.Probe
+        self.token = secrets.token_hex(12)
+        self.layout = plans.Layout.of(ir, self.token, driver_node)
+        self.prefix = self.layout.prefix
+        self.procs = list(self.layout.procs)
+        self.handles = [side.handles[a.id] for a in ir.actors]
+        self.secret = b""
+        self.control = None
+        self.readers: dict = {}
+        self.writers: dict = {}
 
-    def _node_names(self, node: str) -> tuple:
-        """The names of the segments made on ``node`` (its control last): removed by the
-        last of the node's processes to map its ends (``Control.mark_opened``)."""
-        return tuple(self._prefix + c.id for c in self._ir.channels
-                     if not c.over_tcp and self._node_of[c.writer] == node) + (
-            self._ctl_name(node),)
-
-    def _node_procs(self, node: str) -> int:
-        """How many of the DAG's processes run on ``node`` (the driver included)."""
-        return (node == self._driver_node) + sum(a.node == node for a in self._ir.actors)
-
-    def _start(self) -> None:
-        ir = self._ir
-        here = self._driver_node
-        node_of = {a.id: a.node for a in ir.actors}
-        node_of[DRIVER] = here
-        self._node_of = node_of
-        # the first actor on each node sweeps and cleans its segments (the driver its own)
-        self._cleaner = {a.node: a.id for a in reversed(ir.actors)}
-        self._nodes = [here] + sorted({a.node for a in ir.actors} - {here})
+    # -- start ---------------------------------------------------------------------------------
+    def start(self):
+        """Make the segments, run the prepare and start rounds, bind the driver module.
+        On failure everything made so far is stopped and released before raising."""
+        here = self.layout.driver_node
         try:   # this node's segments of DAGs whose processes all died together
             sweep.sweep_stale()
         except OSError:
             pass
-        self._control = ch.Control(self._ctl_name(here), create=True,
-                                   nprocs=self._node_procs(here), index=0, pid=os.getpid())
+        self.control = ch.Control(self.layout.ctl_name(here), create=True,
+                                  nprocs=self.layout.node_procs(here), index=0, pid=os.getpid())
         try:
-            self._launch()
+            return self._launch()
         except BaseException as e:
-            self._closed = True
-            self._stop_actors(wait=True)
-            self._release()
+            self.stop_actors(wait=True)
+            self.close_ends((), 1.0)
+            self.release()
             # let go of the ends now: the exception the caller may keep holds this object
             # and, in its traceback's frames, whatever they referenced (wake pipes, sockets)
-            self._readers, self._writers = {}, {}
+            self.readers, self.writers = {}, {}
             traceback.clear_frames(e.__traceback__)
             raise
 
-    def _launch(self) -> None:
-        ir, opts, here, node_of = self._ir, self._options, self._driver_node, self._node_of
-        for a, probe in zip(ir.actors, self._probes):
+    def _launch(self):
+        ir, opts, layout = self.ir, self.options, self.layout
+        here = layout.driver_node
+        for a in ir.actors:
             if a.node == here:     # a pid means something on its own node only
-                self._control.set_pid(self._index[a.id], probe["pid"])
-        waiter = ch.Waiter(self._control, self._procs, opts["wait"])
-        local = tuple(self._index[a.id] for a in ir.actors if a.node == here)
+                self.control.set_pid(layout.index[a.id], self.probes[a.id].pid)
+        waiter = ch.Waiter(self.control, self.procs, opts["wait"])
+        local = layout.local_actors()
         for c in ir.channels:
-            if not c.over_tcp and node_of[c.writer] == here:
-                ch.create_segment(self._prefix + c.id, len(c.readers), c.slots,
+            if not c.over_tcp and layout.node_of[c.writer] == here:
+                ch.create_segment(self.prefix + c.id, len(c.readers), c.slots,
                                   c.buffer_size).close()
         addrs = self._prepare_nodes(waiter)
         for c in ir.channels:
-            seg = self._prefix + c.id
+            seg = self.prefix + c.id
             if c.writer == DRIVER and not c.over_tcp:
-                self._writers[c.id] = ch.Writer(seg, len(c.readers), c.slots,
-                                                c.buffer_size, waiter, local, create=False)
+                self.writers[c.id] = ch.Writer(seg, len(c.readers), c.slots,
+                                               c.buffer_size, waiter, local, create=False)
             if DRIVER in c.readers:
                 if c.over_tcp:
                     from dagc.runtime.channels import tcp
                     host, port = addrs[c.id]
-                    self._readers[c.id] = tcp.TcpReader(
-                        host, port, self._secret, c.readers.index(DRIVER), waiter,
-                        self._index[c.writer], channel=worker.tcp_channel_name(
-                            self._token, c.id), connect_timeout=opts["start_timeout"])
+                    self.readers[c.id] = tcp.TcpReader(
+                        host, port, self.secret, c.readers.index(DRIVER), waiter,
+                        layout.index[c.writer], channel=tcp_channel_name(self.token, c.id),
+                        connect_timeout=opts["start_timeout"])
                 else:
-                    r = self._readers[c.id] = ch.Reader(seg, c.readers.index(DRIVER),
-                                                        waiter, -1)
+                    r = self.readers[c.id] = ch.Reader(seg, c.readers.index(DRIVER), waiter, -1)
                     r.peers = local
-        for w in self._writers.values():     # execute()'s arguments: see execute()
+        for w in self.writers.values():     # execute()'s arguments: see Executions.execute
             w.on_encode_error = arguments_not_picklable
         # the driver has mapped its ends: the last process here removes the names
-        self._control.mark_opened(self._node_names(here))
-        rdv = self._prepare_comms()
-        plans = [self._plan(a, rdv, addrs) for a in ir.actors]
-        refs = [h.__ray_call__.remote(worker.start, p) for h, p in zip(self._handles, plans)]
-        ray_get(refs, self._options["start_timeout"], self._procs, what="start the loops")
-        ns_drv = {}
-        mod = self._modules[DRIVER]
-        exec(compile(mod.source, mod.filename, "exec"), ns_drv)
-        linecache.cache[mod.filename] = (len(mod.source), None,
-                                         mod.source.splitlines(True), mod.filename)
-        self._submit, self._collect = ns_drv["bind"](_DriverRuntime(self._readers,
-                                                                    self._writers, ir))
+        self.control.mark_opened(layout.node_names(here))
+        comms, rdv = self._prepare_comms()
+        constants = self.side.constants
+        todo = [plans.actor_plan(layout, ir, a, self.modules[a.id], constants, comms, rdv,
+                                 addrs, self.secret, opts["wait"]) for a in ir.actors]
+        refs = [h.__ray_call__.remote(lifecycle.start, p) for h, p in zip(self.handles, todo)]
+        ray_get(refs, opts["start_timeout"], self.procs, what="start the loops")
+        mod = self.modules[DRIVER]
+        ns = generated.load(mod.source, mod.filename)
+        return ns["bind"](DriverRuntime(self.readers, self.writers, ir.inputs))
 
     def _prepare_nodes(self, waiter) -> dict:
         """Round 1: other nodes' leaders create their segments; TCP writers start listening.
 
         Returns {channel id: (host, port)} for every channel carried over TCP.
         """
-        ir, here = self._ir, self._driver_node
-        node_of = self._node_of
-        tcp_chans = [c for c in ir.channels if c.over_tcp]
-        if not tcp_chans and all(a.node == here for a in ir.actors):
+        layout, timeout = self.layout, self.options["start_timeout"]
+        tcp_chans = [c for c in self.ir.channels if c.over_tcp]
+        if not tcp_chans and not layout.spans_nodes():
             return {}
         from dagc.runtime.channels import tcp
-        self._secret = tcp.new_secret()
-        specs: dict[str, dict] = {}
-        leaders = {}
-        for a in ir.actors:
-            if a.node != here and a.node not in leaders:
-                leaders[a.node] = a.id
-                specs[a.id] = {"ctl": self._ctl_name(a.node), "index": self._index[a.id],
-                               "nprocs": self._node_procs(a.node), "segments": [
-                    (self._prefix + c.id, len(c.readers), c.slots, c.buffer_size)
-                    for c in ir.channels
-                    if not c.over_tcp and node_of[c.writer] == a.node]}
-        ip = {a.id: p["ip"] for a, p in zip(ir.actors, self._probes)}
+        self.secret = tcp.new_secret()
         addrs: dict = {}
         for c in tcp_chans:
-            ridx = tuple(self._index[r] for r in c.readers)
-            names = tuple(self._procs[i] for i in ridx)
             if c.writer == DRIVER:
-                tw = tcp.TcpWriter(worker.tcp_channel_name(self._token, c.id), len(c.readers),
-                                   c.slots, self._secret, waiter, ridx, reader_names=list(names),
-                                   connect_timeout=self._options["start_timeout"])
+                ridx = tuple(layout.index[r] for r in c.readers)
+                tw = tcp.TcpWriter(tcp_channel_name(self.token, c.id), len(c.readers),
+                                   c.slots, self.secret, waiter, ridx,
+                                   reader_names=[self.procs[i] for i in ridx],
+                                   connect_timeout=timeout)
                 addrs[c.id] = tw.listen(_driver_ip())
-                self._writers[c.id] = tw
-            else:
-                specs.setdefault(c.writer, {}).setdefault("tcp", []).append(
-                    (c.id, len(c.readers), c.slots, ridx, names))
-        refs = []
-        for aid, spec in specs.items():
-            spec.update(secret=self._secret, host=ip[aid],
-                        timeout=self._options["start_timeout"])
-            refs.append(self._side.handles[aid].__ray_call__.remote(worker.prepare,
-                                                                    self._token, spec))
-        for got in ray_get(refs, self._options["start_timeout"], self._procs,
-                           what="prepare their nodes' channels"):
+                self.writers[c.id] = tw
+        ips = {a: p.ip for a, p in self.probes.items()}
+        specs = plans.prepare_specs(layout, self.secret, ips, timeout)
+        refs = [self.side.handles[aid].__ray_call__.remote(prepared.prepare, self.token, spec)
+                for aid, spec in specs.items()]
+        for got in ray_get(refs, timeout, self.procs, what="prepare their nodes' channels"):
             addrs.update(got)
         return addrs
 
-    def _prepare_comms(self) -> dict:
-        """Rank 0 of every communicator group makes its rendezvous info."""
-        if not self._ir.comm_groups:
-            return {}
+    def _prepare_comms(self) -> tuple[dict, dict]:
+        """Rank 0 of every communicator group makes its rendezvous info. Returns
+        ({group id: unconfigured communicator}, {group id: rendezvous})."""
+        if not self.ir.comm_groups:
+            return {}, {}
         from dagc.runtime.comm.backends import make_communicator
-        self._comm_objs = {}
-        refs = {}
-        for g in self._ir.comm_groups:
-            comm = self._side.communicators.get(g.backend)
+        comms, refs = {}, {}
+        for g in self.ir.comm_groups:
+            comm = self.side.communicators.get(g.backend)
             if comm is None:
                 if g.backend == "custom-option":
-                    comm = self._options["communicator"]
+                    comm = self.options["communicator"]
                 else:
                     comm = make_communicator(g.backend)
-            self._comm_objs[g.id] = comm
-            h = self._side.handles[g.members[0]]
-            refs[g.id] = h.__ray_call__.remote(worker.comm_prepare, comm)
-        vals = ray_get(list(refs.values()), self._options["start_timeout"], self._procs,
-                        what="prepare communicators")
-        return dict(zip(refs.keys(), vals))
+            comms[g.id] = comm
+            h = self.side.handles[g.members[0]]
+            refs[g.id] = h.__ray_call__.remote(lifecycle.comm_prepare, comm)
+        vals = ray_get(list(refs.values()), self.options["start_timeout"], self.procs,
+                       what="prepare communicators")
+        return comms, dict(zip(refs.keys(), vals))
 
-    def _plan(self, actor, rdv, addrs) -> worker.ActorPlan:
-        ir = self._ir
-        readers, writers, comm_channels, tcp_readers = {}, {}, {}, {}
-        groups = {g.id: g for g in ir.comm_groups}
-        for c in ir.channels:
-            seg = self._prefix + c.id
-            over_tcp = c.over_tcp
-            if c.writer == actor.id and not over_tcp:
-                writers[c.id] = (seg, len(c.readers), c.slots, c.buffer_size,
-                                 tuple(self._index[r] for r in c.readers))
-            if c.writer == actor.id and c.transport == "comm":
-                if c.transport == "comm":
-                    g = groups[c.communicator]
-                    comm_channels[c.id] = ("w", c.communicator,
-                                           {r: g.rank(r) for r in c.readers}, c.readers)
-            if actor.id in c.readers and over_tcp:
-                host, port = addrs[c.id]
-                tcp_readers[c.id] = (host, port, c.readers.index(actor.id),
-                                     self._index[c.writer])
-            elif actor.id in c.readers:
-                readers[c.id] = (seg, c.readers.index(actor.id), self._index[c.writer])
-                if c.transport == "comm":
-                    g = groups[c.communicator]
-                    comm_channels[c.id] = ("r", c.communicator, g.rank(c.writer))
-        comm_groups = {}
-        for g in ir.comm_groups:
-            if actor.id in g.members:
-                comm_groups[g.id] = (self._comm_objs[g.id], g.rank(actor.id), len(g.members),
-                                     rdv[g.id])
-        collectives = {}
-        steps = {a.group: a.step for a in ir.schedule.of(actor.id) if a.kind == "coll"}
-        for gid, kid in ir.collectives:
-            if gid in steps:
-                op = next(o for o in ir.ops() if o.group == gid and o.actor == actor.id)
-                collectives[gid] = (kid, op.method, steps[gid])
-        mod = self._modules[actor.id]
-        return worker.ActorPlan(
-            token=self._token, prefix=self._prefix, index=self._index[actor.id],
-            procs=self._procs, actor=actor.id, label=actor.label, filename=mod.filename,
-            source=mod.source,
-            constants=self._side.constants, readers=readers, writers=writers,
-            wait=self._options["wait"], comm_groups=comm_groups, comm_channels=comm_channels,
-            collectives=collectives, ctl=self._ctl_name(actor.node),
-            tcp_readers=tcp_readers, secret=self._secret,
-            node_cleanup=actor.node != self._driver_node
-            and self._cleaner[actor.node] == actor.id,
-            node_names=self._node_names(actor.node))
+    # -- stop ------------------------------------------------------------------------------------
+    def stop_actors(self, wait: bool) -> None:
+        """Close the DAG (the control word), wake the driver's waits, ask every loop to stop;
+        with ``wait``, for at most ``teardown_timeout``."""
+        if self.control is not None:
+            try:
+                self.control.close()
+            except Exception:
+                pass
+        for r in self.readers.values():
+            r.wake()
+        for w in self.writers.values():
+            w.wake_all()
+        refs = []
+        for h in self.handles:
+            try:
+                refs.append(h.__ray_call__.remote(lifecycle.stop, self.token, 2.0))
+            except Exception:
+                pass
+        if wait and refs:
+            import ray
+            try:
+                ray.wait(refs, num_returns=len(refs), timeout=self.options["teardown_timeout"])
+            except Exception:
+                pass
 
+    def close_ends(self, locks, wait: float | None) -> bool:
+        """Unmap the driver's channel ends once no execute() or get() uses them.
 
-class ArgumentsNotSent(TypeError):
-    """``execute()``'s arguments could not be pickled (raised by the driver's writers)."""
+        Takes ``locks`` in order (the submit lock, then the read lock: the order execute()
+        takes them), each for at most ``wait`` seconds, or only if free at once when ``wait``
+        is None; then closes the ends and releases the control. Returns whether it did.
+        """
+        held = []
+        try:
+            for lock in locks:
+                if not (lock.acquire(blocking=False) if wait is None
+                        else lock.acquire(timeout=wait)):
+                    return False
+                held.append(lock)
+            for r in self.readers.values():
+                r.close()
+            for w in self.writers.values():
+                w.close()
+            if self.control is not None:
+                self.control.release()
+            return True
+        finally:
+            for lock in reversed(held):
+                lock.release()
 
+    def release(self) -> None:
+        """Remove whatever is left of the DAG's segments on this node."""
+        shm.unlink_prefix(self.prefix)
 
-def arguments_not_picklable(exc: Exception, value):
-    """The driver's writers' ``on_encode_error``: encoding the user's arguments failed.
-    Only this becomes execute()'s "could not send its arguments" error; anything else
-    raised while submitting is dagc's own bug and propagates as it is."""
-    raise ArgumentsNotSent(f"execute() could not send its arguments to the actors: "
-                           f"{type(exc).__name__}: {exc}. Pass picklable values.") from exc
+    # -- why a loop stopped ----------------------------------------------------------------------
+    def crash_report(self, who: str) -> str | None:
+        """If ``who``'s process is alive, its loop crashed: fetch the traceback."""
+        import ray
+        i = self.procs.index(who) if who in self.procs else -1
+        if i <= 0:
+            return None
+        actor = self.ir.actors[i - 1]
+        if actor.node == self.layout.driver_node and not shm.pid_alive(self.probes[actor.id].pid):
+            return None
+        try:
+            st = ray.get(self.handles[i - 1].__ray_call__.remote(lifecycle.status, self.token),
+                         timeout=2.0)
+            return st.get("crash")
+        except Exception:
+            return None
+
+    def why_stopped(self, who: str) -> str:
+        """What ended the DAG when ``who`` stopped: its death, its loop's crash, or - when
+        that crash came from a peer dying under it (a communicator op whose other end
+        closed) - the peer's death."""
+        crash = self.crash_report(who)
+        if not crash:
+            return f"{who} died (its process is gone)"
+        here = self.layout.driver_node
+        gone = [a.label for a in self.ir.actors
+                if a.node == here and a.label != who and not shm.pid_alive(self.probes[a.id].pid)]
+        if gone:
+            last = crash.strip().splitlines()[-1]
+            return (f"{gone[0]} died (its process is gone); {who}'s dagc loop stopped "
+                    f"after it: {last}")
+        return f"{who} (its dagc loop crashed: {crash.strip()})"
 
 
 def _driver_ip() -> str:

@@ -1,0 +1,302 @@
+"""Executions of a running compiled DAG: submitting, fetching, and the DAG's open/closed state.
+
+:class:`Executions` owns what ``execute()`` and ``DagRef.get()`` touch: the submit and
+fetch counters, the result buffer for out-of-order ``get()``, capacity accounting
+(``max_inflight``), the two locks, and whether the DAG is closed or dead. It holds the
+:class:`~dagc.runtime.driver.session.Session` (the resources) and stops it on teardown or
+when a process of the DAG dies. A :class:`DagRef` holds its Executions, which keeps the
+DAG alive while a result is pending; when neither is referenced any more, a finalizer stops
+the loops and removes the segments.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+from dagc.errors import ActorDiedError, CapacityError, DagClosedError, DagcError, DagTimeoutError
+from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.driver.session import ArgumentsNotSent
+from dagc.runtime.failure import Failure
+
+_LIVE: "weakref.WeakSet[Executions]" = weakref.WeakSet()
+_ATEXIT = False
+_monotonic = time.monotonic
+
+
+def _teardown_all() -> None:
+    for runs in list(_LIVE):
+        try:
+            runs.teardown()
+        except Exception:
+            pass
+
+
+class DagRef:
+    """The result of one execution. ``get()`` blocks until it is there; may be called again."""
+
+    __slots__ = ("_runs", "_idx", "_state", "_value", "__weakref__")
+
+    def __init__(self, runs: "Executions", idx: int):
+        self._runs = runs
+        self._idx = idx
+        self._state = 0          # 0 pending, 1 value, 2 error
+
+    def get(self, timeout: float | None = None):
+        if self._state == 1:
+            return self._value
+        if self._state == 2:
+            raise self._value
+        value = self._runs._fetch(self._idx, timeout)
+        if value.__class__ is Failure:
+            self._value = value.to_error()
+            self._state = 2
+            raise self._value
+        if self._runs._multi:
+            for v in value:
+                if v.__class__ is Failure:
+                    self._value = v.to_error()
+                    self._state = 2
+                    raise self._value
+        self._value = value
+        self._state = 1
+        return value
+
+    def ready(self) -> bool:
+        return self._state != 0 or self._runs._ready(self._idx)
+
+    async def get_async(self):
+        if self.ready():
+            return self.get()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._runs._async_executor(), self.get)
+
+    def __await__(self):
+        return self.get_async().__await__()
+
+    def __del__(self):
+        if self._state == 0:
+            try:
+                self._runs._abandon(self._idx)
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        return f"DagRef(execution={self._idx})"
+
+
+class Executions:
+    """Submitting and fetching executions of one started DAG (see the module docstring).
+
+    ``submit(args, kwargs)`` and ``collect(deadline)`` are the driver module's functions;
+    ``readers`` the driver's reading ends (for ``ready()``).
+    """
+
+    def __init__(self, session, submit, collect, options: dict, multi: bool):
+        self._session = session
+        self._submit = submit
+        self._collect = collect
+        self._readers = session.readers
+        self._max_inflight = options["max_inflight"]
+        self._get_timeout = options["get_timeout"]
+        self._multi = multi
+        self._submitted = 0
+        self._fetched = 0
+        self._read_next = 0
+        self._results: dict[int, object] = {}
+        self._abandoned: set[int] = set()
+        self._dropped: list[int] = []          # abandoned refs not yet accounted
+        self._submit_lock = threading.Lock()
+        self._read_lock = threading.RLock()
+        self._closed = False
+        self._dead: str | None = None
+        self._executor = None
+        _LIVE.add(self)
+        global _ATEXIT
+        if not _ATEXIT:
+            atexit.register(_teardown_all)
+            _ATEXIT = True
+        # dropped without teardown: stop the loops (closed state) and remove the segments
+        self._finalizer = weakref.finalize(self, _finalize, session.prefix, session.control)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def dead(self) -> str | None:
+        """Why the DAG died (None while it did not)."""
+        return self._dead
+
+    @property
+    def pending(self) -> int:
+        """Executions submitted and not yet fetched."""
+        return self._submitted - self._fetched
+
+    # -- execute / get ---------------------------------------------------------------------------
+    def execute(self, *args, **kwargs) -> DagRef:
+        with self._submit_lock:
+            if self._closed or self._dead:     # checked under the lock: teardown takes it too
+                self._raise_closed()
+            if self._submitted - self._fetched >= self._max_inflight:
+                self._make_room()
+            try:
+                self._submit(args, kwargs)
+            except (PeerDied, ChannelClosed) as e:
+                self._on_stop(e)
+            except (ArgumentsNotSent, DagcError):
+                # the arguments could not be pickled (the driver's writers raise this from
+                # the encoder itself, nothing was sent), or do not match the InputNode
+                raise
+            except Exception as e:
+                e.add_note("dagc internal error while submitting an execution (not caused "
+                           "by its arguments); please report it with this traceback.")
+                raise
+            i = self._submitted
+            self._submitted = i + 1
+        return DagRef(self, i)
+
+    def _make_room(self) -> None:
+        # executions whose DagRefs were dropped unfetched free their places once read
+        with self._read_lock:
+            self._take_abandoned()
+            while self._abandoned and self._submitted - self._fetched >= self._max_inflight:
+                self._read_one(self._deadline(None))
+        if self._submitted - self._fetched >= self._max_inflight:
+            raise CapacityError(
+                f"{self._submitted - self._fetched} executions are submitted and not fetched "
+                f"(max_inflight={self._max_inflight}); get() earlier results first, or compile "
+                f"with a larger max_inflight.")
+
+    def _deadline(self, timeout):
+        if timeout is None:
+            timeout = self._get_timeout
+        return None if timeout is None else _monotonic() + timeout
+
+    def _read_one(self, deadline, want: int = -1):
+        """Read the oldest unread execution's outputs.
+
+        Returns them if that execution is ``want``; otherwise keeps them in the result
+        buffer (or drops them, for an abandoned DagRef) and returns ``self``.
+        """
+        try:
+            value = self._collect(deadline)
+        except WaitTimeout:
+            raise DagTimeoutError(
+                f"execution {self._read_next} did not finish within the timeout; its result "
+                f"can still be fetched later with get().") from None
+        except (PeerDied, ChannelClosed) as e:
+            self._on_stop(e)
+        i = self._read_next
+        self._read_next = i + 1
+        if i == want:
+            return value
+        if i in self._abandoned:
+            self._abandoned.discard(i)
+            self._fetched += 1
+        else:
+            self._results[i] = value
+        return self
+
+    def _fetch(self, idx: int, timeout):
+        with self._read_lock:
+            if self._dropped:
+                self._take_abandoned()
+            r = self._results.pop(idx, self)
+            if r is self:
+                if self._closed or self._dead:
+                    self._raise_closed()
+                if idx >= self._submitted or idx < self._read_next:
+                    raise ValueError(f"execution {idx} was never submitted or already fetched")
+                deadline = None if timeout is None and self._get_timeout is None \
+                    else self._deadline(timeout)
+                while r is self:
+                    r = self._read_one(deadline, idx)
+            self._fetched += 1
+            return r
+
+    def _ready(self, idx: int) -> bool:
+        if idx in self._results or self._closed or self._dead:
+            return True            # get() answers at once: the value, or why there is none
+        if idx != self._read_next:
+            return False
+        return all(r.ready() for r in self._readers.values())
+
+    def _abandon(self, idx: int) -> None:
+        """A DagRef died unfetched. Runs from __del__, which garbage collection can run at
+        any bytecode, even inside this DAG's own fetch on this very thread (where the
+        re-entrant read lock would let it in mid-update): so it only enqueues (list.append
+        is atomic); _fetch and _make_room take the queue under the read lock."""
+        if not self._closed:
+            self._dropped.append(idx)
+
+    def _take_abandoned(self) -> None:
+        while self._dropped:
+            idx = self._dropped.pop()
+            if self._results.pop(idx, self) is not self:
+                self._fetched += 1
+            elif idx >= self._read_next:
+                self._abandoned.add(idx)
+
+    def _raise_closed(self):
+        if self._dead:
+            raise ActorDiedError(self._death_message())
+        raise DagClosedError("this compiled DAG was torn down; compile the DAG again to run it.")
+
+    def _death_message(self) -> str:
+        return (f"{self._dead}; the compiled DAG is closed and every pending result is lost. "
+                f"Recreate the actor and compile again.")
+
+
+    def _on_stop(self, e):
+        if isinstance(e, PeerDied) and not self._closed:
+            s = self._session
+            self._dead = s.why_stopped(e.who)
+            s.stop_actors(wait=False)
+            s.release()
+            # unmap our ends now unless another thread is inside execute()/get();
+            # teardown() (or garbage collection) does it otherwise
+            s.close_ends((self._submit_lock, self._read_lock), None)
+            raise ActorDiedError(self._death_message()) from None
+        self._raise_closed()
+
+    # -- teardown ----------------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Stop every loop and release every segment. Idempotent; bounded in time."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        try:
+            self._session.stop_actors(wait=True)
+        finally:                   # even on Ctrl-C while waiting for the actors
+            # an execute()/get() in another thread sees the closed state within a wait
+            # slice and lets go; if it does not, its ends (and the control it polls) stay
+            # mapped until garbage collection rather than vanish under it
+            self._session.close_ends((self._submit_lock, self._read_lock), 1.0)
+            self._session.release()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            self._finalizer.detach()        # nothing left for garbage collection to do
+
+    def _async_executor(self):
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagc-get")
+        return self._executor
+
+    def state(self) -> str:
+        return "closed" if self._closed else ("dead" if self._dead else "running")
+
+
+def _finalize(prefix: str, control=None) -> None:
+    """The DAG was garbage-collected (or the interpreter exits) without teardown."""
+    from dagc.runtime.channels import shm
+    try:
+        if control is not None:
+            control.close()        # the loops see the closed state and stop by themselves
+        shm.unlink_prefix(prefix)
+    except Exception:
+        pass
