@@ -141,7 +141,7 @@ def lower_only(ns, dag) -> int:
     lower_s = time.perf_counter() - t0
     if ns.format == "text":
         print(lowered.as_text())
-        print(f"\nlowered in {lower_s * 1e3:.1f} ms (no loops started)")
+        print(f"\nprobed the actors and lowered in {lower_s * 1e3:.1f} ms (no loops started)")
     if ns.output:
         lowered.dump(ns.output)
         if ns.format == "text":
