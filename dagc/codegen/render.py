@@ -57,13 +57,13 @@ _IDENT = re.compile(r"[^0-9a-zA-Z_]")
 def local(arg: Arg, nfields: int) -> str:
     """The generated-code name of an argument: t3 -> t3, t3.1 -> t3_1, in -> inp,
     $0 -> inp / inp[0], #2 -> k2."""
-    if arg == INPUT:
-        return "inp"
+    if type(arg) is Ref:
+        if arg.index is not None:
+            return f"{arg.op}_{arg.index}"
+        return "inp" if arg == INPUT else arg.op
     if isinstance(arg, Field):
         return "inp" if nfields == 1 else f"inp[{arg.number}]"
-    if isinstance(arg, Const):
-        return f"k{arg.number}"
-    return str(arg).replace(".", "_")
+    return f"k{arg.number}"
 
 
 def _ident(s: str) -> str:
@@ -100,11 +100,12 @@ class _Model:
 def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
                   where: str) -> dict:
     """The template's view of one action. ``where``: the user's method's place, or ""."""
-    comment = f"step {step}  {sched.detail(actor, a)}" + (f"   {where}" if where else "")
-    d = {"kind": a.kind.value, "step": step, "comment": comment}
     k = a.kind
+    d = {"kind": k, "step": step}
     if k in (Kind.CALL, Kind.COLL):
         call = sched.call(a.value)
+        grp = f" [{a.group}]" if a.group else ""
+        d["comment"] = f"step {step}  {call}{grp}" + (f"   {where}" if where else "")
         if k == Kind.CALL:
             fn = m.bind(f"m_{_ident(a.method)}", f"rt.method({a.method!r})")
         else:
@@ -117,14 +118,13 @@ def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
                  target=local(a.value, m.nfields), method=a.method, actor=actor, where=where,
                  outs=[f"{a.value}_{i}" for i in range(n)] if n != 1 else [], num_returns=n)
         return d
+    cid = sched.channel_of(actor, a).id
+    d["comment"] = f"step {step}  {a} via {cid}"
     if k == Kind.WAIT_RECV:
         d.update(target=local(a.value, m.nfields), handle=recv_handle(a.value))
-        return d
-    if k == Kind.WAIT_SEND:
+    elif k == Kind.WAIT_SEND:
         d.update(handles=[send_handle(a.value, p) for p in a.peers])
-        return d
-    cid = sched.channel_of(actor, a).id
-    if k == Kind.READ:
+    elif k == Kind.READ:
         d.update(fn=m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"),
                  target=local(a.value, m.nfields))
     elif k == Kind.WRITE:
@@ -174,7 +174,7 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
         elif a.kind == Kind.READ:
             outputs.append({"target": local(a.value, nfields), "channel": cid,
                             "fn": m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"),
-                            "comment": f"step {step}  {sched.detail(DRIVER, a)}"})
+                            "comment": f"step {step}  {a} via {cid}"})
     if len(outputs) > 1:     # several outputs: wait for all before consuming any
         for o in outputs:
             o["wait"] = m.bind(f"ready_{o['channel']}", f"rt.reader({o['channel']!r}).wait_ready")

@@ -175,10 +175,11 @@ class IR:
         return [self.graph.nodes[n]["op"] for n in self.graph.nodes]
 
     def actor(self, actor_id: str) -> ActorSpec:
-        for a in self.actors:
-            if a.id == actor_id:
-                return a
-        raise KeyError(actor_id)
+        return self._actors_by_id[actor_id]
+
+    @functools.cached_property
+    def _actors_by_id(self) -> dict[str, ActorSpec]:
+        return {a.id: a for a in self.actors}
 
     def replace(self, **changes) -> "IR":
         return dataclasses.replace(self, **changes)

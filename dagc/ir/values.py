@@ -14,9 +14,10 @@ or :data:`COLLECTIVE`.
 """
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 DRIVER = "driver"      # the driver's process name, beside actor ids "a0", "a1", ...
 
@@ -28,7 +29,7 @@ KINDS = (CALL, COLLECTIVE)
 _REF = re.compile(r"([A-Za-z_]\w*)(?:\.(\d+))?")
 
 
-class Arg:
+class Arg(abc.ABC):
     """An op argument: a :class:`Ref`, a :class:`Field` or a :class:`Const` (see module doc)."""
 
     __slots__ = ()
@@ -49,9 +50,12 @@ def _number(text: str) -> int:
     return int(text[1:])
 
 
-@dataclass(frozen=True, slots=True)
-class Ref(Arg):
-    """A value: op ``t3``'s result, element ``t3.1`` of a tuple result, or the input ``in``."""
+class Ref(NamedTuple):
+    """A value: op ``t3``'s result, element ``t3.1`` of a tuple result, or the input ``in``.
+
+    A named tuple (an :class:`Arg` by registration), so the passes' many dict and set
+    lookups by value hash and compare it at C speed.
+    """
 
     op: str                          # the producing op id ("t3"); "in" for INPUT
     index: Optional[int] = None      # the element of a num_returns > 1 result
@@ -66,6 +70,9 @@ class Ref(Arg):
             raise ValueError(f"bad value {text!r}: expected an op id (t3), an element (t3.1) "
                              f"or {INPUT}")
         return Ref(m[1], int(m[2]) if m[2] else None)
+
+
+Arg.register(Ref)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,9 +53,9 @@ class Schedule:
     simulated_steps: Optional[int] = None                # set by the deadlock simulator
 
     def __post_init__(self):
-        # columns may be given as lists of (step, action) pairs
-        object.__setattr__(self, "actions", {a: tuple(Entry(*e) for e in v)
-                                             for a, v in self.actions.items()})
+        # columns may be given as lists of Entries
+        if any(type(v) is not tuple for v in self.actions.values()):
+            object.__setattr__(self, "actions", {a: tuple(v) for a, v in self.actions.items()})
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Schedule) and self.actors == other.actors

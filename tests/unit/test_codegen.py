@@ -205,3 +205,14 @@ def test_comments_and_task_errors_name_the_users_method():
     err = RT.sent[0].to_error()
     assert isinstance(err, KeyError) and err.method == "fwd"
     assert "raised by a1.fwd at pipeline.py:30 Head.fwd (schedule step 5)" in str(err)
+
+
+def test_codegen_imports_no_pass_module():
+    """Codegen reads the IR and the schedule; constants like INPUT come from dagc.ir."""
+    import ast
+    import dagc.codegen
+    for path in Path(dagc.codegen.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n.startswith("dagc.passes") for n in names), path.name
