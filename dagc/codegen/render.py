@@ -14,9 +14,9 @@ from pathlib import Path
 
 import jinja2
 
-import dagc
 from dagc.ir import DRIVER, INPUT, IR, Arg, Const, Field, Ref
 from dagc.schedule import Action, Kind, Schedule
+from dagc.version import __version__
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
 
 
 def _header(ir: IR, actor: str, label: str, origin: str) -> dict:
-    return {"version": dagc.__version__, "graph": ir.fingerprint(), "actor": actor,
+    return {"version": __version__, "graph": ir.fingerprint(), "actor": actor,
             "label": label, "pipeline": ",".join(ir.passes), "origin": origin or "<unknown>"}
 
 
