@@ -115,7 +115,8 @@ def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
         checks = sorted({local(x, m.nfields) for x in call.refs() if isinstance(x, Ref)})
         n = call.num_returns
         d.update(fn=fn, call_args=", ".join(args + kwargs), checks=checks,
-                 target=local(a.value, m.nfields), method=a.method, actor=actor, where=where,
+                 target=local(a.value, m.nfields), method=a.method, actor=actor,
+                 where=repr(where) if where else "",         # a Python literal, or nothing
                  outs=[f"{a.value}_{i}" for i in range(n)] if n != 1 else [], num_returns=n)
         return d
     cid = sched.channel_of(actor, a).id

@@ -30,7 +30,7 @@ def bind(rt):
             try:
                 t0 = m_fwd(inp)
             except Exception as e:
-                t0 = capture(e, "a0", "fwd", 2, "pipeline.py:12 Embed.fwd")
+                t0 = capture(e, "a0", "fwd", 2, 'pipeline.py:12 Embed.fwd')
             # step 3  send t0>a1 via c1
             write_c1(t0)
 

@@ -37,7 +37,7 @@ def bind(rt):
                 try:
                     t1 = m_fwd(t0)
                 except Exception as e:
-                    t1 = capture(e, "a1", "fwd", 5, "pipeline.py:30 Head.fwd")
+                    t1 = capture(e, "a1", "fwd", 5, 'pipeline.py:30 Head.fwd')
             # step 6  t2 = pair(t1) -> 2   pipeline.py:41 Head.pair
             if t1.__class__ is Failure:
                 t2 = first_failure(t1)
@@ -45,7 +45,7 @@ def bind(rt):
                 try:
                     t2 = m_pair(t1)
                 except Exception as e:
-                    t2 = capture(e, "a1", "pair", 6, "pipeline.py:41 Head.pair")
+                    t2 = capture(e, "a1", "pair", 6, 'pipeline.py:41 Head.pair')
             if t2.__class__ is Failure:
                 t2_0 = t2_1 = t2
             else:
@@ -55,7 +55,7 @@ def bind(rt):
                     t2_0 = t2_1 = capture(ValueError(
                         f"pair was bound with num_returns=2 but returned "
                         f"{type(t2).__name__} {str(t2)[:80]}: {e}"),
-                        "a1", "pair", 6, "pipeline.py:41 Head.pair")
+                        "a1", "pair", 6, 'pipeline.py:41 Head.pair')
             # step 7  send t2.0>driver via c2
             write_c2(t2_0)
             # step 8  send t2.1>driver via c3

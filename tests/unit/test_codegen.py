@@ -170,7 +170,7 @@ def test_comments_and_task_errors_name_the_users_method():
     ir = compile_ir(CASES["chain_places"](), methods=METHODS["chain_places"])
     src = render_all(ir)["a1"].source
     assert "# step 5  t1 = fwd(t0)   pipeline.py:30 Head.fwd\n" in src
-    assert 'capture(e, "a1", "pair", 6, "pipeline.py:41 Head.pair")' in src
+    assert 'capture(e, "a1", "pair", 6, \'pipeline.py:41 Head.pair\')' in src
     from dagc.runtime import failure as fl
 
     def boom(x):
