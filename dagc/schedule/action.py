@@ -132,13 +132,6 @@ class Entry(NamedTuple):
     def __str__(self) -> str:
         return str(self.action)
 
-    def __getattr__(self, name: str):
-        # Transitional, for runtime code written against the old Action (entry.kind,
-        # entry.group): read entry.action.kind instead. Underscore names are not forwarded.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.action, name)
-
 
 _CALL = re.compile(r"(\S+) = (\S+)\((.*)\)(?: -> (\d+))?")
 

@@ -141,10 +141,11 @@ def test_unknown_action_kind_is_refused_on_load():
         Action.from_dict(d)
 
 
-def test_entries_still_read_like_the_old_actions():
-    """Transitional: code that reads entry.kind / entry.group keeps working."""
+def test_an_entry_is_a_step_and_an_action():
     e = collective_sample().of("a0")[-2]
-    assert (e.kind, e.group, e.step) == ("coll", "g0", e[0]) and str(e) == str(e.action)
+    assert (e.action.kind, e.action.group, e.step) == ("coll", "g0", e[0])
+    assert str(e) == str(e.action)
+    assert not hasattr(e, "kind")
 
 
 def test_marks_in_table():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from dagc.ir import DRIVER
+from dagc.schedule import Kind
 from dagc.runtime.actor.plan import (ActorPlan, CollectiveOp, CommIn, CommOut, Membership,
                                      PrepareSpec, RingIn, RingOut, TcpIn, TcpOut)
 from dagc.runtime.channels import shm
@@ -118,7 +119,7 @@ def actor_plan(layout: Layout, ir, actor, module, constants, communicators: Mapp
     member = {g.id: Membership(communicators[g.id], g.rank(me), len(g.members), rendezvous[g.id])
               for g in ir.comm_groups if me in g.members}
     collectives = {}
-    steps = {e.action.group: e.step for e in ir.schedule.of(me) if e.action.kind == "coll"}
+    steps = {e.action.group: e.step for e in ir.schedule.of(me) if e.action.kind is Kind.COLL}
     for gid, kid in ir.collectives:
         if gid in steps:
             op = next(o for o in ir.ops() if o.group == gid and o.actor == me)

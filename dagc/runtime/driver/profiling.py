@@ -10,6 +10,7 @@ import time
 
 from dagc.errors import DagcError
 from dagc.ir import DRIVER
+from dagc.schedule import Kind
 from dagc.runtime.actor import lifecycle
 from dagc.runtime.channels.control import C_STATE, RUNNING, SWAP
 from dagc.runtime.driver.calls import ray_get
@@ -65,8 +66,8 @@ class Profiler:
             raise DagcError("profile() needs every earlier execution fetched first; call "
                             "get() on the pending DagRefs.")
         sched = self._ir.schedule
-        wstep = next((e.step for e in sched.of(DRIVER) if e.action.kind == "send"), 0)
-        rstep = max((e.step for e in sched.of(DRIVER) if e.action.kind == "recv"), default=0)
+        wstep = next((e.step for e in sched.of(DRIVER) if e.action.kind is Kind.WRITE), 0)
+        rstep = max((e.step for e in sched.of(DRIVER) if e.action.kind is Kind.READ), default=0)
         s = self._session
         self._swap(True)
         drv = []
