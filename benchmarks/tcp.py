@@ -9,7 +9,12 @@ message it reads on ``fwd`` back on ``back`` (the channels' window is 8). Measur
 - ``rtt``: round trip of a small int, one message at a time (2 hops, acks included):
   p50 / p90 / p99 in microseconds over ``--n`` trips after a warm-up;
 - ``small/s``: small ints streamed through the echo with the window full: messages/s;
-- ``1MiB``: a 1 MiB numpy array streamed the same way: round trips/s and MB/s each way.
+- ``1MiB``: a 1 MiB numpy array streamed the same way: round trips/s and MB/s each way;
+- ``big``: a ``--big-mib`` (64) MiB numpy array's round trip through the echo, one at a
+  time (median of ``--big-reps``), next to the same bytes' round trip over a plain
+  loopback socket pair between two processes in the same run (``sendall`` / ``recv_into``
+  a preallocated buffer: the floor); ``big_vs_socket`` = socket time / channel time
+  (1.0 = as fast as a bare socket; the target is >= 0.7).
 
 TLS mode makes a throw-away CA and certificate (``tests/tls_certs.py``: the cryptography
 package or the openssl command) and runs both ends with them, as ``RAY_USE_TLS=1`` would.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +60,58 @@ w.close()
 """
 
 
+PLAIN_ECHO = r"""
+import socket, sys
+n, port = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+buf = bytearray(n)
+mv = memoryview(buf)
+while True:
+    got = 0
+    while got < n:
+        k = s.recv_into(mv[got:])
+        if not k:
+            sys.exit(0)
+        got += k
+    s.sendall(buf)
+"""
+
+
+def plain_socket_rtt(nbytes: int, reps: int) -> float:
+    """Median seconds of one ``nbytes`` round trip over a bare loopback TCP connection to
+    a child that echoes it (recv_into a preallocated buffer, sendall): the floor."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-c", PLAIN_ECHO, str(nbytes),
+                          str(ls.getsockname()[1])], env=env)
+    try:
+        ls.settimeout(30)
+        s, _ = ls.accept()
+        s.settimeout(120)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        out = np.ones(nbytes, dtype=np.uint8)
+        back = bytearray(nbytes)
+        mv = memoryview(back)
+        ts = []
+        for _ in range(reps + 1):                 # the first one warms up
+            t0 = time.perf_counter()
+            s.sendall(out)
+            got = 0
+            while got < nbytes:
+                got += s.recv_into(mv[got:])
+            ts.append(time.perf_counter() - t0)
+        s.close()
+        return sorted(ts[1:])[len(ts[1:]) // 2]
+    finally:
+        ls.close()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
 def _first_line(p: subprocess.Popen, timeout: float = 30.0) -> str:
     out = []
     t = threading.Thread(target=lambda: out.append(p.stdout.readline()), daemon=True)
@@ -80,7 +138,7 @@ def _stream(w, r, values, window: int = 8) -> float:
     return time.perf_counter() - t0
 
 
-def run_mode(mode: str, n: int, tls_files=None) -> dict:
+def run_mode(mode: str, n: int, tls_files=None, big_mib: int = 64, big_reps: int = 5) -> dict:
     """One mode's figures (see the module docstring)."""
     tls = tuple(tls_files) if mode == "tls" else None
     secret = new_secret()
@@ -111,9 +169,25 @@ def run_mode(mode: str, n: int, tls_files=None) -> dict:
         big = np.ones(1 << 20, dtype=np.uint8)
         nbig = max(4, n // 50)
         secs = _stream(w, r, [big] * nbig)
-        return {"mode": mode, "n": n, "rtt_p50_us": pct[0.5], "rtt_p90_us": pct[0.9],
-                "rtt_p99_us": pct[0.99], "small_per_s": n / small,
-                "mib_round_trips_per_s": nbig / secs, "mib_mb_per_s": nbig * 1.048576 / secs}
+        out = {"mode": mode, "n": n, "rtt_p50_us": pct[0.5], "rtt_p90_us": pct[0.9],
+               "rtt_p99_us": pct[0.99], "small_per_s": n / small,
+               "mib_round_trips_per_s": nbig / secs, "mib_mb_per_s": nbig * 1.048576 / secs}
+        if big_mib:
+            huge = np.ones(big_mib << 20, dtype=np.uint8)
+            ts = []
+            for i in range(big_reps + 1):           # the first one warms up
+                huge[0] = i
+                t0 = time.perf_counter()
+                w.write(huge, deadline + 600)
+                got = r.read(deadline + 600)
+                ts.append(time.perf_counter() - t0)
+                assert got[0] == i and got.size == huge.size
+                del got
+            chan = sorted(ts[1:])[len(ts[1:]) // 2]
+            sock = plain_socket_rtt(big_mib << 20, big_reps)
+            out.update(big_mib=big_mib, big_rtt_ms=chan * 1e3, socket_rtt_ms=sock * 1e3,
+                       big_vs_socket=sock / chan)
+        return out
     finally:
         w.close()
         if r is not None:
@@ -125,7 +199,8 @@ def run_mode(mode: str, n: int, tls_files=None) -> dict:
             p.wait(10)
 
 
-def run(n: int = 5000, modes=("plain", "tls")) -> list[dict]:
+def run(n: int = 5000, modes=("plain", "tls"), big_mib: int = 1,
+        big_reps: int = 2) -> list[dict]:
     results = []
     tmp = None
     files = None
@@ -140,7 +215,7 @@ def run(n: int = 5000, modes=("plain", "tls")) -> list[dict]:
             leaf = tls_certs.make_cert(tmp.name, "node", ca)
             files = (leaf.cert, leaf.key, ca.cert)
         for mode in modes:
-            results.append(run_mode(mode, n, files))
+            results.append(run_mode(mode, n, files, big_mib, big_reps))
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -154,6 +229,13 @@ def table(results: list[dict]) -> str:
         lines.append(f"{r['mode']:<5}  {r['rtt_p50_us']:>6.0f} us  {r['rtt_p90_us']:>4.0f} us"
                      f"  {r['rtt_p99_us']:>4.0f} us  {r['small_per_s']:>12,.0f}"
                      f"  {r['mib_round_trips_per_s']:>13,.0f}  {r['mib_mb_per_s']:>10,.0f}")
+    if any("big_rtt_ms" in r for r in results):
+        lines += ["", "mode   big value  channel rtt  plain socket rtt  socket / channel",
+                  "-----  ---------  -----------  ----------------  ----------------"]
+        for r in results:
+            if "big_rtt_ms" in r:
+                lines.append(f"{r['mode']:<5}  {r['big_mib']:>5} MiB  {r['big_rtt_ms']:>8.1f} ms"
+                             f"  {r['socket_rtt_ms']:>13.1f} ms  {r['big_vs_socket']:>16.2f}")
     return "\n".join(lines)
 
 
@@ -162,13 +244,16 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=5000, help="round trips / small messages")
     ap.add_argument("--modes", default="plain,tls")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--big-mib", type=int, default=64,
+                    help="size of the big-value round trip vs a plain socket (0: skip)")
+    ap.add_argument("--big-reps", type=int, default=5)
     args = ap.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     bad = set(modes) - {"plain", "tls"}
     if bad:
         ap.error(f"unknown modes {sorted(bad)}; use plain and/or tls")
     print(f"TCP channel over loopback, 2 processes, window 8, n={args.n}", flush=True)
-    res = run(args.n, modes)
+    res = run(args.n, modes, args.big_mib, args.big_reps)
     print(table(res))
     if args.json:
         with open(args.json, "w") as f:

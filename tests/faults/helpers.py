@@ -240,8 +240,8 @@ def record_creates(instance=None) -> None:
         real = shm._test_real_create = shm.create
         shm._test_created = []
 
-        def create(name, size):
-            mm = real(name, size)
+        def create(name, size, *args, **kwargs):
+            mm = real(name, size, *args, **kwargs)
             st = os.lstat(shm.path(name))
             shm._test_created.append((name, st.st_mode, st.st_uid))
             return mm

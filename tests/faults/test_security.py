@@ -16,7 +16,7 @@ from dagc import InputNode
 from dagc.runtime.channels import control, segment, shm, sweep
 from tests.faults.helpers import created_segments, record_creates, segments
 
-NAME = re.compile(r"^dagc-[0-9a-f]{24}-(ctl(\.\d+)?|c\d+(\.g\d+)?)$")
+NAME = re.compile(r"^dagc-[0-9a-f]{24}-(ctl(\.\d+)?|c\d+(\.x\d+)?)$")
 
 
 @pytest.mark.timeout(120)
@@ -36,7 +36,8 @@ def test_segments_are_private_and_unguessable(ray, nodes):
         with cg:
             assert not segments(cg._session.token), segments(cg._session.token)   # gone once mapped
             x = np.ones(100_000)
-            # the driver's input ring, a's and b's output rings all grow (.g1)
+            # the driver's input ring, a's and b's output rings all make a big-value
+            # segment (.x1) for it
             assert cg.execute(x).get(timeout=30).sum() == x.sum()
             assert not segments(cg._session.token), segments(cg._session.token)   # followed, so gone
             assert cg.execute(x).get(timeout=30).sum() == x.sum()
@@ -45,7 +46,8 @@ def test_segments_are_private_and_unguessable(ray, nodes):
         for h in (a, b):
             made += ray.get(h.__ray_call__.remote(created_segments), timeout=30)
     names = [n for n, _, _ in made]
-    assert sum(".g" in n for n in names) == 3 and any("-ctl" in n for n in names), names
+    assert {n.rsplit("-", 1)[1] for n in names if ".x" in n} >= {"c0.x1", "c1.x1", "c2.x1"} \
+        and any("-ctl" in n for n in names), names
     assert all(n.startswith(f"dagc-{cg._session.token}-") for n in names), names
     for name, mode, uid in made:
         assert NAME.match(name), name
@@ -170,8 +172,8 @@ def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path,
     A real stale DAG next to it is still swept."""
     dead = _dead_pid()
     live = f"dagc-{secrets.token_hex(12)}-"           # the victim: a grown ring in use
-    segment.create_segment(live + "c0.g1", 1, 2, 64).close()
-    seg = memoryview(shm.open_existing(live + "c0.g1")).cast("q")
+    segment.create_segment(live + "c0.x1", 1, 2, 64).close()
+    seg = memoryview(shm.open_existing(live + "c0.x1")).cast("q")
     seg[4] = seg[25] = os.getpid()                    # its writer's and reader's pids
     stale = f"dagc-{secrets.token_hex(12)}-"          # a real leftover, to show the sweep runs
     _write(shm.path(stale + "ctl.0"), _ctl_bytes([dead]))
@@ -202,7 +204,7 @@ def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path,
         stale_now = sweep.stale_prefixes()
         assert live not in stale_now and (stale in stale_now or not ours), stale_now
         sweep.sweep_stale()
-        assert os.path.exists(shm.path(live + "c0.g1")), "the live DAG's segment was removed"
+        assert os.path.exists(shm.path(live + "c0.x1")), "the live DAG's segment was removed"
         after = os.lstat(planted)                     # untouched, not even replaced
         assert (after.st_ino, after.st_mode, after.st_uid, after.st_size) == \
                (before.st_ino, before.st_mode, before.st_uid, before.st_size)
@@ -217,28 +219,26 @@ def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path,
                 os.rmdir(p)
             elif os.path.lexists(p):
                 os.unlink(p)
-        shm.unlink(live + "c0.g1")
+        shm.unlink(live + "c0.x1")
         shm.unlink_prefix(stale)
 
 
 @pytest.mark.timeout(60)
-def test_sweep_removes_grown_rings_whose_processes_all_died(monkeypatch):
-    """A grown ring's name lives until its last reader follows it; if every process of
-    the DAG dies in that window, the ring (whose control segment is gone since start)
-    is recognised by the pids in its own header: removed when all of them are dead,
-    kept while any lives or none is recorded yet, and never when it is not a well-formed
-    ring of this user's."""
+def test_sweep_removes_big_value_segments_whose_processes_all_died(monkeypatch):
+    """A big-value segment's name lives until its last reader maps it; if every process
+    of the DAG dies in that window, the segment (whose control segment is gone since
+    start) is recognised by the pids in its own header: removed when all of them are
+    dead, kept while any lives or none is recorded yet, and never when it is not a
+    well-formed segment of this user's."""
     dead = _dead_pid()
     made = {}
 
     def ring(kind, writer, readers, extra=b""):
-        name = f"dagc-{secrets.token_hex(12)}-c4.g2"
-        segment.create_segment(name, len(readers), 2, 64).close()
-        mm = shm.open_existing(name)
+        name = f"dagc-{secrets.token_hex(12)}-c4.x2"
+        mm = segment.create_big(name, len(readers), 1, 8192, writer)
         w = memoryview(mm).cast("q")
-        w[segment.W_WPID] = writer
         for r, pid in enumerate(readers):
-            w[segment.rpid_word(r)] = pid
+            w[segment.big_rpid_word(r)] = pid
         w.release()
         mm.close()
         if extra:

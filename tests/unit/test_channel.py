@@ -93,41 +93,51 @@ def test_read_deadline_and_nothing_consumed(prefix):
     assert r.read() == "late"
 
 
-def test_growth_keeps_order_and_frees_old_segments(prefix):
+def test_big_values_keep_order_and_only_their_slot_grows(prefix):
+    """Payloads bigger than a slot go to that slot's own big-value segment: messages stay
+    in order and intact while unread across big writes, the ring itself never grows (the
+    old design re-made the whole ring, nslots x the largest value), and every big-value
+    segment's name is gone once its reader mapped it."""
     _, _, w, (r,) = _setup(prefix, slots=3, capacity=256)
+    ring_size = os.path.getsize(shm.path(prefix + "c0"))
     deadline = time.monotonic() + 10
-    for batch in ([10, 5000], [10, 100_000], [3, 50], [400_000]):
-        for n in batch:      # messages stay unread across a growth
+    for batch in ([10, 5000], [10, 100_000], [3, 50], [400_000], [300_000, 200_000, 9]):
+        for n in batch:      # messages stay unread across a big write
             w.write(np.full(n, n % 256, dtype=np.uint8), deadline)
-        for n in batch:
-            a = r.read(deadline)
+        got = [r.read(deadline) for _ in batch]
+        for n, a in zip(batch, got):
             assert a.size == n and (a == n % 256).all()
-    w.write(0, deadline)  # lets the writer retire segments every reader has left
+        del got, a
+    w.write(0, deadline)
     assert r.read(deadline) == 0
-    # every grown segment's name went once its reader followed (mappings stay); the
-    # writer retired the first one's
-    assert _names(prefix) == [prefix + "ctl"]
+    assert os.path.getsize(shm.path(prefix + "c0")) == ring_size
+    assert _names(prefix) == [prefix + "c0", prefix + "ctl"]
+    # memory follows what is in flight: at most one big segment per slot that held a big
+    # value at once (3 here), sized to its value, not nslots x the largest value
+    st = w.stats()
+    assert st["big_segments"] <= 3 and st["big_bytes"] <= 3 * (400_000 + 2 * segment.PAGE)
 
 
 def _names(prefix):
     return sorted(p for p in os.listdir(shm.SHM_DIR) if p.startswith(prefix))
 
 
-def test_grown_segment_name_goes_when_its_last_reader_follows(prefix):
-    """The name of a grown segment exists only until every reader has mapped it: the last
-    reader to follow the MOVED record removes it, before the writer writes again."""
+def test_big_segment_name_goes_when_its_last_reader_maps_it(prefix):
+    """A big-value segment's name exists only until every reader has mapped it: the last
+    reader to map it removes it, before the writer writes again."""
     _, _, w, (r1, r2) = _setup(prefix, nreaders=2, slots=2, capacity=256)
     deadline = time.monotonic() + 10
-    w.write(np.zeros(10_000, dtype=np.uint8), deadline)       # grows: c0.g1
-    grown = f"{prefix}c0.g1"
-    assert grown in _names(prefix)
+    w.write(np.zeros(10_000, dtype=np.uint8), deadline)       # slot 0's big segment: c0.x1
+    big = f"{prefix}c0.x1"
+    assert big in _names(prefix)
     assert r1.read(deadline).size == 10_000
-    assert grown in _names(prefix)                             # r2 has not mapped it yet
+    assert big in _names(prefix)                               # r2 has not mapped it yet
     assert r2.read(deadline).size == 10_000
-    assert grown not in _names(prefix)                         # nobody opens it by name again
+    assert big not in _names(prefix)                           # nobody opens it by name again
     for i in range(5):                                         # and the channel goes on
         w.write(np.full(9000, i, dtype=np.uint8), deadline)
         assert r1.read(deadline)[0] == i and r2.read(deadline)[-1] == i
+    assert _names(prefix) == [prefix + "c0", prefix + "ctl"]
     st = w.w                                                   # pids recorded for the sweep
     assert st[segment.W_WPID] == os.getpid()
     assert st[segment.rpid_word(0)] == st[segment.rpid_word(1)] == os.getpid()
@@ -211,7 +221,8 @@ def _writer_proc(prefix, nreaders, slots, capacity, seed, count, mode):
     deadline = time.monotonic() + 60
     for i in range(count):
         n = rng.choice([0, 1, 7, 100, capacity - 64, capacity, capacity + 1, 3 * capacity,
-                        rng.randrange(0, 4 * capacity)])
+                        rng.randrange(0, 4 * capacity),
+                        rng.randrange(segment.ZERO_COPY_MIN, 4 * segment.ZERO_COPY_MIN)])
         if rng.random() < 0.5:
             value = (i, np.full(n // 8 + 1, i, dtype=np.int64))
         else:
@@ -227,13 +238,23 @@ def _reader_proc(prefix, index, count, seed, mode, out):
     r = ch.Reader(prefix + "c0", index, waiter)
     deadline = time.monotonic() + 60
     bad = 0
+    held = []            # values kept a while (leased views): never overwritten under us
+
+    def intact(i, payload):
+        return (((payload == i).all()) if isinstance(payload, np.ndarray)
+                else payload == bytes([i % 256]) * len(payload))
+
     for i in range(count):
         j, payload = r.read(deadline)
-        ok = j == i and (((payload == i).all()) if isinstance(payload, np.ndarray)
-                         else payload == bytes([i % 256]) * len(payload))
-        bad += not ok
+        bad += not (j == i and intact(i, payload))
+        if rng.random() < 0.3:
+            held.append((i, payload))
+        if held and rng.random() < 0.25:
+            k, v = held.pop(rng.randrange(len(held)))
+            bad += not intact(k, v)
         if rng.random() < 0.05 * index:
             time.sleep(rng.random() * 0.002)    # readers at different speeds
+    bad += sum(not intact(k, v) for k, v in held)
     out.put((index, bad))
     r.close()
 
@@ -282,11 +303,23 @@ def test_stress_multi_process(prefix, mode):
     np.zeros(2, dtype=[("x", "i4"), ("y", "f8")]),   # structured: pickled instead
     np.array([{"a": 1}, None], dtype=object),        # objects: pickled instead
 ])
-def test_array_values_round_trip_exactly(prefix, arr):
+@pytest.mark.parametrize("reps", [1, 20_000])          # copied (small) and leased views
+def test_array_values_round_trip_exactly(prefix, arr, reps):
+    """Arrays come back equal, with their dtype and shape, and read-only (as Ray Compiled
+    Graph's are: a view of the slot, or for small payloads a private copy that behaves
+    the same), except where pickle itself builds the array in-band (object arrays,
+    non-contiguous ones); ``np.array(x)`` gives a writeable copy."""
+    if reps > 1:
+        arr = np.concatenate([arr.reshape(-1)] * reps) if arr.ndim else arr
     _, _, w, (r,) = _setup(prefix, capacity=64)
     w.write(arr)
     got = r.read()
     assert type(got) is np.ndarray and got.dtype == arr.dtype and got.shape == arr.shape
     assert got.tolist() == arr.tolist()
-    if arr.dtype.kind not in "OV":
-        assert got.flags.writeable
+    in_band = arr.dtype.kind == "O" or not (arr.flags.c_contiguous or arr.flags.f_contiguous)
+    assert got.flags.writeable == in_band
+    if not in_band:
+        with pytest.raises(ValueError, match="read-only"):
+            got[...] = got
+    mine = np.array(got)
+    assert mine.flags.writeable and mine.tolist() == arr.tolist()

@@ -179,10 +179,14 @@ def test_out_of_band_arrays_are_aligned_and_owned(closing):
     w.write((a, b"tail", a[:7].copy()))
     x, tail, y = r.read(soon())
     for arr in (x, y):
-        assert arr.flags.writeable and arr.flags.aligned
+        # read-only, as arrays from a shm slot (and Ray Compiled Graph's) are
+        assert not arr.flags.writeable and arr.flags.aligned
         assert arr.__array_interface__["data"][0] % 64 == 0
-    x[0] = 5.0                      # the reader's own memory, not the sender's
-    assert a[0] == 0.0 and np.array_equal(x[1:], a[1:]) and tail == b"tail"
+    a[0] = 5.0                      # the reader's own memory, not the sender's
+    assert x[0] == 0.0 and np.array_equal(x[1:], a[1:]) and tail == b"tail"
+    mine = np.array(x)
+    mine[0] = 7.0
+    assert mine.flags.writeable and x[0] == 0.0
 
 
 def test_torch_tensors_go_out_of_band(closing):

@@ -1,8 +1,10 @@
 """Channels: how values move between the processes of a compiled DAG.
 
     shm.py        segments in /dev/shm and futexes: the kernel facilities the rest stands on
-    segment.py    one ring segment's memory layout, and making one
-    ring.py       the shared-memory ring: Writer, Reader (one writer, many readers)
+    segment.py    a ring segment's and a big-value segment's memory layout, and making them
+    ring.py       the shared-memory ring's protocol and its Writer (one writer, many readers)
+    ring_reader.py  its Reader: zero-copy leased views, big-value segments
+    bigvalue.py   payload layouts both ends share; a process's mapping of a big-value segment
     control.py    the DAG's control segment on each node; Waiter (how every wait waits)
     serialize.py  the pickle encoder both channel kinds use
     sweep.py      removing what DAGs whose processes all died left in /dev/shm

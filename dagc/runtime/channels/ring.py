@@ -1,31 +1,70 @@
-"""Shared-memory ring channels: one writer, any number of readers, ``slots`` messages.
+"""Shared-memory ring channels: one writer, any number of readers, ``nslots`` messages in
+flight; values with big buffers are read in place, as read-only views of the slot.
 
-The segment's memory layout and payload kinds are in ``channels/segment.py``.
+The segment's memory layout and payload kinds are in ``channels/segment.py``; this module
+is the protocol and the writing end, ``ring_reader.py`` the reading end, ``bigvalue.py`` the
+payload layouts both share and a process's mapping of a big-value segment.
 
-Slots are not tied to message numbers: the writer fills the lowest slot that no unread
-message holds, so a DAG run one execution at a time keeps reusing slot 0, whose lines are
-still in cache, instead of sweeping all ``nslots`` slots (for 1 MiB payloads that alone is
-most of the cost of a copy), and a slot deeper than the pipeline ever gets is never touched
-(tmpfs allocates a page on first write). States of the slot k that message m took::
+**Slots.** Slots are not tied to message numbers: the writer fills the lowest slot that no
+unread message and no live view holds, so a DAG run one execution at a time keeps reusing
+slot 0 (or 0 and 1, while the loop still holds the previous value), whose lines are still in
+cache, instead of sweeping every slot (for 1 MiB payloads that alone is most of the cost of
+a copy), and a slot deeper than the pipeline ever gets is never touched. A ring has
+``nphys = nslots + nreaders * budget`` slots (``budget = min(nslots, 16)``): the window,
+plus as many views as each reader may hold.
 
-    filled    write_seq > m, some read_seq <= m          readers copy it out
-    released  every read_seq > m                         the writer may reuse it
+**One copy per hop.** The writer copies each buffer once, into the slot: a plain array's
+bytes (the ARRAY kind, no pickle), or pickle protocol 5's out-of-band buffers (numpy arrays
+and CPU torch tensors inside any value) after the pickle bytes; nothing passes through an
+intermediate ``bytes``. A reader does not copy a payload of ``zero_copy_min`` bytes or more
+(64 KiB): the arrays and tensors it returns are views of one read-only root array over the
+slot, and the slot stays **leased** — the reader's lease byte for it stays 1 — until the
+last view is gone (a weakref callback on the root; every array, tensor and buffer rebuilt
+from the message keeps the root alive). Holding a value never blocks anything: the writer
+skips leased slots, and a reader that already holds ``budget`` leases copies instead (so
+``nslots - 1`` unread messages plus every lease still leave the writer a free slot). Small
+payloads are copied (a copy is cheaper than a lease and frees the slot at once). Arrays
+are read-only either way, as Ray's are (``np.array(x)`` / ``x.copy()`` to write);
+a tensor cannot be read-only, so where a channel has more than one reader, tensors are
+copied on read (one reader's in-place op must not show in another's value).
 
-The writer waits until fewer than ``nslots`` messages are unread before it publishes one,
-so slot_map[m % nslots] is only rewritten once every reader is past m.
+**Big values.** A payload larger than a slot (``buffer_size``) goes to the slot's own
+big-value segment (``<ring>.x<gen>``, exactly its size, reserved whole before anything is
+written): only the slot that needs it grows, so memory follows what is in flight and held,
+not ``nslots`` x the largest value. The same segment is reused while it is big enough; one
+not used for ``shrink_after`` messages is unmapped by the writer and by each reader (both
+count messages, so they agree without a word: the writer reuses it for message t only if
+t - last < shrink_after, a reader drops it once it has read past last + shrink_after), and
+its memory goes with the last mapping. A reader checks this only off its fast path (a
+wait, or any payload but a small in-band pickle); the writer marks the message after it let
+a segment go KIND_SYNC (an in-band pickle all the same), so a reader that never waits
+still gets there at once. Every byte written is reserved first
+(``shm.reserve``): a full /dev/shm is ``ShmFullError`` for that value, never a SIGBUS.
+
+States of the slot k that message m took (r ranges over readers)::
+
+    writing   write_seq == m, the writer fills k           nobody reads k
+    unread    write_seq > m, some read_seq[r] <= m         readers decode it
+    leased    every read_seq[r] > m, some lease[r][k] = 1  views of it are alive
+    free      every read_seq[r] > m, every lease[r][k] = 0 the writer may reuse k
+
+A reader stores lease[r][k] = 1 before it stores read_seq[r] = m + 1, and the writer loads
+every read_seq before the lease bytes, so a slot is never seen free while a view is being
+made. The writer waits until fewer than ``nslots`` messages are unread before it publishes
+one, so slot_map[m % nslots] is only rewritten once every reader is past m.
 
 The writer stores the payload, then slot_map, then ``write_seq``; a reader loads
-``write_seq``, then slot_map, then the payload, copies it out, then stores its
-``read_seq``. x86-64 keeps stores in order, which
-is what this relies on (see docs/architecture.md on other architectures).
+``write_seq``, then slot_map, then the payload, decodes it, then stores its ``read_seq``.
+x86-64 keeps stores in order, and loads in order, which is what this relies on (see
+docs/architecture.md on other architectures).
 
 Names: a segment's name only has to exist until every process that uses it has mapped it.
-The DAG's own start-up removes the names of the segments it creates (see
-``Control.mark_opened``); a grown segment's name is removed by the last of its readers to
-follow the MOVED record (under a ``flock`` of the segment, so exactly one reader sees
-that every reader's pid is there), and by the writer once every reader is past the MOVED
-record, whichever comes first. The pids in the header are also how a segment whose every
-process died is recognised as stale (``channels.sweep``).
+The DAG's own start-up removes the names of the rings it creates (see
+``Control.mark_opened``); a big-value segment's name is removed by the last of its readers
+to map it (under a ``flock`` of the segment, so exactly one reader sees that every reader's
+pid is there), and by the writer once every reader is past the first message in it,
+whichever comes first. The pids in its header are also how a segment whose every process
+died is recognised as stale (``channels.sweep``).
 
 Waiting (``wait`` mode, see :class:`Waiter`): spin briefly, then poll with sched_yield for a
 self-tuning budget, then sleep in FUTEX_WAIT with a short timeout; a writer issues
@@ -37,59 +76,80 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 
 import numpy as np
 
 from dagc.runtime.channels import shm
-from dagc.runtime.channels.control import Waiter
+from dagc.runtime.channels.bigvalue import BigSegment, put_array, put_oob, release
+from dagc.runtime.channels.control import WaitTimeout, Waiter
+from dagc.runtime.channels.ring_reader import Reader
 from dagc.runtime.channels.serialize import PickleEncoder
-from dagc.runtime.channels.segment import (KIND_ARRAY, KIND_MOVED, KIND_PICKLE, SLOT_HDR,
-                                          W_NREADERS, W_NSLOTS, W_STRIDE, W_WPID, W_WSEQ,
-                                          W_WSLEEP, create_segment, header_size, map_word,
-                                          round64, rpid_word, rseq_word, rsleep_word)
+from dagc.runtime.channels.segment import (KIND_ARRAY, KIND_BIG, KIND_PICKLE, KIND_SYNC,
+                                          RESERVE0,
+                                          SLOT_HDR, W_NPHYS, W_NREADERS, W_NSLOTS, W_SHRINK,
+                                          W_STRIDE, W_WPID, W_WSEQ, W_WSLEEP, W_ZCMIN,
+                                          big_header, big_name, channel_of, create_big,
+                                          create_segment, header_size, lease_offset,
+                                          map_word, round64, round_page, rseq_word,
+                                          rsleep_word)
 
 _ndarray = np.ndarray
 _SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
-_frombuffer = np.frombuffer
 _uint8 = np.uint8
-_loads = pickle.loads
 _dumps = pickle.dumps
 
 
 class Writer(PickleEncoder):
-    """The writing end of a channel. ``write(value)`` never fails for size: it grows."""
+    """The writing end of a channel. ``write(value)`` never fails for size: a payload
+    larger than a slot goes to that slot's big-value segment; only a full /dev/shm fails
+    it (``ShmFullError``, through ``on_encode_error`` when one is set)."""
 
     def __init__(self, name: str, nreaders: int, slots: int, capacity: int, waiter: Waiter,
                  reader_procs: tuple = (), create: bool = True):
         self.base = name
-        self.gen = 0
+        self.channel = channel_of(name)
         self.waiter = waiter
-        self.nreaders = nreaders
-        self.slots = slots
         self.peers = tuple(reader_procs)
-        self._old: list = []
         self._bufs: list = []
         self._dispatch = None
-        self._map(create_segment(name, nreaders, slots, capacity) if create
-                  else shm.open_existing(name))
-
-    def _map(self, mm) -> None:
-        self.mm = mm
-        self.mv = memoryview(mm)
-        self.w = self.mv.cast("q")
-        self.w[W_WPID] = os.getpid()
-        self.addr = shm.address(mm)
-        self.stride = self.w[W_STRIDE]
+        self._shared_reads = nreaders > 1     # tensors are copied by readers (serialize.py)
+        if create:
+            create_segment(name, nreaders, slots, capacity).close()
+        self.mm, self._fd = shm.open_existing(name, keep_fd=True)
+        self.mv = memoryview(self.mm)
+        self.w = w = self.mv.cast("q")
+        w[W_WPID] = os.getpid()
+        self.addr = shm.address(self.mm)
+        self.nreaders = nreaders = w[W_NREADERS]
+        self.slots = slots = w[W_NSLOTS]
+        self.nphys = nphys = w[W_NPHYS]
+        self.stride = w[W_STRIDE]
         self.capacity = self.stride - SLOT_HDR
-        hdr = header_size(self.nreaders, self.slots)
-        self.slot_off = [hdr + k * self.stride for k in range(self.slots)]
-        self.rseq = [rseq_word(r) for r in range(self.nreaders)]
-        self.rsleep = [rsleep_word(r) for r in range(self.nreaders)]
-        self.map = map_word(self.nreaders)
+        self.shrink_after = w[W_SHRINK]
+        self.zc = w[W_ZCMIN]
+        hdr = header_size(nreaders, slots)
+        self.slot_off = [hdr + k * self.stride for k in range(nphys)]
+        # payload bytes each slot can take without reserving more (the first page is
+        # reserved when the ring is made; the rest of a slot when a message needs it)
+        self._room = [RESERVE0 - SLOT_HDR] * nphys
+        self.rseq = [rseq_word(r) for r in range(nreaders)]
+        self.rsleep = [rsleep_word(r) for r in range(nreaders)]
+        self.map = map_word(nreaders)
+        self._lease_at = [lease_offset(nreaders, slots, r) for r in range(nreaders)]
+        self._leasable = 0        # slots whose message readers may hold views of
+        self._big: dict = {}      # slot -> _Big, its big-value segment
+        self._gen = 0
+        self._names: list = []    # (big segment name, first message in it) still named
+        self._maint = False       # something for _maintain to do after a write
+        self._kpickle = KIND_PICKLE   # KIND_SYNC for the message after big segments went
+        self.size = len(self.mm)
+        self.reserved = hdr + nphys * RESERVE0
+        self.stats_big_made = 0
 
     def write(self, value, deadline: float | None = None) -> bool | None:
-        """Publish ``value``. Returns True when it could not be pickled and
-        ``on_encode_error``'s stand-in was published instead (None otherwise)."""
+        """Publish ``value``. Returns True when it could not be sent (not picklable, or no
+        room in /dev/shm) and ``on_encode_error``'s stand-in was published instead."""
         raws = arr = None
         cls = value.__class__
         if cls in _SCALARS:
@@ -115,11 +175,11 @@ class Writer(PickleEncoder):
                         + sum(round64(r.nbytes) for r in raws))
             else:
                 need = len(main)
-        # The slot: the lowest one no unread message holds. A DAG run one execution at a
-        # time keeps reusing slot 0 (still in cache), and a slot deeper than the pipeline
-        # ever gets is never touched (its pages are never allocated). Which slots unread
-        # messages hold is read back from the slot map each time: no state of ours can
-        # drift from what the readers see, even if an interrupt cuts a write short.
+        # The slot: the lowest one no unread message and no live view holds. A DAG run one
+        # execution at a time keeps reusing slot 0 (still in cache), and a slot deeper than
+        # the pipeline ever gets is never touched. Which slots unread messages hold is read
+        # back from the slot map each time: no state of ours can drift from what the
+        # readers see, even if an interrupt cuts a write short.
         w = self.w
         seq = w[W_WSEQ]                          # only this writer stores it
         n = self.slots
@@ -138,12 +198,12 @@ class Writer(PickleEncoder):
         while low < seq:
             busy |= 1 << w[m + low % n]
             low += 1
+        if self._leasable:                       # views of earlier messages may be alive
+            busy = self._leased(busy)
         k = (~busy & (busy + 1)).bit_length() - 1
-        if need > self.capacity:
-            self._grow(need, seq, k)             # the new segment starts empty
-            w = self.w
-            seq += 1
-            k = 0
+        if need > self._room[k]:
+            return self._write_big(value, deadline, seq, k, need, arr,
+                                   None if arr is not None else main, raws)
         off = self.slot_off[k]
         mv = self.mv
         p = off + SLOT_HDR
@@ -159,77 +219,165 @@ class Writer(PickleEncoder):
                 mv[p + hdr:p + need] = arr.reshape(-1).view(_uint8)
             w[off >> 3] = need
             w[(off >> 3) + 1] = KIND_ARRAY
+            if need >= self.zc:
+                self._leasable |= 1 << k
         elif raws is None:
             mv[p:p + need] = main
             w[off >> 3] = need
-            w[(off >> 3) + 1] = KIND_PICKLE
+            w[(off >> 3) + 1] = self._kpickle      # KIND_PICKLE, or KIND_SYNC once
         else:
-            hw = (p >> 3)
-            w[hw] = len(raws)
-            w[hw + 1] = len(main)
-            for j, r in enumerate(raws):
-                w[hw + 2 + j] = r.nbytes
-            q = p + 16 + 8 * len(raws)
-            q = (q + 63) & ~63
-            mv[q:q + len(main)] = main
-            q = (q + len(main) + 63) & ~63
-            for r in raws:
-                nb = r.nbytes
-                mv[q:q + nb] = r
-                q = (q + nb + 63) & ~63
+            put_oob(mv, w, p, main, raws)
             w[off >> 3] = -need          # negative length: out-of-band layout
             w[(off >> 3) + 1] = KIND_PICKLE
             bufs.clear()
+            if need >= self.zc:
+                self._leasable |= 1 << k
+        w[m + seq % n] = k
+        w[W_WSEQ] = seq + 1      # publish
+        for i in self.rsleep:
+            if w[i]:
+                shm.futex_wake(self.addr + W_WSEQ * 8)
+                break
+        if self._maint:
+            self._maintain(seq + 1)
+
+    def _leased(self, busy: int) -> int:
+        """``busy`` plus the slots some reader still holds views of (read after every
+        read_seq, see the module docstring). A slot stops being watched once no reader
+        leases it and none has its message unread."""
+        mv = self.mv
+        held = 0
+        mask = self._leasable
+        while mask:
+            bit = mask & -mask
+            mask ^= bit
+            k = bit.bit_length() - 1
+            for base in self._lease_at:
+                if mv[base + k]:
+                    held |= bit
+                    break
+        self._leasable = held | (self._leasable & busy)
+        if (busy | held) + 1 >> self.nphys:
+            # cannot happen: every reader copies once it holds its budget of leases
+            held = self._wait_for_slot(busy)
+        return busy | held
+
+    def _wait_for_slot(self, unread: int) -> int:
+        """Defensive: every physical slot is held. Poll until a view goes (the waiter's
+        checks end it on teardown or a death); returns the slots leased then."""
+        mv = self.mv
+        while True:
+            self.waiter.check(self.peers, None)
+            time.sleep(0.0005)
+            held = 0
+            for k in range(self.nphys):
+                for base in self._lease_at:
+                    if mv[base + k]:
+                        held |= 1 << k
+                        break
+            if (unread | held) + 1 >> self.nphys == 0:
+                return held
+
+    def _write_big(self, value, deadline, seq: int, k: int, need: int, arr, main, raws):
+        """The write of a payload that does not fit what slot ``k`` has reserved: reserve
+        the rest of the slot (once per slot), or put it in the slot's big-value segment."""
+        w = self.w
+        off = self.slot_off[k]
+        h = off >> 3
+        big = None
+        try:
+            if need <= self.capacity:
+                rest = self.stride - RESERVE0
+                if not shm.reserve(self._fd, off + RESERVE0, rest):
+                    raise shm.full_error(f"channel {self.channel}", rest, need)
+                self.reserved += rest
+                self._room[k] = self.capacity
+                mv, words, p = self.mv, w, off + SLOT_HDR
+            else:
+                big = self._big.get(k)
+                if big is None or big.cap < need or seq - big.last >= self.shrink_after:
+                    big = self._new_big(k, need, seq)
+                mv, words, p = big.mv, big.w, big.hdr
+        except shm.ShmFullError as e:
+            self._bufs.clear()
+            return self._write_instead(e, value, deadline)
+        if arr is not None:
+            length, kind = put_array(mv, words, p, arr), KIND_ARRAY
+        elif raws is None:
+            mv[p:p + need] = main
+            length, kind = need, KIND_PICKLE
+        else:
+            put_oob(mv, words, p, main, raws)
+            length, kind = -need, KIND_PICKLE
+            self._bufs.clear()
+        if need >= self.zc and (arr is not None or raws is not None):
+            self._leasable |= 1 << k
+        w[h] = length
+        if big is None:
+            w[h + 1] = kind
+        else:
+            big.last = seq
+            w[h + 2] = kind
+            w[h + 3] = big.gen
+            w[h + 4] = big.cap
+            w[h + 1] = KIND_BIG
+        n = self.slots
         w[self.map + seq % n] = k
         w[W_WSEQ] = seq + 1      # publish
         for i in self.rsleep:
             if w[i]:
                 shm.futex_wake(self.addr + W_WSEQ * 8)
                 break
-        if self._old:
-            self._retire()
+        if self._maint:
+            self._maintain(seq + 1)
 
-    def _grow(self, need: int, seq: int, k: int) -> None:
-        """Publish a MOVED record as message ``seq`` (in free slot ``k``) and switch to a
-        bigger segment, whose messages start at ``seq + 1``."""
-        new_cap = max(need, 2 * self.capacity)
-        self.gen += 1
-        new_name = f"{self.base}.g{self.gen}"
-        mm = create_segment(new_name, self.nreaders, self.slots, new_cap, start_seq=seq + 1)
-        rec = _dumps((new_name, seq))
-        off = self.slot_off[k]
-        self.mv[off + SLOT_HDR:off + SLOT_HDR + len(rec)] = rec
-        self.w[off >> 3] = len(rec)
-        self.w[(off >> 3) + 1] = KIND_MOVED
-        self.w[self.map + seq % self.slots] = k
-        self.w[W_WSEQ] = seq + 1
-        for i in self.rsleep:
-            if self.w[i]:
-                shm.futex_wake(self.addr + W_WSEQ * 8)
-                break
-        self._old.append((self.mm, self.mv, self.w, seq + 1,
-                          self.base if self.gen == 1 else f"{self.base}.g{self.gen - 1}",
-                          new_name))
-        self._map(mm)
+    def _new_big(self, k: int, need: int, seq: int) -> BigSegment:
+        """Slot ``k``'s new big-value segment, ``need`` bytes (a page multiple), replacing
+        its old one (every reader has read that one's last message: k is free)."""
+        old = self._big.pop(k, None)
+        if old is not None:
+            old.close()
+        cap = round_page(need)
+        name = big_name(self.base, self._gen + 1)
+        mm = create_big(name, self.nreaders, k, cap, os.getpid(), need)
+        self._gen += 1
+        self.stats_big_made += 1
+        big = self._big[k] = BigSegment(mm, self._gen, cap, big_header(self.nreaders), seq)
+        self._names.append((name, seq))
+        self._maint = True
+        return big
 
-    def _retire(self) -> None:
-        """Unmap old segments once every reader has followed the MOVED record.
+    def _maintain(self, next_seq: int) -> None:
+        """After a write, while big-value segments exist: remove the names every reader
+        has mapped (the fallback to the last reader's removal), unmap the segments no
+        message can use any more."""
+        w = self.w
+        if self._names:
+            low = min(w[i] for i in self.rseq)
+            keep = []
+            for name, first in self._names:
+                if low > first:          # every reader read it, so mapped the segment
+                    shm.unlink(name)
+                else:
+                    keep.append((name, first))
+            self._names = keep
+        self._kpickle = KIND_PICKLE              # the KIND_SYNC message (if any) went
+        if self._big:
+            gone = [k for k, b in self._big.items() if next_seq - b.last >= self.shrink_after]
+            for k in gone:
+                self._big.pop(k).close()
+            if gone:          # readers off their fast path once, to let theirs go too
+                self._kpickle = KIND_SYNC
+        self._maint = bool(self._big or self._names or self._kpickle != KIND_PICKLE)
 
-        A reader opens the new segment before it marks the MOVED record read, so by then
-        every reader has mapped the new one: its name goes too, if its last reader to
-        follow has not removed it already (and the old name, if anything left it)."""
-        keep = []
-        for entry in self._old:
-            mm, mv, w, done, name, new_name = entry
-            if all(w[i] >= done for i in self.rseq):
-                shm.unlink(name)
-                shm.unlink(new_name)
-                w.release()
-                mv.release()
-                mm.close()
-            else:
-                keep.append(entry)
-        self._old = keep
+    def stats(self) -> dict:
+        """What this channel holds in /dev/shm (the writer knows: it reserves it all)."""
+        big = sum(b.size for b in self._big.values())
+        return {"channel": self.channel, "role": "writer", "slots": self.slots,
+                "physical_slots": self.nphys, "slot_bytes": self.capacity,
+                "ring_bytes": self.size, "big_segments": len(self._big),
+                "big_bytes": big, "shm_bytes": self.reserved + big,
+                "mapped_bytes": self.size + big, "big_made": self.stats_big_made}
 
     def wake_all(self) -> None:
         try:
@@ -240,144 +388,27 @@ class Writer(PickleEncoder):
             pass
 
     def close(self) -> None:
-        for mm, mv, w, *_ in self._old:
-            _release(w, mv, mm)
-        self._old = []
-        _release(self.w, self.mv, self.mm)
-
-
-class Reader:
-    """The reading end of a channel for reader number ``index``."""
-
-    def __init__(self, name: str, index: int, waiter: Waiter, writer_proc: int = -1):
-        shm.tune_malloc()
-        self.waiter = waiter
-        self.index = index
-        self.peers = (writer_proc,) if writer_proc >= 0 else ()
-        self.seq = 0
-        self._map(shm.open_existing(name))
-
-    def _map(self, mm) -> None:
-        self.mm = mm
-        self.mv = memoryview(mm)
-        self.w = self.mv.cast("q")
-        self.w[rpid_word(self.index)] = os.getpid()
-        self.addr = shm.address(mm)
-        nreaders = self.w[W_NREADERS]
-        slots = self.w[W_NSLOTS]
-        stride = self.w[W_STRIDE]
-        hdr = header_size(nreaders, slots)
-        self.slots = slots
-        self.slot_off = [hdr + k * stride for k in range(slots)]
-        self.map = map_word(nreaders)
-        self.my_seq = rseq_word(self.index)
-        self.my_sleep = rsleep_word(self.index)
-
-    def ready(self) -> bool:
-        return self.w[W_WSEQ] > self.seq
-
-    def wait_ready(self, deadline: float | None = None) -> None:
-        """Wait until a message is there, without consuming it."""
-        if self.w[W_WSEQ] <= self.seq:
-            self.waiter.wait(self.w, W_WSEQ, self.seq + 1, self.addr, self.my_sleep,
-                             self.peers, deadline)
-
-    def read(self, deadline: float | None = None):
-        seq = self.seq
-        w = self.w
-        if w[W_WSEQ] <= seq:
-            self.waiter.wait(w, W_WSEQ, seq + 1, self.addr, self.my_sleep, self.peers, deadline)
-        off = self.slot_off[w[self.map + seq % self.slots]]
-        n = w[off >> 3]
-        kind = w[(off >> 3) + 1]
-        if kind == KIND_MOVED:
-            return self._follow(off, n, deadline)
-        p = off + SLOT_HDR
+        for b in self._big.values():
+            b.close()
+        self._big = {}
+        # a name some reader has not mapped yet stays: it may still read what was written
+        # (its last reader to map it, the DAG's teardown or the stale sweep removes it)
         try:
-            if kind == KIND_ARRAY:
-                hw = p >> 3
-                ndim = w[hw]
-                dlen = w[hw + 1]
-                shape = tuple(w[hw + 2:hw + 2 + ndim])
-                q = p + 16 + 8 * ndim
-                hdr = round64(16 + 8 * ndim + dlen)
-                value = _frombuffer(bytearray(self.mv[p + hdr:p + n]),    # owns its memory
-                                    bytes(self.mv[q:q + dlen]).decode()).reshape(shape)
-            elif n >= 0:
-                value = _loads(self.mv[p:p + n])
-            else:
-                hw = p >> 3
-                nbufs = w[hw]
-                mlen = w[hw + 1]
-                lens = [w[hw + 2 + j] for j in range(nbufs)]
-                q = (p + 16 + 8 * nbufs + 63) & ~63
-                blob = bytearray(self.mv[q:p - n])   # one copy: the value owns its memory
-                bv = memoryview(blob)
-                pos = (mlen + 63) & ~63
-                parts = []
-                for ln in lens:
-                    parts.append(bv[pos:pos + ln])
-                    pos = (pos + ln + 63) & ~63
-                value = _loads(bv[:mlen], buffers=parts)
-        except Exception as e:          # consumed all the same: the DAG goes on
-            value = self._undecodable(e)
-        self.seq = seq + 1
-        w[self.my_seq] = seq + 1
-        if w[W_WSLEEP]:
-            shm.futex_wake(self.addr + self.my_seq * 8)
-        return value
-
-    def _undecodable(self, exc: Exception):
-        from dagc.runtime.failure import capture
-        procs = self.waiter.procs
-        src = self.peers[0] if len(self.peers) == 1 else -1
-        who = procs[src] if 0 <= src < len(procs) else "its writer"
-        err = TypeError(f"a value sent by {who} could not be unpickled by its reader: "
-                        f"{type(exc).__name__}: {exc}. Send values whose classes can be "
-                        f"imported (and rebuilt) on every process of the DAG.")
-        return capture(err, who, "<unpickle>", -1)
-
-    def _follow(self, off: int, n: int, deadline):
-        name, _ = _loads(self.mv[off + SLOT_HDR:off + SLOT_HDR + n])
-        seq = self.seq + 1
-        index = self.index
-
-        def joined(mm):
-            # under the segment's flock: record this reader; the last one removes the name
-            w = memoryview(mm).cast("q")
-            try:
-                w[rpid_word(index)] = os.getpid()
-                if all(w[rpid_word(r)] for r in range(w[W_NREADERS])):
+            low = min(self.w[i] for i in self.rseq)
+            for name, first in self._names:
+                if low > first:
                     shm.unlink(name)
-            finally:
-                w.release()
-
-        # map the new segment before marking the MOVED record read: the writer removes
-        # its name once every reader is past that record
-        mm = shm.open_existing(name, locked=joined)
-        self.w[self.my_seq] = seq
-        if self.w[W_WSLEEP]:
-            shm.futex_wake(self.addr + self.my_seq * 8)
-        old = (self.w, self.mv, self.mm)
-        self._map(mm)
-        _release(*old)
-        self.seq = seq
-        return self.read(deadline)
-
-    def wake(self) -> None:
-        try:
-            shm.futex_wake(self.addr + W_WSEQ * 8)
-        except (ValueError, TypeError):
+        except ValueError:
             pass
+        self._names = []
+        self._maint = False
+        release(self.w, self.mv, self.mm)
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
 
-    def close(self) -> None:
-        _release(self.w, self.mv, self.mm)
 
-
-def _release(w, mv, mm) -> None:
-    try:
-        w.release()
-        mv.release()
-        mm.close()
-    except (BufferError, ValueError):
-        pass
+__all__ = ["Reader", "Writer", "WaitTimeout"]

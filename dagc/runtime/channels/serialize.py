@@ -4,6 +4,11 @@ numpy arrays hand pickle their memory as out-of-band buffers by themselves; CPU 
 tensors are sent the same way (as numpy views of their storage) through a private
 dispatch table, so neither is copied into the pickle stream — the channel copies each
 buffer once, straight into its slot or socket.
+
+On the reading side a tensor is rebuilt over the buffer it arrived in (a view of the slot,
+see ``ring.py``), unless the channel has several readers sharing that slot: torch has no
+read-only tensors, so there each reader gets its own copy (``rebuild_tensor_copy``) and an
+in-place op in one reader cannot show in another's value.
 """
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import copyreg
 import io
 import pickle
 import sys
+import warnings
 
 _dumps = pickle.dumps
 
 
-def tensor_dispatch_table():
-    """A pickle dispatch table that sends CPU torch tensors as numpy out-of-band buffers."""
+def tensor_dispatch_table(shared: bool = False):
+    """A pickle dispatch table that sends CPU torch tensors as numpy out-of-band buffers;
+    ``shared``: the readers share one copy of the bytes, so each rebuilds its own tensor."""
     torch = sys.modules.get("torch")
     if torch is None:
         return None
@@ -24,19 +31,46 @@ def tensor_dispatch_table():
              torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
              torch.complex128}
 
+    rebuild = rebuild_tensor_copy if shared else rebuild_tensor
+
     def reduce_tensor(t):
         if t.device.type != "cpu" or t.layout != torch.strided or t.dtype not in np_ok:
             return t.__reduce_ex__(5)
-        return (rebuild_tensor, (t.detach().contiguous().numpy(), t.requires_grad))
+        return (rebuild, (t.detach().contiguous().numpy(), t.requires_grad))
 
     table = dict(copyreg.dispatch_table)
     table[torch.Tensor] = reduce_tensor
     return table
 
 
-def rebuild_tensor(arr, requires_grad):
+_QUIET = False
+
+
+def _from_numpy(arr):
+    """``torch.from_numpy`` without torch's one-time warning about read-only arrays (the
+    received ones are; torch warns once per process, so only the first call filters)."""
+    global _QUIET
     import torch
-    t = torch.from_numpy(arr)
+    if _QUIET or arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(arr)
+    _QUIET = True
+    return t
+
+
+def rebuild_tensor(arr, requires_grad):
+    """A tensor over ``arr``'s memory (a view of the slot it arrived in)."""
+    t = _from_numpy(arr)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def rebuild_tensor_copy(arr, requires_grad):
+    """A tensor of its own, for a reader that shares the slot with other readers."""
+    t = _from_numpy(arr).clone()
     if requires_grad:
         t.requires_grad_(True)
     return t
@@ -50,26 +84,33 @@ class PickleEncoder:
     # set by actor loops: ``on_encode_error(exc, value)`` -> the Failure to send in place of
     # a value that cannot be pickled; ``write`` then returns True (otherwise None)
     on_encode_error = None
+    _writing_instead = False
+    _shared_reads = False     # True: the readers share the bytes (a ring with 2+ readers)
 
     def _write_instead(self, exc: Exception, value, deadline) -> bool:
-        """Called by ``write`` when ``value`` cannot be pickled (``exc``): without an
+        """Called by ``write`` when ``value`` cannot be sent (``exc``: it cannot be pickled,
+        or shared memory has no room for it, ``shm.ShmFullError``): without an
         ``on_encode_error`` re-raise ``exc``; with one, write its stand-in (a Failure)
         instead and return True, so ``write`` can tell its caller that the value did not go
         out (a tensor-transport end must then send no tensors). Off the hot path: ``write``
         only gets here from its ``except``."""
         handler = self.on_encode_error
-        if handler is None:
+        if handler is None or self._writing_instead:   # the stand-in itself failed: raise
             raise exc
-        stand_in = handler(exc, value)
-        self._encode(stand_in)           # must pickle: raise here rather than loop
-        self.write(stand_in, deadline)
+        self._writing_instead = True
+        try:
+            stand_in = handler(exc, value)
+            self._encode(stand_in)           # must pickle: raise here rather than loop
+            self.write(stand_in, deadline)
+        finally:
+            self._writing_instead = False
         return True
 
     def _encode(self, value):
         bufs = self._bufs
         bufs.clear()
         if self._dispatch is None and "torch" in sys.modules:
-            self._dispatch = tensor_dispatch_table() or {}
+            self._dispatch = tensor_dispatch_table(self._shared_reads) or {}
         if self._dispatch:
             bio = io.BytesIO()
             p = pickle.Pickler(bio, 5, buffer_callback=bufs.append)

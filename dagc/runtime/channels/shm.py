@@ -11,6 +11,12 @@ the prefix. When every process of a DAG died inside one of the short windows whe
 exists (nobody left to clean), the next compile on the node removes it
 (``channels/sweep.py``), trusting only this user's own, well-formed segments.
 
+Space: tmpfs allocates a page when it is first written, and a write past the size limit of
+/dev/shm (64 MiB in a default Docker container) is a SIGBUS that kills the process. So
+every byte a channel writes is reserved first (:func:`reserve`, ``posix_fallocate``): a
+full /dev/shm is a :class:`ShmFullError` naming what was needed, what is free and the
+fix, raised before anything is touched.
+
 Futexes: FUTEX_WAIT/FUTEX_WAKE on a 32-bit word inside a shared mapping, called through
 ctypes (which releases the GIL for the call). Without the shared flag cleared (no
 FUTEX_PRIVATE_FLAG) they work across processes.
@@ -18,11 +24,14 @@ FUTEX_PRIVATE_FLAG) they work across processes.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
 import platform
 import stat
+
+from dagc.errors import DagcError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "dagc-"
@@ -99,31 +108,120 @@ def path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-def create(name: str, size: int) -> mmap.mmap:
-    """Create a new segment (fails if the name exists) and map it."""
-    fd = os.open(path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+class ShmFullError(DagcError, MemoryError):
+    """A channel could not reserve the shared memory a value needs (``/dev/shm`` is full).
+
+    Raised before anything is written (never a SIGBUS); the execution whose value did not
+    fit fails with it, and the DAG goes on for values that fit. ``needed``, ``free`` and
+    ``total`` are bytes."""
+
+    def __new__(cls, *args, **kwargs):
+        # MemoryError's own __new__ (a free list) refuses subclasses that mix in other
+        # bases, as the TaskError a get() raises for it does: build it as any exception
+        return BaseException.__new__(cls, *args)
+
+    def __init__(self, message: str, needed: int = 0, free: int = 0, total: int = 0):
+        super().__init__(message)
+        self.needed, self.free, self.total = needed, free, total
+
+    def __reduce__(self):
+        return (type(self), (self.args[0] if self.args else "", self.needed, self.free,
+                             self.total))
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def shm_space() -> tuple[int, int]:
+    """(free, total) bytes of the file system under SHM_DIR (0, 0 if it cannot be told)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0, 0
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def full_error(what: str, needed: int, value_bytes: int = 0) -> ShmFullError:
+    """The error for a reservation of ``needed`` bytes that /dev/shm could not hold."""
+    free, total = shm_space()
+    val = f" for a value of {mib(value_bytes)}" if value_bytes else ""
+    return ShmFullError(
+        f"{what} could not reserve {mib(needed)} of shared memory in {SHM_DIR}{val}: "
+        f"{mib(free)} free of {mib(total)}. Nothing was written; smaller values still go "
+        f"through. Give the processes more shared memory (docker run --shm-size=<size>; "
+        f"Kubernetes: an emptyDir volume with medium: Memory mounted at /dev/shm), send "
+        f"smaller values, or compile with a smaller max_inflight or buffer_size (each "
+        f"value in flight or held by a reader keeps its own copy).",
+        needed, free, total)
+
+
+def _fallocate(fd: int, offset: int, length: int) -> None:
+    os.posix_fallocate(fd, offset, length)
+
+
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Allocate ``length`` bytes at ``offset`` of segment ``fd`` now, so that writing them
+    can never SIGBUS. False when /dev/shm has no room (ENOSPC); a file system that cannot
+    reserve (EOPNOTSUPP) counts as done: it allocates as it is written, as before."""
+    if length <= 0:
+        return True
+    try:
+        _fallocate(fd, offset, length)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG):
+            return False
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return True
+        raise
+    return True
+
+
+def create(name: str, size: int, reserve_ranges=(), what: str = "",
+           keep_fd: bool = False):
+    """Create a new segment (fails if the name exists) and map it.
+
+    ``reserve_ranges`` ((offset, length), ...) are allocated before anything is mapped;
+    when /dev/shm cannot hold them the segment is removed again and :class:`ShmFullError`
+    (naming ``what``) is raised. ``keep_fd``: return (mmap, fd), the caller closes fd."""
+    fd = os.open(path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
-        return mmap.mmap(fd, size)
-    finally:
+        for off, ln in reserve_ranges:
+            if not reserve(fd, off, ln):
+                unlink(name)
+                raise full_error(what or f"segment {name}",
+                                 sum(n for _, n in reserve_ranges))
+        mm = mmap.mmap(fd, size)
+    except BaseException:
         os.close(fd)
+        raise
+    if keep_fd:
+        return mm, fd
+    os.close(fd)
+    return mm
 
 
-def open_existing(name: str, locked=None) -> mmap.mmap:
+def open_existing(name: str, locked=None, keep_fd: bool = False):
     """Map an existing segment (never through a symlink).
 
     ``locked(mm)``, if given, runs under an exclusive ``flock`` of the segment, which
     orders it against every other process's ``locked`` call on the same segment (a
     "last one to arrive" decision needs that; plain stores would not be enough).
+    ``keep_fd``: return (mmap, fd), the caller closes fd.
     """
     fd = os.open(path(name), os.O_RDWR | OPEN_FLAGS)
     try:
         mm = mmap.mmap(fd, os.fstat(fd).st_size)
         if locked is not None:
             locked_call(fd, locked, mm)
-        return mm
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    if keep_fd:
+        return mm, fd
+    os.close(fd)
+    return mm
 
 
 def locked_call(fd: int, fn, *args):

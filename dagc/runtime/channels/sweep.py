@@ -4,8 +4,9 @@ A segment's name exists only in the short windows before every process that need
 mapped it (see ``shm``). When every process of a DAG dies inside such a window, nobody is
 left to remove the names; the next compile on the node does (:func:`sweep_stale`),
 trusting only this user's own, well-formed segments: a control segment of exactly
-``CTL_SIZE`` bytes with the control magic word, a channel segment whose size matches its
-own header. Names in /dev/shm are visible to, and can be made by, every user.
+``CTL_SIZE`` bytes with the control magic word, a ring or big-value segment with its magic
+word whose size matches its own header. Names in /dev/shm are visible to, and can be made
+by, every user.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dagc.runtime.channels import segment, shm
 from dagc.runtime.channels.control import C_MAGIC, C_PIDS, CTL_MAGIC, CTL_SIZE
 
 _CTL_NAME = re.compile(r"^(dagc-[0-9a-f]{24}-)ctl(\.\d+)?$")   # ctl.<node index>
-_CHAN_NAME = re.compile(r"^(dagc-[0-9a-f]{24}-)c\d+(\.g\d+)?$")  # c<n>[.g<generation>]
+_CHAN_NAME = re.compile(r"^(dagc-[0-9a-f]{24}-)c\d+(\.x\d+)?$")  # c<n>[.x<big-value gen>]
 
 
 def _read_own(name: str, nbytes: int) -> tuple[int, bytes] | None:
@@ -63,25 +64,37 @@ def _ctl_pids(name: str) -> list[int] | None:
 def _channel_pids(name: str) -> list[int] | None:
     """The pids recorded in a trusted channel segment (its writer's and each reader's, as
     they mapped it), or None if ``name`` is not one: this user's regular file whose header
-    carries the channel magic word and whose size matches its own geometry."""
+    carries a ring's or a big-value segment's magic word and whose size matches its own
+    geometry."""
     got = _read_own(name, 64)
     if got is None:
         return None
     size, data = got
     if len(data) < 64:
         return None
-    magic, nslots, stride, nreaders = struct.unpack_from("<4q", data)
-    if (magic != segment.MAGIC or not 0 < nslots <= 1 << 16 or not 0 < nreaders <= 1 << 12
-            or stride < segment.SLOT_HDR or stride % 64):
-        return None
-    hdr = segment.header_size(nreaders, nslots)
-    if size != hdr + nslots * stride:
+    magic = struct.unpack_from("<q", data)[0]
+    if magic == segment.RING_MAGIC:
+        _, nslots, stride, nreaders, _, nphys = struct.unpack_from("<6q", data)
+        if (not 0 < nslots <= 1 << 16 or not 0 < nreaders <= 1 << 12
+                or stride < segment.SLOT_HDR or stride % 64
+                or nphys != segment.physical_slots(nreaders, nslots)):
+            return None
+        hdr = segment.header_size(nreaders, nslots)
+        if size != hdr + nphys * stride:
+            return None
+        words = [segment.W_WPID] + [segment.rpid_word(r) for r in range(nreaders)]
+    elif magic == segment.BIG_MAGIC:
+        _, cap, nreaders = struct.unpack_from("<3q", data)
+        if not 0 < nreaders <= 1 << 12 or cap <= 0 or size != segment.big_size(nreaders, cap):
+            return None
+        hdr = segment.big_header(nreaders)
+        words = [segment.B_WPID] + [segment.big_rpid_word(r) for r in range(nreaders)]
+    else:
         return None
     got = _read_own(name, hdr)
     if got is None or len(got[1]) < hdr:
         return None
     data = got[1]
-    words = [segment.W_WPID] + [segment.rpid_word(r) for r in range(nreaders)]
     return [pid for pid in (struct.unpack_from("<q", data, 8 * i)[0] for i in words) if pid > 0]
 
 
@@ -120,8 +133,8 @@ def stale_prefixes() -> list[str]:
 
 def stale_segments() -> list[str]:
     """Channel segments, of DAGs without a trusted control segment here, whose every
-    recorded process is gone: a grown channel whose processes all died before its last
-    reader followed it (its name outlives the control segment's, which goes at start)."""
+    recorded process is gone: a big-value segment whose processes all died before its
+    last reader mapped it (its name outlives the control segment's, which goes at start)."""
     return _scan()[1]
 
 

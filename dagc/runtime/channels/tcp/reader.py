@@ -5,7 +5,6 @@ reader's half of the handshake, ``tls.py`` the TLS variants of the per-message m
 """
 from __future__ import annotations
 
-import ctypes
 import pickle
 import select
 import socket
@@ -15,13 +14,13 @@ import time
 
 from dagc.runtime.channels.control import ChannelClosed, PeerDied, WaitTimeout
 from dagc.runtime.channels.tcp import handshake
+from dagc.runtime.channels.tcp.buffers import FrameBuffers
 from dagc.runtime.channels.tcp.tls import FROM_ENV, ReaderTls, resolve_tls, tls_context
 from dagc.runtime.channels.tcp.wire import (ACK, CLOSE_ACK, DONTWAIT, HDR, HDR_SIZE,
                                             KIND_CLOSE, KIND_DATA, KIND_FAIL, MAX_BUFS,
                                             MAX_NAME, NOSIGNAL, RING, SLICE, Retry,
                                             TcpProtocolError, TcpSetupError, WakePipe, again,
                                             check_secret, mark_failed, proc_name, tune_socket)
-
 _monotonic = time.monotonic
 _loads = pickle.loads
 _POLLIN = select.POLLIN
@@ -67,6 +66,7 @@ class TcpReader(ReaderTls):
         self._lo = self._hi = 0       # unparsed bytes are _buf[_lo:_hi]
         self._big = None              # [blob, targets, target, filled, pickle span, buffers]
         self._msg = None              # a complete message not yet read
+        self._buffers = FrameBuffers()  # where frames with out-of-band buffers go
         self._eof = False
         self._drained = True
         self._end: BaseException | None = None
@@ -219,10 +219,8 @@ class TcpReader(ReaderTls):
             offs.append(size)
             size += ln
         if nbufs:
-            blob = bytearray(size + 64)
-            c = ctypes.c_char.from_buffer(blob)
-            shift = -ctypes.addressof(c) & 63       # put the buffers on 64-byte boundaries
-            del c
+            blob = self._buffers.take(size + 64)
+            shift = -blob.ctypes.data & 63          # put the buffers on 64-byte boundaries
             offs = [o + shift for o in offs]
         else:
             blob = bytearray(size)
@@ -248,7 +246,8 @@ class TcpReader(ReaderTls):
         self._lo = p
         if p == hi:
             self._lo = self._hi = 0
-        parts = [bv[o:o + ln] for o, ln in zip(offs, lens)]
+        ro = bv.toreadonly()        # arrays arrive read-only, as from a shm slot (ring.py)
+        parts = [ro[o:o + ln] for o, ln in zip(offs, lens)]
         msg = [blob, targets, ti, filled, (shift, shift + mlen), parts]
         if ti < len(targets):
             self._big = msg
@@ -402,6 +401,7 @@ class TcpReader(ReaderTls):
         if self._closed:
             return
         self._closed = True
+        self._buffers.close()
         s = self.sock
         if s is not None and self._ctx is not None:
             self._close_tls(s, abort)

@@ -166,6 +166,14 @@ def freeze(parts: list) -> list:
     return parts[:2] + [bytes(p) for p in parts[2:]]
 
 
+def freeze_rest(parts: list, n: int) -> list:
+    """What is left of a frame after its first ``n`` bytes were sent, as bytes the writer
+    owns (only the unsent part of the caller's buffers is copied)."""
+    rest = after(parts, n)
+    head = len(parts) - len(rest)            # parts[head:] is what is left, rest[0] cut
+    return [p if head + i < 2 else bytes(p) for i, p in enumerate(rest)]
+
+
 def after(parts: list, n: int) -> list:
     """What is left of ``parts`` after the first ``n`` bytes were sent."""
     for i, p in enumerate(parts):

@@ -19,11 +19,17 @@ from dagc.runtime.channels.tcp.tls import (FROM_ENV, WriterTls, resolve_tls, tls
 from dagc.runtime.channels.tcp.wire import (ACK, ACK_CLOSE, CLOSE_ACK, CLOSE_FRAME, DONTWAIT,
                                             HDR, IOV_MAX, KIND_DATA, NOSIGNAL, SLICE,
                                             WakePipe, after, again, check_secret, fail_frame,
-                                            freeze, mark_failed, proc_name)
+                                            freeze, freeze_rest, mark_failed, proc_name)
 
 _monotonic = time.monotonic
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
+# A frame with this much left after the first sendmsg is sent on from the caller's buffers
+# while the reader takes it (``_send_inline``), not copied into the queue.
+INLINE_MIN = 256 << 10
+# How long the socket may make no progress, per byte left, before the rest is copied and
+# queued instead: about what copying it costs (~0.5 ns/byte), so waiting never costs more.
+STALL_NS_PER_BYTE = 0.5
 
 
 class TcpWriter(WriterTls, PickleEncoder):
@@ -173,11 +179,11 @@ class TcpWriter(WriterTls, PickleEncoder):
                 n = 0
             except OSError as e:
                 self._lost(c, e)
+            if n < total and total - n >= INLINE_MIN:
+                n = self._send_inline(c, parts, n, total)
             if n < total:
-                if frozen is None:
-                    frozen = freeze(parts)
                 with self._lock:
-                    c.queue.extend(after(frozen, n))
+                    c.queue.extend(freeze_rest(parts, n))
                 kick = True
         if kick:
             if self._sender is None:
@@ -185,6 +191,31 @@ class TcpWriter(WriterTls, PickleEncoder):
                                                 name=f"dagc-tcp-send-{self.channel}")
                 self._sender.start()
             self._kick.wake()
+
+    def _send_inline(self, c: Conn, parts: list, n: int, total: int) -> int:
+        """Send the rest of a big frame from the caller's own buffers (no copy) while the
+        reader keeps taking it; returns the bytes sent. Gives up — the caller then copies
+        what is left and queues it — once the socket made no progress for as long as that
+        copy would take (``STALL_NS_PER_BYTE``): a reader busy elsewhere (or a peer writing
+        a big frame to us at the same time) never holds write() up for more than a copy."""
+        poller = select.poll()
+        poller.register(c.fd, _POLLOUT)
+        rest = after(parts, n)
+        sock = c.sock
+        while n < total:
+            stall_ms = max(1.0, (total - n) * STALL_NS_PER_BYTE / 1e6)
+            if not poller.poll(stall_ms) or self._closed:
+                return n
+            try:
+                k = sock.sendmsg(rest if len(rest) <= IOV_MAX else rest[:IOV_MAX], (),
+                                 NOSIGNAL)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                self._lost(c, e)
+            n += k
+            rest = after(rest, k)
+        return n
 
     def _break(self, error: BaseException) -> None:
         """Every later write raises ``error`` (through the slow path of write())."""
