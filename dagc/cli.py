@@ -17,15 +17,36 @@ class UsageError(Exception):
     pass
 
 
+def load_file(path: str, name: str = "dagc_pipeline"):
+    """Import the Python file ``path`` as module ``name``, its classes and functions pickled
+    by value.
+
+    The actors cannot import the file by that name (it is no module on their ``sys.path``):
+    without this, a class or function of the file that is not itself a ``@ray.remote``
+    class (a model layer, a helper an actor method calls) would be pickled by reference
+    and the actor would fail with "No module named 'dagc_pipeline'". By value, it travels
+    to the actors as it would from a script run as ``__main__``.
+    """
+    import ray.cloudpickle
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    ray.cloudpickle.register_pickle_by_value(mod)      # before the file runs: it may
+    try:                                               # create actors at import
+        spec.loader.exec_module(mod)
+    except BaseException:
+        ray.cloudpickle.unregister_pickle_by_value(mod)
+        del sys.modules[name]
+        raise
+    return mod
+
+
 def load_pipeline(path: str):
-    """Import PIPELINE.py as a module; it must define build()."""
+    """Import PIPELINE.py as a module (see :func:`load_file`); it must define build()."""
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
-    spec = importlib.util.spec_from_file_location("dagc_pipeline", path)
-    mod = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    sys.modules["dagc_pipeline"] = mod
-    spec.loader.exec_module(mod)
+    mod = load_file(path)
     if not callable(getattr(mod, "build", None)):
         raise UsageError(f"{path} defines no build() function; it must define build() "
                          f"returning a Ray DAG (and may define example_input()).")
@@ -117,8 +138,10 @@ def cmd_compile(ns) -> int:
         if ns.profile:
             prof = cg.profile(max(ns.run or 0, 100), *args)
             out["profile"] = prof.to_dict()
+            out["schedule"] = cg.schedule.to_dict()         # with the measured timing
             if ns.format == "text":
                 print("\n" + prof.summary())
+                print(cg.schedule.timing_table())         # predicted vs measured per step
         if ns.output:
             cg.dump(ns.output)
             if ns.format == "text":

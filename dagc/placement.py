@@ -15,6 +15,26 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 
+REORDERABLE = "__dagc_reorderable__"
+
+
+def reorderable(method):
+    """Mark an actor method as order-independent: its calls do not depend on the actor's
+    state that other calls of the actor change, nor change what they read.
+
+    Only then may ``dagc.compile(dag, reorder="critical-path")`` run its calls out of bind
+    order (the schedule table then shows each call's bind position); without the option,
+    or for unmarked methods, an actor runs its calls in the order they were bound::
+
+        @ray.remote
+        class Worker:
+            @dagc.reorderable
+            def embed(self, x): ...          # pure: any order is the same
+    """
+    setattr(method, REORDERABLE, True)
+    return method
+
+
 @dataclass(frozen=True)
 class ActorPlace:
     """One actor's facts: its Ray node, its GPU ids, and where its methods are defined."""
@@ -23,6 +43,9 @@ class ActorPlace:
     gpus: tuple = ()
     # method name -> where the user wrote it, e.g. "pipeline.py:23 Embedder.embed"
     methods: Mapping[str, str] = field(default_factory=dict)
+    # the bound methods marked @dagc.reorderable (sorted): reorder="critical-path" may run
+    # their calls out of bind order
+    reorderable: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -40,7 +63,7 @@ class Placement:
         if place is None:
             return ActorPlace(node=self.driver_node)
         if not place.node:
-            return ActorPlace(self.driver_node, place.gpus, place.methods)
+            return ActorPlace(self.driver_node, place.gpus, place.methods, place.reorderable)
         return place
 
     @property

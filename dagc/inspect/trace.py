@@ -18,7 +18,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from dagc.ir import DRIVER
 from dagc.schedule import OP_KINDS, Action, Kind, Schedule
+from dagc.schedule.costs import Costs
 
 PID = 1
 
@@ -163,14 +165,26 @@ def _executions(schedule: Schedule, spans: list[Span]) -> tuple[dict, list[int]]
     for s in spans:
         by_exec.setdefault(s.execution, []).append(s)
     actors = sorted({s.actor for s in spans})
+    want = {a: _recorded_per_execution(schedule, a) for a in actors}
     complete = []
     for n, ss in sorted(by_exec.items()):
         counts = {a: 0 for a in actors}
         for s in ss:
             counts[s.actor] += 1
-        if all(counts[a] >= len(schedule.of(a)) for a in actors if schedule.of(a)):
+        if all(counts[a] >= want[a] for a in actors):
             complete.append(n)
     return by_exec, complete
+
+
+def _recorded_per_execution(schedule: Schedule, actor: str) -> int:
+    """How many records one execution leaves for ``actor``: one per action of an actor's
+    column; the driver records its input write and its last output read only (a
+    MultiOutputNode's driver column has a read per output: counting those, no execution
+    was ever complete)."""
+    col = schedule.of(actor)
+    if actor == DRIVER:
+        return min(len(col), 2)
+    return len(col)
 
 
 def _span_ns(ss: list[Span]) -> int:
@@ -353,3 +367,124 @@ def summary(schedule: Schedule, records: dict) -> str:
     what it adds to the path after its predecessor on the path ended.
     """
     return format_summary(summary_dict(schedule, records))
+
+
+# -- measured timing and costs (what the scheduler predicts with) ----------------------------
+
+def _origins(spans: list[Span]) -> dict[int, int]:
+    """Per execution, its start: the driver's write of the input (else its first record)."""
+    out: dict[int, int] = {}
+    for s in spans:
+        if s.actor == DRIVER and s.action is not None and s.action.kind == Kind.WRITE:
+            out[s.execution] = min(out.get(s.execution, s.start_ns), s.start_ns)
+    for s in sorted(spans, key=lambda s: s.start_ns):
+        out.setdefault(s.execution, s.start_ns)
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _complete_spans(schedule: Schedule, records: dict) -> tuple[list[Span], list[int]]:
+    spans = [s for s in match_spans(schedule, records) if s.index >= 0]
+    by_exec, complete = _executions(schedule, spans)
+    keep = set(complete or by_exec)
+    return [s for s in spans if s.execution in keep], sorted(keep)
+
+
+def measured_timing(schedule: Schedule, records: dict) -> dict:
+    """Per process, per action of its column: the median (start, end) in µs from the start
+    of the execution (the driver's input write) over the complete executions, or None where
+    nothing was recorded - :class:`~dagc.schedule.costs.Timing`'s ``measured``."""
+    spans, _ = _complete_spans(schedule, records)
+    t0 = _origins(spans)
+    at: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for s in spans:
+        at.setdefault((s.actor, s.index), []).append((s.start_ns - t0[s.execution],
+                                                      s.end_ns - t0[s.execution]))
+    out = {}
+    for p in schedule.actors:
+        col = []
+        for i in range(len(schedule.of(p))):
+            xs = at.get((p, i))
+            col.append((round(_median([a for a, _ in xs]) / 1e3, 3),
+                        round(_median([b for _, b in xs]) / 1e3, 3)) if xs else None)
+        out[p] = tuple(col)
+    return out
+
+
+def _peer_index(schedule: Schedule, actor: str, a: Action) -> Optional[tuple[str, int]]:
+    """The action of another process that releases ``a`` (a read's write, a receive's
+    send), as (process, index)."""
+    if a.kind not in (Kind.READ, Kind.CRECV, Kind.WAIT_RECV) or not a.peers:
+        return None
+    peer = a.peers[0]
+    want = (Kind.WRITE,) if a.kind == Kind.READ else (Kind.CSEND, Kind.ISEND)
+    for i, (_, y) in enumerate(schedule.of(peer)):
+        if y.kind in want and y.value == a.value and actor in y.peers:
+            return peer, i
+    return None
+
+
+def measured_costs(schedule: Schedule, records: dict) -> Costs:
+    """Per action, what it costs by the profile (median over the complete executions, µs),
+    named as :class:`~dagc.schedule.costs.Costs` names actions: a call's (or a write's, an
+    issue's) duration; a read's time after the write it reads ended; a communicator
+    transfer's (the receiving ``crecv``, or the ``wait`` of an overlapped receive) time
+    after the sender started it. Each counts from the end of its process's previous action
+    when it was not waiting, so the loop's own time between ops is in the costs (as the
+    simulator runs a process's actions back to back). Waits on a peer are not costs: the
+    simulator adds them."""
+    from dagc.schedule.costs import cost_key, transfer_key
+    spans, keep = _complete_spans(schedule, records)
+    by = {(s.actor, s.index, s.execution): s for s in spans}
+    vals: dict[str, list[float]] = {}
+    eff: dict[tuple, float] = {}                     # a span's cost by the rules above
+    for s in spans:
+        a = s.action
+        prev = by.get((s.actor, s.index - 1, s.execution))
+        start = min(s.start_ns, prev.end_ns) if prev is not None else s.start_ns
+        rel = _peer_index(schedule, s.actor, a)
+        if rel is not None:
+            other = by.get((rel[0], rel[1], s.execution))
+            if other is not None:
+                # a read waits for the write to end, a blocking receive for the send to
+                # start, an overlapped one for the isend to be issued (as the simulator)
+                released = other.start_ns if a.kind == Kind.CRECV else other.end_ns
+                start = max(start, released)
+        dur = max(0, s.end_ns - start) / 1e3
+        eff[(s.actor, s.index, s.execution)] = dur
+        if a.kind == Kind.COLL:                      # the last to arrive waits least
+            key = cost_key(s.actor, a)
+        elif a.kind in (Kind.CRECV, Kind.WAIT_RECV):
+            key = transfer_key(s.actor, a.value, a.peers[0])
+            if a.kind == Kind.WAIT_RECV:
+                vals.setdefault(cost_key(s.actor, a), []).append(0.0)
+        elif a.kind == Kind.WAIT_SEND:
+            dur = 0.0
+            key = cost_key(s.actor, a)
+        else:
+            key = cost_key(s.actor, a)
+        vals.setdefault(key, []).append(dur)
+    if any(a.kind == Kind.COLL for p in schedule.actors for _, a in schedule.of(p)):
+        # a collective costs what its last participant to arrive spent in it
+        for p in schedule.actors:
+            for i, (_, a) in enumerate(schedule.of(p)):
+                if a.kind != Kind.COLL:
+                    continue
+                per = []
+                for n in keep:
+                    ds = [eff[(q, j, n)] for q in schedule.actors
+                          for j, (_, b) in enumerate(schedule.of(q))
+                          if b.kind == Kind.COLL and b.group == a.group
+                          and (q, j, n) in eff]
+                    if ds:
+                        per.append(min(ds))
+                if per:
+                    vals[cost_key(p, a)] = per
+    actions = {k: round(_median(v), 3) for k, v in sorted(vals.items()) if v}
+    return Costs(actions=actions, call=0.0, move=0.0, unit="µs",
+                 source=f"profile of {len(keep)} executions")

@@ -26,8 +26,10 @@ __all__ = ["PASSES", "REGISTRY", "Pass", "PassContext", "default_pipeline", "par
            "pipeline_string", "run_pipeline"]
 
 
-def default_pipeline(overlap: bool = False) -> tuple[Pass, ...]:
-    passes = [ValidateGraph(), PlaceActors(), AssignChannels(), LowerComm(), ScheduleOps()]
+def default_pipeline(overlap: bool = False, reorder: str | None = None) -> tuple[Pass, ...]:
+    """The passes of a compile; ``reorder`` (None: bind order) goes to the schedule pass."""
+    passes = [ValidateGraph(), PlaceActors(), AssignChannels(), LowerComm(),
+              ScheduleOps(reorder=reorder or "bind")]
     if overlap:
         passes.append(OverlapComm())
     return tuple(passes)

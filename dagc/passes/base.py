@@ -49,7 +49,8 @@ class Pass:
         raise NotImplementedError
 
     def __str__(self) -> str:
-        opts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)]
+        opts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                if getattr(self, f.name) != f.default]     # defaults go without saying
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
 
 

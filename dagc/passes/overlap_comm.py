@@ -16,8 +16,9 @@ from typing import ClassVar
 
 from dagc.ir import IR, Ref
 from dagc.passes.base import Pass, PassContext
-from dagc.passes.simulate import simulate
+from dagc.passes.simulate import comm_order, run, timing_of
 from dagc.schedule import COMM_KINDS, Action, Entry, Kind, Schedule
+from dagc.schedule.costs import Costs
 
 
 def _uses(sched: Schedule, a, value: Ref) -> bool:
@@ -73,5 +74,7 @@ class OverlapComm(Pass):
 
     def run(self, ir: IR, ctx: PassContext) -> IR:
         sched = overlap(ir.schedule)
-        steps = simulate(sched)
-        return ir.replace(schedule=replace(sched, simulated_steps=steps))
+        costs = Costs.of(ctx.options.get("costs"))
+        result = run(sched, 2, comm_order(ir), costs)
+        return ir.replace(schedule=replace(sched, simulated_steps=result.rounds,
+                                           timing=timing_of(sched, result, costs)))

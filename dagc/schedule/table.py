@@ -37,6 +37,7 @@ from typing import Mapping, Optional
 from dagc.ir import ChannelSpec, Ref
 from dagc.schedule.check import problems as _problems
 from dagc.schedule.action import OP_KINDS, RECV_KINDS, Action, Call, Entry
+from dagc.schedule.costs import Timing, timing_table
 
 FORMAT = "dagc.schedule/2"
 
@@ -51,6 +52,9 @@ class Schedule:
     channels: tuple[ChannelSpec, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)   # actor -> "a0:Stage"
     simulated_steps: Optional[int] = None                # set by the deadlock simulator
+    # when each action runs: predicted by the simulator from the compile's costs, and
+    # measured once the compiled DAG was profiled (not part of equality)
+    timing: Optional[Timing] = None
 
     def __post_init__(self):
         # columns may be given as lists of Entries
@@ -154,7 +158,16 @@ class Schedule:
             s += "\n\ncalls:\n" + "\n".join("  " + str(c) for c in self.calls)
         if self.channels:
             s += "\n\nchannels:\n" + "\n".join("  " + str(c) for c in self.channels)
+        if self.timing is not None and self.timing.shown:
+            s += "\n\n" + self.timing_table()
         return s
+
+    def timing_table(self) -> str:
+        """Per step: each action's predicted start and duration (and measured ones after a
+        profile), then makespan, idle shares and bubble (see dagc.schedule.costs)."""
+        if self.timing is None:
+            return "timing: none (this schedule was not simulated with costs)"
+        return timing_table(self, self.timing)
 
     @classmethod
     def from_table(cls, text: str) -> "Schedule":
@@ -181,6 +194,8 @@ class Schedule:
         sections: dict[str, list[str]] = {"calls:": [], "channels:": []}
         current = None
         for line in lines[i:]:
+            if line.startswith("timing"):       # the timing section: for reading only
+                break
             if line in sections:
                 current = sections[line]
             elif line.startswith("  ") and current is not None:
@@ -203,6 +218,7 @@ class Schedule:
             "calls": [c.to_dict() for c in self.calls],
             "channels": [_channel_dict(c) for c in self.channels],
             "simulated_steps": self.simulated_steps,
+            "timing": self.timing.to_dict() if self.timing is not None else None,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -218,7 +234,8 @@ class Schedule:
                             for a, xs in d["actions"].items()},
                    calls=tuple(Call.from_dict(c) for c in d.get("calls", ())),
                    channels=tuple(_channel_from(c) for c in d["channels"]),
-                   labels=dict(d.get("labels", {})), simulated_steps=d.get("simulated_steps"))
+                   labels=dict(d.get("labels", {})), simulated_steps=d.get("simulated_steps"),
+                   timing=Timing.from_dict(d["timing"]) if d.get("timing") else None)
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":

@@ -37,11 +37,11 @@ def bind(rt):
                 t0 = capture(e, "a0", "f", 2)
             # step 3  isend t0>a1 via c1
             h_t0_a1 = cw_c1.isend(t0, "a1")
-            # step 7  t3 = allreduce.sum(t0) [g0]
+            # step 5  t3 = allreduce.sum(t0) [g0]
             t3 = coll_g0(t0)
-            # step 8  send t3>driver via c2
+            # step 6  send t3>driver via c2
             write_c2(t3)
-            # step 8  wait t0>a1 via c1
+            # step 6  wait t0>a1 via c1
             h_t0_a1.wait()
 
     return loop

@@ -32,26 +32,26 @@ def bind(rt):
         while True:
             # step 3  icrecv t0<a0 via c1
             h_t0 = cr_c1.irecv()
-            # step 4  recv in<driver via c0
+            # step 1  recv in<driver via c0
             inp = read_c0()
-            # step 5  t1 = pre($0)
+            # step 2  t1 = pre($0)
             try:
                 t1 = m_pre(inp)
             except Exception as e:
-                t1 = capture(e, "a1", "pre", 5)
-            # step 6  wait t0<a0 via c1
+                t1 = capture(e, "a1", "pre", 2)
+            # step 4  wait t0<a0 via c1
             t0 = h_t0.wait()
-            # step 6  t2 = g(t0, t1)
+            # step 4  t2 = g(t0, t1)
             if t0.__class__ is Failure or t1.__class__ is Failure:
                 t2 = first_failure(t0, t1)
             else:
                 try:
                     t2 = m_g(t0, t1)
                 except Exception as e:
-                    t2 = capture(e, "a1", "g", 6)
-            # step 7  t4 = allreduce.sum(t2) [g0]
+                    t2 = capture(e, "a1", "g", 4)
+            # step 5  t4 = allreduce.sum(t2) [g0]
             t4 = coll_g0(t2)
-            # step 8  send t4>driver via c3
+            # step 6  send t4>driver via c3
             write_c3(t4)
 
     return loop

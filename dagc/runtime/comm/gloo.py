@@ -59,6 +59,10 @@ class GlooCommunicator(Communicator):
     """
 
     device = "cpu"
+    # gloo pairs point-to-point messages per peer (and tag), collectives apart: a deferred
+    # receive waits only behind earlier ones from the same peer (p2p.pending_of), as the
+    # deadlock simulator's per-peer lanes for gloo groups assume (passes/simulate.py)
+    per_peer_order = True
     _LIVE = ("_pg", "_store", "_master", "_opts", "_ag_opts", "_long", "_destroyed")
 
     def __init__(self, op_timeout: float | None = None):

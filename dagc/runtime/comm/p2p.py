@@ -13,9 +13,19 @@ allocates on its device and receives into them.
 Deferred receives. ``irecv`` (overlap) cannot post the tensor receives before the metadata
 is there, and must not block for it: the schedule may hoist it above ops the sender needs.
 So a handle whose metadata is not there yet is queued on the communicator, and is posted
-(blocking for its metadata) by its own ``wait()`` or by the next op on the same
-communicator, whichever comes first. That keeps every process's communicator ops in issue
-order - the order the schedule's deadlock proof assumes and gloo/NCCL pair messages by.
+(blocking for its metadata) by its own ``wait()`` or by the next op that must come after it,
+whichever comes first. That keeps every process's communicator ops in issue order - the
+order the schedule's deadlock proof (``dagc.passes.simulate``) assumes:
+
+- one stream per process (NCCL, custom communicators): every op on the communicator
+  posts every deferred receive first;
+- per peer (gloo, ``per_peer_order``: it pairs messages per peer and direction, and
+  collectives apart): a receive from peer q posts the deferred receives from q first; a send
+  or a collective posts none. Posting one from another peer there would block on metadata
+  the schedule does not promise yet (a cross-peer wait the proof never made).
+
+A loop parked between executions (a profile's swap) may have issued the next execution's
+receive already; :func:`drop_pending` forgets it, so the swapped-in loop issues it anew.
 """
 from __future__ import annotations
 
@@ -32,13 +42,30 @@ _empty = torch.empty
 
 
 # -- ordering of one process's ops on one communicator --------------------------------------
-def pending_of(comm: Communicator) -> list:
-    """The FIFO of this process's deferred receives on ``comm``, shared by all its ends."""
+def pending_of(comm: Communicator, peer=None) -> list:
+    """The FIFO of this process's deferred receives that an op on ``comm`` (with ``peer``)
+    must post first, shared by all its ends: one per communicator, or with
+    ``comm.per_peer_order`` one per peer (``peer`` None: a queue nothing is deferred on,
+    what sends and collectives of such a communicator see)."""
     try:
-        return comm._dagc_pending
+        queues = comm._dagc_pending
     except AttributeError:
-        comm._dagc_pending = pending = []
-        return pending
+        queues = comm._dagc_pending = {}
+    key = peer if getattr(comm, "per_peer_order", False) else None
+    q = queues.get(key)
+    if q is None:
+        q = queues[key] = []
+    return q
+
+
+def drop_pending(comm: Communicator) -> int:
+    """Forget the deferred receives not yet posted (a loop parked between executions issued
+    them; the loop that runs next issues them again). Returns how many."""
+    n = 0
+    for q in getattr(comm, "_dagc_pending", {}).values():
+        n += len(q)
+        q.clear()
+    return n
 
 
 def flush(pending: list, upto=None) -> None:
@@ -98,7 +125,7 @@ class CommWriter:
         # peer -> (rank, writes the metadata, last reader of the execution)
         self._plan = {r: (ranks[r], i == 0, i == last) for i, r in enumerate(readers)}
         self._held = ()
-        self._pending = pending_of(comm)
+        self._pending = pending_of(comm)     # per peer: the empty queue (sends post none)
         # A value whose non-tensor part cannot be pickled: the metadata writer publishes a
         # Failure instead (built by the loop's own on_encode_error when it has one, so the
         # message names the actor as every other send error does) and its write() returns
@@ -234,7 +261,7 @@ class CommReader:
         self._irecv = comm.irecv
         self._src = writer_rank
         self._dev = device_of(comm, device)
-        self._pending = pending_of(comm)
+        self._pending = pending_of(comm, writer_rank)
 
     def _alloc(self, specs) -> list:
         dev = self._dev

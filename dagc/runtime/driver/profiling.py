@@ -7,6 +7,7 @@ renders code itself.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from dagc.errors import DagcError
 from dagc.ir import DRIVER
@@ -15,13 +16,47 @@ from dagc.runtime.actor import lifecycle
 from dagc.runtime.channels.control import C_STATE, RUNNING, SWAP
 from dagc.runtime.driver.calls import ray_get
 
+# how long profile() waits for one execution when the compile set no get_timeout: a
+# profiled DAG that stops is reported, not waited on forever
+PROFILE_GET_TIMEOUT = 300.0
+
 
 class Profile:
-    """Per-op timings of ``n`` executions: ``str()`` is the summary, ``trace()`` Chrome JSON."""
+    """Per-op timings of ``n`` executions (``cg.profile(n)``).
+
+    ``str()`` / :meth:`summary`: per-op statistics and a critical path; :meth:`trace`: the
+    Chrome trace (``dump`` writes it as trace.json); :meth:`costs`: what each action costs,
+    for ``dagc.compile(dag, costs=profile)``; :meth:`timing`: predicted vs measured per
+    action (``cg.schedule`` shows it after a profile). ``records``: the raw records,
+    ``{process: [(execution, step, start_ns, end_ns), ...]}``.
+    """
 
     def __init__(self, schedule, records: dict):
         self.schedule = schedule
         self.records = records
+        self._costs = None
+
+    @property
+    def executions(self) -> int:
+        """How many executions were profiled."""
+        return len({r[0] for r in self.records.get(DRIVER, ())})
+
+    def costs(self):
+        """Each action's cost by this profile (medians, µs): a ``dagc.schedule.Costs`` that
+        ``dagc.compile(dag, costs=...)`` takes (so does the Profile itself)."""
+        if self._costs is None:              # a compile asks for them once per pass
+            from dagc.inspect.trace import measured_costs
+            self._costs = measured_costs(self.schedule, self.records)
+        return self._costs
+
+    def timing(self):
+        """The schedule's predicted timing (from the compile's costs) with this profile's
+        measured one beside it (medians, µs from each execution's input write)."""
+        from dagc.inspect.trace import measured_timing
+        from dagc.schedule.costs import Timing
+        base = self.schedule.timing or Timing(predicted={})
+        return base.with_measured(measured_timing(self.schedule, self.records),
+                                  f"median of {self.executions} profiled executions")
 
     def summary(self) -> str:
         from dagc.inspect.trace import summary
@@ -32,6 +67,8 @@ class Profile:
         return summary_dict(self.schedule, self.records)
 
     def trace(self) -> dict:
+        """The Chrome trace-event JSON (one track per process, one span per op; ``ts`` in µs,
+        ``args.execution`` the execution index): Perfetto / chrome://tracing open it."""
         from dagc.inspect.trace import chrome_trace
         return chrome_trace(self.schedule, self.records)
 
@@ -57,6 +94,7 @@ class Profiler:
         self._profile_sources = profile_sources
         self._sources = None
         self.last: Profile | None = None
+        self.schedule = ir.schedule       # with the last profile's measured timing
 
     def run(self, n: int, args: tuple, kwargs: dict) -> Profile:
         runs = self._runs
@@ -69,6 +107,7 @@ class Profiler:
         wstep = next((e.step for e in sched.of(DRIVER) if e.action.kind is Kind.WRITE), 0)
         rstep = max((e.step for e in sched.of(DRIVER) if e.action.kind is Kind.READ), default=0)
         s = self._session
+        timeout = runs._get_timeout or PROFILE_GET_TIMEOUT
         self._swap(True)
         drv = []
         try:
@@ -78,16 +117,19 @@ class Profiler:
                 s0 = clock()
                 ref = execute(*args, **kwargs)
                 s1 = clock()
-                ref.get()
+                ref.get(timeout=timeout)           # a hang becomes a DagTimeoutError
                 drv.append((i, wstep, s0, s1))
                 drv.append((i, rstep, s1, clock()))
-            recs = ray_get([h.__ray_call__.remote(lifecycle.fetch_profile, s.token)
-                            for h in s.handles], 30.0, s.procs, "report timings")
         finally:
             self._swap(False)
+        # after the swap back: every loop parked at the end of an execution, so the last
+        # one's records are complete (a loop records an op after it ran it)
+        recs = ray_get([h.__ray_call__.remote(lifecycle.fetch_profile, s.token)
+                        for h in s.handles], 30.0, s.procs, "report timings")
         records = {DRIVER: drv}
         records.update({a.id: r for a, r in zip(self._ir.actors, recs)})
         self.last = Profile(sched, records)
+        self.schedule = replace(sched, timing=self.last.timing())
         return self.last
 
     def _variants(self) -> list:
