@@ -19,7 +19,10 @@ from dagc.api import compile, get  # noqa: E402
 from dagc.errors import (ActorDiedError, CapacityError, CompileError, DagClosedError,  # noqa: E402
                          DagcError, DagTimeoutError, DeadlockError, ExecuteArgumentError,
                          TaskError)
-from dagc.placement import Placement  # noqa: E402
+from dagc.pipelining import pipeline  # noqa: E402
+from dagc.placement import Placement, reorderable  # noqa: E402
+from dagc.ray_compat import patch_ray, unpatch_ray  # noqa: E402
+from dagc.ray_compat import patched as patched_ray  # noqa: E402
 from dagc.stages import Lowered, Traced, trace  # noqa: E402
 
 
@@ -28,6 +31,9 @@ def __getattr__(name):
     if name in ("Schedule", "Action"):
         from dagc import schedule
         return getattr(schedule, name)
+    if name == "Costs":
+        from dagc.schedule.costs import Costs
+        return Costs
     if name in ("CompiledDag", "DagRef", "Profile"):
         from dagc.runtime.driver import compiled
         return getattr(compiled, name)
@@ -47,4 +53,8 @@ __all__ = ["compile", "get", "trace", "Traced", "Lowered", "Placement", "InputNo
            "MultiOutputNode", "CompiledDag", "DagRef", "Profile", "Schedule", "Action",
            "Communicator", "GlooCommunicator", "NcclCommunicator", "DagcError", "CompileError",
            "DeadlockError", "TaskError", "DagTimeoutError", "CapacityError", "ActorDiedError",
-           "DagClosedError", "ExecuteArgumentError"]
+           "DagClosedError", "ExecuteArgumentError", "pipeline", "reorderable", "Costs", "patch_ray", "unpatch_ray", "patched_ray"]
+
+from dagc import ray_compat as _ray_compat  # noqa: E402
+
+_ray_compat.autopatch_from_env()      # DAGC_PATCH_RAY=1: experimental_compile is dagc's

@@ -1,15 +1,54 @@
-"""Every error dagc raises on purpose; all subclass :class:`DagcError`."""
+"""Every error dagc raises on purpose; all subclass :class:`DagcError`.
+
+Each is also the exception Ray Compiled Graph raises in the same situation (DESIGN.md, "Ray
+interop"), so code written against Ray's ``experimental_compile`` catches dagc's errors
+unchanged, with or without ``dagc.patch_ray()``:
+
+==================  =====================================================================
+dagc                also an instance of
+==================  =====================================================================
+CompileError        ``ValueError`` (Ray refuses a DAG it cannot compile with ValueError)
+TaskError           ``ray.exceptions.RayTaskError`` and the user exception's own class
+DagTimeoutError     ``ray.exceptions.RayChannelTimeoutError`` (so ``TimeoutError`` too)
+CapacityError       ``ray.exceptions.RayCgraphCapacityExceeded``
+ActorDiedError      ``ray.exceptions.ActorDiedError`` and ``ray.exceptions.RayChannelError``
+DagClosedError      ``ray.exceptions.RayChannelError`` (Ray: "Channel closed")
+ExecuteArgumentError ``ValueError``
+==================  =====================================================================
+
+Ray's exception classes take other constructor arguments; dagc's take one message, as
+before, and set the attributes Ray's classes define (``client_exc``, ``actor_id``,
+``function_name``, ...) so code that reads them finds them.
+"""
 from __future__ import annotations
 
-import builtins
+from ray import exceptions as _ray
 
 
 class DagcError(Exception):
     """Base class of every dagc error."""
 
+    def __init__(self, *args):
+        # one message, whatever the Ray base class's constructor wants
+        BaseException.__init__(self, *args)
 
-class CompileError(DagcError):
-    """The DAG cannot be compiled. The message names the node and the fix."""
+    def __str__(self) -> str:
+        return BaseException.__str__(self)
+
+
+class _RaySystemError:
+    """Ray's RaySystemError family keeps its message in ``client_exc``."""
+
+    traceback_str = None
+
+    @property
+    def client_exc(self):
+        return self.args[0] if self.args else ""
+
+
+class CompileError(DagcError, ValueError):
+    """The DAG cannot be compiled. The message names the node and the fix. Also a
+    ValueError, which is what Ray's ``experimental_compile`` raises for such a DAG."""
 
 
 class DeadlockError(CompileError):
@@ -20,33 +59,65 @@ class DeadlockError(CompileError):
         self.table = table
 
 
-class DagTimeoutError(DagcError, builtins.TimeoutError):
-    """``get(timeout=...)`` ran out; the result can still be fetched later."""
+class DagTimeoutError(DagcError, _RaySystemError, _ray.RayChannelTimeoutError):
+    """``get(timeout=...)`` ran out; the result can still be fetched later. Also a
+    ``TimeoutError`` and Ray's ``RayChannelTimeoutError``."""
 
 
-class CapacityError(DagcError):
+class CapacityError(DagcError, _RaySystemError, _ray.RayCgraphCapacityExceeded):
     """More than ``max_inflight`` executions are submitted and not yet fetched."""
 
 
-class ActorDiedError(DagcError):
-    """An actor of the DAG died (or the driver went away); the DAG is unusable."""
+class ActorDiedError(DagcError, _RaySystemError, _ray.ActorDiedError, _ray.RayChannelError):
+    """An actor of the DAG died (or the driver went away); the DAG is unusable. Also Ray's
+    ``ActorDiedError`` and ``RayChannelError`` (a compiled graph's channel to a dead actor)."""
+
+    actor_id = None
+    _actor_init_failed = False
+    _preempted = False
+
+    @property
+    def error_msg(self) -> str:
+        return str(self)
 
 
-class DagClosedError(DagcError):
-    """``execute`` after ``teardown``."""
+class DagClosedError(DagcError, _RaySystemError, _ray.RayChannelError):
+    """``execute`` after ``teardown`` (Ray: a ``RayChannelError``, the channel is closed)."""
 
 
 class ExecuteArgumentError(DagcError, ValueError):
     """``execute()`` was called with arguments that do not match the DAG's InputNode use."""
 
 
-class TaskError(DagcError):
-    """A user method raised. Instances raised by ``get()`` are also instances of the cause's class."""
+class TaskError(DagcError, _ray.RayTaskError):
+    """A user method raised. Instances raised by ``get()`` are also instances of the cause's
+    class, and of Ray's ``RayTaskError`` (``function_name``, ``traceback_str``, ``cause``,
+    ``as_instanceof_cause()`` as Ray's)."""
 
     cause: BaseException | None = None
     actor: str = ""
     method: str = ""
     remote_traceback: str = ""
+    proctitle = ""
+    pid = 0
+    ip = ""
+    _actor_id = None
+
+    @property
+    def function_name(self) -> str:
+        return self.method
+
+    @property
+    def traceback_str(self) -> str:
+        return self.remote_traceback
+
+    @property
+    def actor_repr(self) -> str:
+        return self.actor
+
+    def as_instanceof_cause(self):
+        """Ray's: the error as an instance of its cause's class too - which it already is."""
+        return self
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.args[0] if self.args else "task failed"

@@ -13,6 +13,13 @@ DEFAULTS = {
     "profile": False,
     "start_timeout": 120.0,
     "teardown_timeout": 5.0,
+    "costs": None,            # what the scheduler predicts with: None (uniform), a Profile
+                              # (cg.profile(n)), a dagc.schedule.Costs, a dict {method: cost}
+    "reorder": None,          # None: bind order; "critical-path" (dagc/passes/schedule_ops.py)
+    # the longest the driver waits on one output of a MultiOutputNode before looking at
+    # the others again, for one that failed (fail fast; runtime/driver/gather.py). Ray's
+    # RAY_CGRAPH_read_iteration_timeout_s, under dagc.patch_ray()
+    "_read_slice": 0.1,
 }
 
 
@@ -33,6 +40,16 @@ def check_options(options: dict) -> dict:
         raise ValueError(f"get_timeout must be None or > 0, got {o['get_timeout']!r}")
     if o["wait"] not in WAIT_MODES:
         raise ValueError(f"wait must be one of {', '.join(WAIT_MODES)}, got {o['wait']!r}")
+    if not isinstance(o["_read_slice"], (int, float)) or not o["_read_slice"] > 0:
+        raise ValueError(f"_read_slice must be a number of seconds > 0, got "
+                         f"{o['_read_slice']!r}")
+    if o["reorder"] not in (None, "bind", "critical-path"):
+        raise ValueError(f"reorder must be None or 'critical-path' (calls of methods marked "
+                         f"@dagc.reorderable may then run out of bind order), got "
+                         f"{o['reorder']!r}")
+    if o["costs"] is not None:
+        from dagc.schedule.costs import Costs
+        Costs.of(o["costs"])             # a ValueError naming what is wrong
     comm = o["communicator"]
     if isinstance(comm, str):
         if comm not in ("auto", "nccl", "gloo"):

@@ -31,7 +31,29 @@ def trace(dag) -> "Traced":
     from dagc import frontend
     origin = _origin()
     ir, side = frontend.trace(dag)
+    _check_communicators(ir, side)
     return Traced(ir, side, origin)
+
+
+def _check_communicators(ir, side) -> None:
+    """A communicator object in the DAG (``with_tensor_transport(transport=obj)``, a
+    collective's ``transport=``) must be a dagc.Communicator: Ray's cannot drive dagc's ops."""
+    if not side.communicators:
+        return
+    from dagc.runtime.comm.base import Communicator
+    for name, comm in side.communicators.items():
+        if isinstance(comm, Communicator):
+            continue
+        users = [f"{op.id} = {op.actor}.{op.method}(...)" for op in ir.ops()
+                 if op.transport == name]
+        raise CompileError(
+            f"{', '.join(users) or 'a node'}: its transport is a {type(comm).__name__}, not a "
+            f"dagc.Communicator; a Ray Communicator cannot drive dagc's communicator ops. Use "
+            f"with_tensor_transport(transport='auto') (or 'nccl') and give dagc the "
+            f"communicator: dagc.compile(dag, communicator=<a dagc.Communicator>), or under "
+            f"dagc.patch_ray() experimental_compile(_default_communicator=<a "
+            f"dagc.Communicator>) (dagc.GlooCommunicator, dagc.NcclCommunicator or a "
+            f"subclass).")
 
 
 class Traced:
@@ -120,14 +142,16 @@ class Lowered:
             else _lower(self.traced, placement, self.options)
         return lowered._start(probes, t0)
 
-    def _start(self, probes: dict, t_start: float):
-        """Load onto actors whose probe results are ``probes`` (this Lowered's placement)."""
-        from dagc.runtime.driver.compiled import CompiledDag
+    def _start(self, probes: dict, t_start: float, cls=None):
+        """Load onto actors whose probe results are ``probes`` (this Lowered's placement).
+        ``cls``: the CompiledDag class to make (dagc.ray_graph's subclass, under the patch)."""
+        if cls is None:
+            from dagc.runtime.driver.compiled import CompiledDag as cls
         timings = dict(self.timings)
         t0 = time.perf_counter()
-        cg = CompiledDag(self.ir, self.traced.side, self.modules, self.options, probes,
-                         timings=timings, driver_node=self.placement.driver_node,
-                         profile_sources=self._profile_sources)
+        cg = cls(self.ir, self.traced.side, self.modules, self.options, probes,
+                 timings=timings, driver_node=self.placement.driver_node,
+                 profile_sources=self._profile_sources)
         timings["start"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         if self.options["output_dir"]:
@@ -153,12 +177,20 @@ def compile(dag, **options):
     """Compile a Ray DAG into generated actor loops and start them: :func:`trace`, then
     :func:`probe` the actors, then lower once with their placement, then load. Returns a
     running CompiledDag."""
+    return compile_as(None, dag, options)
+
+
+def compile_as(cls, dag, options: dict, check=None):
+    """:func:`compile`, making a ``cls`` (a CompiledDag subclass; None: CompiledDag).
+    ``check(traced)`` may refuse the traced DAG before any actor is asked anything."""
     t_start = time.perf_counter()
     opts = check_options(options)
     _require_ray()
     traced = trace(dag)
+    if check is not None:
+        check(traced)
     probes, placement = probe(traced, opts["start_timeout"])
-    return _lower(traced, placement, opts)._start(probes, t_start)
+    return _lower(traced, placement, opts)._start(probes, t_start, cls)
 
 
 def probe(traced: Traced, timeout: float = 120.0) -> tuple[dict, Placement]:
@@ -188,12 +220,33 @@ def _lower(traced: Traced, placement: Placement, opts: dict) -> Lowered:
                                                 if isinstance(v, (int, str)))))
     ctx = PassContext(placement=placement, options=opts)
     t0 = time.perf_counter()
-    ir = run_pipeline(ir, default_pipeline(opts["overlap_communication"]), ctx)
+    ir = run_pipeline(ir, default_pipeline(opts["overlap_communication"], opts["reorder"]), ctx)
     ctx.timings["passes"] = time.perf_counter() - t0
+    _check_devices(ir)
     t0 = time.perf_counter()
     modules = render_all(ir, traced.origin)
     ctx.timings["codegen"] = time.perf_counter() - t0
     return Lowered(traced, ir, modules, placement, opts, ctx.timings)
+
+
+def _check_devices(ir) -> None:
+    """``with_tensor_transport(device="cuda")``: every actor that reads the value must hold
+    a GPU where it runs (the driver's GPU is checked when it reads)."""
+    from dagc.ir import DRIVER
+    for c in ir.channels:
+        if c.value.op not in ir.graph:
+            continue
+        op = ir.op(c.value.op)
+        if op.device != "cuda":
+            continue
+        for r in c.readers:
+            if r != DRIVER and not ir.actor(r).gpu_ids:
+                a = ir.actor(r)
+                raise CompileError(
+                    f"{op.id} = {op.actor}.{op.method}(...) is sent with "
+                    f"with_tensor_transport(device='cuda'), but its reader {a.label} holds no "
+                    f"GPU: give that actor a GPU (num_gpus=1), or use device='default' (the "
+                    f"transport's device) or device='cpu'.")
 
 
 def _same(a: Placement, b: Placement, actor_ids) -> bool:

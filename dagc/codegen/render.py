@@ -176,9 +176,9 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
             outputs.append({"target": local(a.value, nfields), "channel": cid,
                             "fn": m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"),
                             "comment": f"step {step}  {a} via {cid}"})
-    if len(outputs) > 1:     # several outputs: wait for all before consuming any
+    if len(outputs) > 1:     # several outputs: read in order when all are there (fail fast)
         for o in outputs:
-            o["wait"] = m.bind(f"ready_{o['channel']}", f"rt.reader({o['channel']!r}).wait_ready")
+            o["ready"] = m.bind(f"ready_{o['channel']}", f"rt.reader({o['channel']!r}).ready")
     fields = []
     for f in ir.inputs.fields:
         fields.append(f"args[{f}]" if isinstance(f, int) else f"kwargs[{f!r}]")
@@ -190,6 +190,10 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     result = [local(r, nfields) for r in ir.output.refs]
     model = {"h": _header(ir, DRIVER, DRIVER, origin), "inputs": inputs, "fields": fields,
              "bad_input": " or ".join(cond), "outputs": outputs,
+             "gather_channels": repr(tuple(o["channel"] for o in outputs)),
+             "gather_targets": ", ".join(o["target"] for o in outputs),
+             "all_ready": " and ".join(f"{o['ready']}()" for o in outputs
+                                       if "ready" in o),
              "result": ("[" + ", ".join(result) + "]") if ir.output.multi else result[0],
              "bindings": sorted(m.bindings.items(), key=_binding_order)}
     src = environment().get_template("driver.py.j2").render(**model)

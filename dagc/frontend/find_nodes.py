@@ -9,7 +9,7 @@ bytes, classes, functions, numpy arrays, tensors and actor handles are leaves: t
 DAG node, and a big array costs nothing to skip. Each object is visited once (cycles end).
 
 ``find_node(value, is_node)`` returns the first node found and its path inside ``value``
-(``.cfg.layers[2]`` style), or None.
+(``.cfg.layers[2]`` style), or None; ``find_nodes`` every distinct node, with its first path.
 """
 from __future__ import annotations
 
@@ -84,6 +84,23 @@ def _object_children(obj, path: str) -> list[tuple[Any, str]]:
 def find_node(value, is_node: Callable[[Any], bool],
               path: str = "") -> Optional[tuple[Any, str]]:
     """(node, its path) for the first DAG node inside ``value`` (``path`` prefixes it)."""
+    for found in _walk(value, is_node, path):
+        return found
+    return None
+
+
+def find_nodes(value, is_node: Callable[[Any], bool], path: str = "") -> list[tuple[Any, str]]:
+    """(node, its first path) for every distinct DAG node inside ``value``, in walk order."""
+    out, ids = [], set()
+    for node, p in _walk(value, is_node, path):
+        if id(node) not in ids:
+            ids.add(id(node))
+            out.append((node, p))
+    return out
+
+
+def _walk(value, is_node: Callable[[Any], bool], path: str):
+    """Yield (node, path) for each DAG node met inside ``value`` (a node is not entered)."""
     leaves = _leaf_types()
     seen: set[int] = set()
     keep: list = []                  # objects made by __reduce_ex__ stay alive: ids stay unique
@@ -98,7 +115,8 @@ def find_node(value, is_node: Callable[[Any], bool],
         elif isinstance(v, _ATOMS):
             continue
         elif is_node(v):
-            return v, p
+            yield v, p
+            continue
         if id(v) in seen or isinstance(v, leaves):
             continue
         seen.add(id(v))
@@ -117,4 +135,3 @@ def find_node(value, is_node: Callable[[Any], bool],
         else:
             children = _object_children(v, p)
         stack.extend(reversed(children))
-    return None

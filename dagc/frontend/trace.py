@@ -5,7 +5,10 @@ appearance and values "t0", "t1", ... in a deterministic depth-first order over 
 arguments, so the same DAG always gives the same IR. Each op records its position in its
 actor's bind order (Ray's per-handle bind index, ranked), which the schedule keeps. Live
 objects (actor handles, constants, user communicators) go into the side table, never into
-the IR. A DAG node hidden inside an argument object is refused (``find_nodes``).
+the IR. A DAG node hidden inside an argument object is refused (``find_nodes``), and so is a
+method call whose result reaches no output (a "leaf node", as Ray Compiled Graph refuses it:
+``_Tracer.check_leaves``). Messages start with Ray's wording where Ray has one, so code
+written against ``experimental_compile`` matches them, and go on to say where and what to do.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 import networkx as nx
 
 from dagc.errors import CompileError
-from dagc.frontend.find_nodes import find_node
+from dagc.frontend.find_nodes import find_nodes
 from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, Const, Field, InputSpec, Op,
                      OutputSpec, Ref, SideTable)
 
@@ -96,15 +99,20 @@ class _Tracer:
                 f"through the InputNode.")
         where = (f"keyword argument {position}=" if isinstance(position, str)
                  else f"argument {position} ")
-        found = find_node(value, lambda v: isinstance(v, rd.DAGNode))
-        if found is not None:
-            node, path = found
+        found = find_nodes(value, lambda v: isinstance(v, rd.DAGNode))
+        if found:
+            node, path = found[0]
+            kind = type(value).__name__
+            # where and why, then Ray's sentences (code written for Ray matches them)
             raise CompileError(
                 f"{describe(consumer)} {where}{path}: a DAG node ({describe(node)}) is nested "
-                f"inside a {type(value).__name__} argument, where it would be passed as the "
-                f"node object, not its result; compiled DAGs take DAG nodes only as top-level "
-                f"arguments. Pass the node as its own argument and build the "
-                f"{type(value).__name__} inside the method.")
+                f"inside a {kind} argument, where it would be passed as the node object, not "
+                f"its result; compiled DAGs take DAG nodes only as top-level arguments. Pass "
+                f"the node as its own argument and build the {kind} inside the method. "
+                f"(Found {len(found)} DAGNodes from the arg {where.strip()} in "
+                f"{describe(consumer)}. Please ensure that the argument is a single DAGNode "
+                f"and that a DAGNode is not allowed to be placed inside any type of "
+                f"container.)")
         self.side.constants.append(value)
         return Const(len(self.side.constants) - 1)
 
@@ -184,6 +192,7 @@ class _Tracer:
                                    f"supported; use a fixed number of returns.")
         op_id = self.new_id()
         transport = self.transport_of(node)
+        device = self.device_of(node)
         group = None
         method_name = node.get_method_name()
         if is_coll:
@@ -210,7 +219,8 @@ class _Tracer:
         raw_bind = getattr(node, "_get_bind_index", lambda: None)()
         op = Op(id=op_id, kind=COLLECTIVE if is_coll else CALL, actor=aid, method=method_name,
                 args=args, kwargs=kwargs, num_returns=num_returns, transport=transport,
-                group=group, bind_index=raw_bind if isinstance(raw_bind, int) else None)
+                device=device, group=group,
+                bind_index=raw_bind if isinstance(raw_bind, int) else None)
         self.graph.add_node(op_id, op=op)
         for a in op.refs():
             if isinstance(a, Ref):
@@ -225,6 +235,9 @@ class _Tracer:
         if name == "AutoTransportType":
             return "auto"
         if name == "TorchTensorType":
+            custom = getattr(hint, "_communicator", None)   # Ray 2.60 keeps it aside
+            if custom is not None:
+                return self.custom_communicator(custom)
             t = getattr(hint, "transport", None)
             if isinstance(t, str):
                 if t in ("accelerator", "nccl"):
@@ -234,7 +247,25 @@ class _Tracer:
                 return self.custom_communicator(t)
         return None
 
+    def device_of(self, node) -> str:
+        """``with_tensor_transport(device=...)``: "" (Ray's "default": tensors stay where
+        the transport delivers them), "cpu" or "cuda" (Ray's "gpu" and "cuda")."""
+        hint = getattr(node, "_type_hint", None)
+        d = getattr(hint, "device", None) if hint is not None else None
+        d = str(getattr(d, "value", d) or "default").lower()
+        if d in ("default", "none"):
+            return ""
+        if d in ("gpu", "cuda"):
+            return "cuda"
+        if d == "cpu":
+            return "cpu"
+        raise CompileError(f"{describe(node)}: with_tensor_transport(device={d!r}) is not "
+                           f"supported; use 'default', 'cpu', 'gpu' or 'cuda'.")
+
     def collective_transport(self, cop) -> str:
+        custom = getattr(cop._type_hint, "_communicator", None)
+        if custom is not None:
+            return self.custom_communicator(custom)
         t = getattr(cop._type_hint, "transport", None)
         if isinstance(t, str) or t is None:
             return "nccl" if t in (None, "accelerator", "nccl") else str(t)
@@ -248,13 +279,25 @@ class _Tracer:
         self.side.communicators[name] = comm
         return name
 
+    # -- leaf nodes ----------------------------------------------------------------------
+    def check_leaves(self) -> None:
+        """Refuse method calls none of whose results reach an output (Ray's "leaf nodes"):
+        the walk from the output never meets them, so they would silently never run and a
+        failure of theirs would never be seen. An unused return of a call whose other return
+        is used is not one (the call runs; its failure reaches get() through the used one);
+        Ray refuses that too, and so does ``dagc.patch_ray()`` (:func:`check_ray_leaves`)."""
+        leaves = _leaves(self.keep_alive, self.rd, per_return=False)
+        if leaves:
+            _raise_leaves(leaves)
+
     # -- finish --------------------------------------------------------------------------
     def finish(self, out_refs: list[Arg], multi: bool) -> tuple[IR, SideTable]:
         if self.direct and (self.pos_keys or self.kw_keys):
             raise CompileError(
-                "the DAG uses the InputNode both directly (inp) and indexed (inp[0], "
-                "inp['key']); use one form: either every method takes inp, or every method "
-                "takes inp[i] / inp['key'].")
+                "All tasks must either use InputNode() directly, or they must index to "
+                "specific args or kwargs. This DAG uses the InputNode both directly (inp) "
+                "and indexed (inp[0], inp['key']); use one form: either every method takes "
+                "inp, or every method takes inp[i] / inp['key'].")
         pos = sorted(self.pos_keys | ({0} if self.direct else set()))
         kws = sorted(self.kw_keys)
         fields = tuple(pos) + tuple(kws)
@@ -331,9 +374,68 @@ def trace(dag) -> tuple[IR, SideTable]:
     if not t.actor_specs:
         raise CompileError("the DAG has no actor method calls; bind at least one actor method "
                            "(actor.method.bind(inp)).")
+    t.check_leaves()
     return t.finish(refs, multi)
 
 
 def _not_node(n):
     raise CompileError(f"MultiOutputNode holds {type(n).__name__}, not a DAG node; list the "
                        f"nodes to return.")
+
+
+def _leaves(reached, rd, per_return: bool) -> list:
+    """The ClassMethodNodes no output depends on, found as Ray finds them: through the DAG
+    nodes' downstream links (``_downstream_nodes``, filled by ``bind``) from every node the
+    walk from the output ``reached``, the InputNode included. ``per_return``: also unused
+    returns of a ``num_returns`` call whose other returns are used (Ray's rule)."""
+    reached_ids = {id(n) for n in reached}
+    seen = set(reached_ids)
+    stack = list(reached)
+    unreached = []
+    while stack:
+        node = stack.pop()
+        for d in getattr(node, "_downstream_nodes", ()):
+            if id(d) in seen:
+                continue
+            seen.add(id(d))
+            stack.append(d)
+            if isinstance(d, rd.ClassMethodNode):
+                unreached.append(d)
+    return [n for n in unreached
+            if not any(isinstance(d, (rd.ClassMethodNode, rd.MultiOutputNode))
+                       for d in getattr(n, "_downstream_nodes", ()))
+            and (per_return or not (n.is_class_method_output
+                                    and id(n.class_method_call) in reached_ids))]
+
+
+def _raise_leaves(leaves) -> None:
+    names = [describe(n.class_method_call) + f" (return {n.output_idx})"
+             if n.is_class_method_output else describe(n) for n in leaves]
+    raise CompileError(
+        "Compiled DAG doesn't support leaf nodes, i.e., nodes that don't have "
+        f"downstream nodes and are not output nodes. There are {len(leaves)} leaf "
+        f"nodes in the DAG. Please add the outputs of {names} to the "
+        f"MultiOutputNode. (dagc: no output depends on them, so they would never run "
+        f"and their errors would never be seen; return them, or pass them to a method "
+        f"whose result is returned.)")
+
+
+def check_ray_leaves(dag) -> None:
+    """Ray Compiled Graph's leaf rule, for ``experimental_compile`` under the patch: every
+    method call result, each return of a ``num_returns`` call included, must reach an
+    output. Raises CompileError (a ValueError) with Ray's wording."""
+    rd, _, _ = _ray_dag()
+    reached, seen = [], set()
+    stack = [dag]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or not isinstance(n, rd.DAGNode):
+            continue
+        seen.add(id(n))
+        reached.append(n)
+        stack.extend(n._get_all_child_nodes())
+        if isinstance(n, rd.ClassMethodNode) and n.is_class_method_output:
+            stack.append(n.class_method_call)
+    leaves = _leaves(reached, rd, per_return=True)
+    if leaves:
+        _raise_leaves(leaves)

@@ -32,6 +32,9 @@ class Op:
     kwargs: tuple[tuple[str, Arg], ...] = ()
     num_returns: int = 1
     transport: Optional[str] = None           # None (shm), "nccl", "auto", "gloo", "custom"
+    device: str = ""                          # with_tensor_transport(device=): "" (default,
+                                              # where the transport puts tensors), "cpu",
+                                              # "cuda": where readers receive them
     group: Optional[str] = None               # collective group id "g0"
     where: str = ""                           # the user's file:line where the node was bound
     bind_index: Optional[int] = None          # position in its actor's bind order (0 first;
@@ -47,6 +50,8 @@ class Op:
             s += f" -> {self.num_returns}"
         if self.transport:
             s += f" [{self.transport}]"
+        if self.device:
+            s += f" [device={self.device}]"
         if self.group:
             s += f" [{self.group}]"
         return s
@@ -62,6 +67,9 @@ class ActorSpec:
     # filled by place: (method, where the user wrote it) pairs, sorted by method, e.g.
     # ("embed", "pipeline.py:23 Embedder.embed"); plain data, for comments and errors
     methods: tuple[tuple[str, str], ...] = ()
+    # filled by place: the methods marked @dagc.reorderable, sorted (what reorder=
+    # "critical-path" may run out of bind order; passes/schedule_ops.py)
+    reorderable: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:

@@ -13,10 +13,10 @@ def bind(rt):
     read_c3 = rt.reader('c3').read
     read_c4 = rt.reader('c4').read
     read_c5 = rt.reader('c5').read
-    ready_c1 = rt.reader('c1').wait_ready
-    ready_c3 = rt.reader('c3').wait_ready
-    ready_c4 = rt.reader('c4').wait_ready
-    ready_c5 = rt.reader('c5').wait_ready
+    ready_c1 = rt.reader('c1').ready
+    ready_c3 = rt.reader('c3').ready
+    ready_c4 = rt.reader('c4').ready
+    ready_c5 = rt.reader('c5').ready
     write_c0 = rt.writer('c0').write
 
     def submit(args, kwargs, bad_input=bad_input, write_c0=write_c0):
@@ -25,26 +25,31 @@ def bind(rt):
         value = (args[0], args[1],)
         write_c0(value)
 
-    def collect(deadline, Failure=Failure,
+    # fail fast (runtime/driver/gather.py): outputs as they arrive, a Failure at once
+    gather = rt.gather(('c3', 'c4', 'c5', 'c1'))
+
+    def collect(deadline, Failure=Failure, pend=gather.pend, gather=gather.collect,
                 ready_c3=ready_c3, read_c3=read_c3,
                 ready_c4=ready_c4, read_c4=read_c4,
                 ready_c5=ready_c5, read_c5=read_c5,
                 ready_c1=ready_c1, read_c1=read_c1,
                 ):
-        # wait until every output is there before consuming any, so a timeout
-        # leaves the execution whole and fetchable later
-        ready_c3(deadline)
-        ready_c4(deadline)
-        ready_c5(deadline)
-        ready_c1(deadline)
-        # step 7  recv t2<a2 via c3
-        t2 = read_c3()
-        # step 10  recv t3.0<a0 via c4
-        t3_0 = read_c4()
-        # step 11  recv t3.1<a0 via c5
-        t3_1 = read_c5()
-        # step 12  recv t0<a0 via c1
-        t0 = read_c1()
+        # every output there and nothing left over from an execution that failed fast:
+        # read them in order; otherwise as they arrive (a Failure ends the execution)
+        if pend or not (ready_c3() and ready_c4() and ready_c5() and ready_c1()):
+            got = gather(deadline)
+            if got.__class__ is Failure:
+                return got
+            t2, t3_0, t3_1, t0 = got
+        else:
+            # step 7  recv t2<a2 via c3
+            t2 = read_c3()
+            # step 10  recv t3.0<a0 via c4
+            t3_0 = read_c4()
+            # step 11  recv t3.1<a0 via c5
+            t3_1 = read_c5()
+            # step 12  recv t0<a0 via c1
+            t0 = read_c1()
         return [t2, t3_0, t3_1, t0]
 
     return submit, collect

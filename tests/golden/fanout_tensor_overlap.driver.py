@@ -12,9 +12,9 @@ def bind(rt):
     read_c2 = rt.reader('c2').read
     read_c3 = rt.reader('c3').read
     read_c4 = rt.reader('c4').read
-    ready_c2 = rt.reader('c2').wait_ready
-    ready_c3 = rt.reader('c3').wait_ready
-    ready_c4 = rt.reader('c4').wait_ready
+    ready_c2 = rt.reader('c2').ready
+    ready_c3 = rt.reader('c3').ready
+    ready_c4 = rt.reader('c4').ready
     write_c0 = rt.writer('c0').write
 
     def submit(args, kwargs, bad_input=bad_input, write_c0=write_c0):
@@ -23,22 +23,28 @@ def bind(rt):
         value = args[0]
         write_c0(value)
 
-    def collect(deadline, Failure=Failure,
+    # fail fast (runtime/driver/gather.py): outputs as they arrive, a Failure at once
+    gather = rt.gather(('c3', 'c4', 'c2'))
+
+    def collect(deadline, Failure=Failure, pend=gather.pend, gather=gather.collect,
                 ready_c3=ready_c3, read_c3=read_c3,
                 ready_c4=ready_c4, read_c4=read_c4,
                 ready_c2=ready_c2, read_c2=read_c2,
                 ):
-        # wait until every output is there before consuming any, so a timeout
-        # leaves the execution whole and fetchable later
-        ready_c3(deadline)
-        ready_c4(deadline)
-        ready_c2(deadline)
-        # step 6  recv t1<a1 via c3
-        t1 = read_c3()
-        # step 7  recv t2<a2 via c4
-        t2 = read_c4()
-        # step 8  recv t0<a0 via c2
-        t0 = read_c2()
+        # every output there and nothing left over from an execution that failed fast:
+        # read them in order; otherwise as they arrive (a Failure ends the execution)
+        if pend or not (ready_c3() and ready_c4() and ready_c2()):
+            got = gather(deadline)
+            if got.__class__ is Failure:
+                return got
+            t1, t2, t0 = got
+        else:
+            # step 6  recv t1<a1 via c3
+            t1 = read_c3()
+            # step 7  recv t2<a2 via c4
+            t2 = read_c4()
+            # step 8  recv t0<a0 via c2
+            t0 = read_c2()
         return [t1, t2, t0]
 
     return submit, collect

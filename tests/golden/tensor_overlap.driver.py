@@ -11,8 +11,8 @@ def bind(rt):
     bad_input = rt.bad_input
     read_c2 = rt.reader('c2').read
     read_c3 = rt.reader('c3').read
-    ready_c2 = rt.reader('c2').wait_ready
-    ready_c3 = rt.reader('c3').wait_ready
+    ready_c2 = rt.reader('c2').ready
+    ready_c3 = rt.reader('c3').ready
     write_c0 = rt.writer('c0').write
 
     def submit(args, kwargs, bad_input=bad_input, write_c0=write_c0):
@@ -21,18 +21,25 @@ def bind(rt):
         value = args[0]
         write_c0(value)
 
-    def collect(deadline, Failure=Failure,
+    # fail fast (runtime/driver/gather.py): outputs as they arrive, a Failure at once
+    gather = rt.gather(('c2', 'c3'))
+
+    def collect(deadline, Failure=Failure, pend=gather.pend, gather=gather.collect,
                 ready_c2=ready_c2, read_c2=read_c2,
                 ready_c3=ready_c3, read_c3=read_c3,
                 ):
-        # wait until every output is there before consuming any, so a timeout
-        # leaves the execution whole and fetchable later
-        ready_c2(deadline)
-        ready_c3(deadline)
-        # step 9  recv t3<a0 via c2
-        t3 = read_c2()
-        # step 10  recv t4<a1 via c3
-        t4 = read_c3()
+        # every output there and nothing left over from an execution that failed fast:
+        # read them in order; otherwise as they arrive (a Failure ends the execution)
+        if pend or not (ready_c2() and ready_c3()):
+            got = gather(deadline)
+            if got.__class__ is Failure:
+                return got
+            t3, t4 = got
+        else:
+            # step 7  recv t3<a0 via c2
+            t3 = read_c2()
+            # step 8  recv t4<a1 via c3
+            t4 = read_c3()
         return [t3, t4]
 
     return submit, collect

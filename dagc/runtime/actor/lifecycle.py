@@ -47,8 +47,21 @@ def probe(instance, token: str, methods: tuple = (), cwd: str = "") -> Probe:
         at = _defined_at(type(instance), name, cwd)
         if at:
             where[name] = at
-    return Probe(place=ActorPlace(node=ctx.get_node_id(), gpus=gpus, methods=where),
+    free = tuple(sorted(n for n in methods if _reorderable(type(instance), n)))
+    return Probe(place=ActorPlace(node=ctx.get_node_id(), gpus=gpus, methods=where,
+                                  reorderable=free),
                  pid=os.getpid(), ip=ray.util.get_node_ip_address(), busy=busy)
+
+
+def _reorderable(cls, name: str) -> bool:
+    """Whether method ``name`` of ``cls`` is marked ``@dagc.reorderable``."""
+    from dagc.placement import REORDERABLE
+    try:
+        fn = getattr(cls, name)
+    except AttributeError:
+        return False
+    return any(getattr(f, REORDERABLE, False) is True
+               for f in (fn, getattr(fn, "__func__", None), getattr(fn, "__wrapped__", None)))
 
 
 def _defined_at(cls, name: str, cwd: str) -> str | None:
@@ -140,6 +153,15 @@ def resume(instance, token: str) -> None:
 def fetch_profile(instance, token: str) -> list:
     loop = LOOPS.get(token)
     return list(loop.records) if loop else []
+
+
+def memory(instance, token: str) -> list:
+    """What this actor's shared-memory channel ends of one DAG hold (``cg.memory()``)."""
+    loop = LOOPS.get(token)
+    if loop is None:
+        return []
+    ends = list(loop._writers.values()) + list(loop._readers.values())
+    return [dict(e.stats(), pid=os.getpid()) for e in ends if hasattr(e, "stats")]
 
 
 def status(instance, token: str) -> dict:

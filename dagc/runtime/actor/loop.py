@@ -125,6 +125,10 @@ class ActorLoop:
         return self.plan.constants[k]
 
     def reader(self, cid: str) -> ch.Reader:
+        dev = self.plan.devices.get(cid)
+        if dev:                    # with_tensor_transport(device=...): tensors move there
+            from dagc.runtime.comm.packing import OnDevice
+            return OnDevice(self._readers[cid], dev)
         return self._readers[cid]
 
     def writer(self, cid: str) -> ch.Writer:
@@ -162,8 +166,13 @@ class ActorLoop:
         if end is None:
             inp = self.plan.comm_readers[cid]
             comm = self._comm(inp.group)
-            end = self._comm_ends[cid] = CommReader(self._readers[cid], comm, inp.writer_rank,
-                                                    getattr(comm, "device", "cpu"))
+            end = CommReader(self._readers[cid], comm, inp.writer_rank,
+                             getattr(comm, "device", "cpu"))
+            dev = self.plan.devices.get(cid)
+            if dev:                # with_tensor_transport(device=...): tensors move there
+                from dagc.runtime.comm.packing import OnDevice
+                end = OnDevice(end, dev)
+            self._comm_ends[cid] = end
         return end
 
     def collective(self, gid: str):
@@ -177,6 +186,8 @@ class ActorLoop:
         return end
 
     def _encode_error(self, exc: Exception, value) -> Failure:
+        if isinstance(exc, shm.ShmFullError):     # no room in /dev/shm: its own message
+            return capture(exc, self.plan.actor, "<send>", -1)
         err = TypeError(f"{self.plan.label} produced a {type(value).__name__} that cannot be "
                         f"pickled to send it on: {exc}. Return picklable values.")
         return capture(err, self.plan.actor, "<send>", -1)
@@ -213,6 +224,7 @@ class ActorLoop:
                 except ChannelClosed:
                     if self.control.state != SWAP:
                         return
+                    self._drop_deferred()      # the next execution's, issued early
                     self._parked.set()
                     deadline = time.monotonic() + 30
                     while self.control.state == SWAP and time.monotonic() < deadline:
@@ -237,11 +249,20 @@ class ActorLoop:
                     if LOOPS.get(self.plan.token) is self:
                         del LOOPS[self.plan.token]
 
+    def _drop_deferred(self) -> None:
+        """Parked between executions: forget receives issued for the next one (overlap may
+        issue one before the input read); the swapped-in loop issues them again."""
+        if self._comms:
+            from dagc.runtime.comm.p2p import drop_pending
+            for comm in self._comms.values():
+                drop_pending(comm)
+
     def swap(self, source: str | None, timeout: float) -> bool:
         self._next_fn = self._bind(source or self.plan.source)
         if self.control.state == RUNNING:
             self.control.words[C_STATE] = SWAP     # this node's loops park
-        self.records = []
+        if source is not None:     # a new profile; swapping back keeps them for fetching
+            self.records = []
         self._wake()
         return self._parked.wait(timeout)
 

@@ -130,6 +130,9 @@ class ActorPlan:
     comm_writers: Mapping[str, CommOut] = field(default_factory=dict)
     comm_readers: Mapping[str, CommIn] = field(default_factory=dict)
     collectives: Mapping[str, CollectiveOp] = field(default_factory=dict)  # group "g0" ->
+    devices: Mapping[str, str] = field(default_factory=dict)   # channel id -> "cpu"/"cuda":
+                                 # its tensors move there when read (with_tensor_transport's
+                                 # device=); channels without a hint are not listed
     comm_timeout: float = 60.0
     secret: bytes = field(default=b"", repr=False)    # authenticates TCP channels
     node_cleanup: bool = True    # sweeps stale segments at start, this DAG's at stop: one

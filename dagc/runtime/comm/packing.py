@@ -14,6 +14,11 @@ Tensors are found in dicts, lists, tuples (named too) and dataclass fields, nest
 inside any other object travels inside the metadata, pickled (CPU tensors as out-of-band
 buffers; CUDA tensors through torch's own pickling, which is slow). The same tensor object
 twice in a value is sent once and comes back as one tensor in both places.
+
+Received tensors are on the communicator's device. A ``with_tensor_transport(device=...)``
+hint of "cpu" or "cuda"/"gpu" moves them, on the reading side, to that device
+(:class:`OnDevice` wraps the reading end; ``to_device``), as Ray's ``TorchTensorType``
+does; "default" leaves them where the transport put them.
 """
 from __future__ import annotations
 
@@ -170,3 +175,71 @@ def device_of(comm: Communicator, device=None) -> torch.device:
         index = getattr(comm, "_index", None)
         return torch.device("cuda", torch.cuda.current_device() if index is None else index)
     return torch.device(d)
+
+
+# -- with_tensor_transport(device=...) ------------------------------------------------------
+def target_device(device: str) -> torch.device:
+    """The torch device of a ``with_tensor_transport(device=...)`` hint: "cpu", or "cuda"
+    (Ray's "gpu" and "cuda"): this process's current GPU."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"with_tensor_transport(device={device!r}): this process sees no GPU "
+            f"(torch.cuda.is_available() is False); give the reading actor a GPU "
+            f"(num_gpus=1) or use device='default' or 'cpu'.")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def to_device(v, dev: torch.device):
+    """``v`` with every tensor in it (found as ``strip`` finds them) on ``dev``; ``v``
+    itself when none has to move. A Failure, or a value without tensors, is returned as is."""
+    if isinstance(v, Tensor):
+        return v if v.device == dev else v.to(dev)
+    if v.__class__ in _ATOMIC:
+        return v
+    out: list = []
+    skel = strip(v, out, {})
+    if not out or all(t.device == dev for t in out):
+        return v
+    return fill(skel, [t if t.device == dev else t.to(dev) for t in out])
+
+
+class OnDevice:
+    """A channel end whose received tensors are moved to ``device`` (the DAG node's
+    ``with_tensor_transport(device=...)``): wraps a ring/TCP reader (``read``, ``ready``)
+    or a CommReader (``recv``, ``irecv``). Only ends with such a hint are wrapped."""
+
+    __slots__ = ("end", "dev", "ready", "wait_ready")
+
+    def __init__(self, end, device: str):
+        self.end = end
+        self.dev = target_device(device)
+        self.ready = getattr(end, "ready", None)
+        self.wait_ready = getattr(end, "wait_ready", None)
+
+    def read(self, deadline=None):
+        return to_device(self.end.read(deadline), self.dev)
+
+    def recv(self):
+        return to_device(self.end.recv(), self.dev)
+
+    def irecv(self):
+        return _OnDeviceHandle(self.end.irecv(), self.dev)
+
+    def __getattr__(self, name):          # close, wake, ... of the end itself
+        return getattr(self.end, name)
+
+
+class _OnDeviceHandle:
+    __slots__ = ("h", "dev")
+
+    def __init__(self, h, dev):
+        self.h = h
+        self.dev = dev
+
+    def wait(self):
+        return to_device(self.h.wait(), self.dev)
+
+    def is_completed(self) -> bool:
+        return self.h.is_completed()

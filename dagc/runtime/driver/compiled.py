@@ -43,7 +43,9 @@ class CompiledDag:
         submit, collect = session.start()
         runs = self._runs = Executions(session, submit, collect, options, ir.output.multi)
         # execute() is the Executions' own bound method: a call costs what it always did
-        self.execute = runs.execute
+        # (a subclass that defines its own execute - dagc.ray_compat's - keeps it)
+        if type(self).execute is CompiledDag.execute:
+            self.execute = runs.execute
         self._profiler = Profiler(session, runs, ir, profile_sources)
 
     # -- execute / teardown ----------------------------------------------------------------------
@@ -75,11 +77,21 @@ class CompiledDag:
         """Run ``n`` executions of ``execute(*args, **kwargs)`` with per-op timing.
 
         The loops switch to their profiling variant (timing calls compiled in) for these
-        executions and back afterwards, so an unprofiled DAG pays nothing.
+        executions and back afterwards, so an unprofiled DAG pays nothing. Afterwards
+        ``schedule`` shows the measured timing beside the predicted one; the Profile's
+        ``costs()`` (or the Profile) can be given to ``dagc.compile(dag, costs=...)``.
         """
-        return self._profiler.run(n, args, kwargs)
+        prof = self._profiler.run(n, args, kwargs)
+        self.schedule = self._profiler.schedule
+        return prof
 
     # -- inspection ------------------------------------------------------------------------------
+    def memory(self) -> dict:
+        """Shared memory (/dev/shm) this DAG's channels hold now: ``shm_bytes`` in all,
+        ``big_bytes`` of it in big-value segments (values bigger than ``buffer_size``;
+        they go again after a burst), and per channel its writer's and readers' figures."""
+        return self._session.memory()
+
     def sources(self) -> dict:
         """The generated modules' text, by actor id (and "driver")."""
         return {a: m.source for a, m in self._modules.items()}

@@ -7,6 +7,18 @@ fetch counters, the result buffer for out-of-order ``get()``, capacity accountin
 when a process of the DAG dies. A :class:`DagRef` holds its Executions, which keeps the
 DAG alive while a result is pending; when neither is referenced any more, a finalizer stops
 the loops and removes the segments.
+
+A MultiOutputNode's outputs fail fast (``gather.py``): the first output that is a Failure
+answers the execution at once. Its other outputs are still in their channels; until they
+are read the execution keeps its place in the ``max_inflight`` count (``_unsettled``), so
+no ring ever holds more messages than it has slots and ``execute()`` never blocks on a
+full input ring.
+
+:class:`DagRef` is a subclass of Ray's ``CompiledDAGRef``: Ray's own ``ray.get`` dispatches
+on ``isinstance(x, CompiledDAGRef)`` and calls ``x.get(timeout=...)``, for one ref or each of
+a list, so ``ray.get(ref)``, ``ray.get([refs], timeout=...)`` and ``await ref`` work on dagc
+refs without any patch. dagc's rules stay: ``get()`` may be called any number of times, and
+a held result never blocks later executions.
 """
 from __future__ import annotations
 
@@ -16,6 +28,8 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+
+from ray.experimental.compiled_dag_ref import CompiledDAGRef
 
 from dagc.errors import ActorDiedError, CapacityError, DagClosedError, DagcError, DagTimeoutError
 from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
@@ -35,10 +49,14 @@ def _teardown_all() -> None:
             pass
 
 
-class DagRef:
-    """The result of one execution. ``get()`` blocks until it is there; may be called again."""
+class DagRef(CompiledDAGRef):
+    """The result of one execution. ``get()`` blocks until it is there; may be called again.
 
-    __slots__ = ("_runs", "_idx", "_state", "_value", "__weakref__")
+    Also a Ray ``CompiledDAGRef`` (see the module docstring): ``ray.get(ref)`` is
+    ``ref.get()``. Not copyable or picklable (Ray's rule: it belongs to this process's DAG).
+    """
+
+    __slots__ = ("_runs", "_idx", "_state", "_value")
 
     def __init__(self, runs: "Executions", idx: int):
         self._runs = runs
@@ -87,6 +105,18 @@ class DagRef:
     def __repr__(self) -> str:
         return f"DagRef(execution={self._idx})"
 
+    __str__ = __repr__             # CompiledDAGRef's reads a Ray DAG's id
+
+    def __reduce__(self):
+        raise TypeError("a DagRef cannot be pickled: it belongs to this process's compiled "
+                        "DAG; get() the value and pass that.")
+
+    def __copy__(self):
+        return self                # one execution, one result: a copy is the same ref
+
+    def __deepcopy__(self, memo):
+        return self
+
 
 class Executions:
     """Submitting and fetching executions of one started DAG (see the module docstring).
@@ -114,6 +144,12 @@ class Executions:
         self._closed = False
         self._dead: str | None = None
         self._executor = None
+        # a MultiOutputNode's outputs, read failing fast (gather.py); None for one output
+        rt = getattr(session, "runtime", None)
+        self._gather = getattr(rt, "gathered", None)
+        self._unsettled = 0          # answered early, outputs not all read: still in flight
+        if self._gather is not None:
+            self._read_one = self._read_one_gathered
         _LIVE.add(self)
         global _ATEXIT
         if not _ATEXIT:
@@ -160,16 +196,21 @@ class Executions:
         return DagRef(self, i)
 
     def _make_room(self) -> None:
-        # executions whose DagRefs were dropped unfetched free their places once read
+        # executions whose DagRefs were dropped unfetched free their places once read, and
+        # so do executions that failed fast once their slower outputs are read
         with self._read_lock:
             self._take_abandoned()
             while self._abandoned and self._submitted - self._fetched >= self._max_inflight:
                 self._read_one(self._deadline(None))
+            if self._unsettled and self._submitted - self._fetched >= self._max_inflight:
+                self._settle(self._deadline(None))
         if self._submitted - self._fetched >= self._max_inflight:
+            late = (f", {self._unsettled} of them failed and still wait for their slower "
+                    f"outputs" if self._unsettled else "")
             raise CapacityError(
                 f"{self._submitted - self._fetched} executions are submitted and not fetched "
-                f"(max_inflight={self._max_inflight}); get() earlier results first, or compile "
-                f"with a larger max_inflight.")
+                f"(max_inflight={self._max_inflight}){late}; get() earlier results first, or "
+                f"compile with a larger max_inflight.")
 
     def _deadline(self, timeout):
         if timeout is None:
@@ -201,6 +242,31 @@ class Executions:
             self._results[i] = value
         return self
 
+    def _read_one_gathered(self, deadline, want: int = -1):
+        """_read_one for a MultiOutputNode: an execution answered by a Failure before its
+        other outputs arrived stays counted in flight until they are read."""
+        try:
+            return Executions._read_one(self, deadline, want)
+        finally:
+            self._sync_unsettled()
+
+    def _settle(self, deadline) -> None:
+        """Read the late outputs of executions that failed fast (waiting up to deadline)."""
+        try:
+            self._gather.drain(deadline)
+        except WaitTimeout:
+            pass                   # still in flight: execute() says so (CapacityError)
+        except (PeerDied, ChannelClosed) as e:
+            self._on_stop(e)
+        finally:
+            self._sync_unsettled()
+
+    def _sync_unsettled(self) -> None:
+        u = self._gather.undrained
+        if u != self._unsettled:
+            self._fetched -= u - self._unsettled
+            self._unsettled = u
+
     def _fetch(self, idx: int, timeout):
         with self._read_lock:
             if self._dropped:
@@ -223,6 +289,8 @@ class Executions:
             return True            # get() answers at once: the value, or why there is none
         if idx != self._read_next:
             return False
+        if self._gather is not None:
+            return self._gather.ready()
         return all(r.ready() for r in self._readers.values())
 
     def _abandon(self, idx: int) -> None:

@@ -116,6 +116,7 @@ def actor_plan(layout: Layout, ir, actor, module, constants, communicators: Mapp
             readers[c.id] = RingIn(seg, c.readers.index(me), layout.index[c.writer])
             if c.transport == "comm":
                 comm_readers[c.id] = CommIn(c.communicator, groups[c.communicator].rank(c.writer))
+    devices = read_devices(ir, me)
     member = {g.id: Membership(communicators[g.id], g.rank(me), len(g.members), rendezvous[g.id])
               for g in ir.comm_groups if me in g.members}
     collectives = {}
@@ -130,6 +131,18 @@ def actor_plan(layout: Layout, ir, actor, module, constants, communicators: Mapp
         constants=tuple(constants), wait=wait, ctl=layout.ctl_name(actor.node),
         readers=readers, writers=writers, tcp_readers=tcp_readers, groups=member,
         comm_writers=comm_writers, comm_readers=comm_readers, collectives=collectives,
-        secret=secret,
+        devices=devices, secret=secret,
         node_cleanup=actor.node != layout.driver_node and layout.cleaner[actor.node] == me,
         node_names=layout.node_names(actor.node))
+
+
+def read_devices(ir, reader: str) -> dict:
+    """{channel id: "cpu" | "cuda"} for the channels ``reader`` reads whose value's op has a
+    ``with_tensor_transport(device=...)`` hint (Op.device)."""
+    out = {}
+    for c in ir.channels:
+        if reader in c.readers and c.value.op in ir.graph:
+            dev = ir.op(c.value.op).device
+            if dev:
+                out[c.id] = dev
+    return out

@@ -33,6 +33,11 @@ def arguments_not_picklable(exc: Exception, value):
     """The driver's writers' ``on_encode_error``: encoding the user's arguments failed.
     Only this becomes execute()'s "could not send its arguments" error; anything else
     raised while submitting is dagc's own bug and propagates as it is."""
+    if isinstance(exc, shm.ShmFullError):
+        # no room in /dev/shm for this input: the execution carries the error to get()
+        # (a Failure in its place keeps every input channel in step), the DAG goes on
+        from dagc.runtime.failure import capture
+        return capture(exc, "driver", "execute", -1)
     raise ArgumentsNotSent(f"execute() could not send its arguments to the actors: "
                            f"{type(exc).__name__}: {exc}. Pass picklable values.") from exc
 
@@ -42,10 +47,12 @@ class DriverRuntime:
 
     Failure = Failure
 
-    def __init__(self, readers, writers, inputs):
+    def __init__(self, readers, writers, inputs, read_slice: float = 0.1):
         self._readers = readers
         self._writers = writers
         self._inputs = inputs
+        self._read_slice = read_slice
+        self.gathered = None          # the Gather of a MultiOutputNode's outputs, if made
 
     def reader(self, cid):
         return self._readers[cid]
@@ -53,13 +60,32 @@ class DriverRuntime:
     def writer(self, cid):
         return self._writers[cid]
 
+    def gather(self, cids):
+        from dagc.runtime.driver.gather import Gather
+        self.gathered = Gather([self._readers[c] for c in cids], self._read_slice)
+        return self.gathered
+
     def bad_input(self, args, kwargs):
+        """execute()'s arguments do not match the InputNode's use. The first sentence is
+        Ray Compiled Graph's (code written for Ray matches it); then what dagc expected."""
         spec = self._inputs
         want = f"{spec.num_positional} positional argument(s)"
         if spec.kwargs:
             want += " and keyword argument(s) " + ", ".join(spec.kwargs)
+        if len(args) != spec.num_positional:
+            ray_says = (f"dag.execute() or dag.execute_async() must be called with "
+                        f"{spec.num_positional} positional args, got {len(args)}")
+        else:
+            missing = [k for k in spec.kwargs if k not in kwargs]
+            if missing:
+                ray_says = (f"dag.execute() or dag.execute_async() must be called with "
+                            f"kwarg `{missing[0]}`")
+            else:
+                extra = sorted(set(kwargs) - set(spec.kwargs))
+                ray_says = (f"dag.execute() or dag.execute_async() got unexpected kwarg(s) "
+                            f"{', '.join(f'`{k}`' for k in extra)}")
         raise ExecuteArgumentError(
-            f"execute() takes {want} (as the DAG uses its InputNode), got "
+            f"{ray_says}: execute() takes {want} (as the DAG uses its InputNode), got "
             f"{len(args)} positional and keyword(s) {sorted(kwargs) or 'none'}.")
 
 
@@ -83,6 +109,7 @@ class Session:
         self.control = None
         self.readers: dict = {}
         self.writers: dict = {}
+        self.runtime: DriverRuntime | None = None
 
     # -- start ---------------------------------------------------------------------------------
     def start(self):
@@ -138,6 +165,9 @@ class Session:
                     r.peers = local
         for w in self.writers.values():     # execute()'s arguments: see Executions.execute
             w.on_encode_error = arguments_not_picklable
+        for cid, dev in plans.read_devices(ir, DRIVER).items():
+            from dagc.runtime.comm.packing import OnDevice     # with_tensor_transport(device=)
+            self.readers[cid] = OnDevice(self.readers[cid], dev)
         # the driver has mapped its ends: the last process here removes the names
         self.control.mark_opened(layout.node_names(here))
         comms, rdv = self._prepare_comms()
@@ -148,7 +178,9 @@ class Session:
         ray_get(refs, opts["start_timeout"], self.procs, what="start the loops")
         mod = self.modules[DRIVER]
         ns = generated.load(mod.source, mod.filename)
-        return ns["bind"](DriverRuntime(self.readers, self.writers, ir.inputs))
+        self.runtime = DriverRuntime(self.readers, self.writers, ir.inputs,
+                                     opts.get("_read_slice", 0.1))
+        return ns["bind"](self.runtime)
 
     def _prepare_nodes(self, waiter) -> dict:
         """Round 1: other nodes' leaders create their segments; TCP writers start listening.
@@ -251,6 +283,18 @@ class Session:
             for lock in reversed(held):
                 lock.release()
 
+    def memory(self, timeout: float = 30.0) -> dict:
+        """Shared memory held by this DAG's channels (``CompiledDag.memory``)."""
+        import ray
+        ends = [dict(e.stats(), pid=os.getpid(), process="driver")
+                for e in list(self.writers.values()) + list(self.readers.values())
+                if hasattr(e, "stats")]
+        refs = [h.__ray_call__.remote(lifecycle.memory, self.token) for h in self.handles]
+        for actor, got in zip(self.ir.actors, ray.get(refs, timeout=timeout)):
+            ends += [dict(e, process=actor.label)
+                     for e in got]
+        return summarize_memory(ends)
+
     def release(self) -> None:
         """Remove whatever is left of the DAG's segments on this node."""
         shm.unlink_prefix(self.prefix)
@@ -287,6 +331,31 @@ class Session:
             return (f"{gone[0]} died (its process is gone); {who}'s dagc loop stopped "
                     f"after it: {last}")
         return f"{who} (its dagc loop crashed: {crash.strip()})"
+
+
+def summarize_memory(ends: list) -> dict:
+    """``cg.memory()``: per channel, what its writer reserved in /dev/shm (ring and big-value
+    segments) and what each reader maps; ``shm_bytes`` is the DAG's total. A big-value
+    segment the writer has let go but a reader's held views still use counts at that
+    reader (``reader_big_bytes``)."""
+    channels: dict = {}
+    for e in ends:
+        c = channels.setdefault(e["channel"], {"readers": []})
+        if e["role"] == "writer":
+            c.update({k: v for k, v in e.items() if k not in ("role", "channel")})
+        else:
+            c["readers"].append({k: v for k, v in e.items() if k not in ("role", "channel")})
+    total = big = 0
+    for c in channels.values():
+        total += c.get("shm_bytes", 0)
+        big += c.get("big_bytes", 0)
+        # reader mappings of big segments beyond the writer's own (views still held)
+        extra = max((r.get("big_bytes", 0) for r in c["readers"]), default=0)
+        extra = max(0, extra - c.get("big_bytes", 0))
+        c["reader_big_bytes"] = extra
+        total += extra
+        big += extra
+    return {"shm_bytes": total, "big_bytes": big, "channels": channels}
 
 
 def _driver_ip() -> str:

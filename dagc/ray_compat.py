@@ -1,0 +1,418 @@
+"""Run existing Ray Compiled Graph code on dagc: ``dagc.patch_ray()``.
+
+    import dagc
+    dagc.patch_ray()                    # or DAGC_PATCH_RAY=1 (see below)
+    cdag = dag.experimental_compile()   # a dagc CompiledDag with Ray's API (dagc.ray_graph)
+    ray.get(cdag.execute(1))
+    dagc.unpatch_ray()
+    with dagc.patched_ray(): ...        # the context-manager form
+
+What the patch does
+-------------------
+``DAGNode.experimental_compile(**ray_kwargs)`` becomes ``dagc.compile`` with the keywords
+mapped (:func:`map_compile_options`), returning a :class:`dagc.ray_graph.RayCompiledDag`:
+an instance of ``dagc.CompiledDag`` whose ``execute``/``execute_async``/``teardown``/
+``visualize`` follow Ray's API. Nothing else of Ray is changed: ``ray.get`` accepts dagc
+refs because they are ``CompiledDAGRef``s, and dagc's errors are Ray's exception classes
+(``dagc/errors.py``) - both with or without the patch.
+
+Reaching every process
+----------------------
+* ``patch_ray()`` before ``ray.init()`` (or before Ray auto-initialises) also adds
+  ``dagc.ray_compat.worker_setup_hook`` as the job's ``worker_process_setup_hook``, so
+  DAGs compiled *inside actors* are dagc's too; it also sets ``DAGC_PATCH_RAY=1`` in the
+  environment, which a Ray started from here passes on to its workers and subprocesses.
+  Called after ``ray.init()``, it cannot change the running job's workers (Ray fixes a
+  job's runtime_env at init) and warns once.
+* ``DAGC_PATCH_RAY=1``: ``import dagc`` patches (so every process that imports dagc, Ray
+  workers started with the variable included); for a program that never imports dagc, run
+  it as ``python -m dagc.ray_compat program.py [args]``.
+
+This module imports nothing from Ray at import time (Ray's modules load on first use).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import logging
+import os
+import sys
+import threading
+import warnings
+
+logger = logging.getLogger(__name__)
+
+ENV = "DAGC_PATCH_RAY"
+_ORIGINAL = None          # Ray's DAGNode.experimental_compile while patched
+_ORIGINAL_INIT = None     # Ray's ray.init while wrapped (patch_ray before ray.init)
+_SET_ENV = False          # whether patch_ray set DAGC_PATCH_RAY (unpatch_ray removes it)
+_HOOK = "dagc.ray_compat.worker_setup_hook"
+_LOCK = threading.RLock()
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"dagc.patch_ray: {message}", RuntimeWarning, stacklevel=_user_level())
+
+
+def _user_level() -> int:
+    """warnings.warn's stacklevel of the first caller outside dagc and contextlib."""
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename.startswith(here)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# -- options ---------------------------------------------------------------------------------
+
+def map_compile_options(*, _submit_timeout=None, _buffer_size_bytes=None,
+                        enable_asyncio=False, _max_inflight_executions=None,
+                        _max_buffered_results=None, _overlap_gpu_communication=None,
+                        _default_communicator="create", **unknown) -> tuple[dict, dict]:
+    """Ray 2.60's ``experimental_compile`` keywords and ``DAGContext`` -> (dagc options,
+    Ray-side settings). The DAGContext's defaults are Ray's ``RAY_CGRAPH_*`` environment
+    variables (``ray/dag/context.py`` reads them), so they are honoured with Ray's meaning.
+
+    ==================================  ========================================================
+    Ray                                 dagc
+    ==================================  ========================================================
+    _buffer_size_bytes                  buffer_size (default RAY_CGRAPH_buffer_size_bytes)
+    _max_inflight_executions            max_inflight (RAY_CGRAPH_max_inflight_executions)
+    DAGContext.get_timeout              get_timeout (RAY_CGRAPH_get_timeout; -1: wait forever)
+    DAGContext.teardown_timeout         teardown_timeout (RAY_CGRAPH_teardown_timeout)
+    DAGContext.read_iteration_timeout   _read_slice: how long the driver waits on one output
+                                        before looking at the others for a failure
+                                        (RAY_CGRAPH_read_iteration_timeout_s)
+    _overlap_gpu_communication          overlap_communication (RAY_CGRAPH_overlap_gpu_...)
+    _default_communicator "create"      communicator "auto"; a dagc.Communicator passes through;
+                                        None: tensor-transport nodes must name a communicator
+    enable_asyncio                      execute_async() as Ray's (execute() stays usable)
+    RAY_CGRAPH_VISUALIZE_SCHEDULE       prints the schedule (the Step x Actor table)
+    _submit_timeout, RAY_CGRAPH_        no effect, warns once: dagc's execute() never waits
+      submit_timeout                    for room; it raises RayCgraphCapacityExceeded at
+                                        max_inflight, as Ray does
+    _max_buffered_results, RAY_CGRAPH_  no effect, warns once: dagc buffers a result only
+      max_buffered_results              while its execution is unfetched (<= max_inflight)
+    RAY_CGRAPH_ENABLE_PROFILING,        no effect, warn once: dagc's profiling is
+      _NVTX_PROFILING, _TORCH_PROFILING cg.profile(n) (per-op Chrome trace via cg.dump)
+    RAY_CGRAPH_ENABLE_DETECT_DEADLOCK=0 no effect, warns once: dagc always proves its
+                                        schedule free of deadlocks
+    ==================================  ========================================================
+    """
+    if unknown:
+        raise TypeError(f"experimental_compile() got unexpected keyword argument(s) "
+                        f"{', '.join(sorted(unknown))}")
+    from ray.dag import DAGContext
+    from ray.dag import constants as rc
+    from ray.dag import context as rctx
+    ctx = DAGContext.get_current()
+    opts: dict = {}
+    size = int(_buffer_size_bytes if _buffer_size_bytes is not None else ctx.buffer_size_bytes)
+    opts["buffer_size"] = max(64, size)
+    inflight = (_max_inflight_executions if _max_inflight_executions is not None
+                else ctx.max_inflight_executions)
+    opts["max_inflight"] = int(inflight)
+    gt = ctx.get_timeout
+    opts["get_timeout"] = None if gt is None or gt < 0 else max(float(gt), 1e-3)
+    if ctx.teardown_timeout is not None and ctx.teardown_timeout > 0:
+        opts["teardown_timeout"] = float(ctx.teardown_timeout)
+    rit = getattr(ctx, "read_iteration_timeout", None)
+    if rit is not None and rit > 0:
+        opts["_read_slice"] = float(rit)
+    overlap = (_overlap_gpu_communication if _overlap_gpu_communication is not None
+               else ctx.overlap_gpu_communication)
+    opts["overlap_communication"] = bool(overlap)
+    comm = _default_communicator
+    need_named_comm = comm is None
+    if comm is None or comm == "create":
+        opts["communicator"] = "auto"
+    elif isinstance(comm, str):
+        raise ValueError(f"_default_communicator must be 'create', None or a Communicator, "
+                         f"got {comm!r}")
+    else:
+        from dagc.errors import CompileError
+        from dagc.runtime.comm.base import Communicator
+        if not isinstance(comm, Communicator):
+            raise CompileError(
+                f"_default_communicator={type(comm).__name__}: a Ray Communicator cannot "
+                f"drive dagc's communicator ops; pass a dagc.Communicator (for example "
+                f"dagc.GlooCommunicator or dagc.NcclCommunicator) or leave the default "
+                f"'create' to let dagc set one up.")
+        opts["communicator"] = comm
+    if _submit_timeout is not None or "RAY_CGRAPH_submit_timeout" in os.environ or \
+            ctx.submit_timeout != rctx.DEFAULT_SUBMIT_TIMEOUT_S:
+        _warn_once("submit_timeout", "_submit_timeout / RAY_CGRAPH_submit_timeout has no "
+                   "effect: dagc's execute() never waits for room in a channel; at "
+                   "max_inflight (_max_inflight_executions) unfetched executions it raises "
+                   "RayCgraphCapacityExceeded at once, as Ray does.")
+    if _max_buffered_results is not None or \
+            "RAY_CGRAPH_max_buffered_results" in os.environ or \
+            ctx.max_buffered_results != rctx.DEFAULT_MAX_BUFFERED_RESULTS:
+        _warn_once("max_buffered_results", "_max_buffered_results / "
+                   "RAY_CGRAPH_max_buffered_results has no effect: dagc buffers a result "
+                   "only while its execution is unfetched, so at most max_inflight "
+                   "(_max_inflight_executions) results are ever buffered.")
+    if getattr(rc, "RAY_CGRAPH_ENABLE_PROFILING", False):
+        _warn_once("profiling", "RAY_CGRAPH_ENABLE_PROFILING has no effect: dagc records "
+                   "per-op timings with cg.profile(n) (a Chrome trace with cg.dump()).")
+    if getattr(rc, "RAY_CGRAPH_ENABLE_NVTX_PROFILING", False) or \
+            getattr(rc, "RAY_CGRAPH_ENABLE_TORCH_PROFILING", False):
+        _warn_once("nvtx", "RAY_CGRAPH_ENABLE_NVTX_PROFILING / _TORCH_PROFILING have no "
+                   "effect: dagc's profiling is cg.profile(n).")
+    if not getattr(rc, "RAY_CGRAPH_ENABLE_DETECT_DEADLOCK", True):
+        _warn_once("deadlock", "RAY_CGRAPH_ENABLE_DETECT_DEADLOCK=0 has no effect: dagc "
+                   "always proves its schedule free of deadlocks before starting it.")
+    ray_side = {"enable_asyncio": bool(enable_asyncio),
+                "get_timeout": gt,
+                "need_named_communicator": need_named_comm,
+                "visualize_schedule": bool(getattr(rc, "RAY_CGRAPH_VISUALIZE_SCHEDULE", False))}
+    return opts, ray_side
+
+
+def _check_named_communicators(traced) -> None:
+    """``_default_communicator=None`` (Ray): every tensor-transport node and collective
+    must name its communicator."""
+    from dagc.errors import CompileError
+    bare = [f"{op.actor}.{op.method}" for op in traced.ir.ops()
+            if op.transport in ("nccl", "auto", "gloo")]
+    if bare:
+        raise CompileError(
+            f"_default_communicator=None requires a communicator on every tensor-transport "
+            f"node and collective, but {', '.join(bare)} name none: pass "
+            f"with_tensor_transport(transport=<a dagc.Communicator>) (or the collective's "
+            f"transport=), or compile with the default _default_communicator='create'.")
+
+
+# -- the patch -------------------------------------------------------------------------------
+
+def _experimental_compile(self, _submit_timeout=None, _buffer_size_bytes=None,
+                          enable_asyncio=False, _max_inflight_executions=None,
+                          _max_buffered_results=None, _overlap_gpu_communication=None,
+                          _default_communicator="create"):
+    """``ray.dag.DAGNode.experimental_compile`` under the patch (the same signature): a
+    dagc CompiledDag with Ray's API (:class:`dagc.ray_graph.RayCompiledDag`)."""
+    from dagc import stages
+    from dagc.ray_graph import RayCompiledDag
+    if getattr(self, "is_cgraph_output_node", False):
+        raise ValueError(
+            "It is not allowed to call `experimental_compile` on the same DAG object "
+            "multiple times no matter whether `teardown` is called or not. Please reuse "
+            "the existing compiled DAG or create a new one.")
+    opts, ray_side = map_compile_options(
+        _submit_timeout=_submit_timeout, _buffer_size_bytes=_buffer_size_bytes,
+        enable_asyncio=enable_asyncio, _max_inflight_executions=_max_inflight_executions,
+        _max_buffered_results=_max_buffered_results,
+        _overlap_gpu_communication=_overlap_gpu_communication,
+        _default_communicator=_default_communicator)
+    from dagc.frontend.trace import check_ray_leaves
+    check_ray_leaves(self)          # Ray's rule: an unused return of num_returns too
+    self.is_cgraph_output_node = True
+    check = _check_named_communicators if ray_side["need_named_communicator"] else None
+    cg = stages.compile_as(RayCompiledDag, self, opts, check=check)
+    cg._ray_get_timeout = ray_side["get_timeout"]
+    cg._enable_asyncio = ray_side["enable_asyncio"]
+    if ray_side["visualize_schedule"]:
+        print(cg.schedule)
+    return cg
+
+
+def patch_ray(workers: bool = True) -> None:
+    """Make ``DAGNode.experimental_compile`` compile with dagc. Idempotent.
+
+    ``workers``: also reach DAGs compiled inside actors (see the module docstring).
+    """
+    global _ORIGINAL
+    with _LOCK:
+        from ray.dag.dag_node import DAGNode
+        if _ORIGINAL is None:
+            _ORIGINAL = DAGNode.__dict__["experimental_compile"]
+            DAGNode.experimental_compile = _experimental_compile
+        if workers:
+            _reach_workers()
+
+
+def unpatch_ray() -> None:
+    """Put Ray's own ``experimental_compile`` (and ``ray.init``) back. Idempotent."""
+    global _ORIGINAL, _ORIGINAL_INIT, _SET_ENV
+    with _LOCK:
+        if _ORIGINAL is not None:
+            from ray.dag.dag_node import DAGNode
+            DAGNode.experimental_compile = _ORIGINAL
+            _ORIGINAL = None
+        if _SET_ENV:
+            os.environ.pop(ENV, None)
+            _SET_ENV = False
+        if _ORIGINAL_INIT is not None:
+            import ray
+            ray.init = _ORIGINAL_INIT
+            _ORIGINAL_INIT = None
+
+
+def is_patched() -> bool:
+    """Whether ``experimental_compile`` is dagc's in this process."""
+    return _ORIGINAL is not None
+
+
+@contextlib.contextmanager
+def patched(workers: bool = True):
+    """``with dagc.patched_ray(): ...``: patched for the block; restores what was before."""
+    was = is_patched()
+    patch_ray(workers)
+    try:
+        yield
+    finally:
+        if not was:
+            unpatch_ray()
+
+
+# -- reaching Ray workers --------------------------------------------------------------------
+
+def worker_setup_hook() -> None:
+    """Ray ``worker_process_setup_hook`` (runtime_env): patch inside each worker process."""
+    patch_ray(workers=False)
+
+
+def _in_ray_worker() -> bool:
+    try:
+        from ray._private import worker as rw
+        return rw.global_worker.mode == rw.WORKER_MODE
+    except Exception:
+        return False
+
+
+def _reach_workers() -> None:
+    global _ORIGINAL_INIT, _SET_ENV
+    import ray
+    if ENV not in os.environ:
+        os.environ[ENV] = "1"        # a Ray started from here hands it to its workers
+        _SET_ENV = True
+    if ray.is_initialized():
+        if not _in_ray_worker():
+            _warn_once("workers", "Ray was initialised before patch_ray(): DAGs compiled "
+                       "inside actors of this job still use Ray's Compiled Graph (a job's "
+                       "runtime_env is fixed at ray.init). Call dagc.patch_ray() before "
+                       "ray.init(), or pass ray.init(runtime_env={'worker_process_setup_hook':"
+                       f" '{_HOOK}'}}).")
+        return
+    if _ORIGINAL_INIT is not None:
+        return
+    original = ray.init
+
+    def init(*args, **kwargs):
+        if is_patched():
+            env = dict(kwargs.get("runtime_env") or {})
+            if env.get("worker_process_setup_hook") in (None, _HOOK):
+                env["worker_process_setup_hook"] = _HOOK
+                kwargs["runtime_env"] = env
+            else:
+                _warn_once("hook", "ray.init got its own worker_process_setup_hook: DAGs "
+                           "compiled inside actors are not patched unless it calls "
+                           f"{_HOOK}().")
+        return original(*args, **kwargs)
+
+    init.__wrapped__ = original
+    init.__doc__ = original.__doc__
+    _ORIGINAL_INIT = original
+    ray.init = init
+
+
+# -- DAGC_PATCH_RAY=1 ----------------------------------------------------------------------
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Runs ``callback()`` right after module ``target`` is first executed."""
+
+    def __init__(self, target: str, callback):
+        self.target = target
+        self.callback = callback
+        self._busy = False
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.target or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None:
+            return spec
+        loader, callback = spec.loader, self.callback
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                try:
+                    callback()
+                except Exception:   # never break the user's import
+                    logger.exception("dagc: post-import hook for %s failed", fullname)
+
+        spec.loader = _Loader()
+        return spec
+
+
+def install_import_hook(target: str = "ray.dag", callback=None) -> None:
+    """Run ``callback`` (default: patch) as soon as ``target`` is imported in this process
+    (now, if it already is)."""
+    callback = callback or (lambda: patch_ray(workers=not _in_ray_worker()))
+    if target in sys.modules:
+        callback()
+        return
+    if not any(isinstance(f, _PostImportFinder) and f.target == target for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder(target, callback))
+
+
+def env_requests_patch() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def autopatch_from_env() -> bool:
+    """``DAGC_PATCH_RAY=1``: patch (once Ray's DAG API is imported). Returns whether."""
+    if env_requests_patch():
+        install_import_hook()
+        return True
+    return False
+
+
+def main(argv=None) -> int:
+    """``python -m dagc.ray_compat PROGRAM.py [ARGS...]``: run a program that never heard
+    of dagc with the patch (``DAGC_PATCH_RAY=1`` for it and every process it starts)."""
+    import runpy
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m dagc.ray_compat PROGRAM.py [ARGS...]\n"
+              "runs PROGRAM with dag.experimental_compile() compiling with dagc",
+              file=sys.stderr)
+        return 2
+    os.environ[ENV] = "1"
+    install_import_hook()
+    sys.argv = argv
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+    runpy.run_path(argv[0], run_name="__main__")
+    return 0
+
+
+def __getattr__(name):
+    if name in ("RayCompiledDag", "RayDagRef", "RayDagFuture"):
+        from dagc import ray_graph
+        return getattr(ray_graph, name)
+    raise AttributeError(f"module 'dagc.ray_compat' has no attribute {name!r}")
+
+
+__all__ = ["patch_ray", "unpatch_ray", "patched", "is_patched", "worker_setup_hook",
+           "map_compile_options", "install_import_hook", "autopatch_from_env",
+           "RayCompiledDag", "RayDagRef", "RayDagFuture"]
+
+
+if __name__ == "__main__":
+    # run as a script this file is __main__, a second copy: use the real module's state
+    from dagc.ray_compat import main as _main
+    sys.exit(_main())
