@@ -17,7 +17,7 @@ import threading
 from typing import NamedTuple
 
 from dagc.runtime.channels.control import ChannelClosed
-from dagc.runtime.channels.tcp.wire import (ACK, ACK_CLOSE, CLOSE_ACK, RING, TcpSetupError, after,
+from dagc.runtime.channels.tcp.wire import (CLOSE_ACK, RING, TcpSetupError, after,
                                             freeze)
 
 _TLS_JOIN = 16 << 10        # a TLS frame up to one record's payload is joined before writing
@@ -180,18 +180,7 @@ class WriterTls:
             except OSError as e:
                 error = e
         if chunks:
-            data = b"".join(chunks)
-            if c.rx:
-                data = c.rx + data
-            k = len(data) & ~7
-            c.rx = data[k:]
-            if k:
-                v = ACK.unpack_from(data, k - 8)[0]
-                if v == ACK_CLOSE:
-                    c.closed = True
-                    raise ChannelClosed()
-                if v > c.acked:
-                    c.acked = v
+            self._take_acks(c, b"".join(chunks))
         if error is not None or eof:
             with self._lock:
                 self._lost(c, error)

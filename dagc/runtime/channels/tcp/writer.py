@@ -278,6 +278,12 @@ class TcpWriter(WriterTls, PickleEncoder):
             self._lost(c, e)
         if not data:
             self._lost(c, None)
+        self._take_acks(c, data)
+
+    @staticmethod
+    def _take_acks(c: Conn, data: bytes) -> None:
+        """Take the acks in ``data`` (8-byte words; a partial word waits in ``c.rx``): the
+        newest counts, and ACK_CLOSE means the reader closed."""
         if c.rx:
             data = c.rx + data
         k = len(data) & ~7
