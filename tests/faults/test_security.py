@@ -7,6 +7,7 @@ import re
 import secrets
 import stat
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -46,8 +47,11 @@ def test_segments_are_private_and_unguessable(ray, nodes):
         for h in (a, b):
             made += ray.get(h.__ray_call__.remote(created_segments), timeout=30)
     names = [n for n, _, _ in made]
-    assert {n.rsplit("-", 1)[1] for n in names if ".x" in n} >= {"c0.x1", "c1.x1", "c2.x1"} \
+    bigs = [n.rsplit("-", 1)[1] for n in names if ".x" in n]
+    assert {b.split(".")[0] for b in bigs} >= {"c0", "c1", "c2"} \
         and any("-ctl" in n for n in names), names
+    # a big-value segment's generation is random: the next name cannot be guessed
+    assert all(int(b.split(".x")[1]) > 1 << 32 for b in bigs), bigs
     assert all(n.startswith(f"dagc-{cg._session.token}-") for n in names), names
     for name, mode, uid in made:
         assert NAME.match(name), name
@@ -66,6 +70,8 @@ def c_dag(nodes):
 
 
 def test_existing_name_is_never_adopted(tmp_path):
+    """shm.create refuses a name that exists (a file, a symlink); what a DAG does then is
+    test_planted_big_value_names_never_stop_a_dag's and ..._move_to_the_next_name's."""
     name = f"dagc-{secrets.token_hex(12)}-c0"
     mm = shm.create(name, 4096)
     try:
@@ -84,6 +90,78 @@ def test_existing_name_is_never_adopted(tmp_path):
         assert target.read_bytes() == b""
     finally:
         os.unlink(link)
+
+
+def _plant(name: str) -> str:
+    """A file under ``name`` in /dev/shm: another user's where this test runs as root (it
+    is refused the same way either way: O_EXCL)."""
+    p = shm.path(name)
+    _write(p, b"planted")
+    if os.getuid() == 0:
+        os.chown(p, 65534, 65534)
+    return p
+
+
+@pytest.mark.timeout(120)
+def test_planted_big_value_names_never_stop_a_dag(ray, nodes):
+    """Files planted under the names a DAG's big-value segments would have had as counted
+    generations (<ring>.x1, .x2, ...), for the driver's ring and each actor's: big values
+    still go through every channel, the DAG goes on, and the planted files are untouched."""
+    a, b = nodes(2)
+    with InputNode() as inp:
+        dag = b.step.bind(a.step.bind(inp))
+    planted = []
+    try:
+        with dagc.compile(dag, buffer_size=4096) as cg:
+            prefix = shm.dag_prefix(cg._session.token)
+            for c in ("c0", "c1", "c2"):
+                for gen in range(1, 4):
+                    planted.append(_plant(f"{prefix}{c}.x{gen}"))
+            before = [os.lstat(p) for p in planted]
+            for i in range(3):
+                x = np.full(100_000, float(i))
+                got = cg.execute(x).get(timeout=30)
+                assert np.array_equal(got, x)
+            assert cg.execute(5).get(timeout=30) == 5
+            after = [os.lstat(p) for p in planted]
+            assert [(s.st_ino, s.st_size) for s in after] == \
+                [(s.st_ino, s.st_size) for s in before]
+            assert all(open(p, "rb").read() == b"planted" for p in planted)
+    finally:
+        for p in planted:
+            if os.path.lexists(p):
+                os.unlink(p)
+
+
+@pytest.mark.timeout(60)
+def test_planted_big_value_name_moves_to_the_next_name(monkeypatch):
+    """Even a planted file under the very name the writer draws is skipped: the writer
+    draws another name and the value goes through; the reader follows it."""
+    from dagc.runtime import channels as ch
+    prefix = f"dagc-{secrets.token_hex(12)}-"
+    draws = iter([41, 42, 42, 43])              # +1 in the writer: .x42, .x43, .x43, .x44
+    monkeypatch.setattr(segment.secrets, "randbits", lambda n: next(draws))
+    planted = [_plant(f"{prefix}c0.x{g}") for g in (42, 43)]
+    ctl = ch.Control(prefix + "ctl", create=True)
+    try:
+        waiter = ch.Waiter(ctl, ["driver", "r0"], "adaptive")
+        w = ch.Writer(prefix + "c0", 1, 2, 256, waiter)
+        r = ch.Reader(prefix + "c0", 0, waiter)
+        try:
+            x = np.arange(10_000)
+            w.write(x, time.monotonic() + 10)
+            assert w._big[0].gen == 44                # 42 and 43 exist: skipped
+            assert np.array_equal(r.read(time.monotonic() + 10), x)
+        finally:
+            r.close()
+            w.close()
+        assert all(open(p, "rb").read() == b"planted" for p in planted)
+    finally:
+        ctl.release()
+        for p in planted:
+            if os.path.lexists(p):
+                os.unlink(p)
+        shm.unlink_prefix(prefix)
 
 
 def test_stale_sweep_spares_live_and_half_created_dags():

@@ -108,6 +108,13 @@ def actor_class():
         def fwd(self, x):
             return x + 1
 
+        def maybe_bad(self, x):
+            """x, or for "bad" a value that pickles but fails to unpickle on its reader."""
+            if x == "bad":
+                from tests.faults.actors import BadUnpickle
+                return BadUnpickle()
+            return x
+
         def open_writer(self, channel, nreaders, slots, secret):
             from dagc.runtime.channels.tcp import TcpWriter
             self.w = TcpWriter(channel, nreaders, slots, secret, connect_timeout=60)
@@ -400,13 +407,47 @@ def check_dagc_tls(ctx) -> dict:
             "big_ok": bool(np.array_equal(big, np.arange(1 << 20) + 2))}
 
 
+def check_dagc_unpickle(ctx) -> dict:
+    """A value that fails to unpickle on its TCP reader (the driver; an actor), more times
+    than the window holds, pipelined: each such execution gets its TaskError naming the
+    value and why, every other execution its own result (nothing shifts, nothing hangs)."""
+    import dagc
+    Hop = ctx["Hop"]
+    a, b = pinned(Hop, "node1", "ua"), pinned(Hop, "node2", "ub")
+    inputs = [1, "bad", 2, "bad", "bad", 3, "bad", "bad", 4, 5]
+    out = {}
+    for where in ("driver", "actor"):
+        with dagc.InputNode() as inp:
+            x = a.maybe_bad.bind(inp)
+            dag = x if where == "driver" else b.maybe_bad.bind(x)
+        with dagc.compile(dag, max_inflight=2) as cg:
+            transports = sorted({c.transport for c in cg._ir.channels if c.value != "in"})
+            got = []
+            for lo in range(0, len(inputs), 2):         # two in flight at a time
+                refs = [cg.execute(v) for v in inputs[lo:lo + 2]]
+                for ref in refs:
+                    try:
+                        got.append(ref.get(timeout=60))
+                    except dagc.TaskError as e:
+                        got.append(str(e))
+        bad = [g for v, g in zip(inputs, got) if v == "bad"]
+        out[where] = {
+            "transports": transports,
+            "results_ok": [g for v, g in zip(inputs, got) if v != "bad"] == [1, 2, 3, 4, 5],
+            "errors_ok": all(isinstance(g, str) and "BadUnpickle cannot be loaded" in g
+                             and "a value sent by a0:Hop on channel c" in g
+                             and "could not be unpickled" in g for g in bad),
+            "first_error": bad[0] if bad else None}
+    return out
+
+
 CLUSTER: list = []
 
 CHECKS = {"dagc_tls": check_dagc_tls,
           "cluster": check_cluster, "dagc_fanout": check_dagc_fanout,
           "dagc_node_killed": check_dagc_node_killed, "tcp": check_tcp, "peer_death": check_peer_death,
           "dagc_pipeline": check_dagc_pipeline, "dagc_actor_death": check_dagc_actor_death,
-          "dagc_teardown": check_dagc_teardown}
+          "dagc_teardown": check_dagc_teardown, "dagc_unpickle": check_dagc_unpickle}
 NEEDS = {"tcp": "cluster", "peer_death": "tcp"}
 
 

@@ -28,7 +28,7 @@ CHILD = os.path.join(HERE, "cluster_child.py")
 CHILD_TIMEOUT = 600            # s; a healthy run takes ~20-35 s on the 2-core CI box
 
 ENABLED = ["cluster", "tcp", "peer_death", "dagc_pipeline", "dagc_tls", "dagc_fanout",
-           "dagc_actor_death", "dagc_teardown", "dagc_node_killed"]
+           "dagc_actor_death", "dagc_teardown", "dagc_unpickle", "dagc_node_killed"]
 PENDING: list = []
 NEEDS_INTEGRATION = pytest.mark.skip(
     reason="needs runtime integration (cross-node TCP channels in compiled.py/worker.py/api.py)")
@@ -169,3 +169,13 @@ def test_dagc_actor_death_across_nodes(report):
 def test_dagc_teardown_across_nodes(report):
     c = check(report, "dagc_teardown")
     assert max(c["teardown_s"]) < 10, c
+
+
+def test_value_that_fails_to_unpickle_over_tcp(report):
+    """test_value_that_fails_to_unpickle_on_the_driver / _in_an_actor
+    (tests/faults/test_user_errors.py) across nodes: the TCP reader consumes and acks a
+    frame it cannot decode, exactly as the shared-memory reader does."""
+    c = check(report, "dagc_unpickle")
+    for where in ("driver", "actor"):
+        assert c[where]["transports"] == ["tcp"], c
+        assert c[where]["results_ok"] and c[where]["errors_ok"], c

@@ -127,8 +127,8 @@ def test_big_segment_name_goes_when_its_last_reader_maps_it(prefix):
     reader to map it removes it, before the writer writes again."""
     _, _, w, (r1, r2) = _setup(prefix, nreaders=2, slots=2, capacity=256)
     deadline = time.monotonic() + 10
-    w.write(np.zeros(10_000, dtype=np.uint8), deadline)       # slot 0's big segment: c0.x1
-    big = f"{prefix}c0.x1"
+    w.write(np.zeros(10_000, dtype=np.uint8), deadline)       # slot 0's big segment
+    big = segment.big_name(f"{prefix}c0", w._big[0].gen)       # c0.x<random generation>
     assert big in _names(prefix)
     assert r1.read(deadline).size == 10_000
     assert big in _names(prefix)                               # r2 has not mapped it yet
@@ -323,3 +323,41 @@ def test_array_values_round_trip_exactly(prefix, arr, reps):
             got[...] = got
     mine = np.array(got)
     assert mine.flags.writeable and mine.tolist() == arr.tolist()
+
+
+class _LoadsBadly:
+    def __reduce__(self):
+        return (_refuse, ("_LoadsBadly cannot be loaded",))
+
+
+def _refuse(msg):
+    raise RuntimeError(msg)
+
+
+def _error_text(value) -> str:
+    from dagc.runtime.failure import Failure
+    assert value.__class__ is Failure, value
+    return str(value.to_error())
+
+
+def test_decode_failures_say_what_failed(prefix):
+    """A message the reader cannot decode is consumed and becomes a Failure that names the
+    writer and the channel and says what failed: unpickling, or a big-value segment that
+    could not be opened (not "could not be unpickled ... classes can be imported")."""
+    ctl, _, w, (r,) = _setup(prefix, capacity=256)
+    ctl.set_pid(0, os.getpid())      # process 0 ("driver") wrote it: found by its pid
+    deadline = time.monotonic() + 10
+    w.write(_LoadsBadly(), deadline)
+    text = _error_text(r.read(deadline))
+    assert "a value sent by driver on channel c0 could not be unpickled" in text, text
+    assert "_LoadsBadly cannot be loaded" in text
+    w.write(np.arange(5000), deadline)               # goes to slot 0's big-value segment
+    name = segment.big_name(prefix + "c0", w._big[0].gen)
+    shm.unlink(name)                                 # gone before its reader opened it
+    text = _error_text(r.read(deadline))
+    assert f"big-value segment {name} could not be opened" in text, text
+    assert "FileNotFoundError" in text and "on channel c0" in text, text
+    assert "unpickled" not in text and "imported" not in text, text
+    for v in (7, np.arange(3)):                      # the next messages are right
+        w.write(v, deadline)
+        assert np.array_equal(r.read(deadline), v)

@@ -253,6 +253,41 @@ def test_unpicklable_value_goes_through_on_encode_error(closing):
     assert r.read(soon()) == 7
 
 
+def _explode(msg):
+    raise RuntimeError(msg)
+
+
+class LoadsBadly:
+    """Pickles fine; raises when unpickled (on the reading side)."""
+
+    def __reduce__(self):
+        return (_explode, ("LoadsBadly cannot be loaded",))
+
+
+@pytest.mark.parametrize("frame", ["in-ring", "out-of-band"])
+def test_value_that_fails_to_unpickle_is_consumed_acked_and_reported(frame, closing):
+    """As on a shared-memory ring: a frame that fails to decode is consumed and acked, its
+    read returns a Failure naming the writer, the channel and the reason, and the next read
+    is the next value. More such frames than the window: the writer never waits for credit."""
+    from dagc.runtime.failure import Failure
+    slots = 2
+    w, (r,) = pair(closing, slots=slots, channel="tok:c7")
+    r.writer_name = "a3"                 # what a DAG's reader knows its writer as
+    bad = LoadsBadly() if frame == "in-ring" else (np.arange(50_000), LoadsBadly())
+    for i in range(3 * slots):
+        w.write(bad, soon(5))            # a missing ack would time this out at i == slots
+        got = r.read(soon(5))
+        assert got.__class__ is Failure, got
+        err = got.to_error()
+        assert isinstance(err, TypeError)
+        text = str(err)
+        assert "a value sent by a3 on channel c7 could not be unpickled" in text, text
+        assert "RuntimeError: LoadsBadly cannot be loaded" in text, text
+        w.write(i, soon(5))
+        assert r.read(soon(5)) == i      # the next value is the next execution's
+    assert r.seq == 6 * slots
+
+
 # -- fan-out and flow control ------------------------------------------------------------------
 def test_one_writer_three_readers(rng, closing):
     w, rs = pair(closing, nreaders=3, slots=3)

@@ -11,10 +11,12 @@ import numpy as np
 from dagc.runtime.channels import shm
 from dagc.runtime.channels.bigvalue import BigSegment, copy_out, release, round64
 from dagc.runtime.channels.control import Waiter
+from dagc.runtime.channels.serialize import NotDecoded, undecodable
 from dagc.runtime.channels.segment import (B_NREADERS, KIND_ARRAY, KIND_BIG, KIND_PICKLE,
                                           KIND_SYNC,
                                           SLOT_HDR, W_NPHYS, W_NREADERS, W_NSLOTS, W_SHRINK,
-                                          W_STRIDE, W_WSEQ, W_WSLEEP, W_ZCMIN, big_header,
+                                          W_STRIDE, W_WPID, W_WSEQ, W_WSLEEP, W_ZCMIN,
+                                          big_header,
                                           big_name, big_rpid_word, channel_of, header_size,
                                           lease_budget, lease_offset, map_word, rpid_word,
                                           rseq_word, rsleep_word)
@@ -36,9 +38,11 @@ class Reader:
 
     def __init__(self, name: str, index: int, waiter: Waiter, writer_proc: int = -1):
         shm.tune_malloc()
+        self._fence = shm.ring_fence()      # None on x86-64; refuses unknown machines
         self.waiter = waiter
         self.index = index
         self.peers = (writer_proc,) if writer_proc >= 0 else ()
+        self.writer_proc = writer_proc      # its control index (-1: find it by its pid)
         self.seq = 0
         self.base = name
         self.channel = channel_of(name)
@@ -82,6 +86,8 @@ class Reader:
             if seq >= self._exp_at:      # idle: drop a big-value segment no longer used
                 self._expire(seq)
             self.waiter.wait(w, W_WSEQ, seq + 1, self.addr, self.my_sleep, self.peers, deadline)
+        if self._fence is not None:          # write_seq before the slot map and payload
+            self._fence()
         k = w[self.map + seq % self.slots]
         off = self.slot_off[k]
         n = w[off >> 3]
@@ -93,6 +99,8 @@ class Reader:
         except Exception as e:          # consumed all the same: the DAG goes on
             value = self._undecodable(e)
         self.seq = seq + 1
+        if self._fence is not None:          # decoding and lease bytes before read_seq
+            self._fence()
         w[self.my_seq] = seq + 1         # after any lease byte (see the module docstring)
         if w[W_WSLEEP]:
             shm.futex_wake(self.addr + self.my_seq * 8)
@@ -109,7 +117,11 @@ class Reader:
         if kind == KIND_SYNC:            # an in-band pickle sent to get us here (above)
             kind = KIND_PICKLE
         if kind == KIND_BIG:
-            big = self._open_big(k, w[h + 3], w[h + 4])
+            try:
+                big = self._open_big(k, w[h + 3], w[h + 4])
+            except Exception as e:
+                raise NotDecoded(f"its big-value segment {big_name(self.base, w[h + 3])} "
+                                 f"could not be opened") from e
             big.last = seq
             if seq + self.shrink_after < self._exp_at:
                 self._exp_at = seq + self.shrink_after
@@ -130,11 +142,15 @@ class Reader:
             dtype = np.dtype(bytes(mv[q:q + dlen]).decode())
             start = p + round64(16 + 8 * ndim + dlen)
             nbytes = p + n - start
-            if lease:
-                root = self._lease(k, ro, start, nbytes, dtype)
-            else:
-                root = copy_out(mv, start, nbytes, dtype)
-            return root.reshape(shape)
+            try:
+                if lease:
+                    root = self._lease(k, ro, start, nbytes, dtype)
+                else:
+                    root = copy_out(mv, start, nbytes, dtype)
+                return root.reshape(shape)
+            except Exception as e:           # no pickle here: say what did fail
+                raise NotDecoded(f"its array ({dtype}, shape {shape}) could not be "
+                                 f"rebuilt") from e
         nbufs = words[hw]
         mlen = words[hw + 1]
         lens = [words[hw + 2 + j] for j in range(nbufs)]
@@ -166,6 +182,8 @@ class Reader:
         k = ref.k
         if self._leases.get(k) is ref:
             del self._leases[k]
+            if self._fence is not None:      # every read of the views before the slot goes
+                self._fence()
             try:
                 self.mv[self.lease0 + k] = 0
             except ValueError:                   # this end is closed: nobody writes here
@@ -204,14 +222,14 @@ class Reader:
                         if self._big else _NEVER)
 
     def _undecodable(self, exc: Exception):
-        from dagc.runtime.failure import capture
         procs = self.waiter.procs
-        src = self.peers[0] if len(self.peers) == 1 else -1
+        src = self.writer_proc
+        ctl = getattr(self.waiter, "control", None)
+        if src < 0 and ctl is not None:          # the process that recorded the writer's pid
+            wpid = self.w[W_WPID]
+            src = next((i for i in range(len(procs)) if ctl.pid(i) == wpid), -1)
         who = procs[src] if 0 <= src < len(procs) else "its writer"
-        err = TypeError(f"a value sent by {who} could not be unpickled by its reader: "
-                        f"{type(exc).__name__}: {exc}. Send values whose classes can be "
-                        f"imported (and rebuilt) on every process of the DAG.")
-        return capture(err, who, "<unpickle>", -1)
+        return undecodable(exc, who, self.channel)
 
     def stats(self) -> dict:
         big = sum(b.size for b in self._big.values())

@@ -31,7 +31,9 @@ copied once into the slot after the pickle bytes, 64-byte aligned) and BIG (the 
 laid out exactly as it would be in the slot, lives in the slot's big-value segment; the
 slot header names its generation and size, and the inner kind).
 
-A big-value segment (``<ring>.x<gen>``) belongs to one slot of one ring. Its layout::
+A big-value segment (``<ring>.x<gen>``) belongs to one slot of one ring; ``gen`` is drawn at
+random (the slot header carries it to the readers), so nobody can create the next name
+first, and a name that exists anyway is skipped. Its layout::
 
     0       magic             writer       BIG_MAGIC ("dagcbig2")
     8       capacity          writer       payload bytes
@@ -45,6 +47,8 @@ The ring's two ends (``ring.Writer``, ``ring.Reader``) read and write these; the
 stale-segment sweep (``channels.sweep``) reads their magic words, geometry and pids.
 """
 from __future__ import annotations
+
+import secrets
 
 from dagc.runtime.channels import shm
 
@@ -81,6 +85,8 @@ SLOT_SLACK = 4096
 # What a slot has reserved from the start: enough for small messages and Failures.
 RESERVE0 = 4096
 
+# Random big-value segment names that may exist before a write gives up (each is 62 bits).
+NAME_TRIES = 64
 # Big-value segment header words.
 B_CAP, B_NREADERS, B_WPID, B_SLOT = 1, 2, 3, 4
 
@@ -182,9 +188,31 @@ def big_name(ring: str, gen: int) -> str:
     return f"{ring}.x{gen}"
 
 
+def new_big(ring: str, nreaders: int, slot: int, capacity: int, pid: int,
+            value_bytes: int = 0, old_gen: int = 0):
+    """Create and reserve (all of it) a big-value segment of ring ``ring`` under a new name;
+    returns (mapping, generation, name). ShmFullError (nothing left behind) when /dev/shm
+    cannot hold it.
+
+    The generation is random (never ``old_gen``, the slot's previous one), not a count: a
+    name that can be guessed can be created first by anyone on the node. One that exists
+    anyway is skipped for the next draw (never adopted: ``shm.create`` is O_EXCL)."""
+    for _ in range(NAME_TRIES):
+        gen = secrets.randbits(62) + 1
+        if gen == old_gen:
+            continue
+        try:
+            return create_big(big_name(ring, gen), nreaders, slot, capacity, pid,
+                              value_bytes), gen, big_name(ring, gen)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"channel {channel_of(ring)}: {NAME_TRIES} random big-value "
+                          f"segment names in {shm.SHM_DIR} all exist")
+
+
 def create_big(name: str, nreaders: int, slot: int, capacity: int, pid: int,
                value_bytes: int = 0):
-    """Create and reserve (all of it) a big-value segment; returns its mapping.
+    """Create and reserve (all of it) big-value segment ``name``; returns its mapping.
     ShmFullError (nothing left behind) when /dev/shm cannot hold it."""
     size = big_size(nreaders, capacity)
     try:

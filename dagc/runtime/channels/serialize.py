@@ -8,7 +8,14 @@ buffer once, straight into its slot or socket.
 On the reading side a tensor is rebuilt over the buffer it arrived in (a view of the slot,
 see ``ring.py``), unless the channel has several readers sharing that slot: torch has no
 read-only tensors, so there each reader gets its own copy (``rebuild_tensor_copy``) and an
-in-place op in one reader cannot show in another's value.
+in-place op in one reader cannot show in another's value. Neither calls
+``torch.from_numpy`` on a read-only array: torch warns about that once per process, and
+that one warning belongs to the user who wraps a received (read-only, possibly shared)
+array in a tensor and writes to it.
+
+A reader that cannot decode a message still consumes it and passes on the
+:func:`undecodable` Failure, which says what failed: unpickling, or (``NotDecoded``)
+something else, such as a big-value segment that could not be opened.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ import copyreg
 import io
 import pickle
 import sys
-import warnings
+
+import numpy as np
 
 _dumps = pickle.dumps
 
@@ -43,25 +51,32 @@ def tensor_dispatch_table(shared: bool = False):
     return table
 
 
-_QUIET = False
+class _Writable:
+    """``arr``'s memory offered to numpy as writable (the array interface with its read-only
+    bit cleared), keeping ``arr`` alive. Only for memory that is this reader's alone: the
+    received buffer is read-only as a view, never as memory (a mapping opened read-write,
+    a frame buffer, or a private copy)."""
+
+    __slots__ = ("__array_interface__", "arr")
+
+    def __init__(self, arr):
+        self.arr = arr
+        ai = dict(arr.__array_interface__)
+        ai["data"] = (ai["data"][0], False)
+        self.__array_interface__ = ai
 
 
 def _from_numpy(arr):
-    """``torch.from_numpy`` without torch's one-time warning about read-only arrays (the
-    received ones are; torch warns once per process, so only the first call filters)."""
-    global _QUIET
+    """A tensor over ``arr``'s memory, with no warning (see the module docstring)."""
     import torch
-    if _QUIET or arr.flags.writeable:
-        return torch.from_numpy(arr)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        t = torch.from_numpy(arr)
-    _QUIET = True
-    return t
+    if not arr.flags.writeable:
+        arr = np.asarray(_Writable(arr))
+    return torch.from_numpy(arr)
 
 
 def rebuild_tensor(arr, requires_grad):
-    """A tensor over ``arr``'s memory (a view of the slot it arrived in)."""
+    """A tensor over ``arr``'s memory (a view of the slot it arrived in, which only this
+    reader reads: a channel with one reader)."""
     t = _from_numpy(arr)
     if requires_grad:
         t.requires_grad_(True)
@@ -70,10 +85,34 @@ def rebuild_tensor(arr, requires_grad):
 
 def rebuild_tensor_copy(arr, requires_grad):
     """A tensor of its own, for a reader that shares the slot with other readers."""
-    t = _from_numpy(arr).clone()
+    import torch
+    t = torch.from_numpy(np.array(arr))          # a writeable copy: the only copy made
     if requires_grad:
         t.requires_grad_(True)
     return t
+
+
+class NotDecoded(Exception):
+    """Raised while decoding a message for a failure that is not unpickling; its text says
+    what failed, the original error is its ``__cause__``."""
+
+
+def undecodable(exc: Exception, who: str, channel: str):
+    """The Failure a reader passes on in place of a message it consumed but could not
+    decode (``exc``), sent by ``who`` on ``channel`` ("c3", or a TCP channel's
+    "<token>:c3"): that execution gets a TaskError saying which value and why."""
+    from dagc.runtime.failure import capture
+    cid = channel.rsplit(":", 1)[-1]
+    if isinstance(exc, NotDecoded):
+        cause = exc.__cause__ or exc
+        cls = OSError if isinstance(cause, OSError) else RuntimeError
+        err = cls(f"a value sent by {who} on channel {cid} could not be read by its reader: "
+                  f"{exc} ({type(cause).__name__}: {cause}). Only that execution fails.")
+        return capture(err, who, f"<read {cid}>", -1)
+    err = TypeError(f"a value sent by {who} on channel {cid} could not be unpickled by its "
+                    f"reader: {type(exc).__name__}: {exc}. Send values whose classes can be "
+                    f"imported (and rebuilt) on every process of the DAG.")
+    return capture(err, who, "<unpickle>", -1)
 
 
 class PickleEncoder:

@@ -39,11 +39,54 @@ OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC     # never through a symlink
 
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
+_FUTEX_PRIVATE = 128
 _SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(
     platform.machine().lower())
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+
+# Memory order. A ring publishes with plain stores (ring.py: payload, slot map, then the
+# sequence word) and a reader hands a slot back with one (its read_seq). x86-64 keeps
+# stores in order and loads in order, so nothing more is needed there. aarch64 (Grace,
+# Graviton) reorders both: there each end issues a full barrier at the four points the
+# protocol needs one (ring.py, "Memory order"). The barrier is the futex system call: a
+# FUTEX_WAKE runs the kernel's smp_mb() before it looks for waiters (barrier (B) of the
+# futex ordering guarantee, which no-lost-wakeup depends on, on every kernel), so a wake of
+# a private word nobody waits on is a full fence for its caller, about 0.3 us. Any other
+# machine is refused (RingUnsupportedError) rather than run unordered.
+STRONGLY_ORDERED = frozenset({"x86_64", "amd64"})
+FENCED = frozenset({"aarch64", "arm64"})
+_FENCE_WORD = ctypes.c_int32(0)
+_FENCE_ARGS = (ctypes.c_long(_SYS_FUTEX or 0), ctypes.c_void_p(ctypes.addressof(_FENCE_WORD)),
+               ctypes.c_long(_FUTEX_WAKE | _FUTEX_PRIVATE), ctypes.c_long(1),
+               ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_long(0))
+
+
+def fence() -> None:
+    """A full memory barrier for the calling thread (see "Memory order" above)."""
+    _syscall(*_FENCE_ARGS)
+
+
+class RingUnsupportedError(DagcError, RuntimeError):
+    """Shared-memory channels cannot be made on this machine type (memory order)."""
+
+
+def ring_fence():
+    """What a ring end calls where its protocol needs a barrier on this machine: None on
+    x86-64 (none needed), :func:`fence` on aarch64; RingUnsupportedError elsewhere."""
+    machine = platform.machine()
+    m = machine.lower()
+    if m in STRONGLY_ORDERED:
+        return None
+    if m in FENCED and _SYS_FUTEX is not None:
+        return fence
+    raise RingUnsupportedError(
+        f"dagc's shared-memory channels are not made on this machine ({machine or 'unknown'}): "
+        f"they are correct on x86-64 (stores in order) and on aarch64 (with barriers), and "
+        f"this CPU's memory order is neither. Run the DAG's processes on x86-64 or aarch64 "
+        f"nodes, or run this graph with Ray Compiled Graph itself "
+        f"(dag.experimental_compile() without dagc.patch_ray()).")
 
 
 class _Timespec(ctypes.Structure):

@@ -13,6 +13,7 @@ import threading
 import time
 
 from dagc.runtime.channels.control import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.channels.serialize import undecodable
 from dagc.runtime.channels.tcp import handshake
 from dagc.runtime.channels.tcp.buffers import FrameBuffers
 from dagc.runtime.channels.tcp.tls import FROM_ENV, ReaderTls, resolve_tls, tls_context
@@ -351,15 +352,21 @@ class TcpReader(ReaderTls):
             m = self._next(deadline)
         self._msg = None
         if m.__class__ is tuple:
-            value = _loads(self._mv[m[0]:m[1]])
+            try:
+                value = _loads(self._mv[m[0]:m[1]])
+            except Exception as e:     # consumed and acked all the same: the DAG goes on
+                value = undecodable(e, self.writer_name, self.channel)
             if self._lo == self._hi:
                 self._lo = self._hi = 0
         elif m.__class__ is list:
             blob, _, _, _, (start, end), parts = m
-            if parts:
-                value = _loads(memoryview(blob)[start:end], buffers=parts)
-            else:
-                value = _loads(blob)
+            try:
+                if parts:
+                    value = _loads(memoryview(blob)[start:end], buffers=parts)
+                else:
+                    value = _loads(blob)
+            except Exception as e:     # as above
+                value = undecodable(e, self.writer_name, self.channel)
         elif m.__class__ is PeerDied:  # FAIL: the writer passes on a death it saw
             procs = getattr(self.waiter, "procs", None) or ()
             mark_failed(self.waiter, procs.index(m.who) if m.who in procs else -1)
