@@ -1,6 +1,6 @@
 """Every error dagc raises on purpose; all subclass :class:`DagcError`.
 
-Each is also the exception Ray Compiled Graph raises in the same situation (DESIGN.md, "Ray
+Each is also the exception Ray Compiled Graph raises in the same situation (docs/contract.md, "Ray
 interop"), so code written against Ray's ``experimental_compile`` catches dagc's errors
 unchanged, with or without ``dagc.patch_ray()``:
 
@@ -20,6 +20,7 @@ Ray's exception classes take other constructor arguments; dagc's take one messag
 before, and set the attributes Ray's classes define (``client_exc``, ``actor_id``,
 ``function_name``, ...) so code that reads them finds them.
 """
+
 from __future__ import annotations
 
 from ray import exceptions as _ray
@@ -72,12 +73,13 @@ class ActorDiedError(DagcError, _RaySystemError, _ray.ActorDiedError, _ray.RayCh
     """An actor of the DAG died (or the driver went away); the DAG is unusable. Also Ray's
     ``ActorDiedError`` and ``RayChannelError`` (a compiled graph's channel to a dead actor)."""
 
-    actor_id = None
+    actor_id = None  # type: ignore[assignment]  # Ray's own default (which Ray types str)
     _actor_init_failed = False
     _preempted = False
 
+    # Ray's attribute, read-only here: the message is str(self), never set apart from it
     @property
-    def error_msg(self) -> str:
+    def error_msg(self) -> str:  # type: ignore[override]
         return str(self)
 
 
@@ -123,11 +125,17 @@ class TaskError(DagcError, _ray.RayTaskError):
         return self.args[0] if self.args else "task failed"
 
 
-_TASK_ERROR_CLASSES: dict[type, type] = {}
+_TASK_ERROR_CLASSES: dict[type, type[TaskError]] = {}
 
 
-def make_task_error(cause: BaseException | None, cause_type: type, message: str,
-                    actor: str, method: str, remote_tb: str) -> TaskError:
+def make_task_error(
+    cause: BaseException | None,
+    cause_type: type,
+    message: str,
+    actor: str,
+    method: str,
+    remote_tb: str,
+) -> TaskError:
     """Build an exception that is both a TaskError and an instance of ``cause_type``.
 
     Falls back to a plain TaskError when ``cause_type`` cannot be subclassed
@@ -138,14 +146,26 @@ def make_task_error(cause: BaseException | None, cause_type: type, message: str,
         cls = TaskError
         if issubclass(cause_type, BaseException) and not issubclass(cause_type, TaskError):
             try:
-                cls = type(f"TaskError({cause_type.__name__})", (TaskError, cause_type),
-                           {"__init__": lambda self, *a: BaseException.__init__(self, *a),
-                            "__str__": TaskError.__str__,
-                            "__reduce__": lambda self: (_rebuild_task_error,
-                                                        (self.cause, cause_type, self.args[0],
-                                                         self.actor, self.method,
-                                                         self.remote_traceback)),
-                            "__module__": "dagc.errors"})
+                cls = type(
+                    f"TaskError({cause_type.__name__})",
+                    (TaskError, cause_type),
+                    {
+                        "__init__": lambda self, *a: BaseException.__init__(self, *a),
+                        "__str__": TaskError.__str__,
+                        "__reduce__": lambda self: (
+                            _rebuild_task_error,
+                            (
+                                self.cause,
+                                cause_type,
+                                self.args[0],
+                                self.actor,
+                                self.method,
+                                self.remote_traceback,
+                            ),
+                        ),
+                        "__module__": "dagc.errors",
+                    },
+                )
             except TypeError:
                 cls = TaskError
         _TASK_ERROR_CLASSES[cause_type] = cls

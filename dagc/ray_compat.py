@@ -20,8 +20,12 @@ Reaching every process
 ----------------------
 * ``patch_ray()`` before ``ray.init()`` (or before Ray auto-initialises) also adds
   ``dagc.ray_compat.worker_setup_hook`` as the job's ``worker_process_setup_hook``, so
-  DAGs compiled *inside actors* are dagc's too; it also sets ``DAGC_PATCH_RAY=1`` in the
-  environment, which a Ray started from here passes on to its workers and subprocesses.
+  DAGs compiled *inside actors* are dagc's too. It is added to the runtime_env the job
+  gets anyway (``runtime_env=`` as a dict or ``RuntimeEnv``, ``JobConfig(runtime_env=)``,
+  a submitted job's), so nothing the user set is lost; a job with a setup hook of its own
+  keeps it, with a warning that dagc's cannot also run (Ray runs one). It also sets
+  ``DAGC_PATCH_RAY=1`` in the environment, which a Ray started from here passes on to its
+  workers and subprocesses.
   Called after ``ray.init()``, it cannot change the running job's workers (Ray fixes a
   job's runtime_env at init) and warns once.
 * ``DAGC_PATCH_RAY=1``: ``import dagc`` patches (so every process that imports dagc, Ray
@@ -30,9 +34,11 @@ Reaching every process
 
 This module imports nothing from Ray at import time (Ray's modules load on first use).
 """
+
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.abc
 import importlib.util
 import logging
@@ -40,13 +46,18 @@ import os
 import sys
 import threading
 import warnings
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # lazily reachable by __getattr__ below (Ray loads on first use)
+    from dagc.ray_graph import RayCompiledDag, RayDagFuture, RayDagRef
 
 logger = logging.getLogger(__name__)
 
 ENV = "DAGC_PATCH_RAY"
-_ORIGINAL = None          # Ray's DAGNode.experimental_compile while patched
-_ORIGINAL_INIT = None     # Ray's ray.init while wrapped (patch_ray before ray.init)
-_SET_ENV = False          # whether patch_ray set DAGC_PATCH_RAY (unpatch_ray removes it)
+_ORIGINAL = None  # Ray's DAGNode.experimental_compile while patched
+_ORIGINAL_INIT = None  # Ray's ray.init while wrapped (patch_ray before ray.init)
+_SET_ENV = False  # whether patch_ray set DAGC_PATCH_RAY (unpatch_ray removes it)
 _HOOK = "dagc.ray_compat.worker_setup_hook"
 _LOCK = threading.RLock()
 _WARNED: set[str] = set()
@@ -62,19 +73,29 @@ def _warn_once(key: str, message: str) -> None:
 def _user_level() -> int:
     """warnings.warn's stacklevel of the first caller outside dagc and contextlib."""
     here = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(2), 2
-    while frame is not None and (frame.f_code.co_filename.startswith(here)
-                                 or frame.f_code.co_filename == contextlib.__file__):
+    frame: FrameType | None = sys._getframe(2)
+    level = 2
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(here) or frame.f_code.co_filename == contextlib.__file__
+    ):
         frame, level = frame.f_back, level + 1
     return level
 
 
 # -- options ---------------------------------------------------------------------------------
 
-def map_compile_options(*, _submit_timeout=None, _buffer_size_bytes=None,
-                        enable_asyncio=False, _max_inflight_executions=None,
-                        _max_buffered_results=None, _overlap_gpu_communication=None,
-                        _default_communicator="create", **unknown) -> tuple[dict, dict]:
+
+def map_compile_options(
+    *,
+    _submit_timeout=None,
+    _buffer_size_bytes=None,
+    enable_asyncio=False,
+    _max_inflight_executions=None,
+    _max_buffered_results=None,
+    _overlap_gpu_communication=None,
+    _default_communicator="create",
+    **unknown,
+) -> tuple[dict, dict]:
     """Ray 2.60's ``experimental_compile`` keywords and ``DAGContext`` -> (dagc options,
     Ray-side settings). The DAGContext's defaults are Ray's ``RAY_CGRAPH_*`` environment
     variables (``ray/dag/context.py`` reads them), so they are honoured with Ray's meaning.
@@ -90,7 +111,8 @@ def map_compile_options(*, _submit_timeout=None, _buffer_size_bytes=None,
                                         before looking at the others for a failure
                                         (RAY_CGRAPH_read_iteration_timeout_s)
     _overlap_gpu_communication          overlap_communication (RAY_CGRAPH_overlap_gpu_...)
-    _default_communicator "create"      communicator "auto"; a dagc.Communicator passes through;
+    _default_communicator "create"      communicator "auto"; a dagc.Communicator passes through,
+                                        a Ray one is adapted (runtime/comm/ray_adapter.py);
                                         None: tensor-transport nodes must name a communicator
     enable_asyncio                      execute_async() as Ray's (execute() stays usable)
     RAY_CGRAPH_VISUALIZE_SCHEDULE       prints the schedule (the Step x Actor table)
@@ -106,17 +128,23 @@ def map_compile_options(*, _submit_timeout=None, _buffer_size_bytes=None,
     ==================================  ========================================================
     """
     if unknown:
-        raise TypeError(f"experimental_compile() got unexpected keyword argument(s) "
-                        f"{', '.join(sorted(unknown))}")
+        raise TypeError(
+            f"experimental_compile() got unexpected keyword argument(s) "
+            f"{', '.join(sorted(unknown))}"
+        )
     from ray.dag import DAGContext
     from ray.dag import constants as rc
     from ray.dag import context as rctx
+
     ctx = DAGContext.get_current()
     opts: dict = {}
     size = int(_buffer_size_bytes if _buffer_size_bytes is not None else ctx.buffer_size_bytes)
     opts["buffer_size"] = max(64, size)
-    inflight = (_max_inflight_executions if _max_inflight_executions is not None
-                else ctx.max_inflight_executions)
+    inflight = (
+        _max_inflight_executions
+        if _max_inflight_executions is not None
+        else ctx.max_inflight_executions
+    )
     opts["max_inflight"] = int(inflight)
     gt = ctx.get_timeout
     opts["get_timeout"] = None if gt is None or gt < 0 else max(float(gt), 1e-3)
@@ -125,53 +153,80 @@ def map_compile_options(*, _submit_timeout=None, _buffer_size_bytes=None,
     rit = getattr(ctx, "read_iteration_timeout", None)
     if rit is not None and rit > 0:
         opts["_read_slice"] = float(rit)
-    overlap = (_overlap_gpu_communication if _overlap_gpu_communication is not None
-               else ctx.overlap_gpu_communication)
+    overlap = (
+        _overlap_gpu_communication
+        if _overlap_gpu_communication is not None
+        else ctx.overlap_gpu_communication
+    )
     opts["overlap_communication"] = bool(overlap)
     comm = _default_communicator
     need_named_comm = comm is None
     if comm is None or comm == "create":
         opts["communicator"] = "auto"
     elif isinstance(comm, str):
-        raise ValueError(f"_default_communicator must be 'create', None or a Communicator, "
-                         f"got {comm!r}")
+        raise ValueError(
+            f"_default_communicator must be 'create', None or a Communicator, got {comm!r}"
+        )
     else:
         from dagc.errors import CompileError
-        from dagc.runtime.comm.base import Communicator
-        if not isinstance(comm, Communicator):
+        from dagc.runtime.comm.ray_adapter import adapt
+
+        try:  # a Ray Communicator (CPUCommunicator, ...) is adapted
+            opts["communicator"] = adapt(comm, "_default_communicator")
+        except ValueError as e:
             raise CompileError(
-                f"_default_communicator={type(comm).__name__}: a Ray Communicator cannot "
-                f"drive dagc's communicator ops; pass a dagc.Communicator (for example "
-                f"dagc.GlooCommunicator or dagc.NcclCommunicator) or leave the default "
-                f"'create' to let dagc set one up.")
-        opts["communicator"] = comm
-    if _submit_timeout is not None or "RAY_CGRAPH_submit_timeout" in os.environ or \
-            ctx.submit_timeout != rctx.DEFAULT_SUBMIT_TIMEOUT_S:
-        _warn_once("submit_timeout", "_submit_timeout / RAY_CGRAPH_submit_timeout has no "
-                   "effect: dagc's execute() never waits for room in a channel; at "
-                   "max_inflight (_max_inflight_executions) unfetched executions it raises "
-                   "RayCgraphCapacityExceeded at once, as Ray does.")
-    if _max_buffered_results is not None or \
-            "RAY_CGRAPH_max_buffered_results" in os.environ or \
-            ctx.max_buffered_results != rctx.DEFAULT_MAX_BUFFERED_RESULTS:
-        _warn_once("max_buffered_results", "_max_buffered_results / "
-                   "RAY_CGRAPH_max_buffered_results has no effect: dagc buffers a result "
-                   "only while its execution is unfetched, so at most max_inflight "
-                   "(_max_inflight_executions) results are ever buffered.")
+                f"{e}; or leave the default 'create' to let dagc set one up."
+            ) from None
+    if (
+        _submit_timeout is not None
+        or "RAY_CGRAPH_submit_timeout" in os.environ
+        or ctx.submit_timeout != rctx.DEFAULT_SUBMIT_TIMEOUT_S
+    ):
+        _warn_once(
+            "submit_timeout",
+            "_submit_timeout / RAY_CGRAPH_submit_timeout has no "
+            "effect: dagc's execute() never waits for room in a channel; at "
+            "max_inflight (_max_inflight_executions) unfetched executions it raises "
+            "RayCgraphCapacityExceeded at once, as Ray does.",
+        )
+    if (
+        _max_buffered_results is not None
+        or "RAY_CGRAPH_max_buffered_results" in os.environ
+        or ctx.max_buffered_results != rctx.DEFAULT_MAX_BUFFERED_RESULTS
+    ):
+        _warn_once(
+            "max_buffered_results",
+            "_max_buffered_results / "
+            "RAY_CGRAPH_max_buffered_results has no effect: dagc buffers a result "
+            "only while its execution is unfetched, so at most max_inflight "
+            "(_max_inflight_executions) results are ever buffered.",
+        )
     if getattr(rc, "RAY_CGRAPH_ENABLE_PROFILING", False):
-        _warn_once("profiling", "RAY_CGRAPH_ENABLE_PROFILING has no effect: dagc records "
-                   "per-op timings with cg.profile(n) (a Chrome trace with cg.dump()).")
-    if getattr(rc, "RAY_CGRAPH_ENABLE_NVTX_PROFILING", False) or \
-            getattr(rc, "RAY_CGRAPH_ENABLE_TORCH_PROFILING", False):
-        _warn_once("nvtx", "RAY_CGRAPH_ENABLE_NVTX_PROFILING / _TORCH_PROFILING have no "
-                   "effect: dagc's profiling is cg.profile(n).")
+        _warn_once(
+            "profiling",
+            "RAY_CGRAPH_ENABLE_PROFILING has no effect: dagc records "
+            "per-op timings with cg.profile(n) (a Chrome trace with cg.dump()).",
+        )
+    if getattr(rc, "RAY_CGRAPH_ENABLE_NVTX_PROFILING", False) or getattr(
+        rc, "RAY_CGRAPH_ENABLE_TORCH_PROFILING", False
+    ):
+        _warn_once(
+            "nvtx",
+            "RAY_CGRAPH_ENABLE_NVTX_PROFILING / _TORCH_PROFILING have no "
+            "effect: dagc's profiling is cg.profile(n).",
+        )
     if not getattr(rc, "RAY_CGRAPH_ENABLE_DETECT_DEADLOCK", True):
-        _warn_once("deadlock", "RAY_CGRAPH_ENABLE_DETECT_DEADLOCK=0 has no effect: dagc "
-                   "always proves its schedule free of deadlocks before starting it.")
-    ray_side = {"enable_asyncio": bool(enable_asyncio),
-                "get_timeout": gt,
-                "need_named_communicator": need_named_comm,
-                "visualize_schedule": bool(getattr(rc, "RAY_CGRAPH_VISUALIZE_SCHEDULE", False))}
+        _warn_once(
+            "deadlock",
+            "RAY_CGRAPH_ENABLE_DETECT_DEADLOCK=0 has no effect: dagc "
+            "always proves its schedule free of deadlocks before starting it.",
+        )
+    ray_side = {
+        "enable_asyncio": bool(enable_asyncio),
+        "get_timeout": gt,
+        "need_named_communicator": need_named_comm,
+        "visualize_schedule": bool(getattr(rc, "RAY_CGRAPH_VISUALIZE_SCHEDULE", False)),
+    }
     return opts, ray_side
 
 
@@ -179,39 +234,57 @@ def _check_named_communicators(traced) -> None:
     """``_default_communicator=None`` (Ray): every tensor-transport node and collective
     must name its communicator."""
     from dagc.errors import CompileError
-    bare = [f"{op.actor}.{op.method}" for op in traced.ir.ops()
-            if op.transport in ("nccl", "auto", "gloo")]
+
+    bare = [
+        f"{op.actor}.{op.method}"
+        for op in traced.ir.ops()
+        if op.transport in ("nccl", "auto", "gloo")
+    ]
     if bare:
         raise CompileError(
             f"_default_communicator=None requires a communicator on every tensor-transport "
             f"node and collective, but {', '.join(bare)} name none: pass "
             f"with_tensor_transport(transport=<a dagc.Communicator>) (or the collective's "
-            f"transport=), or compile with the default _default_communicator='create'.")
+            f"transport=), or compile with the default _default_communicator='create'."
+        )
 
 
 # -- the patch -------------------------------------------------------------------------------
 
-def _experimental_compile(self, _submit_timeout=None, _buffer_size_bytes=None,
-                          enable_asyncio=False, _max_inflight_executions=None,
-                          _max_buffered_results=None, _overlap_gpu_communication=None,
-                          _default_communicator="create"):
+
+def _experimental_compile(
+    self,
+    _submit_timeout=None,
+    _buffer_size_bytes=None,
+    enable_asyncio=False,
+    _max_inflight_executions=None,
+    _max_buffered_results=None,
+    _overlap_gpu_communication=None,
+    _default_communicator="create",
+):
     """``ray.dag.DAGNode.experimental_compile`` under the patch (the same signature): a
     dagc CompiledDag with Ray's API (:class:`dagc.ray_graph.RayCompiledDag`)."""
     from dagc import stages
     from dagc.ray_graph import RayCompiledDag
+
     if getattr(self, "is_cgraph_output_node", False):
         raise ValueError(
             "It is not allowed to call `experimental_compile` on the same DAG object "
             "multiple times no matter whether `teardown` is called or not. Please reuse "
-            "the existing compiled DAG or create a new one.")
+            "the existing compiled DAG or create a new one."
+        )
     opts, ray_side = map_compile_options(
-        _submit_timeout=_submit_timeout, _buffer_size_bytes=_buffer_size_bytes,
-        enable_asyncio=enable_asyncio, _max_inflight_executions=_max_inflight_executions,
+        _submit_timeout=_submit_timeout,
+        _buffer_size_bytes=_buffer_size_bytes,
+        enable_asyncio=enable_asyncio,
+        _max_inflight_executions=_max_inflight_executions,
         _max_buffered_results=_max_buffered_results,
         _overlap_gpu_communication=_overlap_gpu_communication,
-        _default_communicator=_default_communicator)
+        _default_communicator=_default_communicator,
+    )
     from dagc.frontend.trace import check_ray_leaves
-    check_ray_leaves(self)          # Ray's rule: an unused return of num_returns too
+
+    check_ray_leaves(self)  # Ray's rule: an unused return of num_returns too
     self.is_cgraph_output_node = True
     check = _check_named_communicators if ray_side["need_named_communicator"] else None
     cg = stages.compile_as(RayCompiledDag, self, opts, check=check)
@@ -230,9 +303,10 @@ def patch_ray(workers: bool = True) -> None:
     global _ORIGINAL
     with _LOCK:
         from ray.dag.dag_node import DAGNode
+
         if _ORIGINAL is None:
             _ORIGINAL = DAGNode.__dict__["experimental_compile"]
-            DAGNode.experimental_compile = _experimental_compile
+            DAGNode.experimental_compile = _experimental_compile  # type: ignore[method-assign]  # the patch
         if workers:
             _reach_workers()
 
@@ -243,13 +317,15 @@ def unpatch_ray() -> None:
     with _LOCK:
         if _ORIGINAL is not None:
             from ray.dag.dag_node import DAGNode
-            DAGNode.experimental_compile = _ORIGINAL
+
+            DAGNode.experimental_compile = _ORIGINAL  # type: ignore[method-assign]  # Ray's, back
             _ORIGINAL = None
         if _SET_ENV:
             os.environ.pop(ENV, None)
             _SET_ENV = False
         if _ORIGINAL_INIT is not None:
             import ray
+
             ray.init = _ORIGINAL_INIT
             _ORIGINAL_INIT = None
 
@@ -273,6 +349,7 @@ def patched(workers: bool = True):
 
 # -- reaching Ray workers --------------------------------------------------------------------
 
+
 def worker_setup_hook() -> None:
     """Ray ``worker_process_setup_hook`` (runtime_env): patch inside each worker process."""
     patch_ray(workers=False)
@@ -281,6 +358,7 @@ def worker_setup_hook() -> None:
 def _in_ray_worker() -> bool:
     try:
         from ray._private import worker as rw
+
         return rw.global_worker.mode == rw.WORKER_MODE
     except Exception:
         return False
@@ -289,40 +367,95 @@ def _in_ray_worker() -> bool:
 def _reach_workers() -> None:
     global _ORIGINAL_INIT, _SET_ENV
     import ray
+
     if ENV not in os.environ:
-        os.environ[ENV] = "1"        # a Ray started from here hands it to its workers
+        os.environ[ENV] = "1"  # a Ray started from here hands it to its workers
         _SET_ENV = True
     if ray.is_initialized():
         if not _in_ray_worker():
-            _warn_once("workers", "Ray was initialised before patch_ray(): DAGs compiled "
-                       "inside actors of this job still use Ray's Compiled Graph (a job's "
-                       "runtime_env is fixed at ray.init). Call dagc.patch_ray() before "
-                       "ray.init(), or pass ray.init(runtime_env={'worker_process_setup_hook':"
-                       f" '{_HOOK}'}}).")
+            _warn_once(
+                "workers",
+                "Ray was initialised before patch_ray(): DAGs compiled "
+                "inside actors of this job still use Ray's Compiled Graph (a job's "
+                "runtime_env is fixed at ray.init). Call dagc.patch_ray() before "
+                "ray.init(), or pass ray.init(runtime_env={'worker_process_setup_hook':"
+                f" '{_HOOK}'}}).",
+            )
         return
     if _ORIGINAL_INIT is not None:
         return
     original = ray.init
 
+    @functools.wraps(original)
     def init(*args, **kwargs):
         if is_patched():
-            env = dict(kwargs.get("runtime_env") or {})
-            if env.get("worker_process_setup_hook") in (None, _HOOK):
-                env["worker_process_setup_hook"] = _HOOK
+            env = _runtime_env_with_hook(kwargs.get("runtime_env"), kwargs.get("job_config"))
+            if env is not None:
                 kwargs["runtime_env"] = env
-            else:
-                _warn_once("hook", "ray.init got its own worker_process_setup_hook: DAGs "
-                           "compiled inside actors are not patched unless it calls "
-                           f"{_HOOK}().")
         return original(*args, **kwargs)
 
-    init.__wrapped__ = original
-    init.__doc__ = original.__doc__
     _ORIGINAL_INIT = original
     ray.init = init
 
 
+def _is_our_hook(hook) -> bool:
+    return hook == _HOOK or hook is worker_setup_hook
+
+
+def _runtime_env_with_hook(runtime_env, job_config):
+    """The ``runtime_env=`` the patched ``ray.init`` passes: the one Ray would use for the
+    job, in whichever form the user gave it, plus dagc's worker setup hook; or None to
+    pass the call on unchanged.
+
+    Ray's rules (ray 2.60, ``ray._private.worker.init``): a non-empty ``runtime_env=``
+    (dict or ``RuntimeEnv``) replaces ``job_config.runtime_env``; under ``ray job submit``
+    (``RAY_JOB_CONFIG_JSON_ENV_VAR``) the job's runtime_env is merged with
+    ``runtime_env=`` and a field set in both is an error. So the hook is added to what
+    would have been used, and never where it would collide. Ray runs one setup hook per
+    job: when the user's job already has one, dagc's cannot also run, and that is said.
+    """
+    import copy
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR as JOB_VAR
+
+    key = "worker_process_setup_hook"
+    injected = os.environ.get(JOB_VAR)
+    if injected is not None:  # a submitted job: ray.init's env is merged into it
+        job_hook = (json.loads(injected).get("runtime_env") or {}).get(key)
+        if job_hook is not None and (runtime_env or {}).get(key) is None:
+            if not _is_our_hook(job_hook):
+                _warn_own_hook(job_hook, "the submitted job's runtime_env")
+            return None
+        base, where = runtime_env or {}, "ray.init(runtime_env=...)"
+    elif runtime_env:
+        base, where = runtime_env, "ray.init(runtime_env=...)"
+    elif job_config is not None and job_config.runtime_env:
+        base, where = job_config.runtime_env, "JobConfig(runtime_env=...)"
+    else:
+        base, where = {}, ""
+    hook = base.get(key)
+    if hook is not None and not _is_our_hook(hook):
+        _warn_own_hook(hook, where)
+        return None
+    merged = copy.copy(base) if base else {}
+    merged[key] = _HOOK
+    return merged
+
+
+def _warn_own_hook(hook, where: str) -> None:
+    name = hook if isinstance(hook, str) else getattr(hook, "__qualname__", repr(hook))
+    _warn_once(
+        "hook",
+        f"{where} sets worker_process_setup_hook={name}, and Ray runs one "
+        f"setup hook per job, so dagc's ({_HOOK}) cannot also run: DAGs compiled "
+        f"inside this job's actors keep Ray's Compiled Graph. To have both, call "
+        f"{_HOOK}() from {name}, or call dagc.patch_ray() in the actors.",
+    )
+
+
 # -- DAGC_PATCH_RAY=1 ----------------------------------------------------------------------
+
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
     """Runs ``callback()`` right after module ``target`` is first executed."""
@@ -352,7 +485,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
                 loader.exec_module(module)
                 try:
                     callback()
-                except Exception:   # never break the user's import
+                except Exception:  # never break the user's import
                     logger.exception("dagc: post-import hook for %s failed", fullname)
 
         spec.loader = _Loader()
@@ -386,11 +519,14 @@ def main(argv=None) -> int:
     """``python -m dagc.ray_compat PROGRAM.py [ARGS...]``: run a program that never heard
     of dagc with the patch (``DAGC_PATCH_RAY=1`` for it and every process it starts)."""
     import runpy
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m dagc.ray_compat PROGRAM.py [ARGS...]\n"
-              "runs PROGRAM with dag.experimental_compile() compiling with dagc",
-              file=sys.stderr)
+        print(
+            "usage: python -m dagc.ray_compat PROGRAM.py [ARGS...]\n"
+            "runs PROGRAM with dag.experimental_compile() compiling with dagc",
+            file=sys.stderr,
+        )
         return 2
     os.environ[ENV] = "1"
     install_import_hook()
@@ -403,16 +539,28 @@ def main(argv=None) -> int:
 def __getattr__(name):
     if name in ("RayCompiledDag", "RayDagRef", "RayDagFuture"):
         from dagc import ray_graph
+
         return getattr(ray_graph, name)
     raise AttributeError(f"module 'dagc.ray_compat' has no attribute {name!r}")
 
 
-__all__ = ["patch_ray", "unpatch_ray", "patched", "is_patched", "worker_setup_hook",
-           "map_compile_options", "install_import_hook", "autopatch_from_env",
-           "RayCompiledDag", "RayDagRef", "RayDagFuture"]
+__all__ = [
+    "patch_ray",
+    "unpatch_ray",
+    "patched",
+    "is_patched",
+    "worker_setup_hook",
+    "map_compile_options",
+    "install_import_hook",
+    "autopatch_from_env",
+    "RayCompiledDag",
+    "RayDagRef",
+    "RayDagFuture",
+]
 
 
 if __name__ == "__main__":
     # run as a script this file is __main__, a second copy: use the real module's state
     from dagc.ray_compat import main as _main
+
     sys.exit(_main())
