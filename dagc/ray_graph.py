@@ -149,8 +149,8 @@ class RayCompiledDag(CompiledDag):
     def teardown(self, kill_actors: bool = False) -> None:
         """Stop the loops (idempotent); with ``kill_actors``, also ``ray.kill`` the actors."""
         super().teardown()
-        if kill_actors:
-            import ray
+        import ray
+        if kill_actors and ray.is_initialized():     # never start a Ray to kill actors
             for h in self._session.handles:
                 try:
                     ray.kill(h)

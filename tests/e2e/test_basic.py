@@ -206,7 +206,7 @@ def test_payload_larger_than_buffer_grows(workers):
             x = np.arange(n, dtype=np.float64)
             y = cg.execute(x).get(timeout=30)
             np.testing.assert_array_equal(y, x + 1)
-            # read-only, as Ray CG's are (DESIGN.md, "Big values"); a copy is the caller's
+            # read-only, as Ray CG's are (docs/contract.md, "Big values"); a copy is the caller's
             assert not y.flags.writeable and np.array(y).flags.writeable
         big = [cg.execute(np.ones(200_000)) for _ in range(2)]
         assert [float(r.get(timeout=30).sum()) for r in big] == [400_000.0] * 2
@@ -354,8 +354,15 @@ def test_unpicklable_result_is_task_error(workers):
     with InputNode() as inp:
         dag = b.echo.bind(a.unpicklable.bind(inp))
     with dagc.compile(dag) as cg:
-        with pytest.raises(dagc.TaskError, match="pickle"):
+        with pytest.raises(dagc.TaskError, match="pickle") as e:
             cg.execute(1).get(timeout=10)
+        # named as any task error is: the method that returned the value, where it is
+        # written, and its schedule step (not "a0.<send> (schedule step -1)")
+        msg = str(e.value)
+        assert "a0:Worker.unpicklable returned a lock" in msg, msg
+        assert "raised by a0.unpicklable at " in msg and "actors.py:" in msg, msg
+        assert "Worker.unpicklable (schedule step 2)" in msg, msg
+        assert "<send>" not in msg and "step -1" not in msg, msg
         with InputNode() as inp:
             pass
 
@@ -389,3 +396,67 @@ def test_error_shows_generated_lines_with_marker(workers):
         assert "in generated code <dagc a0:Worker" in msg
         assert "m_fail_if(inp)   <--- HERE" in msg
         assert ei.value.actor == "a0" and ei.value.method == "fail_if"
+
+
+def test_threads_getting_one_ref_all_get_its_value(workers):
+    """Several threads get() the same pending ref (ThreadPoolExecutor().map(ray.get, refs)):
+    every one gets the value, none "was never submitted or already fetched"."""
+    from concurrent.futures import ThreadPoolExecutor
+    a, b = workers[:2]
+    with InputNode() as inp:
+        dag = MultiOutputNode([a.sleep.bind(inp, 0.3), b.inc.bind(inp)])
+    with dagc.compile(dag) as cg, ThreadPoolExecutor(6) as pool:
+        for i in range(3):
+            ref = cg.execute(i)
+            got = list(pool.map(lambda r: r.get(timeout=30), [ref] * 6))
+            assert got == [[i, i + 1]] * 6
+            assert list(pool.map(ray.get, [ref] * 3)) == [[i, i + 1]] * 3
+        bad = cg.execute("x")                       # "x" + 1: a TypeError for every thread
+        errs = list(pool.map(lambda r: _error_of(r.get, 30), [bad] * 6))
+        assert all(isinstance(e, dagc.TaskError) and "TypeError" in str(e) for e in errs), errs
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:      # noqa: BLE001 - the test inspects it
+        return e
+    return None
+
+
+def test_failed_ref_raises_a_fresh_error_on_each_get(workers):
+    """A failed ref's get() raises a new exception each time: the traceback does not grow
+    with every call, and no earlier call's frames are kept alive."""
+    import traceback
+    a = workers[0]
+    with InputNode() as inp:
+        dag = a.fail_if.bind(inp)
+    with dagc.compile(dag) as cg:
+        ref = cg.execute(3)
+        errs = [_error_of(ref.get, 10) for _ in range(3)] + [_error_of(ray.get, ref)]
+        assert all(isinstance(e, dagc.TaskError) and "bad input 3" in str(e) for e in errs)
+        assert len({id(e) for e in errs}) == len(errs)
+        depth = [len(traceback.extract_tb(e.__traceback__)) for e in errs[:3]]
+        assert depth[0] == depth[1] == depth[2], depth
+        assert cg.execute(4).get(timeout=10) == 4
+
+
+def test_object_ref_arguments_are_resolved(workers):
+    """A top-level ObjectRef passed to execute() arrives as its value, as with .remote();
+    one whose value cannot be had is a clear error and nothing is submitted."""
+    a, b = workers[:2]
+    with InputNode() as inp:
+        one = b.inc.bind(a.inc.bind(inp))
+    with dagc.compile(one) as cg:
+        assert cg.execute(ray.put(5)).get(timeout=10) == 7
+        assert cg.execute(a.inc.remote(1)).get(timeout=10) == 4
+        with pytest.raises(dagc.ExecuteArgumentError,
+                           match="(?s)argument 0 could not.*bad input 3"):
+            cg.execute(b.fail_if.remote(3))
+        assert cg.execute(1).get(timeout=10) == 3          # nothing was sent for it
+    with InputNode() as inp:
+        several = a.add.bind(inp[0], y=inp.y)
+    with dagc.compile(several) as cg:
+        assert cg.execute(ray.put(2), y=3).get(timeout=10) == 5
+        assert cg.execute(2, y=ray.put(4)).get(timeout=10) == 6
+        assert cg.execute(ray.put(3), y=ray.put(4)).get(timeout=10) == 7

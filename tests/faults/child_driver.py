@@ -10,6 +10,11 @@ actors (or over actors it creates itself when none are named), prints
     idle   sleep until killed (the loops wait for input)
     exit   return from main without teardown (interpreter exit, atexit teardown)
     hard   os._exit(0): no atexit, no teardown
+    await  an asyncio task awaits an execution that node 2 holds for 120 s; the program
+           returns meanwhile (asyncio.run cancels the task): exit must not wait for it
+    shutdown  ray.shutdown(), print ``DAGC-SHUTDOWN``, wait for a line on stdin, then
+           teardown() and exit; prints ``DAGC-AFTER {json}`` and, from the last exit hook,
+           ``DAGC-EXIT {json}``: how often anything called ray.init after the shutdown
 """
 from __future__ import annotations
 
@@ -21,6 +26,11 @@ import time
 
 def main(argv: list[str]) -> int:
     address, namespace, mode, *names = argv
+    import atexit
+    inits: list = []
+    if mode == "shutdown":     # registered first, so it runs after every other exit hook
+        atexit.register(lambda: print("DAGC-EXIT " + json.dumps({"inits": len(inits)}),
+                                      flush=True))
     import ray
 
     import dagc
@@ -56,7 +66,45 @@ def main(argv: list[str]) -> int:
         os._exit(0)
     elif mode == "exit":
         return 0
+    elif mode == "await":
+        return _await_and_exit(cg)
+    elif mode == "shutdown":
+        return _shutdown_then_teardown(ray, cg, inits)
     return 3
+
+
+def _await_and_exit(cg) -> int:
+    import asyncio
+
+    async def wait_for(ref):
+        return await ref
+
+    async def main():
+        task = asyncio.ensure_future(wait_for(cg.execute(("sleep", 2, 120))))
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        print("DAGC-AWAITING", flush=True)
+    asyncio.run(main())
+    return 0
+
+
+def _shutdown_then_teardown(ray, cg, inits: list) -> int:
+    def no_init(*args, **kwargs):      # never start or join a cluster from here
+        inits.append(1)
+        raise RuntimeError("ray.init called after ray.shutdown()")
+    ray.shutdown()
+    ray.init = no_init
+    print("DAGC-SHUTDOWN " + json.dumps({"closed": cg.closed}), flush=True)
+    sys.stdin.readline()
+    error = None
+    try:
+        cg.teardown()
+    except Exception as e:             # noqa: BLE001 - reported to the test
+        error = repr(e)
+    print("DAGC-AFTER " + json.dumps({"closed": cg.closed, "inits": len(inits),
+                                      "initialized": ray.is_initialized(), "error": error}),
+          flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,23 @@ def mapped(pid: int, token: str) -> int:
         return 0
 
 
+def open_fds(pid: int, token: str) -> int:
+    """How many fds process ``pid`` holds open on this DAG's segments, named or unlinked
+    (an unlinked segment's pages stay allocated, unseen in /dev/shm, while one is open)."""
+    n = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/dev/shm/dagc-{token}-"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
 def inside(instance, token: str) -> dict:
     """Run in an actor (``h.__ray_call__.remote(inside, token)``): its dagc state for one DAG."""
     from dagc.runtime.actor import lifecycle
@@ -45,6 +62,7 @@ def inside(instance, token: str) -> dict:
         "loop_threads": sorted(t.name for t in threading.enumerate()
                                if t.name.startswith("dagc-loop") and t.is_alive()),
         "maps": mapped(os.getpid(), token),
+        "shm_fds": open_fds(os.getpid(), token),
         "fds": len(os.listdir("/proc/self/fd")),
     }
 
@@ -69,7 +87,7 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.05) -> float
 def loops_stopped(handles, token: str) -> bool:
     for h in handles:
         s = state(h, token)
-        if s["running"] or s["loop_threads"] or s["maps"]:
+        if s["running"] or s["loop_threads"] or s["maps"] or s["shm_fds"]:
             return False
     return True
 
@@ -91,29 +109,42 @@ class ChildDriver:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.faults.child_driver", ctx.gcs_address,
              ctx.namespace, mode, *names],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._err,
-            start_new_session=True)
-        self.info = self._read_info(timeout)
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._err, start_new_session=True)
+        self._buf = b""
+        self.info = self.read_line("DAGC-CHILD", timeout)
 
-    def _read_info(self, timeout: float) -> dict:
+    def read_line(self, tag: str, timeout: float) -> dict | None:
+        """Wait for the child's next ``TAG {json}`` (or bare ``TAG``) line: its json (None
+        for a bare tag). Lines before it are skipped; fails (reaping the child) if none
+        comes within ``timeout``."""
         deadline = time.monotonic() + timeout
-        buf = b""
+        want = tag.encode()
         fd = self.proc.stdout.fileno()
-        while time.monotonic() < deadline:
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                if line == want:
+                    return None
+                if line.startswith(want + b" "):
+                    return json.loads(line[len(want) + 1:])
+            if time.monotonic() >= deadline:
+                break
             r, _, _ = select.select([fd], [], [], 0.2)
             if r:
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     break
-                buf += chunk
-                for line in buf.splitlines():
-                    if line.startswith(b"DAGC-CHILD "):
-                        return json.loads(line[len(b"DAGC-CHILD "):])
+                self._buf += chunk
             elif self.proc.poll() is not None:
                 break
         err = self.kill_and_reap()
-        raise AssertionError(f"child driver gave no info within {timeout} s; "
-                             f"stdout={buf[-2000:]!r} stderr={err[-4000:]!r}")
+        raise AssertionError(f"child driver gave no {tag} line within {timeout} s; "
+                             f"stdout={self._buf[-2000:]!r} stderr={err[-4000:]!r}")
+
+    def send_line(self, text: str = "") -> None:
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
 
     def kill(self, sig=signal.SIGKILL) -> None:
         if self.proc.poll() is None:
@@ -147,7 +178,7 @@ class ChildDriver:
         return err
 
     def close(self) -> None:
-        for f in (self.proc.stdout, self._err):
+        for f in (self.proc.stdin, self.proc.stdout, self._err):
             try:
                 f.close()
             except OSError:

@@ -190,3 +190,22 @@ def test_death_before_a_collective_names_the_dead_actor(ray, nodes):
     finally:
         cg.teardown()
     assert not segments(token)
+
+
+@pytest.mark.timeout(120)
+def test_death_during_profile_is_actor_died_error(ray, nodes):
+    """An actor dies while cg.profile() runs: profile() raises the ActorDiedError naming
+    it (before: "operation forbidden on released memoryview object", from switching the
+    dead DAG's loops back), and the DAG is closed like any dead DAG."""
+    a, b, c = nodes(3)
+    cg = dagc.compile(_chain(a, b, c))
+    token = cg._session.token
+    assert cg.execute(1).get(timeout=30) == 1
+    with pytest.raises(dagc.ActorDiedError, match="a1") as e:
+        cg.profile(3, ("exit", 1, None))
+    assert "memoryview" not in str(e.value)
+    with pytest.raises(dagc.ActorDiedError):
+        cg.execute(2)
+    cg.teardown()
+    wait_until(lambda: loops_stopped([a, c], token) and not segments(token), BOUND,
+               "the survivors' loops stop")

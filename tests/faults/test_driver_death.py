@@ -104,3 +104,55 @@ def test_driver_killed_with_the_actors_it_owns_leaves_nothing(ray):
         assert not segments(token)
     finally:
         child.kill_and_reap()
+
+
+@pytest.mark.timeout(180)
+def test_exit_with_an_awaited_execution_pending_is_bounded(ray, named):
+    """A program whose asyncio task awaits an execution (held 120 s by an actor) ends: its
+    interpreter exits within teardown_timeout and change, as it does without asyncio
+    (before, the executor thread behind ``await ref`` was joined first: exit waited for the
+    execution)."""
+    names, hs = named
+    child = ChildDriver("await", *names)
+    try:
+        token = child.info["token"]
+        child.read_line("DAGC-AWAITING", 60)
+        t0 = time.monotonic()
+        code = child.wait(60)
+        took = time.monotonic() - t0
+        print(f"\n[fault] exit with an awaited execution pending took {took:.3f} s")
+        assert code == 0, child.stderr()[-3000:]
+        assert took < 25.0                  # teardown_timeout (5 s), Ray's own shutdown
+        assert not segments(token)
+    finally:
+        child.kill_and_reap()
+    # the actor holding the execution stays in its method; the others' loops stop
+    wait_until(lambda: loops_stopped(hs[:2], token), BOUND, "the other loops stop")
+
+
+@pytest.mark.timeout(180)
+def test_ray_shutdown_tears_down_dagc_dags(ray, named):
+    """ray.shutdown() stops the process's dagc DAGs as Ray's does its own Compiled Graphs
+    (the loops stop while the driver lives on), and nothing dagc does afterwards - a
+    teardown(), the exit hook - starts or joins a Ray cluster."""
+    names, hs = named
+    child = ChildDriver("shutdown", *names)
+    try:
+        token = child.info["token"]
+        after_shutdown = child.read_line("DAGC-SHUTDOWN", 60)
+        assert after_shutdown == {"closed": True}
+        took = wait_until(lambda: loops_stopped(hs, token) and not segments(token), BOUND,
+                          "ray.shutdown() stops the loops of the driver's DAGs")
+        print(f"\n[fault] ray.shutdown(): loops stopped after {took:.3f} s")
+        assert child.proc.poll() is None                # the driver still runs
+        child.send_line("go")
+        after = child.read_line("DAGC-AFTER", 60)
+        assert after == {"closed": True, "inits": 0, "initialized": False, "error": None}
+        assert child.read_line("DAGC-EXIT", 60) == {"inits": 0}
+        assert child.wait(60) == 0, child.stderr()[-3000:]
+    finally:
+        child.kill_and_reap()
+    with InputNode() as inp:
+        dag = hs[2].step.bind(hs[1].step.bind(hs[0].step.bind(inp)))
+    with dagc.compile(dag) as cg:
+        assert cg.execute(5).get(timeout=30) == 5

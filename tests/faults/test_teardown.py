@@ -9,7 +9,7 @@ import pytest
 
 import dagc
 from dagc import InputNode
-from tests.faults.helpers import loops_stopped, mapped, segments, state, wait_until
+from tests.faults.helpers import loops_stopped, mapped, open_fds, segments, state, wait_until
 
 BOUND = 10.0
 
@@ -111,15 +111,19 @@ def test_ctrl_c_during_teardown_still_releases(ray, nodes):
 @pytest.mark.timeout(120)
 def test_dropped_without_teardown(ray, nodes):
     """A CompiledDag garbage-collected without teardown stops its loops and frees its
-    segments, so the actors can be compiled again."""
+    segments - their names, mappings and open fds (an fd keeps an unlinked segment's pages
+    allocated) in the driver and in every actor - so the actors can be compiled again."""
     a, b = nodes(2)
     cg = dagc.compile(_chain(a, b))
     token = cg._session.token
     assert cg.execute(1).get(timeout=30) == 1
+    assert open_fds(os.getpid(), token) > 0           # the count sees the driver's ends
     del cg
     gc.collect()
     took = wait_until(lambda: loops_stopped([a, b], token) and not segments(token), BOUND,
                       "loops of a dropped DAG stop")
+    assert open_fds(os.getpid(), token) == 0
+    assert mapped(os.getpid(), token) == 0
     print(f"\n[fault] dropped CompiledDag: loops stopped after {took:.3f} s")
     with dagc.compile(_chain(a, b)) as cg2:
         assert cg2.execute(2).get(timeout=30) == 2

@@ -88,7 +88,7 @@ class ActorLoop:
         for cid, out in plan.writers.items():
             w = self._writers[cid] = ch.Writer(out.segment, out.nreaders, out.slots,
                                                out.capacity, self.waiter, others, create=False)
-            w.on_encode_error = self._encode_error
+            w.on_encode_error = self._encode_error_of(cid)
         for cid, inp in plan.readers.items():
             r = self._readers[cid] = ch.Reader(inp.segment, inp.index, self.waiter, inp.writer)
             r.peers = others
@@ -99,7 +99,7 @@ class ActorLoop:
             self.control.mark_opened(plan.node_names)
         for cid, w in prepared.take(plan.token).items():    # listening since prepare()
             w.waiter = self.waiter
-            w.on_encode_error = self._encode_error
+            w.on_encode_error = self._encode_error_of(cid)
             self._writers[cid] = w
         if plan.tcp_readers:
             from dagc.runtime.channels import tcp
@@ -185,12 +185,20 @@ class ActorLoop:
                                                     self.plan.actor, c.method, c.step, kind)
         return end
 
-    def _encode_error(self, exc: Exception, value) -> Failure:
-        if isinstance(exc, shm.ShmFullError):     # no room in /dev/shm: its own message
-            return capture(exc, self.plan.actor, "<send>", -1)
-        err = TypeError(f"{self.plan.label} produced a {type(value).__name__} that cannot be "
-                        f"pickled to send it on: {exc}. Return picklable values.")
-        return capture(err, self.plan.actor, "<send>", -1)
+    def _encode_error_of(self, cid: str):
+        """The ``on_encode_error`` of the writer of channel ``cid``: the Failure sent in
+        place of a value that cannot be sent names the method that returned it (its
+        file:line) and its schedule step, as a task error does."""
+        method, step, where = self.plan.producers.get(cid, ("<send>", -1, ""))
+        actor, label = self.plan.actor, self.plan.label
+
+        def encode_error(exc: Exception, value) -> Failure:
+            if isinstance(exc, shm.ShmFullError):     # no room in /dev/shm: its own message
+                return capture(exc, actor, method, step, where)
+            err = TypeError(f"{label}.{method} returned a {type(value).__name__} that cannot "
+                            f"be pickled to send it on: {exc}. Return picklable values.")
+            return capture(err, actor, method, step, where)
+        return encode_error
 
     def record(self, n: int, step: int, start: int, end: int) -> None:
         self.records.append((n, step, start, end))

@@ -140,3 +140,6 @@ class ActorPlan:
     node_names: tuple = ()       # this node's segment names (its control's last): the last
                                  # of the node's processes to map its ends removes them
                                  # (Control.mark_opened)
+    producers: Mapping[str, tuple] = field(default_factory=dict)  # channel id -> (method,
+                                 # step, where) of the op whose value this actor writes
+                                 # there: named when that value cannot be sent

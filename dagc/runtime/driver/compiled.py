@@ -13,7 +13,7 @@ IR and the generated modules.
 from __future__ import annotations
 
 from dagc.ir import DRIVER
-from dagc.runtime.driver.executions import DagRef, Executions
+from dagc.runtime.driver.executions import DagRef, executions_for
 from dagc.runtime.driver.profiling import Profile, Profiler
 from dagc.runtime.driver.session import Session
 
@@ -23,7 +23,7 @@ __all__ = ["CompiledDag", "DagRef", "Profile", "CREATED_PREFIXES", "resolve_acto
 
 
 class CompiledDag:
-    """A compiled DAG whose actor loops are running. See DESIGN.md for the contract.
+    """A compiled DAG whose actor loops are running. See docs/contract.md for the contract.
 
     Made by ``dagc.compile(dag)`` or ``Lowered.load()``: ``ir`` is the lowered IR, ``side``
     its live objects (actor handles, constants, communicators), ``modules`` the generated
@@ -41,7 +41,7 @@ class CompiledDag:
         session = self._session = Session(ir, side, modules, options, probes, driver_node)
         CREATED_PREFIXES.append(session.prefix)
         submit, collect = session.start()
-        runs = self._runs = Executions(session, submit, collect, options, ir.output.multi)
+        runs = self._runs = executions_for(session, submit, collect, options, ir.output.multi)
         # execute() is the Executions' own bound method: a call costs what it always did
         # (a subclass that defines its own execute - dagc.ray_compat's - keeps it)
         if type(self).execute is CompiledDag.execute:

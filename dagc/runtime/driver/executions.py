@@ -18,21 +18,27 @@ full input ring.
 on ``isinstance(x, CompiledDAGRef)`` and calls ``x.get(timeout=...)``, for one ref or each of
 a list, so ``ray.get(ref)``, ``ray.get([refs], timeout=...)`` and ``await ref`` work on dagc
 refs without any patch. dagc's rules stay: ``get()`` may be called any number of times, and
-a held result never blocks later executions.
+a held result never blocks later executions. Every thread that calls ``get()`` on a ref
+gets its value (or its error); each ``get()`` of a failed ref raises a new exception (its
+traceback starts there and holds no earlier call's frames).
+
+Dropping a DAG releases what ``teardown()`` releases (:func:`_release`, the one routine both
+take), without Ray calls: the closed control stops the loops on this node, closed channel
+ends stop the others. ``ray.shutdown()`` tears every live DAG down first, through the hook
+Ray has for its own Compiled Graphs (:func:`_register_with_ray`).
 """
 from __future__ import annotations
 
-import asyncio
 import atexit
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 from ray.experimental.compiled_dag_ref import CompiledDAGRef
 
 from dagc.errors import ActorDiedError, CapacityError, DagClosedError, DagcError, DagTimeoutError
 from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.driver.awaiting import AsyncGets
 from dagc.runtime.driver.session import ArgumentsNotSent
 from dagc.runtime.failure import Failure
 
@@ -66,22 +72,27 @@ class DagRef(CompiledDAGRef):
     def get(self, timeout: float | None = None):
         if self._state == 1:
             return self._value
-        if self._state == 2:
-            raise self._value
-        value = self._runs._fetch(self._idx, timeout)
-        if value.__class__ is Failure:
-            self._value = value.to_error()
-            self._state = 2
-            raise self._value
-        if self._runs._multi:
+        if self._state == 0:
+            # settles this ref under the read lock: a second thread waiting on the same
+            # ref finds it settled there and answers from it
+            self._runs._fetch(self, timeout)
+        return self._answer()
+
+    def _settle(self, value) -> None:
+        """Keep the execution's outcome (under the read lock): the value, or its Failure
+        (plain data: the error is made anew by each get(), see _answer)."""
+        if value.__class__ is not Failure and self._runs._multi:
             for v in value:
                 if v.__class__ is Failure:
-                    self._value = v.to_error()
-                    self._state = 2
-                    raise self._value
+                    value = v
+                    break
         self._value = value
-        self._state = 1
-        return value
+        self._state = 2 if value.__class__ is Failure else 1     # after _value: read unlocked
+
+    def _answer(self):
+        if self._state == 1:
+            return self._value
+        raise self._value.to_error()
 
     def ready(self) -> bool:
         return self._state != 0 or self._runs._ready(self._idx)
@@ -89,8 +100,7 @@ class DagRef(CompiledDAGRef):
     async def get_async(self):
         if self.ready():
             return self.get()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._runs._async_executor(), self.get)
+        return await self._runs._gets.submit(self)
 
     def __await__(self):
         return self.get_async().__await__()
@@ -143,20 +153,23 @@ class Executions:
         self._read_lock = threading.RLock()
         self._closed = False
         self._dead: str | None = None
-        self._executor = None
+        self._gets = AsyncGets()     # await ref
         # a MultiOutputNode's outputs, read failing fast (gather.py); None for one output
         rt = getattr(session, "runtime", None)
         self._gather = getattr(rt, "gathered", None)
         self._unsettled = 0          # answered early, outputs not all read: still in flight
-        if self._gather is not None:
-            self._read_one = self._read_one_gathered
         _LIVE.add(self)
         global _ATEXIT
         if not _ATEXIT:
             atexit.register(_teardown_all)
             _ATEXIT = True
-        # dropped without teardown: stop the loops (closed state) and remove the segments
-        self._finalizer = weakref.finalize(self, _finalize, session.prefix, session.control)
+        _register_with_ray(self)
+        # dropped without teardown: release what teardown releases. The callback holds the
+        # session, the locks and the async getter, none of which refers back to this object
+        self._finalizer = weakref.finalize(self, _release, session,
+                                           (self._submit_lock, self._read_lock), self._gets,
+                                           False)
+        self._finalizer.atexit = False   # at exit _teardown_all stops the loops properly
 
     @property
     def closed(self) -> bool:
@@ -242,14 +255,6 @@ class Executions:
             self._results[i] = value
         return self
 
-    def _read_one_gathered(self, deadline, want: int = -1):
-        """_read_one for a MultiOutputNode: an execution answered by a Failure before its
-        other outputs arrived stays counted in flight until they are read."""
-        try:
-            return Executions._read_one(self, deadline, want)
-        finally:
-            self._sync_unsettled()
-
     def _settle(self, deadline) -> None:
         """Read the late outputs of executions that failed fast (waiting up to deadline)."""
         try:
@@ -267,8 +272,23 @@ class Executions:
             self._fetched -= u - self._unsettled
             self._unsettled = u
 
-    def _fetch(self, idx: int, timeout):
-        with self._read_lock:
+    def _fetch(self, ref: DagRef, timeout) -> None:
+        """Read ``ref``'s execution and settle the ref with it (see DagRef.get)."""
+        lock = self._read_lock
+        if timeout is None and self._get_timeout is None:
+            deadline = None
+            lock.acquire()
+        else:
+            deadline = self._deadline(timeout)
+            if not lock.acquire(timeout=max(0.0, deadline - _monotonic())):
+                raise DagTimeoutError(
+                    f"execution {ref._idx} did not finish within the timeout (another "
+                    f"thread is reading results); its result can still be fetched later "
+                    f"with get().")
+        try:
+            if ref._state:
+                return             # another thread's get() of this ref settled it
+            idx = ref._idx
             if self._dropped:
                 self._take_abandoned()
             r = self._results.pop(idx, self)
@@ -277,12 +297,12 @@ class Executions:
                     self._raise_closed()
                 if idx >= self._submitted or idx < self._read_next:
                     raise ValueError(f"execution {idx} was never submitted or already fetched")
-                deadline = None if timeout is None and self._get_timeout is None \
-                    else self._deadline(timeout)
                 while r is self:
                     r = self._read_one(deadline, idx)
             self._fetched += 1
-            return r
+            ref._settle(r)
+        finally:
+            lock.release()
 
     def _ready(self, idx: int) -> bool:
         if idx in self._results or self._closed or self._dead:
@@ -332,39 +352,68 @@ class Executions:
         self._raise_closed()
 
     # -- teardown ----------------------------------------------------------------------------------
-    def teardown(self) -> None:
-        """Stop every loop and release every segment. Idempotent; bounded in time."""
+    def teardown(self, kill_actors: bool = False) -> None:
+        """Stop every loop and release every segment. Idempotent; bounded in time.
+
+        ``kill_actors`` is accepted for Ray's shutdown hook, which passes it to every
+        Compiled Graph; dagc's teardown is bounded by itself and leaves the actors alone."""
         if self._closed:
             return
         self._closed = True
         _LIVE.discard(self)
-        try:
-            self._session.stop_actors(wait=True)
-        finally:                   # even on Ctrl-C while waiting for the actors
-            # an execute()/get() in another thread sees the closed state within a wait
-            # slice and lets go; if it does not, its ends (and the control it polls) stay
-            # mapped until garbage collection rather than vanish under it
-            self._session.close_ends((self._submit_lock, self._read_lock), 1.0)
-            self._session.release()
-            if self._executor is not None:
-                self._executor.shutdown(wait=False)
-            self._finalizer.detach()        # nothing left for garbage collection to do
-
-    def _async_executor(self):
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagc-get")
-        return self._executor
+        if self._finalizer.detach() is not None:     # garbage collection: nothing left to do
+            _release(self._session, (self._submit_lock, self._read_lock), self._gets, True)
 
     def state(self) -> str:
         return "closed" if self._closed else ("dead" if self._dead else "running")
 
 
-def _finalize(prefix: str, control=None) -> None:
-    """The DAG was garbage-collected (or the interpreter exits) without teardown."""
-    from dagc.runtime.channels import shm
+class GatheredExecutions(Executions):
+    """Executions of a DAG with a MultiOutputNode: an execution answered by a Failure
+    before its other outputs arrived stays counted in flight until they are read.
+    (A subclass, not a bound method kept on the instance: that would be a reference cycle,
+    and a dropped DAG would wait for the cyclic garbage collector to be released.)"""
+
+    def _read_one(self, deadline, want: int = -1):
+        try:
+            return Executions._read_one(self, deadline, want)
+        finally:
+            self._sync_unsettled()
+
+
+def executions_for(session, submit, collect, options: dict, multi: bool) -> Executions:
+    """The Executions of a started session (gathered outputs or not)."""
+    cls = GatheredExecutions if getattr(session.runtime, "gathered", None) is not None \
+        else Executions
+    return cls(session, submit, collect, options, multi)
+
+
+def _release(session, locks: tuple, gets: AsyncGets, wait: bool) -> None:
+    """Stop the loops and release everything the DAG holds in this process: what
+    ``teardown()`` does (``wait``) and what garbage collection does for a DAG dropped
+    without it. Collection makes no Ray call (it may run in any thread, or at exit after
+    ``ray.shutdown()``) and takes no lock that is not free: the closed control stops the
+    loops on this node, the closed channel ends (TCP: EOF) the loops on other nodes."""
     try:
-        if control is not None:
-            control.close()        # the loops see the closed state and stop by themselves
-        shm.unlink_prefix(prefix)
-    except Exception:
+        session.stop_actors(wait=wait, ask=wait)
+    finally:                   # even on Ctrl-C while waiting for the actors
+        # an execute()/get() in another thread sees the closed state within a wait slice
+        # and lets go; if it does not, its ends (and the control it polls) stay mapped
+        # until garbage collection rather than vanish under it
+        try:
+            session.close_ends(locks, 1.0 if wait else None)
+        finally:
+            session.release()
+            gets.shutdown()
+
+
+def _register_with_ray(runs: Executions) -> None:
+    """``ray.shutdown()`` calls ``teardown(kill_actors=True)`` on every object in Ray's
+    table of live Compiled Graphs (weak values) before it disconnects: dagc's DAGs go in
+    it too, so they stop while Ray can still reach their actors. Ray rebinds the table on
+    shutdown, so it is looked up at each compile."""
+    try:
+        from ray.dag import compiled_dag_node
+        compiled_dag_node._compiled_dags[f"dagc-{runs._session.token}"] = runs
+    except Exception:          # a Ray without the table: the atexit hook still runs
         pass

@@ -3,7 +3,7 @@
 The generated ``collect`` reads every output channel in order when all of them hold the
 execution's value (the common case: one ``ready()`` test each, no state). Otherwise it
 hands over to :class:`Gather`, which reads the outputs *as they arrive*, so that the first
-output that is a ``Failure`` ends the execution at once (DESIGN.md, "Fail fast": a slower
+output that is a ``Failure`` ends the execution at once (docs/contract.md, "Fail fast": a slower
 branch is not waited for) - exactly what Ray Compiled Graph does.
 
 The outputs of that execution that were not read yet still come, later, on their

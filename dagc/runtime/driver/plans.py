@@ -133,7 +133,21 @@ def actor_plan(layout: Layout, ir, actor, module, constants, communicators: Mapp
         comm_writers=comm_writers, comm_readers=comm_readers, collectives=collectives,
         devices=devices, secret=secret,
         node_cleanup=actor.node != layout.driver_node and layout.cleaner[actor.node] == me,
-        node_names=layout.node_names(actor.node))
+        node_names=layout.node_names(actor.node), producers=producers(ir, actor))
+
+
+def producers(ir, actor) -> dict:
+    """{channel id: (method, schedule step, where)} for every channel ``actor`` (an
+    ActorSpec) writes: the op that made the value, named when the value cannot be sent."""
+    made = {}
+    for e in ir.schedule.of(actor.id):
+        a = e.action
+        if a.kind is Kind.CALL:
+            made[a.value.op] = (a.method, e.step, actor.where(a.method))
+        elif a.kind is Kind.COLL:
+            made[a.value.op] = (ir.op(a.value.op).method, e.step, "")
+    return {c.id: made[c.value.op] for c in ir.channels
+            if c.writer == actor.id and c.value.op in made}
 
 
 def read_devices(ir, reader: str) -> dict:

@@ -45,32 +45,32 @@ class Profile:
         """Each action's cost by this profile (medians, µs): a ``dagc.schedule.Costs`` that
         ``dagc.compile(dag, costs=...)`` takes (so does the Profile itself)."""
         if self._costs is None:              # a compile asks for them once per pass
-            from dagc.inspect.trace import measured_costs
+            from dagc.inspect.profile_stats import measured_costs
             self._costs = measured_costs(self.schedule, self.records)
         return self._costs
 
     def timing(self):
         """The schedule's predicted timing (from the compile's costs) with this profile's
         measured one beside it (medians, µs from each execution's input write)."""
-        from dagc.inspect.trace import measured_timing
+        from dagc.inspect.profile_stats import measured_timing
         from dagc.schedule.costs import Timing
         base = self.schedule.timing or Timing(predicted={})
         return base.with_measured(measured_timing(self.schedule, self.records),
                                   f"median of {self.executions} profiled executions")
 
     def summary(self) -> str:
-        from dagc.inspect.trace import summary
+        from dagc.inspect.profile_stats import summary
         return summary(self.schedule, self.records)
 
     def to_dict(self) -> dict:
-        from dagc.inspect.trace import summary_dict
+        from dagc.inspect.profile_stats import summary_dict
         return summary_dict(self.schedule, self.records)
 
     def trace(self) -> dict:
         """The Chrome trace-event JSON (one track per process, one span per op; ``ts`` in µs,
         ``args.execution`` the execution index): Perfetto / chrome://tracing open it."""
-        from dagc.inspect.trace import chrome_trace
-        return chrome_trace(self.schedule, self.records)
+        from dagc.inspect.timeline import timeline_json
+        return timeline_json(self.schedule, self.records)
 
     def __str__(self) -> str:
         return self.summary()
@@ -104,8 +104,8 @@ class Profiler:
             raise DagcError("profile() needs every earlier execution fetched first; call "
                             "get() on the pending DagRefs.")
         sched = self._ir.schedule
-        wstep = next((e.step for e in sched.of(DRIVER) if e.action.kind is Kind.WRITE), 0)
-        rstep = max((e.step for e in sched.of(DRIVER) if e.action.kind is Kind.READ), default=0)
+        wstep = next((e.step for e in sched.of(DRIVER) if e.action.kind is Kind.SEND), 0)
+        rstep = max((e.step for e in sched.of(DRIVER) if e.action.kind is Kind.RECV), default=0)
         s = self._session
         timeout = runs._get_timeout or PROFILE_GET_TIMEOUT
         self._swap(True)
@@ -121,7 +121,10 @@ class Profiler:
                 drv.append((i, wstep, s0, s1))
                 drv.append((i, rstep, s1, clock()))
         finally:
-            self._swap(False)
+            # a DAG that died (or was torn down) meanwhile has no loops to switch back and
+            # its control is released: the error that ended it is the one to see
+            if not (runs.dead or runs.closed):
+                self._swap(False)
         # after the swap back: every loop parked at the end of an execution, so the last
         # one's records are complete (a loop records an op after it ran it)
         recs = ray_get([h.__ray_call__.remote(lifecycle.fetch_profile, s.token)

@@ -13,11 +13,13 @@ import os
 import secrets
 import traceback
 
-from dagc.errors import ExecuteArgumentError
+from ray import ObjectRef
+
+from dagc.errors import DagTimeoutError, ExecuteArgumentError
 from dagc.ir import DRIVER
 from dagc.runtime import channels as ch
 from dagc.runtime import generated
-from dagc.runtime.actor import lifecycle, prepared
+from dagc.runtime.actor import function_host, lifecycle, prepared
 from dagc.runtime.actor.plan import tcp_channel_name
 from dagc.runtime.channels import shm, sweep
 from dagc.runtime.driver import plans
@@ -47,11 +49,15 @@ class DriverRuntime:
 
     Failure = Failure
 
-    def __init__(self, readers, writers, inputs, read_slice: float = 0.1):
+    ObjectRef = ObjectRef          # execute()'s top-level ObjectRefs are resolved
+
+    def __init__(self, readers, writers, inputs, read_slice: float = 0.1,
+                 get_timeout: float | None = None):
         self._readers = readers
         self._writers = writers
         self._inputs = inputs
         self._read_slice = read_slice
+        self._get_timeout = get_timeout
         self.gathered = None          # the Gather of a MultiOutputNode's outputs, if made
 
     def reader(self, cid):
@@ -64,6 +70,35 @@ class DriverRuntime:
         from dagc.runtime.driver.gather import Gather
         self.gathered = Gather([self._readers[c] for c in cids], self._read_slice)
         return self.gathered
+
+    def resolve_refs(self, args, kwargs):
+        """execute()'s arguments with every top-level ``ObjectRef`` replaced by its value,
+        as Ray resolves a ``.remote()`` call's (nested refs are passed on as they are).
+        Waits for the values up to ``get_timeout``."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+        where = [(i, a) for i, a in enumerate(args) if isinstance(a, ray.ObjectRef)]
+        where += [(k, a) for k, a in kwargs.items() if isinstance(a, ray.ObjectRef)]
+        try:
+            values = ray.get([a for _, a in where], timeout=self._get_timeout)
+        except GetTimeoutError:
+            raise DagTimeoutError(
+                f"execute() waited {self._get_timeout} s for the value of the ObjectRef it "
+                f"was given as argument {where[0][0]!r} (execute() resolves top-level "
+                f"ObjectRefs, as .remote() does); nothing was submitted.") from None
+        except Exception as e:
+            raise ExecuteArgumentError(
+                f"execute() passes the value of an ObjectRef argument (as .remote() does), "
+                f"and the value of the ObjectRef given as argument "
+                f"{' or '.join(repr(k) for k, _ in where)} could not be fetched; nothing was "
+                f"submitted. {type(e).__name__}: {e}") from e
+        args, kwargs = list(args), dict(kwargs)
+        for (k, _), v in zip(where, values):
+            if isinstance(k, int):
+                args[k] = v
+            else:
+                kwargs[k] = v
+        return tuple(args), kwargs
 
     def bad_input(self, args, kwargs):
         """execute()'s arguments do not match the InputNode's use. The first sentence is
@@ -179,7 +214,7 @@ class Session:
         mod = self.modules[DRIVER]
         ns = generated.load(mod.source, mod.filename)
         self.runtime = DriverRuntime(self.readers, self.writers, ir.inputs,
-                                     opts.get("_read_slice", 0.1))
+                                     opts.get("_read_slice", 0.1), opts["get_timeout"])
         return ns["bind"](self.runtime)
 
     def _prepare_nodes(self, waiter) -> dict:
@@ -233,9 +268,10 @@ class Session:
         return comms, dict(zip(refs.keys(), vals))
 
     # -- stop ------------------------------------------------------------------------------------
-    def stop_actors(self, wait: bool) -> None:
-        """Close the DAG (the control word), wake the driver's waits, ask every loop to stop;
-        with ``wait``, for at most ``teardown_timeout``."""
+    def stop_actors(self, wait: bool, ask: bool = True) -> None:
+        """Close the DAG (the control word), wake the driver's waits, ask every loop to stop
+        (with ``ask``, and only while Ray is connected: a Ray call after ``ray.shutdown()``
+        would start a new Ray); with ``wait``, for at most ``teardown_timeout``."""
         if self.control is not None:
             try:
                 self.control.close()
@@ -246,6 +282,8 @@ class Session:
         for w in self.writers.values():
             w.wake_all()
         refs = []
+        if not ask or not _ray_connected():
+            return
         for h in self.handles:
             try:
                 refs.append(h.__ray_call__.remote(lifecycle.stop, self.token, 2.0))
@@ -296,8 +334,12 @@ class Session:
         return summarize_memory(ends)
 
     def release(self) -> None:
-        """Remove whatever is left of the DAG's segments on this node."""
-        shm.unlink_prefix(self.prefix)
+        """Remove whatever is left of the DAG's segments on this node, and kill the actors
+        the DAG owns (created for its function nodes; ``actor/function_host.py``)."""
+        try:
+            shm.unlink_prefix(self.prefix)
+        finally:
+            function_host.release(self.side)
 
     # -- why a loop stopped ----------------------------------------------------------------------
     def crash_report(self, who: str) -> str | None:
@@ -356,6 +398,11 @@ def summarize_memory(ends: list) -> dict:
         total += extra
         big += extra
     return {"shm_bytes": total, "big_bytes": big, "channels": channels}
+
+
+def _ray_connected() -> bool:
+    import ray
+    return ray.is_initialized()
 
 
 def _driver_ip() -> str:
