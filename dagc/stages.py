@@ -16,13 +16,16 @@ What these objects print is for reading, not a save format (``Schedule.to_json``
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
 import os
 import sys
 import time
 
 from dagc.errors import CompileError
 from dagc.options import check_options
-from dagc.placement import Placement
+from dagc.placement import ActorPlace, Placement
 
 
 def trace(dag) -> "Traced":
@@ -37,23 +40,12 @@ def trace(dag) -> "Traced":
 
 def _check_communicators(ir, side) -> None:
     """A communicator object in the DAG (``with_tensor_transport(transport=obj)``, a
-    collective's ``transport=``) must be a dagc.Communicator: Ray's cannot drive dagc's ops."""
+    collective's ``transport=``) must be a dagc.Communicator or a Ray Communicator; a Ray
+    one is wrapped in an adapter (``dagc.runtime.comm.ray_adapter``)."""
     if not side.communicators:
         return
-    from dagc.runtime.comm.base import Communicator
-    for name, comm in side.communicators.items():
-        if isinstance(comm, Communicator):
-            continue
-        users = [f"{op.id} = {op.actor}.{op.method}(...)" for op in ir.ops()
-                 if op.transport == name]
-        raise CompileError(
-            f"{', '.join(users) or 'a node'}: its transport is a {type(comm).__name__}, not a "
-            f"dagc.Communicator; a Ray Communicator cannot drive dagc's communicator ops. Use "
-            f"with_tensor_transport(transport='auto') (or 'nccl') and give dagc the "
-            f"communicator: dagc.compile(dag, communicator=<a dagc.Communicator>), or under "
-            f"dagc.patch_ray() experimental_compile(_default_communicator=<a "
-            f"dagc.Communicator>) (dagc.GlooCommunicator, dagc.NcclCommunicator or a "
-            f"subclass).")
+    from dagc.runtime.comm.ray_adopt import adopt
+    adopt(ir, side)
 
 
 class Traced:
@@ -137,20 +129,27 @@ class Lowered:
         """
         _require_ray()
         t0 = time.perf_counter()
-        probes, placement = probe(self.traced, self.options["start_timeout"])
-        lowered = self if _same(placement, self.placement, self.traced.actor_ids) \
-            else _lower(self.traced, placement, self.options)
-        return lowered._start(probes, t0)
+        timeout = self.options["start_timeout"]
+        side = _create_function_actors(self.traced, timeout)
+        with _owning(side):
+            probes, placement = probe(self.traced, timeout, side)
+            same = _same(_function_places(self.traced, placement),
+                         _function_places(self.traced, self.placement), self.traced.actor_ids)
+            lowered = self if same else _lower(self.traced, placement, self.options)
+            return lowered._start(probes, t0, side=side)
 
-    def _start(self, probes: dict, t_start: float, cls=None):
+    def _start(self, probes: dict, t_start: float, cls=None, side=None):
         """Load onto actors whose probe results are ``probes`` (this Lowered's placement).
-        ``cls``: the CompiledDag class to make (dagc.ray_graph's subclass, under the patch)."""
+        ``cls``: the CompiledDag class to make (dagc.ray_graph's subclass, under the patch);
+        ``side``: the live objects, function actors created (the traced side table's if
+        there are none)."""
         if cls is None:
             from dagc.runtime.driver.compiled import CompiledDag as cls
         timings = dict(self.timings)
         t0 = time.perf_counter()
-        cg = cls(self.ir, self.traced.side, self.modules, self.options, probes,
-                 timings=timings, driver_node=self.placement.driver_node,
+        cg = cls(self.ir, side if side is not None else self.traced.side, self.modules,
+                 self.options, probes, timings=timings,
+                 driver_node=self.placement.driver_node,
                  profile_sources=self._profile_sources)
         timings["start"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
@@ -189,38 +188,96 @@ def compile_as(cls, dag, options: dict, check=None):
     traced = trace(dag)
     if check is not None:
         check(traced)
-    probes, placement = probe(traced, opts["start_timeout"])
-    return _lower(traced, placement, opts)._start(probes, t_start, cls)
+    side = _create_function_actors(traced, opts["start_timeout"])
+    with _owning(side):
+        probes, placement = probe(traced, opts["start_timeout"], side)
+        return _lower(traced, placement, opts)._start(probes, t_start, cls, side)
 
 
-def probe(traced: Traced, timeout: float = 120.0) -> tuple[dict, Placement]:
+def probe(traced: Traced, timeout: float = 120.0, side=None) -> tuple[dict, Placement]:
     """Ask each actor of ``traced`` where it runs (one read-only call each; no loop
     started, no channel made). Returns ({actor id: runtime probe}, Placement). An actor
-    already running another compiled DAG is a CompileError."""
+    already running another compiled DAG is a CompileError.
+
+    ``side``: the live objects to ask (the traced side table's by default). A function
+    actor not created yet (``dagc compile --lower-only``) is not asked: it is taken to run
+    on the driver's node with the GPUs its ``num_gpus`` asks for."""
     import ray
 
+    from dagc.frontend.functions import is_function_actor
     from dagc.ir import CALL
     from dagc.runtime.driver.calls import probe_actors
+    side = traced.side if side is None else side
     methods: dict = {}
     for op in traced.ir.ops():
         if op.kind == CALL:
             methods.setdefault(op.actor, set()).add(op.method)
-    probes = probe_actors(traced.side.handles, {a: sorted(m) for a, m in methods.items()},
-                          timeout)
+    live = {a: h for a, h in side.handles.items() if not is_function_actor(h)}
+    probes = probe_actors(live, {a: sorted(m) for a, m in methods.items()}, timeout)
     driver_node = ray.get_runtime_context().get_node_id()
-    return probes, Placement(driver_node=driver_node,
-                             actors={a: p.place for a, p in probes.items()})
+    places = {a: p.place for a, p in probes.items()}
+    for a, spec in side.handles.items():
+        if is_function_actor(spec):
+            gpus = math.ceil(spec.task_options.get("num_gpus") or 0)
+            places[a] = ActorPlace(node=driver_node, gpus=tuple(range(gpus)))
+    placement = _function_places(traced, Placement(driver_node=driver_node, actors=places))
+    for a in _function_actors(traced):
+        if a in probes:       # created: its probe tells the function's place, as for methods
+            probes[a] = dataclasses.replace(probes[a], place=placement.of(a))
+    return probes, placement
+
+
+def _function_actors(traced: Traced) -> dict:
+    """{actor id: FunctionActor} of the DAG's function nodes (frontend/functions.py)."""
+    from dagc.frontend.functions import is_function_actor
+    return {a: h for a, h in traced.side.handles.items() if is_function_actor(h)}
+
+
+def _function_places(traced: Traced, placement: Placement) -> Placement:
+    """``placement`` with each function actor's function located (``file:line name``), as
+    the probe locates methods: the driver knows where the function is written."""
+    fns = _function_actors(traced)
+    if not fns:
+        return placement
+    actors = dict(placement.actors)
+    for a, spec in fns.items():
+        place = placement.of(a)
+        if spec.where and not place.methods:
+            actors[a] = dataclasses.replace(place, methods={spec.method: spec.where})
+    return dataclasses.replace(placement, actors=actors)
+
+
+def _create_function_actors(traced: Traced, timeout: float):
+    """The side table to load with: the traced one, or, when the DAG has function nodes,
+    one holding the actors created for them and owning them (runtime/actor/
+    function_host.py). The traced DAG itself is left as it is: each load owns its own."""
+    fns = _function_actors(traced)
+    if not fns:
+        return traced.side
+    from dagc.runtime.actor import function_host
+    return function_host.owning(traced.side, function_host.create(fns, timeout))
+
+
+@contextlib.contextmanager
+def _owning(side):
+    """Kill the actors ``side`` owns if the compile fails before a CompiledDag owns them
+    (once it does, a failed start releases them itself; twice is harmless)."""
+    try:
+        yield
+    except BaseException:
+        from dagc.runtime.actor import function_host
+        function_host.release(side)
+        raise
 
 
 def _lower(traced: Traced, placement: Placement, opts: dict) -> Lowered:
     from dagc.codegen import render_all
-    from dagc.passes import PassContext, default_pipeline, run_pipeline
-    keep = {k: v for k, v in opts.items() if k in ("buffer_size", "max_inflight", "communicator")}
-    ir = traced.ir.replace(options=tuple(sorted((k, v) for k, v in keep.items()
-                                                if isinstance(v, (int, str)))))
-    ctx = PassContext(placement=placement, options=opts)
+    from dagc.options import passes_for
+    from dagc.passes import PassContext, run_passes
+    ir = traced.ir          # the options that change the output are the passes' fields
+    ctx = PassContext(placement=_function_places(traced, placement), costs=opts["costs"])
     t0 = time.perf_counter()
-    ir = run_pipeline(ir, default_pipeline(opts["overlap_communication"], opts["reorder"]), ctx)
+    ir = run_passes(ir, passes_for(opts), ctx)
     ctx.timings["passes"] = time.perf_counter() - t0
     _check_devices(ir)
     t0 = time.perf_counter()

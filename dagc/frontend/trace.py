@@ -19,6 +19,8 @@ import networkx as nx
 
 from dagc.errors import CompileError
 from dagc.frontend.find_nodes import find_nodes
+from dagc.frontend.functions import function_actor
+from dagc.frontend.leaves import find_leaves, raise_leaves
 from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, Const, Field, InputSpec, Op,
                      OutputSpec, Ref, SideTable)
 
@@ -154,9 +156,7 @@ class _Tracer:
         elif isinstance(node, rd.MultiOutputNode):
             raise CompileError("a MultiOutputNode must be the root of the DAG, not an argument.")
         elif isinstance(node, rd.FunctionNode):
-            raise CompileError(
-                f"{describe(node)}: function task nodes (f.bind()) cannot be compiled; compiled "
-                f"DAGs run actor methods. Move the function into an actor method.")
+            result = self.function(node)
         elif isinstance(node, rd.ClassNode):
             raise CompileError(
                 f"{describe(node)}: actor creation inside the DAG (Actor.bind()) cannot be "
@@ -227,6 +227,24 @@ class _Tracer:
                 self.graph.add_edge(a.op, op_id)
         return Ref(op_id)
 
+    def function(self, node) -> Arg:
+        """A function node: a call on an actor of its own (``functions.py``), created when
+        the DAG is loaded; until then its side-table handle is a FunctionActor."""
+        spec = function_actor(node, describe)
+        args = tuple(self.arg(a, node, i) for i, a in enumerate(node.get_args()))
+        kwargs = tuple((k, self.arg(v, node, k)) for k, v in node.get_kwargs().items())
+        aid = f"a{len(self.actor_ids)}"     # after the arguments, as for methods
+        self.actor_ids[("function", id(node))] = aid
+        self.actor_specs.append(ActorSpec(id=aid, cls=spec.method, name=aid))
+        self.side.handles[aid] = spec
+        op = Op(id=self.new_id(), kind=CALL, actor=aid, method=spec.method, args=args,
+                kwargs=kwargs, transport=self.transport_of(node), device=self.device_of(node))
+        self.graph.add_node(op.id, op=op)
+        for a in op.refs():
+            if isinstance(a, Ref):
+                self.graph.add_edge(a.op, op.id)
+        return Ref(op.id)
+
     def transport_of(self, node) -> str | None:
         hint = getattr(node, "_type_hint", None)
         if hint is None:
@@ -236,9 +254,11 @@ class _Tracer:
             return "auto"
         if name == "TorchTensorType":
             custom = getattr(hint, "_communicator", None)   # Ray 2.60 keeps it aside
-            if custom is not None:
-                return self.custom_communicator(custom)
             t = getattr(hint, "transport", None)
+            if custom is not None:
+                if t == "cpu":       # a Ray "cpu" communicator: Ray sends these tensors
+                    return None      # through shared memory, never through it
+                return self.custom_communicator(custom)
             if isinstance(t, str):
                 if t in ("accelerator", "nccl"):
                     return "nccl"
@@ -286,9 +306,9 @@ class _Tracer:
         failure of theirs would never be seen. An unused return of a call whose other return
         is used is not one (the call runs; its failure reaches get() through the used one);
         Ray refuses that too, and so does ``dagc.patch_ray()`` (:func:`check_ray_leaves`)."""
-        leaves = _leaves(self.keep_alive, self.rd, per_return=False)
+        leaves = find_leaves(self.keep_alive, self.rd, per_return=False)
         if leaves:
-            _raise_leaves(leaves)
+            raise_leaves(leaves, describe)
 
     # -- finish --------------------------------------------------------------------------
     def finish(self, out_refs: list[Arg], multi: bool) -> tuple[IR, SideTable]:
@@ -372,8 +392,8 @@ def trace(dag) -> tuple[IR, SideTable]:
         raise CompileError(f"compile() needs a Ray DAG node (from .bind()), got "
                            f"{type(dag).__name__}.")
     if not t.actor_specs:
-        raise CompileError("the DAG has no actor method calls; bind at least one actor method "
-                           "(actor.method.bind(inp)).")
+        raise CompileError("the DAG has no actor method or function calls; bind at least one "
+                           "(actor.method.bind(inp), f.bind(inp)).")
     t.check_leaves()
     return t.finish(refs, multi)
 
@@ -381,43 +401,6 @@ def trace(dag) -> tuple[IR, SideTable]:
 def _not_node(n):
     raise CompileError(f"MultiOutputNode holds {type(n).__name__}, not a DAG node; list the "
                        f"nodes to return.")
-
-
-def _leaves(reached, rd, per_return: bool) -> list:
-    """The ClassMethodNodes no output depends on, found as Ray finds them: through the DAG
-    nodes' downstream links (``_downstream_nodes``, filled by ``bind``) from every node the
-    walk from the output ``reached``, the InputNode included. ``per_return``: also unused
-    returns of a ``num_returns`` call whose other returns are used (Ray's rule)."""
-    reached_ids = {id(n) for n in reached}
-    seen = set(reached_ids)
-    stack = list(reached)
-    unreached = []
-    while stack:
-        node = stack.pop()
-        for d in getattr(node, "_downstream_nodes", ()):
-            if id(d) in seen:
-                continue
-            seen.add(id(d))
-            stack.append(d)
-            if isinstance(d, rd.ClassMethodNode):
-                unreached.append(d)
-    return [n for n in unreached
-            if not any(isinstance(d, (rd.ClassMethodNode, rd.MultiOutputNode))
-                       for d in getattr(n, "_downstream_nodes", ()))
-            and (per_return or not (n.is_class_method_output
-                                    and id(n.class_method_call) in reached_ids))]
-
-
-def _raise_leaves(leaves) -> None:
-    names = [describe(n.class_method_call) + f" (return {n.output_idx})"
-             if n.is_class_method_output else describe(n) for n in leaves]
-    raise CompileError(
-        "Compiled DAG doesn't support leaf nodes, i.e., nodes that don't have "
-        f"downstream nodes and are not output nodes. There are {len(leaves)} leaf "
-        f"nodes in the DAG. Please add the outputs of {names} to the "
-        f"MultiOutputNode. (dagc: no output depends on them, so they would never run "
-        f"and their errors would never be seen; return them, or pass them to a method "
-        f"whose result is returned.)")
 
 
 def check_ray_leaves(dag) -> None:
@@ -436,6 +419,6 @@ def check_ray_leaves(dag) -> None:
         stack.extend(n._get_all_child_nodes())
         if isinstance(n, rd.ClassMethodNode) and n.is_class_method_output:
             stack.append(n.class_method_call)
-    leaves = _leaves(reached, rd, per_return=True)
+    leaves = find_leaves(reached, rd, per_return=True)
     if leaves:
-        _raise_leaves(leaves)
+        raise_leaves(leaves, describe)

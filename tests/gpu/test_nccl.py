@@ -5,6 +5,7 @@ Collective. One rank only: two NCCL ranks cannot share the one GPU of the test m
 
 Skipped without CUDA or cupy. Runs in well under a minute.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -14,19 +15,22 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")  # skips the module without torch, before the imports below
+
+import torch
+
+from dagc.runtime.channels import Control, Reader, Waiter, Writer, shm
+from dagc.runtime.comm.backends import make_communicator
+from dagc.runtime.comm.collective import Collective
+from dagc.runtime.comm.nccl import NcclCommunicator
+from dagc.runtime.comm.p2p import CommReader, CommWriter
+from dagc.runtime.failure import Failure, capture
+
+# the dagc modules above import neither CUDA nor cupy: the module is skipped here
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("cupy")
 pytest.importorskip("cupy.cuda.nccl")
-
-from dagc.runtime.channels import shm  # noqa: E402
-from dagc.runtime.channels import Control, Reader, Waiter, Writer  # noqa: E402
-from dagc.runtime.comm.collective import Collective  # noqa: E402
-from dagc.runtime.comm.p2p import CommReader, CommWriter  # noqa: E402
-from dagc.runtime.comm.backends import make_communicator  # noqa: E402
-from dagc.runtime.comm.nccl import NcclCommunicator  # noqa: E402
-from dagc.runtime.failure import Failure, capture  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -36,7 +40,8 @@ def comm():
     c = make_communicator("nccl")
     assert isinstance(c, NcclCommunicator) and c.device == "cuda"
     import pickle
-    c = pickle.loads(pickle.dumps(c))             # shipped unconfigured, like the runtime
+
+    c = pickle.loads(pickle.dumps(c))  # shipped unconfigured, like the runtime
     rdv = c.prepare()
     pickle.dumps(rdv)
     t0 = time.monotonic()
@@ -44,10 +49,10 @@ def comm():
     assert time.monotonic() - t0 < 60
     yield c
     c.destroy()
-    c.destroy()                                   # idempotent
+    c.destroy()  # idempotent
 
 
-def _slow_value(n: int = 2048) -> "torch.Tensor":
+def _slow_value(n: int = 2048) -> torch.Tensor:
     """A tensor produced by enough GPU work that an unordered reader would see it unfinished."""
     a = torch.randn(n, n, device="cuda")
     for _ in range(8):
@@ -63,11 +68,11 @@ def test_setup_uses_its_own_stream(comm):
 
 def test_allreduce_one_rank_ordered_against_compute(comm):
     side = torch.cuda.Stream()
-    with torch.cuda.stream(side):                 # the caller's current stream is `side`
+    with torch.cuda.stream(side):  # the caller's current stream is `side`
         x = _slow_value()
         want = x.clone()
-        comm.allreduce(x, "sum")                  # comm stream waits for `side` first
-        y = x * 2                                 # `side` waits for the all-reduce
+        comm.allreduce(x, "sum")  # comm stream waits for `side` first
+        y = x * 2  # `side` waits for the all-reduce
     side.synchronize()
     torch.testing.assert_close(y, want * 2)
     for op in ("max", "min", "product", "avg"):
@@ -87,7 +92,7 @@ def test_grouped_send_recv_to_itself(comm):
         with comm.grouped():
             ws = comm.isend(src, 0)
             wr = comm.irecv(dst, 0)
-        wr.wait()                                 # current stream now ordered after it
+        wr.wait()  # current stream now ordered after it
         ws.wait()
         out = (dst.to(torch.float32) + 1).cpu()
         torch.testing.assert_close(out, want.to(torch.float32).cpu() + 1)
@@ -115,11 +120,11 @@ def test_values_through_comm_ends_on_gpu(comm):
         values = [
             base,
             {"h": [base * 2, torch.arange(5, device="cuda")], "tag": "x"},
-            (base.t(), torch.ones(3)),            # not contiguous; a CPU tensor goes to GPU
+            (base.t(), torch.ones(3)),  # not contiguous; a CPU tensor goes to GPU
             capture(ValueError("upstream"), "a0", "fwd", 1),
         ]
         for v in values:
-            with comm.grouped():                  # a send to oneself needs one NCCL group
+            with comm.grouped():  # a send to oneself needs one NCCL group
                 hs = cw.isend(v, "a0")
                 hr = cr.irecv()
             got = hr.wait()
@@ -151,7 +156,7 @@ def test_collective_on_gpu(comm):
     out = coll(x)
     assert out is not x and out.is_cuda
     torch.testing.assert_close(out, before)
-    torch.testing.assert_close(x, before)         # input untouched
+    torch.testing.assert_close(x, before)  # input untouched
     f = capture(KeyError("k"), "a0", "fwd", 2)
     assert coll(f) is f
     bad = coll("not a tensor")
@@ -171,7 +176,7 @@ def test_allgather_reducescatter_on_gpu(comm):
     a, b = Collective(comm, "sum", actor="a0", step=2)(torch.ones(3, device="cuda"), x)
     torch.testing.assert_close(a.cpu(), torch.ones(3))
     torch.testing.assert_close(b, before)
-    torch.testing.assert_close(x, before)         # inputs untouched
+    torch.testing.assert_close(x, before)  # inputs untouched
     # and the communicator's own ops, in place on given buffers
     out = torch.empty_like(x)
     comm.allgather(x, out)
@@ -180,15 +185,17 @@ def test_allgather_reducescatter_on_gpu(comm):
 
 
 def _join_alone(q):
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (imported first, as in the test workers)
+
     from dagc.runtime.comm.nccl import NcclCommunicator
+
     c = NcclCommunicator()
     rdv = c.prepare()
     t0 = time.monotonic()
     try:
-        c.setup(0, 2, rdv, timeout=3.0)            # rank 1 never comes
+        c.setup(0, 2, rdv, timeout=3.0)  # rank 1 never comes
         q.put(("no error", time.monotonic() - t0))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - reported to the test
         q.put((type(e).__name__, time.monotonic() - t0))
 
 

@@ -1,4 +1,5 @@
 """The built-in communicator backends by name (what ``communicator="gloo"|"nccl"`` means)."""
+
 from __future__ import annotations
 
 from dagc.runtime.comm.base import Communicator
@@ -12,5 +13,7 @@ def make_communicator(backend: str) -> Communicator:
         return GlooCommunicator()
     if backend == "nccl":
         return NcclCommunicator()
-    raise ValueError(f"unknown communicator backend {backend!r}; expected 'gloo' or 'nccl' "
-                     f"(or pass a dagc.Communicator instance)")
+    raise ValueError(
+        f"unknown communicator backend {backend!r}; expected 'gloo' or 'nccl' "
+        f"(or pass a dagc.Communicator instance)"
+    )

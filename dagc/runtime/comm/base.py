@@ -26,14 +26,15 @@ communicator ops is what keeps that order the same on both ends.
 Two implementations, each in its own module (``backends.make_communicator`` picks one by
 name):
 
-- :class:`~dagc.runtime.comm.gloo.GlooCommunicator` - ``torch.distributed``'s gloo backend, built directly on a
-  ``TCPStore``/``PrefixStore`` and a ``ProcessGroupGloo`` so the global default process
-  group (the user's own ``torch.distributed``) is never touched, and one process can be in
-  several groups. CPU tensors.
-- :class:`~dagc.runtime.comm.nccl.NcclCommunicator` - ``cupy.cuda.nccl`` with one CUDA stream for communication and
-  CUDA events ordering it against the caller's current (compute) stream. GPU tensors.
-  cupy is imported only when an instance is set up.
+- :class:`~dagc.runtime.comm.gloo.GlooCommunicator` - ``torch.distributed``'s gloo
+  backend, built directly on a ``TCPStore``/``PrefixStore`` and a ``ProcessGroupGloo`` so
+  the global default process group (the user's own ``torch.distributed``) is never
+  touched, and one process can be in several groups. CPU tensors.
+- :class:`~dagc.runtime.comm.nccl.NcclCommunicator` - ``cupy.cuda.nccl`` with one CUDA
+  stream for communication and CUDA events ordering it against the caller's current
+  (compute) stream. GPU tensors. cupy is imported only when an instance is set up.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +87,9 @@ class Communicator:
 
     rank: int = -1
     world_size: int = 0
-    device: str = "cpu"          # "cpu" or "cuda": where received tensors are allocated
+    device: str = "cpu"  # "cpu" or "cuda": where received tensors are allocated
+    # p2p.pending_of's FIFOs of deferred receives (peer or None -> list), set on first use
+    _dagc_pending: dict
 
     def prepare(self) -> dict:
         """Rank 0 only, before ``setup``, in the rank-0 process: return picklable
@@ -102,8 +105,10 @@ class Communicator:
         raise NotImplementedError(f"{type(self).__name__} must implement send(tensor, peer)")
 
     def recv(self, tensor, peer: int) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement recv(tensor, peer) "
-                                  f"(fill the preallocated tensor)")
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement recv(tensor, peer) "
+            f"(fill the preallocated tensor)"
+        )
 
     def isend(self, tensor, peer: int) -> Work:
         self.send(tensor, peer)
@@ -114,8 +119,9 @@ class Communicator:
         return DONE
 
     def allreduce(self, tensor, op: str = "sum") -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement "
-                                  f"allreduce(tensor, op) (in place)")
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement allreduce(tensor, op) (in place)"
+        )
 
     def allgather(self, tensor, out) -> None:
         """Fill ``out`` (``world_size`` times ``tensor``'s rows) with every rank's tensor,
@@ -147,8 +153,11 @@ class Communicator:
     def __getstate__(self):
         # the runtime keeps per-process bookkeeping on the instance under _dagc_*; neither it
         # nor live resources travel (the instance is pickled to every member unconfigured)
-        state = {k: v for k, v in self.__dict__.items()
-                 if not k.startswith("_dagc") and k not in self._LIVE}
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if not k.startswith("_dagc") and k not in self._LIVE
+        }
         if self._LIVE:
             state.update(rank=-1, world_size=0)
         return state
@@ -160,11 +169,12 @@ class Communicator:
 
 def node_ip() -> str:
     """This node's IP as Ray knows it when Ray is up in this process, else loopback."""
-    ray = sys.modules.get("ray")          # not imported: certainly not initialised here
+    ray = sys.modules.get("ray")  # not imported: certainly not initialised here
     if ray is not None:
         try:
             if ray.is_initialized():
                 import ray.util
+
                 return ray.util.get_node_ip_address()
         except Exception:
             pass
@@ -173,6 +183,7 @@ def node_ip() -> str:
 
 def _bool():
     import torch
+
     return torch.bool
 
 

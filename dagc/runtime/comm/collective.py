@@ -6,6 +6,7 @@ others') never leaves the others hanging: every participant then returns a Failu
 failed one its own, the others the first failed rank's (sent along with one more
 all-reduce), so ``get()`` shows the error where it started.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -15,8 +16,8 @@ import torch
 from torch import Tensor
 
 from dagc.runtime.comm.base import REDUCE_OPS, Communicator
-from dagc.runtime.comm.packing import CODE, device_of
 from dagc.runtime.comm.p2p import flush, pending_of
+from dagc.runtime.comm.packing import CODE, device_of
 from dagc.runtime.failure import Failure, capture
 
 _MASK = (1 << 62) - 1
@@ -40,15 +41,21 @@ class Collective:
     It raises only when the communicator itself breaks (a peer died). ``actor``/``method``/
     ``step`` name the op in the Failures it builds."""
 
-    def __init__(self, comm: Communicator, op: str | None = "sum", actor: str = "",
-                 method: str = "", step: int = -1, kind: str = "allreduce"):
+    def __init__(
+        self,
+        comm: Communicator,
+        op: str | None = "sum",
+        actor: str = "",
+        method: str = "",
+        step: int = -1,
+        kind: str = "allreduce",
+    ):
         if kind not in KINDS:
             raise ValueError(f"unknown collective {kind!r}; expected one of {', '.join(KINDS)}")
         if kind == "allgather":
             op = None
         elif op not in REDUCE_OPS:
-            raise ValueError(f"unknown reduce op {op!r}; expected one of "
-                             f"{', '.join(REDUCE_OPS)}")
+            raise ValueError(f"unknown reduce op {op!r}; expected one of {', '.join(REDUCE_OPS)}")
         self.comm = comm
         self.kind = kind
         self.op = op
@@ -57,8 +64,11 @@ class Collective:
         self._dev = device_of(comm)
         self._flag = torch.zeros(_NFLAG, dtype=torch.int64)
         self._flag_np = self._flag.numpy()
-        self._flag_dev = (self._flag if self._dev.type == "cpu"
-                          else torch.zeros(_NFLAG, dtype=torch.int64, device=self._dev))
+        self._flag_dev = (
+            self._flag
+            if self._dev.type == "cpu"
+            else torch.zeros(_NFLAG, dtype=torch.int64, device=self._dev)
+        )
         self._pending = pending_of(comm)
 
     def __call__(self, *values):
@@ -69,7 +79,7 @@ class Collective:
         if own is None:
             dtype = values[0].dtype
             code = CODE.get(dtype)
-            if code is None:           # str hashes differ per process; crc32 does not
+            if code is None:  # str hashes differ per process; crc32 does not
                 code = zlib.crc32(str(dtype).encode())
             sh = hash(tuple(tuple(v.shape) for v in values)) & _MASK
             flag[0] = 0
@@ -94,11 +104,15 @@ class Collective:
             return self._spread_failure(own, blob if own is not None else b"", failed, blen)
         if c_hi != -c_lo or s_hi != -s_lo:
             got = ", ".join(f"{tuple(v.shape)} {v.dtype}" for v in values)
-            return capture(ValueError(
-                f"{self.where[1]}: the participants' inputs differ in "
-                f"{'dtype' if c_hi != -c_lo else 'shape'}; this one (rank {self.comm.rank}) "
-                f"got {got}. Every participant of a collective must pass tensors of the "
-                f"same shape and dtype."), *self.where)
+            return capture(
+                ValueError(
+                    f"{self.where[1]}: the participants' inputs differ in "
+                    f"{'dtype' if c_hi != -c_lo else 'shape'}; this one (rank {self.comm.rank}) "
+                    f"got {got}. Every participant of a collective must pass tensors of the "
+                    f"same shape and dtype."
+                ),
+                *self.where,
+            )
         try:
             # every participant fails alike here (e.g. a dtype the backend cannot reduce),
             # before any data moves, so the group stays usable
@@ -114,25 +128,40 @@ class Collective:
         name = self.where[1]
         for v in values:
             if not isinstance(v, Tensor):
-                return capture(TypeError(f"{name} expects a torch.Tensor, got "
-                                         f"{type(v).__name__}"), *self.where)
+                return capture(
+                    TypeError(f"{name} expects a torch.Tensor, got {type(v).__name__}"), *self.where
+                )
         if len(values) != 1 and self.kind != "allreduce":
-            return capture(TypeError(f"{name} takes one tensor per participant, got "
-                                     f"{len(values)}"), *self.where)
+            return capture(
+                TypeError(f"{name} takes one tensor per participant, got {len(values)}"),
+                *self.where,
+            )
         if len({v.dtype for v in values}) > 1:
-            return capture(TypeError(
-                f"{name}: tensors reduced together must share one dtype, got "
-                f"{[str(v.dtype) for v in values]}"), *self.where)
+            return capture(
+                TypeError(
+                    f"{name}: tensors reduced together must share one dtype, got "
+                    f"{[str(v.dtype) for v in values]}"
+                ),
+                *self.where,
+            )
         if self.kind != "allreduce":
             t = values[0]
             ws = self.comm.world_size
             if t.dim() == 0:
-                return capture(ValueError(f"{name} needs a tensor with at least one "
-                                          f"dimension (it works along dim 0)"), *self.where)
+                return capture(
+                    ValueError(
+                        f"{name} needs a tensor with at least one dimension (it works along dim 0)"
+                    ),
+                    *self.where,
+                )
             if self.kind == "reducescatter" and t.shape[0] % ws:
-                return capture(ValueError(
-                    f"{name}: dim 0 of the input ({t.shape[0]}) must divide by the group "
-                    f"size {ws}"), *self.where)
+                return capture(
+                    ValueError(
+                        f"{name}: dim 0 of the input ({t.shape[0]}) must divide by the group "
+                        f"size {ws}"
+                    ),
+                    *self.where,
+                )
         return None
 
     def _src(self, t: Tensor) -> Tensor:
@@ -156,7 +185,7 @@ class Collective:
             pos = 0
             for v in values:
                 n = v.numel()
-                outs.append(flat[pos:pos + n].view(v.shape))
+                outs.append(flat[pos : pos + n].view(v.shape))
                 pos += n
             return tuple(outs)
         t = values[0]
@@ -177,7 +206,7 @@ class Collective:
         first = self.comm.world_size - failed
         buf = torch.zeros(blen, dtype=torch.uint8)
         if self.comm.rank == first:
-            buf[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            buf[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         dev = buf if self._dev.type == "cpu" else buf.to(self._dev)
         self._allreduce(dev, "sum")
         if own is not None:
@@ -188,5 +217,7 @@ class Collective:
                 return got
         except Exception:
             pass
-        return capture(RuntimeError(f"{self.where[1]}: participant rank {first} failed "
-                                    f"before the collective"), *self.where)
+        return capture(
+            RuntimeError(f"{self.where[1]}: participant rank {first} failed before the collective"),
+            *self.where,
+        )

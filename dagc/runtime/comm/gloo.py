@@ -5,12 +5,14 @@ default process group (the user's own ``torch.distributed``) is never touched an
 process can be in several groups. See :mod:`dagc.runtime.comm.base` for the interface
 and the life of a group.
 """
+
 from __future__ import annotations
 
 import datetime
 import threading
 import time
 import uuid
+from typing import Any
 
 from dagc.runtime.comm.base import Communicator, Work, check_op, node_ip
 
@@ -27,6 +29,7 @@ def _average(tensor, n: int) -> None:
         tensor.div_(n)
     else:
         tensor.div_(n, rounding_mode="trunc")
+
 
 # master stores started by prepare(), by (host, port), so that setup() on rank 0 finds the
 # one its process started even when it runs on another copy of the instance
@@ -61,9 +64,16 @@ class GlooCommunicator(Communicator):
     device = "cpu"
     # gloo pairs point-to-point messages per peer (and tag), collectives apart: a deferred
     # receive waits only behind earlier ones from the same peer (p2p.pending_of), as the
-    # deadlock simulator's per-peer lanes for gloo groups assume (passes/simulate.py)
+    # deadlock simulator's per-peer lanes for gloo groups assume (schedule/simulate.py)
     per_peer_order = True
     _LIVE = ("_pg", "_store", "_master", "_opts", "_ag_opts", "_long", "_destroyed")
+    # torch objects once set up (None before: the ops are never called then)
+    _pg: Any  # ProcessGroupGloo
+    _store: Any  # TCPStore
+    _master: Any  # TCPStore this process serves (rank 0's, from prepare())
+    _opts: dict[str, Any]  # op name -> AllreduceOptions; "rs_" + name -> ReduceScatterOptions
+    _ag_opts: Any  # AllgatherOptions
+    _long: Any  # datetime.timedelta: a point-to-point op's wait
 
     def __init__(self, op_timeout: float | None = None):
         self.op_timeout = op_timeout
@@ -87,10 +97,12 @@ class GlooCommunicator(Communicator):
     # -- rendezvous ------------------------------------------------------------------------
     def prepare(self) -> dict:
         from torch.distributed import TCPStore
+
         host = node_ip()
         # port 0: the store binds a free port itself (no pick-then-bind race)
-        master = TCPStore(host, 0, None, True, datetime.timedelta(seconds=300),
-                          wait_for_workers=False)
+        master = TCPStore(
+            host, 0, None, True, datetime.timedelta(seconds=300), wait_for_workers=False
+        )
         rdv = {"host": host, "port": int(master.port), "prefix": f"dagc-{uuid.uuid4().hex[:16]}/"}
         self._master = master
         with _MASTERS_LOCK:
@@ -100,6 +112,7 @@ class GlooCommunicator(Communicator):
     def setup(self, rank: int, world_size: int, rendezvous: dict, timeout: float) -> None:
         import torch.distributed as dist
         from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+
         if self._pg is not None:
             raise RuntimeError(f"{self!r} is already set up")
         if not 0 <= rank < world_size:
@@ -119,7 +132,7 @@ class GlooCommunicator(Communicator):
                 store = TCPStore(host, port, None, False, tmo, wait_for_workers=False)
             store.set_timeout(tmo)
             prefixed = PrefixStore(rendezvous["prefix"], store)
-            opts = ProcessGroupGloo._Options()
+            opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # not in torch's stubs
             left = max(0.1, deadline - time.monotonic())
             opts._timeout = datetime.timedelta(seconds=left)
             opts._devices = [ProcessGroupGloo.create_device(hostname=node_ip(), lazy_init=False)]
@@ -131,25 +144,32 @@ class GlooCommunicator(Communicator):
                 f"gloo communicator set-up failed for rank {rank} of {world_size} "
                 f"(rendezvous {host}:{port}) within {timeout:g} s: {e}. Every member must "
                 f"reach setup(); check that all actors of the group are alive and that "
-                f"{host}:{port} is reachable from their nodes.") from e
+                f"{host}:{port} is reachable from their nodes."
+            ) from e
         self._store = store
         self._pg = pg
         self.rank = rank
         self.world_size = world_size
         self._long = datetime.timedelta(seconds=self.op_timeout or FOREVER_S)
-        codes = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT,
-                 "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX,
-                 "avg": dist.ReduceOp.SUM}           # gloo has no AVG: SUM, then divide
+        codes = {
+            "sum": dist.ReduceOp.SUM,
+            "product": dist.ReduceOp.PRODUCT,
+            "min": dist.ReduceOp.MIN,
+            "max": dist.ReduceOp.MAX,
+            "avg": dist.ReduceOp.SUM,
+        }  # gloo has no AVG: SUM, then divide
+        # (torch's stubs type reduceOp a ReduceOp, which ReduceOp.SUM, a RedOpType, is not)
         for name, code in codes.items():
-            o = dist.AllreduceOptions()
-            o.reduceOp = code
-            o.timeout = self._long
-            self._opts[name] = o
-            o = dist.ReduceScatterOptions()
-            o.reduceOp = code
-            o.timeout = self._long
-            self._opts["rs_" + name] = o
-        from torch._C._distributed_c10d import AllgatherOptions   # not re-exported
+            ar = dist.AllreduceOptions()
+            ar.reduceOp = code  # type: ignore[assignment]
+            ar.timeout = self._long
+            self._opts[name] = ar
+            rs = dist.ReduceScatterOptions()
+            rs.reduceOp = code  # type: ignore[assignment]
+            rs.timeout = self._long
+            self._opts["rs_" + name] = rs
+        from torch._C._distributed_c10d import AllgatherOptions  # not re-exported
+
         self._ag_opts = AllgatherOptions()
         self._ag_opts.timeout = self._long
 

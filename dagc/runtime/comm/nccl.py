@@ -4,10 +4,12 @@ One CUDA stream per group for communication, CUDA events ordering it against the
 current (compute) stream; cupy is imported only when an instance is set up. See
 :mod:`dagc.runtime.comm.base` for the interface and the life of a group.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Any
 
 from dagc.runtime.comm.base import Communicator, Work, check_op
 
@@ -27,10 +29,18 @@ def _reduce_code(tensor, op: str) -> tuple[int, bool]:
 
 def _nccl_dtypes():
     import torch
-    return {torch.int8: _NCCL_INT8, torch.uint8: _NCCL_UINT8, torch.bool: _NCCL_UINT8,
-            torch.int32: _NCCL_INT32, torch.int64: _NCCL_INT64,
-            torch.float16: _NCCL_FLOAT16, torch.float32: _NCCL_FLOAT32,
-            torch.float64: _NCCL_FLOAT64, torch.bfloat16: _NCCL_BFLOAT16}
+
+    return {
+        torch.int8: _NCCL_INT8,
+        torch.uint8: _NCCL_UINT8,
+        torch.bool: _NCCL_UINT8,
+        torch.int32: _NCCL_INT32,
+        torch.int64: _NCCL_INT64,
+        torch.float16: _NCCL_FLOAT16,
+        torch.float32: _NCCL_FLOAT32,
+        torch.float64: _NCCL_FLOAT64,
+        torch.bfloat16: _NCCL_BFLOAT16,
+    }
 
 
 class _CudaWork(Work):
@@ -46,6 +56,7 @@ class _CudaWork(Work):
 
     def wait(self) -> None:
         import torch
+
         torch.cuda.current_stream(self.device).wait_event(self.event)
         self.tensor = None
 
@@ -64,8 +75,14 @@ class NcclCommunicator(Communicator):
     """
 
     device = "cuda"
-    _LIVE = ("_comm", "_stream", "_index", "_ev_in", "_ev_out", "_dtypes", "_group",
-             "_destroyed")
+    _LIVE = ("_comm", "_stream", "_index", "_ev_in", "_ev_out", "_dtypes", "_group", "_destroyed")
+    # set up by setup() (None before: the ops are never called then)
+    _comm: Any  # cupy.cuda.nccl.NcclCommunicator
+    _stream: Any  # torch.cuda.Stream: the communication stream
+    _index: int | None  # the CUDA device index
+    _ev_in: Any  # torch.cuda.Event: the comm stream waits for the caller's
+    _ev_out: Any  # torch.cuda.Event: the caller's stream waits for the comm stream
+    _dtypes: Any  # dict: torch dtype -> NCCL data type
 
     def __init__(self):
         self.rank = -1
@@ -88,11 +105,13 @@ class NcclCommunicator(Communicator):
 
     def prepare(self) -> dict:
         from cupy.cuda import nccl
+
         return {"unique_id": tuple(nccl.get_unique_id())}
 
     def setup(self, rank: int, world_size: int, rendezvous: dict, timeout: float) -> None:
         import torch
         from cupy.cuda import nccl
+
         if self._comm is not None:
             raise RuntimeError(f"{self!r} is already set up")
         index = torch.cuda.current_device()
@@ -111,12 +130,15 @@ class NcclCommunicator(Communicator):
         th.start()
         th.join(timeout)
         if th.is_alive():
-            raise TimeoutError(f"NCCL communicator set-up timed out after {timeout:g} s "
-                               f"(rank {rank} of {world_size}): some member never joined. "
-                               f"Check that every actor of the group is alive and has a GPU.")
+            raise TimeoutError(
+                f"NCCL communicator set-up timed out after {timeout:g} s "
+                f"(rank {rank} of {world_size}): some member never joined. "
+                f"Check that every actor of the group is alive and has a GPU."
+            )
         if "error" in box:
-            raise RuntimeError(f"NCCL communicator set-up failed (rank {rank} of "
-                               f"{world_size}): {box['error']}") from box["error"]
+            raise RuntimeError(
+                f"NCCL communicator set-up failed (rank {rank} of {world_size}): {box['error']}"
+            ) from box["error"]
         self._comm = box["comm"]
         self._index = index
         self._stream = torch.cuda.Stream(device=index)
@@ -130,6 +152,7 @@ class NcclCommunicator(Communicator):
     def _enter(self, tensor):
         """Comm stream waits for the current stream; the tensor's memory is kept for it."""
         import torch
+
         cur = torch.cuda.current_stream(self._index)
         s = self._stream
         self._ev_in.record(cur)
@@ -143,25 +166,29 @@ class NcclCommunicator(Communicator):
 
     def _async(self, tensor, s) -> Work:
         import torch
+
         ev = torch.cuda.Event()
         if self._group is not None:
-            self._group.append((ev, s))        # recorded after ncclGroupEnd
+            self._group.append((ev, s))  # recorded after ncclGroupEnd
         else:
             ev.record(s)
         return _CudaWork(ev, tensor, self._index)
 
     def _check(self, tensor) -> None:
         if not tensor.is_cuda or not tensor.is_contiguous():
-            raise ValueError(f"NcclCommunicator needs contiguous CUDA tensors, got "
-                             f"{'non-contiguous ' if not tensor.is_contiguous() else ''}"
-                             f"{tensor.device} tensor")
+            raise ValueError(
+                f"NcclCommunicator needs contiguous CUDA tensors, got "
+                f"{'non-contiguous ' if not tensor.is_contiguous() else ''}"
+                f"{tensor.device} tensor"
+            )
 
     # -- ops -------------------------------------------------------------------------------
     # p2p moves bytes (every dtype works); the comm stream keeps issue order per group
     def send(self, tensor, peer: int) -> None:
         if self._group is not None:
-            raise RuntimeError("use isend inside grouped(); a blocking send there would "
-                               "never be issued")
+            raise RuntimeError(
+                "use isend inside grouped(); a blocking send there would never be issued"
+            )
         self._check(tensor)
         cur, s = self._enter(tensor)
         self._comm.send(tensor.data_ptr(), tensor.nbytes, _NCCL_UINT8, peer, s.cuda_stream)
@@ -169,8 +196,9 @@ class NcclCommunicator(Communicator):
 
     def recv(self, tensor, peer: int) -> None:
         if self._group is not None:
-            raise RuntimeError("use irecv inside grouped(); a blocking recv there would "
-                               "never be issued")
+            raise RuntimeError(
+                "use irecv inside grouped(); a blocking recv there would never be issued"
+            )
         self._check(tensor)
         cur, s = self._enter(tensor)
         self._comm.recv(tensor.data_ptr(), tensor.nbytes, _NCCL_UINT8, peer, s.cuda_stream)
@@ -194,14 +222,16 @@ class NcclCommunicator(Communicator):
         buf, dtype = self._nccl_type(tensor, "all-reduce")
         code, int_avg = _reduce_code(tensor, op)
         cur, s = self._enter(buf)
-        self._comm.allReduce(buf.data_ptr(), buf.data_ptr(), buf.numel(), dtype, code,
-                             s.cuda_stream)
+        self._comm.allReduce(
+            buf.data_ptr(), buf.data_ptr(), buf.numel(), dtype, code, s.cuda_stream
+        )
         self._leave(cur, s)
         if int_avg:
             tensor.div_(self.world_size, rounding_mode="trunc")
 
     def _nccl_type(self, tensor, what: str):
         import torch
+
         buf = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
         dtype = self._dtypes.get(buf.dtype)
         if dtype is None:
@@ -227,8 +257,9 @@ class NcclCommunicator(Communicator):
         code, int_avg = _reduce_code(tensor, op)
         cur, s = self._enter(src)
         out.record_stream(s)
-        self._comm.reduceScatter(src.data_ptr(), dst.data_ptr(), dst.numel(), dtype, code,
-                                 s.cuda_stream)
+        self._comm.reduceScatter(
+            src.data_ptr(), dst.data_ptr(), dst.numel(), dtype, code, s.cuda_stream
+        )
         self._leave(cur, s)
         if int_avg:
             out.div_(self.world_size, rounding_mode="trunc")
@@ -238,6 +269,7 @@ class NcclCommunicator(Communicator):
         """Issue the isend/irecv calls inside as one NCCL group (needed, e.g., to send to
         oneself). Their Works complete once the whole group has run."""
         from cupy.cuda import nccl
+
         if self._group is not None:
             yield
             return
@@ -259,7 +291,7 @@ class NcclCommunicator(Communicator):
         self._comm = None
         if comm is not None:
             try:
-                comm.abort()       # also ends kernels stuck waiting for a dead peer
+                comm.abort()  # also ends kernels stuck waiting for a dead peer
             except Exception:
                 try:
                     comm.destroy()

@@ -15,7 +15,7 @@ is there, and must not block for it: the schedule may hoist it above ops the sen
 So a handle whose metadata is not there yet is queued on the communicator, and is posted
 (blocking for its metadata) by its own ``wait()`` or by the next op that must come after it,
 whichever comes first. That keeps every process's communicator ops in issue order - the
-order the schedule's deadlock proof (``dagc.passes.simulate``) assumes:
+order the schedule's deadlock proof (``dagc.schedule.simulate``) assumes:
 
 - one stream per process (NCCL, custom communicators): every op on the communicator
   posts every deferred receive first;
@@ -27,6 +27,7 @@ order the schedule's deadlock proof (``dagc.passes.simulate``) assumes:
 A loop parked between executions (a profile's swap) may have issued the next execution's
 receive already; :func:`drop_pending` forgets it, so the swapped-in loop issues it anew.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -104,15 +105,15 @@ class CommWriter:
     to them (the channel spec's order).
     """
 
-    def __init__(self, writer, comm: Communicator, ranks: dict, readers: tuple,
-                 actor: str = ""):
+    def __init__(self, writer, comm: Communicator, ranks: dict, readers: tuple, actor: str = ""):
         readers = tuple(readers)
         if not readers:
             raise ValueError("a comm channel needs at least one reader")
         missing = [r for r in readers if r not in ranks]
         if missing:
-            raise ValueError(f"readers {missing} have no rank in the communicator "
-                             f"(ranks: {dict(ranks)})")
+            raise ValueError(
+                f"readers {missing} have no rank in the communicator (ranks: {dict(ranks)})"
+            )
         self.writer = writer
         self.comm = comm
         self.readers = readers
@@ -125,7 +126,7 @@ class CommWriter:
         # peer -> (rank, writes the metadata, last reader of the execution)
         self._plan = {r: (ranks[r], i == 0, i == last) for i, r in enumerate(readers)}
         self._held = ()
-        self._pending = pending_of(comm)     # per peer: the empty queue (sends post none)
+        self._pending = pending_of(comm)  # per peer: the empty queue (sends post none)
         # A value whose non-tensor part cannot be pickled: the metadata writer publishes a
         # Failure instead (built by the loop's own on_encode_error when it has one, so the
         # message names the actor as every other send error does) and its write() returns
@@ -142,12 +143,19 @@ class CommWriter:
         err = TypeError(
             f"{path} ({type(part).__name__}) cannot be pickled: {exc}. On a "
             f"tensor-transport edge (to {', '.join(self.readers)}) only the tensors travel "
-            f"through the communicator; the rest of the value must pickle")
+            f"through the communicator; the rest of the value must pickle"
+        )
         if self._hook is not None:
             return self._hook(err, value)
-        return capture(TypeError(f"{self.actor or 'an actor'} produced a "
-                                 f"{type(value).__name__} that cannot be sent: {err}"),
-                       self.actor, "<send>", -1)
+        return capture(
+            TypeError(
+                f"{self.actor or 'an actor'} produced a "
+                f"{type(value).__name__} that cannot be sent: {err}"
+            ),
+            self.actor,
+            "<send>",
+            -1,
+        )
 
     def _prep(self, t: Tensor) -> Tensor:
         if t.device != self._dev:
@@ -172,7 +180,7 @@ class CommWriter:
         ts = [self._prep(t) for t in out]
         try:
             if self._write((skel, tuple(spec(t) for t in ts))):
-                return ()           # a Failure went instead (see _encode_error): no tensors
+                return ()  # a Failure went instead (see _encode_error): no tensors
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             # a writer that raises instead of calling on_encode_error: nothing reached it
             self._write(self._encode_error(e, (skel, ())))
@@ -206,8 +214,11 @@ class _RecvHandle:
     """An issued ``irecv``; ``wait()`` returns the value."""
 
     __slots__ = ("cr", "skel", "ts", "works", "posted")
+    works: list[Work] | tuple[()]
+    ts: list[Tensor] | None
+    skel: object  # the value with its tensors taken out, or a Failure
 
-    def __init__(self, cr: "CommReader"):
+    def __init__(self, cr: CommReader):
         self.cr = cr
         self.posted = False
         self.works = ()
@@ -237,7 +248,7 @@ class _RecvHandle:
         self.works = ()
         ts = self.ts
         if ts is None:
-            return self.skel                  # a Failure, or a value with no tensors
+            return self.skel  # a Failure, or a value with no tensors
         return ts[0] if self.skel is None else fill(self.skel, ts)
 
     def is_completed(self) -> bool:
@@ -265,8 +276,9 @@ class CommReader:
 
     def _alloc(self, specs) -> list:
         dev = self._dev
-        return [_empty(s, dtype=DTYPES[c] if c.__class__ is int else c, device=dev)
-                for s, c in specs]
+        return [
+            _empty(s, dtype=DTYPES[c] if c.__class__ is int else c, device=dev) for s, c in specs
+        ]
 
     def recv(self):
         if self._pending:
@@ -288,7 +300,7 @@ class CommReader:
         h = _RecvHandle(self)
         pending = self._pending
         if not pending and self._ready():
-            h._post()                         # metadata is there: receive right away
+            h._post()  # metadata is there: receive right away
         else:
             pending.append(h)
         return h

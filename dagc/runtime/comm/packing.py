@@ -20,6 +20,7 @@ hint of "cpu" or "cuda"/"gpu" moves them, on the reading side, to that device
 (:class:`OnDevice` wraps the reading end; ``to_device``), as Ray's ``TorchTensorType``
 does; "default" leaves them where the transport put them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,12 +32,29 @@ from torch import Tensor
 
 from dagc.runtime.comm.base import Communicator
 
-DTYPES = tuple(d for d in (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
-    getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None),
-    getattr(torch, "uint16", None), getattr(torch, "uint32", None),
-    getattr(torch, "uint64", None)) if d is not None)
+DTYPES = tuple(
+    d
+    for d in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+        getattr(torch, "float8_e4m3fn", None),
+        getattr(torch, "float8_e5m2", None),
+        getattr(torch, "uint16", None),
+        getattr(torch, "uint32", None),
+        getattr(torch, "uint64", None),
+    )
+    if d is not None
+)
 CODE = {d: i for i, d in enumerate(DTYPES)}
 _ATOMIC = frozenset({int, float, str, bytes, bool, type(None), complex})
 _is_dataclass = dataclasses.is_dataclass
@@ -73,10 +91,10 @@ def strip(v, out: list, seen: dict):
         return slot
     if isinstance(v, (dict, list)):
         new = None
-        for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
+        for k, x in v.items() if isinstance(v, dict) else enumerate(v):
             y = strip(x, out, seen)
             if y is not x:
-                if new is None:       # copy on first change; a subclass keeps its class
+                if new is None:  # copy on first change; a subclass keeps its class
                     new = cls(v) if cls is dict or cls is list else copy.copy(v)
                 new[k] = y
         return v if new is None else new
@@ -87,15 +105,15 @@ def strip(v, out: list, seen: dict):
                 return _remake(v, items)
         return v
     if _is_dataclass(v) and not isinstance(v, type):
-        new = None
+        dc = None
         for f in _fields(v):
             x = getattr(v, f.name)
             y = strip(x, out, seen)
             if y is not x:
-                if new is None:
-                    new = copy.copy(v)
-                object.__setattr__(new, f.name, y)
-        return v if new is None else new
+                if dc is None:
+                    dc = copy.copy(v)
+                object.__setattr__(dc, f.name, y)
+        return v if dc is None else dc
     return v
 
 
@@ -107,10 +125,10 @@ def fill(v, ts: list):
     if cls in _ATOMIC:
         return v
     if isinstance(v, (dict, list)):
-        for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
+        for k, x in v.items() if isinstance(v, dict) else enumerate(v):
             y = fill(x, ts)
             if y is not x:
-                v[k] = y          # an existing key or index: safe while iterating
+                v[k] = y  # an existing key or index: safe while iterating
         return v
     if isinstance(v, tuple):
         items = [fill(x, ts) for x in v]
@@ -132,12 +150,12 @@ def _remake(v: tuple, items: list) -> tuple:
     cls = v.__class__
     if cls is tuple:
         return tuple(items)
-    if hasattr(cls, "_make"):          # namedtuple
+    if hasattr(cls, "_make"):  # namedtuple
         return cls._make(items)
     return cls(items)
 
 
-def unpicklable_part(v, path: str = "value", depth: int = 0) -> tuple:
+def unpicklable_part(v, path: str = "value", depth: int = 0) -> tuple | None:
     """(path, object): the innermost part of ``v`` that does not pickle, e.g.
     ``("value['lock']", <lock>)``; ``v`` itself when no part of it alone fails. Only
     called for a value that failed to pickle (the error message), never per send."""
@@ -187,7 +205,8 @@ def target_device(device: str) -> torch.device:
         raise RuntimeError(
             f"with_tensor_transport(device={device!r}): this process sees no GPU "
             f"(torch.cuda.is_available() is False); give the reading actor a GPU "
-            f"(num_gpus=1) or use device='default' or 'cpu'.")
+            f"(num_gpus=1) or use device='default' or 'cpu'."
+        )
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -227,7 +246,7 @@ class OnDevice:
     def irecv(self):
         return _OnDeviceHandle(self.end.irecv(), self.dev)
 
-    def __getattr__(self, name):          # close, wake, ... of the end itself
+    def __getattr__(self, name):  # close, wake, ... of the end itself
         return getattr(self.end, name)
 
 
