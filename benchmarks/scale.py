@@ -24,6 +24,7 @@ growth column compares the total with n log n scaling from the previous size (1.
 n log n, >1 = faster growth). ``--profile`` runs cProfile on the biggest size of every
 shape whose growth exceeds the limit and prints the functions that dominate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,31 +41,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import networkx as nx  # noqa: E402
+import networkx as nx  # noqa: E402  (importable once ROOT is on sys.path)
 
-from dagc.ir import CALL, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec  # noqa: E402
+from dagc.ir import CALL, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec  # noqa: E402  (importable once ROOT is on sys.path)
 
 SHAPES = ("chain", "chain-rr", "fanout", "pipeline")
-TARGET_SECONDS = 2.0          # 1,000 actors x 10 ops, every shape
-GROWTH_LIMIT = 1.5            # measured / (n log n) growth between sizes above this = flagged
+TARGET_SECONDS = 2.0  # 1,000 actors x 10 ops, every shape
+GROWTH_LIMIT = 1.5  # measured / (n log n) growth between sizes above this = flagged
 
 
 # -- synthetic IR ---------------------------------------------------------------------------
-def _ir(ops: list[tuple[str, str, tuple[str, ...]]], n_actors: int, outputs: list[str],
-        nfields: int = 1) -> IR:
+def _ir(
+    ops: list[tuple[str, str, tuple[str, ...]]], n_actors: int, outputs: list[str], nfields: int = 1
+) -> IR:
     """ops: (op id, actor id, arg refs) in any order; builds the graph and specs."""
     g = nx.DiGraph()
     for oid, actor, args in ops:
-        op = Op(id=oid, kind=CALL, actor=actor, method="fwd", args=tuple(Arg.parse(a) for a in args))
+        op = Op(
+            id=oid, kind=CALL, actor=actor, method="fwd", args=tuple(Arg.parse(a) for a in args)
+        )
         g.add_node(oid, op=op)
         for a in args:
             if a.startswith("t"):
                 g.add_edge(a.split(".", 1)[0], oid)
     actors = tuple(ActorSpec(id=f"a{k}", cls="Stage", name=f"a{k}") for k in range(n_actors))
-    return IR(graph=g, actors=actors,
-              inputs=InputSpec(fields=tuple(range(nfields)), num_positional=nfields,
-                               direct=nfields == 1),
-              output=OutputSpec(refs=tuple(Arg.parse(o) for o in outputs), multi=len(outputs) > 1))
+    return IR(
+        graph=g,
+        actors=actors,
+        inputs=InputSpec(fields=tuple(range(nfields)), num_positional=nfields, direct=nfields == 1),
+        output=OutputSpec(refs=tuple(Arg.parse(o) for o in outputs), multi=len(outputs) > 1),
+    )
 
 
 def make_dag(shape: str, n: int, ops_per_actor: int = 10) -> IR:
@@ -102,10 +108,12 @@ def make_dag(shape: str, n: int, ops_per_actor: int = 10) -> IR:
 def compile_ir(ir: IR) -> tuple[IR, dict, dict[str, float]]:
     """The compile pipeline minus tracing and actors: passes, then codegen. Returns timings."""
     from dagc.codegen import render_all
-    from dagc.passes import PassContext, default_pipeline, run_pipeline
+    from dagc.options import Options
+    from dagc.passes import PassContext, run_passes
+
     ctx = PassContext(driver_node="n0")
     t0 = time.perf_counter()
-    out = run_pipeline(ir, default_pipeline(), ctx)
+    out = run_passes(ir, Options().passes(), ctx)
     t1 = time.perf_counter()
     mods = render_all(out)
     t2 = time.perf_counter()
@@ -126,8 +134,14 @@ def measure(shape: str, n: int, ops_per_actor: int = 10, repeat: int = 1) -> dic
         if best is None or t["total"] < best["total"]:
             best = t
     nops = n * ops_per_actor
-    return {"shape": shape, "actors": n, "ops": nops, "modules": len(mods),
-            "timings": best, "us_per_op": best["total"] / nops * 1e6}
+    return {
+        "shape": shape,
+        "actors": n,
+        "ops": nops,
+        "modules": len(mods),
+        "timings": best,
+        "us_per_op": best["total"] / nops * 1e6,
+    }
 
 
 def nlogn(n: int) -> float:
@@ -143,8 +157,9 @@ def growth(rows: list[dict]) -> None:
         row["stage_growth"] = {
             k: (row["timings"][k] / prev["timings"][k]) / expect
             # stages under a few ms are too noisy to judge growth on
-            for k in row["timings"] if prev["timings"].get(k, 0) > 2e-3
-            and row["timings"][k] > 10e-3}
+            for k in row["timings"]
+            if prev["timings"].get(k, 0) > 2e-3 and row["timings"][k] > 10e-3
+        }
 
 
 def predict(rows: list[dict], n_ops: int) -> float:
@@ -156,20 +171,26 @@ def predict(rows: list[dict], n_ops: int) -> float:
         a, b = done[-2], done[-1]
         if a["timings"]["total"] > 0 and b["ops"] > a["ops"]:
             k = math.log(b["timings"]["total"] / a["timings"]["total"]) / math.log(
-                b["ops"] / a["ops"])
+                b["ops"] / a["ops"]
+            )
     by_k = last["timings"]["total"] * (n_ops / last["ops"]) ** max(k, 1.0)
     return max(by_k, last["timings"]["total"] * nlogn(n_ops) / nlogn(last["ops"]))
 
 
-def run(sizes=(10, 100, 1000), shapes=SHAPES, ops_per_actor: int = 10,
-        repeat: int = 1, budget_s: float | None = None) -> dict:
+def run(
+    sizes=(10, 100, 1000),
+    shapes=SHAPES,
+    ops_per_actor: int = 10,
+    repeat: int = 1,
+    budget_s: float | None = None,
+) -> dict:
     """Measure every shape at every size.
 
     ``budget_s`` bounds one measurement: a size whose extrapolated time (from the growth
     seen so far) exceeds it is not run, and its row says so, so a compiler that grows too
     fast cannot make the benchmark hang.
     """
-    compile_ir(make_dag("chain", 2, 2))   # load and compile the templates once, untimed
+    compile_ir(make_dag("chain", 2, 2))  # load and compile the templates once, untimed
     results = {}
     for shape in shapes:
         rows: list[dict] = []
@@ -178,35 +199,57 @@ def run(sizes=(10, 100, 1000), shapes=SHAPES, ops_per_actor: int = 10,
             if budget_s is not None and any("skipped" not in r for r in rows):
                 guess = predict(rows, nops)
                 if guess > budget_s:
-                    rows.append({"shape": shape, "actors": n, "ops": nops,
-                                 "predicted_s": guess,
-                                 "skipped": f"not run: extrapolated ~{guess:.0f} s "
-                                            f"> budget {budget_s:.0f} s"})
+                    rows.append(
+                        {
+                            "shape": shape,
+                            "actors": n,
+                            "ops": nops,
+                            "predicted_s": guess,
+                            "skipped": f"not run: extrapolated ~{guess:.0f} s "
+                            f"> budget {budget_s:.0f} s",
+                        }
+                    )
                     continue
             rows.append(measure(shape, n, ops_per_actor, repeat))
         growth([r for r in rows if "skipped" not in r])
         results[shape] = rows
     at_target = [r for rows in results.values() for r in rows if r["actors"] >= 1000]
-    too_fast = [r for rows in results.values() for r in rows
-                if r.get("growth_vs_nlogn", 0) > GROWTH_LIMIT]
+    too_fast = [
+        r for rows in results.values() for r in rows if r.get("growth_vs_nlogn", 0) > GROWTH_LIMIT
+    ]
     return {
         "ops_per_actor": ops_per_actor,
         "sizes": list(sizes),
         "shapes": results,
         "target": f"1,000 actors x 10 ops < {TARGET_SECONDS:.0f} s, growth <= n log n",
         # None: no 1,000-actor size was asked for, so the target was not judged
-        "target_met": (None if not at_target else
-                       all("skipped" not in r and r["timings"]["total"] < TARGET_SECONDS
-                           for r in at_target) and not too_fast),
+        "target_met": (
+            None
+            if not at_target
+            else all(
+                "skipped" not in r and r["timings"]["total"] < TARGET_SECONDS for r in at_target
+            )
+            and not too_fast
+        ),
     }
 
 
-STAGES = ("validate", "place", "channels", "lower-comm", "schedule", "codegen")
+STAGES = (
+    "validate-graph",
+    "place-actors",
+    "assign-channels",
+    "lower-comm",
+    "schedule-ops",
+    "codegen",
+)
 
 
 def table(res: dict) -> str:
-    head = (f"{'shape':9} {'actors':>6} {'ops':>6} " + " ".join(f"{s:>10}" for s in STAGES)
-            + f" {'total s':>8} {'us/op':>7} {'vs nlogn':>8}")
+    head = (
+        f"{'shape':9} {'actors':>6} {'ops':>6} "
+        + " ".join(f"{s:>10}" for s in STAGES)
+        + f" {'total s':>8} {'us/op':>7} {'vs nlogn':>8}"
+    )
     lines = [head, "-" * len(head)]
     for shape, rows in res["shapes"].items():
         for r in rows:
@@ -215,11 +258,13 @@ def table(res: dict) -> str:
                 continue
             t = r["timings"]
             g = r.get("growth_vs_nlogn")
-            lines.append(f"{shape:9} {r['actors']:6d} {r['ops']:6d} "
-                         + " ".join(f"{t.get(s, 0.0) * 1e3:8.1f}ms" for s in STAGES)
-                         + f" {t['total']:8.3f} {r['us_per_op']:7.1f} "
-                         + (f"{g:8.2f}" if g is not None else f"{'-':>8}")
-                         + ("  <-- faster than n log n" if g and g > GROWTH_LIMIT else ""))
+            lines.append(
+                f"{shape:9} {r['actors']:6d} {r['ops']:6d} "
+                + " ".join(f"{t.get(s, 0.0) * 1e3:8.1f}ms" for s in STAGES)
+                + f" {t['total']:8.3f} {r['us_per_op']:7.1f} "
+                + (f"{g:8.2f}" if g is not None else f"{'-':>8}")
+                + ("  <-- faster than n log n" if g and g > GROWTH_LIMIT else "")
+            )
     verdict = {True: "MET", False: "MISSED", None: "not judged (no 1,000-actor size)"}
     lines.append(f"target: {res['target']}: {verdict[res['target_met']]}")
     return "\n".join(lines)
@@ -256,13 +301,25 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--ops-per-actor", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--budget", type=float, default=120.0,
-                    help="skip a size predicted to take longer than this many seconds")
-    ap.add_argument("--profile", action="store_true",
-                    help="cProfile the biggest size of every shape that grows too fast")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=120.0,
+        help="skip a size predicted to take longer than this many seconds",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the biggest size of every shape that grows too fast",
+    )
     a = ap.parse_args(argv)
-    res = run(tuple(int(s) for s in a.sizes.split(",")), tuple(a.shapes.split(",")),
-              a.ops_per_actor, a.repeat, a.budget)
+    res = run(
+        tuple(int(s) for s in a.sizes.split(",")),
+        tuple(a.shapes.split(",")),
+        a.ops_per_actor,
+        a.repeat,
+        a.budget,
+    )
     print(table(res))
     if a.profile:
         for shape, n, st in slow_stages(res):

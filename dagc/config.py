@@ -1,11 +1,12 @@
 """Every DAGC_* environment variable dagc reads, and Ray's TLS variables, read here and
 nowhere else."""
+
 import os
 
 # Keep large payload buffers on the malloc heap (see shm.tune_malloc); "0" turns it off.
 MALLOC_TUNE = os.environ.get("DAGC_MALLOC_TUNE", "1") != "0"
 
-# "1": run IR.verify() after every compiler pass (dagc.passes.base.run_pipeline).
+# "1": run IR.verify() after every compiler pass (dagc.passes.base.run_passes).
 VERIFY = os.environ.get("DAGC_VERIFY", "0") == "1"
 
 # Ray's TLS settings, beside dagc's own: when Ray runs with TLS, dagc's TCP channels use it
@@ -23,7 +24,10 @@ def ray_tls() -> tuple[str, str, str] | None:
         return None
     missing = [v for v in RAY_TLS_VARS if not os.environ.get(v)]
     if missing:
-        raise RuntimeError(f"RAY_USE_TLS is set, so {', '.join(RAY_TLS_VARS)} must be set too "
-                           f"(missing: {', '.join(missing)}); dagc's TCP channels use the "
-                           f"same certificates as Ray")
-    return tuple(os.environ[v] for v in RAY_TLS_VARS)
+        raise RuntimeError(
+            f"RAY_USE_TLS is set, so {', '.join(RAY_TLS_VARS)} must be set too "
+            f"(missing: {', '.join(missing)}); dagc's TCP channels use the "
+            f"same certificates as Ray"
+        )
+    cert, key, ca = (os.environ[v] for v in RAY_TLS_VARS)
+    return cert, key, ca

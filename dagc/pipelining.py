@@ -80,26 +80,38 @@ and idle: a measured 1F1B bubble of 0.39 at 2 stages x 4 microbatches against a 
 ``overlap_communication``; compile with ``costs=cg.profile(n)`` for it to place receives by
 measured costs. Measured figures: benchmarks/README.md, "Pipeline bubble".
 """
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 SCHEDULES = ("gpipe", "1f1b")
 
-__all__ = ["pipeline", "microbatch_args", "stage_orders", "theoretical_bubble",
-           "measured_bubble", "bubble_fraction", "SCHEDULES"]
+__all__ = [
+    "pipeline",
+    "microbatch_args",
+    "stage_orders",
+    "theoretical_bubble",
+    "measured_bubble",
+    "bubble_fraction",
+    "SCHEDULES",
+]
 
 
 def stage_orders(num_stages: int, microbatches: int, schedule: str = "1f1b") -> list[list[str]]:
     """Per stage, the order of its calls: ``[["F0", "F1", "B0", ...], ...]``."""
     p, m = int(num_stages), int(microbatches)
     if p < 1 or m < 1:
-        raise ValueError(f"need at least one stage and one microbatch (got {p} stages, "
-                         f"{m} microbatches)")
+        raise ValueError(
+            f"need at least one stage and one microbatch (got {p} stages, {m} microbatches)"
+        )
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; use one of "
-                         f"{', '.join(repr(s) for s in SCHEDULES)}")
+        raise ValueError(
+            f"unknown pipeline schedule {schedule!r}; use one of "
+            f"{', '.join(repr(s) for s in SCHEDULES)}"
+        )
     orders = []
     for s in range(p):
         if schedule == "gpipe":
@@ -119,8 +131,9 @@ def theoretical_bubble(num_stages: int, microbatches: int) -> float:
     return (num_stages - 1) / (microbatches + num_stages - 1)
 
 
-def pipeline(stages: Sequence[Any], microbatches: int, schedule: str = "1f1b", *,
-             transport: Any = "nccl"):
+def pipeline(
+    stages: Sequence[Any], microbatches: int, schedule: str = "1f1b", *, transport: Any = "nccl"
+):
     """The forward/backward DAG of one training step over ``microbatches`` microbatches.
 
     Args:
@@ -149,8 +162,8 @@ def pipeline(stages: Sequence[Any], microbatches: int, schedule: str = "1f1b", *
     def edge(node):
         return node if transport is None else node.with_tensor_transport(transport)
 
-    fwd: dict[tuple[int, int], Any] = {}     # (stage, mb) -> forward node
-    bwd: dict[tuple[int, int], Any] = {}     # (stage, mb) -> backward node
+    fwd: dict[tuple[int, int], Any] = {}  # (stage, mb) -> forward node
+    bwd: dict[tuple[int, int], Any] = {}  # (stage, mb) -> backward node
     queues = [deque(o) for o in orders]
     with InputNode() as inp:
         # Bind in a global order that keeps each stage's own order and binds every call
@@ -179,13 +192,14 @@ def pipeline(stages: Sequence[Any], microbatches: int, schedule: str = "1f1b", *
                         bwd[(s, mb)] = node if s == 0 else edge(node)
                     q.popleft()
                     progressed = True
-            if not progressed:    # cannot happen for the schedules above
-                raise RuntimeError(f"pipeline(): schedule {schedule!r} is not executable: "
-                                   f"next calls {[q[0] for q in queues if q]}")
+            if not progressed:  # cannot happen for the schedules above
+                raise RuntimeError(
+                    f"pipeline(): schedule {schedule!r} is not executable: "
+                    f"next calls {[q[0] for q in queues if q]}"
+                )
         finals = []
         for s in range(p):
-            done = ([bwd[(0, i)] for i in range(m)] if s == 0
-                    else [bwd[(s, int(orders[s][-1][1:]))]])
+            done = [bwd[(0, i)] for i in range(m)] if s == 0 else [bwd[(s, int(orders[s][-1][1:]))]]
             finals.append(stages[s].step.bind(*done))
         losses = [fwd[(p - 1, i)] for i in range(m)]
         return MultiOutputNode(losses + finals)
@@ -205,9 +219,12 @@ def microbatch_args(x, y, microbatches: int) -> tuple:
         else:
             parts = tuple(v)
         if len(parts) != m:
-            raise ValueError(f"cannot split a batch of {len(parts)} into {m} microbatches "
-                             f"(need a batch size that is a multiple of {m})")
+            raise ValueError(
+                f"cannot split a batch of {len(parts)} into {m} microbatches "
+                f"(need a batch size that is a multiple of {m})"
+            )
         return parts
+
     return split(x) + split(y)
 
 
@@ -223,6 +240,7 @@ def bubble_fraction(spans, num_stages: int) -> dict:
     stage}`` (span and busy in the spans' unit).
     """
     import statistics
+
     by_exec: dict = {}
     for n, _stage, t0, t1 in spans:
         by_exec.setdefault(n, []).append((t0, t1))
@@ -239,12 +257,18 @@ def bubble_fraction(spans, num_stages: int) -> dict:
         busy_l.append(busy / p)
     if not fractions:
         raise ValueError("no forward/backward spans to measure a bubble from")
-    return {"bubble": statistics.median(fractions), "per_execution": fractions, "stages": p,
-            "span": statistics.median(span_l), "busy": statistics.median(busy_l)}
+    return {
+        "bubble": statistics.median(fractions),
+        "per_execution": fractions,
+        "stages": p,
+        "span": statistics.median(span_l),
+        "busy": statistics.median(busy_l),
+    }
 
 
-def measured_bubble(profile, num_stages: int | None = None,
-                    methods: tuple[str, ...] = ("forward", "backward")) -> dict:
+def measured_bubble(
+    profile, num_stages: int | None = None, methods: tuple[str, ...] = ("forward", "backward")
+) -> dict:
     """The bubble fraction of the executions profiled by ``cg.profile(n)``.
 
     The ``methods`` calls of each actor track of the profile's Chrome trace are the
@@ -254,8 +278,11 @@ def measured_bubble(profile, num_stages: int | None = None,
     that ran ``methods``.
     """
     events = profile.trace()["traceEvents"]
-    spans = [(e["args"]["execution"], e["tid"], e["ts"], e["ts"] + e["dur"]) for e in events
-             if e.get("ph") == "X" and e.get("cat") == "call" and e.get("name") in methods]
+    spans = [
+        (e["args"]["execution"], e["tid"], e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") == "call" and e.get("name") in methods
+    ]
     if not spans:
         raise ValueError("the profile has no forward/backward calls")
     return bubble_fraction(spans, num_stages or len({s[1] for s in spans}))

@@ -9,11 +9,11 @@ lowering; a user can also write one by hand to see how a DAG would compile elsew
 
 Nothing here talks to Ray; the passes read it and stay runnable without Ray.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
-
 
 REORDERABLE = "__dagc_reorderable__"
 
@@ -69,20 +69,25 @@ class Placement:
     @property
     def nodes(self) -> list[str]:
         """Every node involved, the driver's first, then sorted."""
-        return [self.driver_node] + sorted({self.of(a).node for a in self.actors}
-                                           - {self.driver_node})
+        return [self.driver_node] + sorted(
+            {self.of(a).node for a in self.actors} - {self.driver_node}
+        )
 
     @classmethod
-    def local(cls, driver_node: str = "node0") -> "Placement":
+    def local(cls, driver_node: str = "node0") -> Placement:
         """Everything on one node, no GPUs: what lowering assumes when told nothing."""
         return cls(driver_node=driver_node)
 
     @classmethod
-    def spread(cls, actor_ids: Iterable[str], nodes: int, gpus_per_actor: int = 0) -> "Placement":
+    def spread(cls, actor_ids: Iterable[str], nodes: int, gpus_per_actor: int = 0) -> Placement:
         """What-if: actors dealt round-robin over ``nodes`` nodes ("node0" holds the driver)."""
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
         ids = list(actor_ids)
-        return cls(driver_node="node0", actors={
-            a: ActorPlace(node=f"node{i % nodes}", gpus=tuple(range(gpus_per_actor)))
-            for i, a in enumerate(ids)})
+        return cls(
+            driver_node="node0",
+            actors={
+                a: ActorPlace(node=f"node{i % nodes}", gpus=tuple(range(gpus_per_actor)))
+                for i, a in enumerate(ids)
+            },
+        )

@@ -1,12 +1,25 @@
 """Shared fixtures. End-to-end tests share one Ray session per test run."""
+
 import glob
 import os
 
 import pytest
 
+# IR.verify() after every compiler pass, in every test (dagc.config.VERIFY; read when dagc is
+# first imported, which is after this line).
+os.environ.setdefault("DAGC_VERIFY", "1")
+
 
 def _dagc_segments():
     return sorted(os.path.basename(p) for p in glob.glob("/dev/shm/dagc-*"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "fuzz: random-DAG property tests (tests/random_dags.py); a few dozen "
+        "examples by default, many more with -m fuzz (DAGC_FUZZ_EXAMPLES)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,10 +43,17 @@ def ray_session():
     import ray
 
     from tests.helpers import ray_address_file_kept
+
     with ray_address_file_kept():
         if not ray.is_initialized():
-            ray.init(address="local", num_cpus=32, include_dashboard=False,
-                     log_to_driver=False, configure_logging=True, logging_level="ERROR")
+            ray.init(
+                address="local",
+                num_cpus=32,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=True,
+                logging_level="ERROR",
+            )
         yield ray
         ray.shutdown()
 
@@ -46,7 +66,7 @@ def _mapped_segments(prefixes) -> set:
         for line in f:
             i = line.find("/dev/shm/dagc-")
             if i >= 0:
-                name = line[i + len("/dev/shm/"):].rstrip("\n").removesuffix(" (deleted)")
+                name = line[i + len("/dev/shm/") :].rstrip("\n").removesuffix(" (deleted)")
                 if name.startswith(prefixes):
                     out.add(name)
     return out
@@ -61,10 +81,12 @@ def no_shm_leak():
     processes using dagc on the machine do not make tests fail.
     """
     from dagc.runtime.driver.compiled import CREATED_PREFIXES
+
     first = len(CREATED_PREFIXES)
     yield
     import gc
     import time
+
     mine = tuple(CREATED_PREFIXES[first:])
     if not mine:
         return
@@ -75,7 +97,7 @@ def no_shm_leak():
         maps = _mapped_segments(mine)
         if not left and not maps or time.monotonic() > deadline:
             break
-        if maps and not collected:      # a CompiledDag dropped in a reference cycle
+        if maps and not collected:  # a CompiledDag dropped in a reference cycle
             gc.collect()
             collected = True
             continue

@@ -1,11 +1,13 @@
 """Test helpers: dagc IR built by hand (no Ray), and Ray's current-cluster file kept."""
+
 import contextlib
 import os
 
 import networkx as nx
 
 from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec, Ref
-from dagc.passes import PassContext, default_pipeline, run_pipeline
+from dagc.options import Options
+from dagc.passes import PassContext, run_passes
 from dagc.placement import ActorPlace, Placement
 
 
@@ -28,12 +30,18 @@ def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None, bind=
         kwargs = spec[4] if len(spec) > 4 else {}
         nret = spec[5] if len(spec) > 5 else 1
         group = spec[6] if len(spec) > 6 else None
-        op = Op(id=oid, kind=COLLECTIVE if group else CALL, actor=actor,
-                method="allreduce.sum" if group else method,
-                args=tuple(Arg.parse(a) for a in args),
-                kwargs=tuple((k, Arg.parse(v)) for k, v in kwargs.items()), num_returns=nret,
-                transport=transports.get(oid, "nccl" if group else None), group=group,
-                bind_index=bind[oid])
+        op = Op(
+            id=oid,
+            kind=COLLECTIVE if group else CALL,
+            actor=actor,
+            method="allreduce.sum" if group else method,
+            args=tuple(Arg.parse(a) for a in args),
+            kwargs=tuple((k, Arg.parse(v)) for k, v in kwargs.items()),
+            num_returns=nret,
+            transport=transports.get(oid, "nccl" if group else None),
+            group=group,
+            bind_index=bind[oid],
+        )
         g.add_node(oid, op=op)
         for a in op.refs():
             if isinstance(a, Ref):
@@ -42,10 +50,15 @@ def make_ir(ops, outputs, nfields=1, multi=None, gpus=(), transports=None, bind=
             actors.append(ActorSpec(id=actor, cls="Stage", name=actor))
     actors.sort(key=lambda a: int(a.id[1:]))
     fields = tuple(range(nfields))
-    ir = IR(graph=g, actors=tuple(actors),
-            inputs=InputSpec(fields=fields, num_positional=nfields, direct=nfields == 1),
-            output=OutputSpec(refs=tuple(Arg.parse(o) for o in outputs),
-                              multi=len(outputs) > 1 if multi is None else multi))
+    ir = IR(
+        graph=g,
+        actors=tuple(actors),
+        inputs=InputSpec(fields=fields, num_positional=nfields, direct=nfields == 1),
+        output=OutputSpec(
+            refs=tuple(Arg.parse(o) for o in outputs),
+            multi=len(outputs) > 1 if multi is None else multi,
+        ),
+    )
     ir.verify()
     return ir
 
@@ -56,11 +69,18 @@ def compile_ir(ir, overlap=False, gpus=(), methods=None, **options):
     ``gpus``: actor ids that hold a GPU; ``methods``: {actor id: {method: "file.py:1 C.m"}}.
     """
     methods = methods or {}
-    placement = Placement(driver_node="n0", actors={
-        a.id: ActorPlace(node="n0", gpus=(0,) if a.id in gpus else (),
-                         methods=methods.get(a.id, {})) for a in ir.actors})
-    ctx = PassContext(placement=placement, options=options)
-    return run_pipeline(ir, default_pipeline(overlap), ctx, callback=lambda p, x: x.verify())
+    placement = Placement(
+        driver_node="n0",
+        actors={
+            a.id: ActorPlace(
+                node="n0", gpus=(0,) if a.id in gpus else (), methods=methods.get(a.id, {})
+            )
+            for a in ir.actors
+        },
+    )
+    opts = Options(overlap_communication=overlap, **options)
+    ctx = PassContext(placement=placement, costs=opts.costs)
+    return run_passes(ir, opts.passes(), ctx, callback=lambda p, x: x.verify())
 
 
 def column(sched, actor):
@@ -73,6 +93,7 @@ def ray_address_file_kept():
     """Put /tmp/ray/ray_current_cluster back as it was: a Ray started inside points it at
     itself, where a later plain ``ray.init()`` elsewhere on the machine would find it."""
     from ray._private.utils import get_ray_address_file
+
     address_file = get_ray_address_file(None)
     before = open(address_file).read() if os.path.exists(address_file) else None
     try:

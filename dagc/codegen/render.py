@@ -5,6 +5,7 @@ in generated code comes from one namespace (:func:`local`), and no live object i
 ``repr()``-ed into source: constants, methods and channel ends are fetched from the runtime
 by name when the module is bound on its actor.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,11 +22,11 @@ from dagc.version import __version__
 
 @dataclass(frozen=True)
 class GeneratedModule:
-    actor: str          # "a1" or "driver"
-    label: str          # "a1:Stage"
-    filename: str       # the name tracebacks show: "<dagc a1:Stage 3f2a9c1d0e4b>"
+    actor: str  # "a1" or "driver"
+    label: str  # "a1:Stage"
+    filename: str  # the name tracebacks show: "<dagc a1:Stage 3f2a9c1d0e4b>"
     source: str
-    line_steps: tuple   # (generated line number, schedule step) pairs, for error reports
+    line_steps: tuple  # (generated line number, schedule step) pairs, for error reports
 
     def step_at(self, lineno: int) -> int | None:
         best = None
@@ -40,15 +41,20 @@ def template_dir() -> Path:
     if (here / "actor_loop.py.j2").exists():
         return here
     from importlib import resources
+
     return Path(str(resources.files("dagc._templates")))
 
 
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir())),
-                              undefined=jinja2.StrictUndefined, trim_blocks=True,
-                              lstrip_blocks=True, keep_trailing_newline=True,
-                              autoescape=False)
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
 
 
 _IDENT = re.compile(r"[^0-9a-zA-Z_]")
@@ -63,7 +69,9 @@ def local(arg: Arg, nfields: int) -> str:
         return "inp" if arg == INPUT else arg.op
     if isinstance(arg, Field):
         return "inp" if nfields == 1 else f"inp[{arg.number}]"
-    return f"k{arg.number}"
+    if isinstance(arg, Const):
+        return f"k{arg.number}"
+    raise TypeError(f"not an IR argument: {arg!r}")
 
 
 def _ident(s: str) -> str:
@@ -85,7 +93,7 @@ class _Model:
 
     def __init__(self, nfields: int):
         self.nfields = nfields
-        self.bindings: dict[str, str] = {}   # local name -> runtime expression
+        self.bindings: dict[str, str] = {}  # local name -> runtime expression
 
     def bind(self, name: str, expr: str) -> str:
         self.bindings.setdefault(name, expr)
@@ -97,8 +105,7 @@ class _Model:
         return local(r, self.nfields)
 
 
-def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
-                  where: str) -> dict:
+def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model, where: str) -> dict:
     """The template's view of one action. ``where``: the user's method's place, or ""."""
     k = a.kind
     d = {"kind": k, "step": step}
@@ -114,10 +121,17 @@ def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
         kwargs = [f"{kw}={m.ref(v)}" for kw, v in call.kwargs]
         checks = sorted({local(x, m.nfields) for x in call.refs() if isinstance(x, Ref)})
         n = call.num_returns
-        d.update(fn=fn, call_args=", ".join(args + kwargs), checks=checks,
-                 target=local(a.value, m.nfields), method=a.method, actor=actor,
-                 where=repr(where) if where else "",         # a Python literal, or nothing
-                 outs=[f"{a.value}_{i}" for i in range(n)] if n != 1 else [], num_returns=n)
+        d.update(
+            fn=fn,
+            call_args=", ".join(args + kwargs),
+            checks=checks,
+            target=local(a.value, m.nfields),
+            method=a.method,
+            actor=actor,
+            where=repr(where) if where else "",  # a Python literal, or nothing
+            outs=[f"{a.value}_{i}" for i in range(n)] if n != 1 else [],
+            num_returns=n,
+        )
         return d
     cid = sched.channel_of(actor, a).id
     d["comment"] = f"step {step}  {a} via {cid}"
@@ -125,16 +139,22 @@ def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
         d.update(target=local(a.value, m.nfields), handle=recv_handle(a.value))
     elif k == Kind.WAIT_SEND:
         d.update(handles=[send_handle(a.value, p) for p in a.peers])
-    elif k == Kind.READ:
-        d.update(fn=m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"),
-                 target=local(a.value, m.nfields))
-    elif k == Kind.WRITE:
-        d.update(fn=m.bind(f"write_{cid}", f"rt.writer({cid!r}).write"),
-                 source=local(a.value, m.nfields))
+    elif k == Kind.RECV:
+        d.update(
+            fn=m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"), target=local(a.value, m.nfields)
+        )
+    elif k == Kind.SEND:
+        d.update(
+            fn=m.bind(f"write_{cid}", f"rt.writer({cid!r}).write"), source=local(a.value, m.nfields)
+        )
     elif k in (Kind.CSEND, Kind.ISEND):
         cw = m.bind(f"cw_{cid}", f"rt.comm_writer({cid!r})")
-        d.update(obj=cw, source=local(a.value, m.nfields), peer=a.peers[0],
-                 handle=send_handle(a.value, a.peers[0]))
+        d.update(
+            obj=cw,
+            source=local(a.value, m.nfields),
+            peer=a.peers[0],
+            handle=send_handle(a.value, a.peers[0]),
+        )
     elif k in (Kind.CRECV, Kind.ICRECV):
         cr = m.bind(f"cr_{cid}", f"rt.comm_reader({cid!r})")
         d.update(obj=cr, target=local(a.value, m.nfields), handle=recv_handle(a.value))
@@ -144,21 +164,33 @@ def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model,
 
 
 def _header(ir: IR, actor: str, label: str, origin: str) -> dict:
-    return {"version": __version__, "graph": ir.fingerprint(), "actor": actor,
-            "label": label, "pipeline": ",".join(ir.passes), "origin": origin or "<unknown>"}
+    return {
+        "version": __version__,
+        "graph": ir.fingerprint(),
+        "actor": actor,
+        "label": label,
+        "passes": ",".join(ir.passes),
+        "origin": origin or "<unknown>",
+    }
 
 
-def render_actor(ir: IR, sched: Schedule, actor: str, origin: str = "",
-                 profile: bool = False) -> GeneratedModule:
+def render_actor(
+    ir: IR, sched: Schedule, actor: str, origin: str = "", profile: bool = False
+) -> GeneratedModule:
     nfields = len(ir.inputs.fields)
     m = _Model(nfields)
     spec = ir.actor(actor)
-    acts = [_action_model(sched, actor, step, a, m, spec.where(a.method)
-                          if a.kind == Kind.CALL else "")
-            for step, a in sched.of(actor)]
+    acts = [
+        _action_model(sched, actor, step, a, m, spec.where(a.method) if a.kind == Kind.CALL else "")
+        for step, a in sched.of(actor)
+    ]
     label = sched.labels.get(actor, actor)
-    model = {"h": _header(ir, actor, label, origin), "actions": acts,
-             "bindings": sorted(m.bindings.items(), key=_binding_order), "profile": profile}
+    model = {
+        "h": _header(ir, actor, label, origin),
+        "actions": acts,
+        "bindings": sorted(m.bindings.items(), key=_binding_order),
+        "profile": profile,
+    }
     src = environment().get_template("actor_loop.py.j2").render(**model)
     return _finish(actor, label, ir, src)
 
@@ -166,17 +198,22 @@ def render_actor(ir: IR, sched: Schedule, actor: str, origin: str = "",
 def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     nfields = len(ir.inputs.fields)
     m = _Model(nfields)
-    inputs = []         # one write per input channel (readers on several nodes: several)
+    inputs = []  # one write per input channel (readers on several nodes: several)
     outputs = []
     for step, a in sched.of(DRIVER):
         cid = sched.channel_of(DRIVER, a).id
-        if a.kind == Kind.WRITE:
+        if a.kind == Kind.SEND:
             inputs.append(m.bind(f"write_{cid}", f"rt.writer({cid!r}).write"))
-        elif a.kind == Kind.READ:
-            outputs.append({"target": local(a.value, nfields), "channel": cid,
-                            "fn": m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"),
-                            "comment": f"step {step}  {a} via {cid}"})
-    if len(outputs) > 1:     # several outputs: read in order when all are there (fail fast)
+        elif a.kind == Kind.RECV:
+            outputs.append(
+                {
+                    "target": local(a.value, nfields),
+                    "channel": cid,
+                    "fn": m.bind(f"read_{cid}", f"rt.reader({cid!r}).read"),
+                    "comment": f"step {step}  {a} via {cid}",
+                }
+            )
+    if len(outputs) > 1:  # several outputs: read in order when all are there (fail fast)
         for o in outputs:
             o["ready"] = m.bind(f"ready_{o['channel']}", f"rt.reader({o['channel']!r}).ready")
     fields = []
@@ -188,14 +225,18 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
     if not kws:
         cond.append("kwargs")
     result = [local(r, nfields) for r in ir.output.refs]
-    model = {"h": _header(ir, DRIVER, DRIVER, origin), "inputs": inputs, "fields": fields,
-             "bad_input": " or ".join(cond), "outputs": outputs,
-             "gather_channels": repr(tuple(o["channel"] for o in outputs)),
-             "gather_targets": ", ".join(o["target"] for o in outputs),
-             "all_ready": " and ".join(f"{o['ready']}()" for o in outputs
-                                       if "ready" in o),
-             "result": ("[" + ", ".join(result) + "]") if ir.output.multi else result[0],
-             "bindings": sorted(m.bindings.items(), key=_binding_order)}
+    model = {
+        "h": _header(ir, DRIVER, DRIVER, origin),
+        "inputs": inputs,
+        "fields": fields,
+        "bad_input": " or ".join(cond),
+        "outputs": outputs,
+        "gather_channels": repr(tuple(o["channel"] for o in outputs)),
+        "gather_targets": ", ".join(o["target"] for o in outputs),
+        "all_ready": " and ".join(f"{o['ready']}()" for o in outputs if "ready" in o),
+        "result": ("[" + ", ".join(result) + "]") if ir.output.multi else result[0],
+        "bindings": sorted(m.bindings.items(), key=_binding_order),
+    }
     src = environment().get_template("driver.py.j2").render(**model)
     return _finish(DRIVER, DRIVER, ir, src)
 
@@ -217,8 +258,9 @@ def _finish(actor: str, label: str, ir: IR, src: str) -> GeneratedModule:
         if mt:
             line_steps.append((i, int(mt.group(1))))
     filename = f"<dagc {label} {ir.fingerprint()}>"
-    return GeneratedModule(actor=actor, label=label, filename=filename, source=src,
-                           line_steps=tuple(line_steps))
+    return GeneratedModule(
+        actor=actor, label=label, filename=filename, source=src, line_steps=tuple(line_steps)
+    )
 
 
 def render_all(ir: IR, origin: str = "", profile: bool = False) -> dict[str, GeneratedModule]:
@@ -229,4 +271,3 @@ def render_all(ir: IR, origin: str = "", profile: bool = False) -> dict[str, Gen
         if a != DRIVER:
             out[a] = render_actor(ir, sched, a, origin, profile)
     return out
-

@@ -14,6 +14,7 @@ Every file is UTF-8 with "\\n" line ends and one trailing newline, and depends o
 inputs, so the same DAG compiled twice gives byte-identical files. Nothing else in the
 directory is touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,16 @@ def _text(s: str) -> bytes:
 def _module_filename(actor: str) -> str:
     name = f"{actor}.py"
     if not actor or os.sep in actor or "/" in actor or actor.startswith("."):
-        raise ValueError(f"generated module key {actor!r} is not a plain actor id "
-                         f"(expected names like 'a0' or 'driver')")
+        raise ValueError(
+            f"generated module key {actor!r} is not a plain actor id "
+            f"(expected names like 'a0' or 'driver')"
+        )
     return name
 
 
-def artifact_files(schedule: Schedule, sources: dict[str, str],
-                   trace: dict | None = None) -> dict[str, bytes]:
+def artifact_files(
+    schedule: Schedule, sources: dict[str, str], trace: dict | None = None
+) -> dict[str, bytes]:
     """File name -> exact bytes of every artifact, in a stable order (see module doc)."""
     files = {_module_filename(a): _text(sources[a]) for a in sorted(sources)}
     files["schedule.txt"] = _text(str(schedule))
@@ -50,13 +54,13 @@ def artifact_files(schedule: Schedule, sources: dict[str, str],
     files["schedule.csv"] = _text(schedule.to_csv())
     files["graph.dot"] = _text(to_dot(schedule))
     if trace is not None:
-        files["trace.json"] = _text(json.dumps(trace, indent=1, sort_keys=True,
-                                               ensure_ascii=False))
+        files["trace.json"] = _text(json.dumps(trace, indent=1, sort_keys=True, ensure_ascii=False))
     return files
 
 
-def write_artifacts(dir: str | os.PathLike, schedule: Schedule, sources: dict[str, str],
-                    trace: dict | None = None) -> list[Path]:
+def write_artifacts(
+    dir: str | os.PathLike, schedule: Schedule, sources: dict[str, str], trace: dict | None = None
+) -> list[Path]:
     """Write the artifacts into ``dir`` (created if needed); returns the paths written."""
     root = Path(dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -75,13 +79,16 @@ def load_schedule(dir: str | os.PathLike) -> Schedule:
         where = "does not exist" if not Path(dir).exists() else "has no schedule.json"
         raise ArtifactsError(
             f"{dir} {where}, so there is no schedule to show. Write the artifacts first "
-            f"with `dagc compile PIPELINE.py -o {dir}` or `cg.dump({str(dir)!r})`.")
+            f"with `dagc compile FILE -o {dir}` or `cg.dump({str(dir)!r})`."
+        )
     try:
         return Schedule.from_json(path.read_text(encoding="utf-8"))
     except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactsError(f"{path} is not a dagc schedule ({type(e).__name__}: {e}); "
-                             f"write it again with `dagc compile ... -o` or "
-                             f"`cg.dump(...)`.") from e
+        raise ArtifactsError(
+            f"{path} is not a dagc schedule ({type(e).__name__}: {e}); "
+            f"write it again with `dagc compile ... -o` or "
+            f"`cg.dump(...)`."
+        ) from e
 
 
 def show(dir: str | os.PathLike) -> str:

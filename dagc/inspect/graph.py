@@ -18,9 +18,11 @@ Edges, each labelled with the value it carries and its transport:
 Participants of one collective are listed with their group ("[g0]"); DOT joins them with a
 dashed line.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import networkx as nx
 
@@ -31,9 +33,9 @@ INPUT_NODE = "input"
 OUTPUT_NODE = "output"
 FORMATS = ("ascii", "dot", "svg", "png")
 
-_TRANSPORT_STYLE = {            # DOT edge attributes per transport
-    "local": 'style=dotted',
-    "shm": 'style=solid',
+_TRANSPORT_STYLE = {  # DOT edge attributes per transport
+    "local": "style=dotted",
+    "shm": "style=solid",
     "tcp": 'style=bold, color="darkorange3"',
     "comm": 'style=bold, color="blue3"',
 }
@@ -45,18 +47,18 @@ class RenderUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Node:
-    id: str          # "t3", "input" or "output"
-    actor: str       # actor id, or "driver" for input/output
-    label: str       # "a1:Stage.fwd", "input", "output"
+    id: str  # "t3", "input" or "output"
+    actor: str  # actor id, or "driver" for input/output
+    label: str  # "a1:Stage.fwd", "input", "output"
     group: str = ""  # collective group id for COLL nodes
 
 
 @dataclass(frozen=True)
 class Edge:
-    src: str         # node id
-    dst: str         # node id
-    value: str       # the value ref carried: "t3", "t3.1", "in"
-    transport: str   # "local" | "shm" | "tcp" | "comm"
+    src: str  # node id
+    dst: str  # node id
+    value: str  # the value ref carried: "t3", "t3.1", "in"
+    transport: str  # "local" | "shm" | "tcp" | "comm"
     channel: str = ""  # channel id, "" for local edges
 
     @property
@@ -68,8 +70,8 @@ class Edge:
 
 @dataclass(frozen=True)
 class DataflowGraph:
-    nodes: tuple[Node, ...]   # topological order: input first, output last
-    edges: tuple[Edge, ...]   # sorted by (destination order, source order, value)
+    nodes: tuple[Node, ...]  # topological order: input first, output last
+    edges: tuple[Edge, ...]  # sorted by (destination order, source order, value)
 
     def node(self, node_id: str) -> Node:
         for n in self.nodes:
@@ -83,12 +85,16 @@ class DataflowGraph:
 
 # -- building the graph -------------------------------------------------------------------
 
+
 def _uses(arg: Arg, value: Ref) -> bool:
     """Does argument ``arg`` (t3, t3.1, $0) read ``value`` (t3, t3.1, in)?"""
     if value == INPUT:
         return isinstance(arg, Field)
-    return isinstance(arg, Ref) and arg.op == value.op and (
-        arg == value or arg.index is None or value.index is None)
+    return (
+        isinstance(arg, Ref)
+        and arg.op == value.op
+        and (arg == value or arg.index is None or value.index is None)
+    )
 
 
 def _op_nodes(schedule: Schedule) -> dict[str, tuple[Node, Action]]:
@@ -106,15 +112,17 @@ def _consumers(schedule: Schedule, reader: str, value: Ref, channel: str) -> lis
     if reader == DRIVER:
         return [OUTPUT_NODE]
     acts = [a for _, a in schedule.of(reader)]
-    users = [a.value.op for a in acts if a.kind in OP_KINDS
-             and any(_uses(r, value) for r in schedule.call(a.value).refs())]
+    users = [
+        a.value.op
+        for a in acts
+        if a.kind in OP_KINDS and any(_uses(r, value) for r in schedule.call(a.value).refs())
+    ]
     if users:
         return users
     # paced only: the first op after the read
     after = False
     for a in acts:
-        after = after or (a.kind not in OP_KINDS
-                          and schedule.channel_of(reader, a).id == channel)
+        after = after or (a.kind not in OP_KINDS and schedule.channel_of(reader, a).id == channel)
         if after and a.kind in OP_KINDS:
             return [a.value.op]
     return []
@@ -125,12 +133,14 @@ def build_graph(schedule: Schedule) -> DataflowGraph:
     ops = _op_nodes(schedule)
     nodes: dict[str, Node] = {k: n for k, (n, _) in ops.items()}
     edges: set[Edge] = set()
-    driver_writes_input = any(a.kind == Kind.WRITE and a.value == INPUT
-                              for _, a in schedule.of(DRIVER))
+    driver_writes_input = any(
+        a.kind == Kind.SEND and a.value == INPUT for _, a in schedule.of(DRIVER)
+    )
     if driver_writes_input or any(c.value == INPUT for c in schedule.channels):
         nodes[INPUT_NODE] = Node(INPUT_NODE, DRIVER, INPUT_NODE)
-    if any(a.kind == Kind.READ for _, a in schedule.of(DRIVER)) or any(
-            DRIVER in c.readers for c in schedule.channels):
+    if any(a.kind == Kind.RECV for _, a in schedule.of(DRIVER)) or any(
+        DRIVER in c.readers for c in schedule.channels
+    ):
         nodes[OUTPUT_NODE] = Node(OUTPUT_NODE, DRIVER, OUTPUT_NODE)
     for c in schedule.channels:
         src = INPUT_NODE if c.value == INPUT else c.value.op
@@ -149,8 +159,10 @@ def build_graph(schedule: Schedule) -> DataflowGraph:
     rank = {n: i for i, n in enumerate(order)}
     return DataflowGraph(
         nodes=tuple(nodes[n] for n in order),
-        edges=tuple(sorted(edges, key=lambda e: (rank[e.dst], rank[e.src], e.value,
-                                                 e.transport, e.channel))))
+        edges=tuple(
+            sorted(edges, key=lambda e: (rank[e.dst], rank[e.src], e.value, e.transport, e.channel))
+        ),
+    )
 
 
 def _node_key(node_id: str) -> str:
@@ -169,6 +181,7 @@ def _topological(nodes: dict[str, Node], edges) -> list[str]:
 
 
 # -- text forms ---------------------------------------------------------------------------
+
 
 def to_ascii(schedule: Schedule) -> str:
     """The graph as a terminal listing, one node per line in topological order.
@@ -222,17 +235,18 @@ def to_dot(schedule: Schedule) -> str:
         }
     """
     g = build_graph(schedule)
-    lines = ["digraph dagc {",
-             "  rankdir=TB;",
-             '  graph [fontname="Helvetica", fontsize=11];',
-             '  node [shape=box, style="rounded", fontname="Helvetica", fontsize=11];',
-             '  edge [fontname="Helvetica", fontsize=9];']
+    lines = [
+        "digraph dagc {",
+        "  rankdir=TB;",
+        '  graph [fontname="Helvetica", fontsize=11];',
+        '  node [shape=box, style="rounded", fontname="Helvetica", fontsize=11];',
+        '  edge [fontname="Helvetica", fontsize=9];',
+    ]
     for special in (INPUT_NODE, OUTPUT_NODE):
         if any(n.id == special for n in g.nodes):
             lines.append(f"  {_q(special)} [label={_q(special)}, shape=oval];")
     for actor in schedule.actors:
-        members = [n for n in g.nodes if n.actor == actor
-                   and n.id not in (INPUT_NODE, OUTPUT_NODE)]
+        members = [n for n in g.nodes if n.actor == actor and n.id not in (INPUT_NODE, OUTPUT_NODE)]
         if not members:
             continue
         lines.append(f"  subgraph {_q('cluster_' + actor)} {{")
@@ -245,10 +259,12 @@ def to_dot(schedule: Schedule) -> str:
     for e in g.edges:
         style = _TRANSPORT_STYLE.get(e.transport, "style=solid")
         lines.append(f"  {_q(e.src)} -> {_q(e.dst)} [label={_q(e.text)}, {style}];")
-    for group, members in sorted(_collective_groups(g).items(), key=lambda kv: kv[0]):
-        for a, b in zip(members, members[1:]):
-            lines.append(f"  {_q(a)} -> {_q(b)} [label={_q(group)}, style=dashed, "
-                         f"dir=none, constraint=false];")
+    for group, ids in sorted(_collective_groups(g).items(), key=lambda kv: kv[0]):
+        for a, b in zip(ids, ids[1:]):
+            lines.append(
+                f"  {_q(a)} -> {_q(b)} [label={_q(group)}, style=dashed, "
+                f"dir=none, constraint=false];"
+            )
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -263,9 +279,11 @@ def _collective_groups(g: DataflowGraph) -> dict[str, list[str]]:
 
 # -- pictures -----------------------------------------------------------------------------
 
-_INSTALL_HINT = ("install the Python package (pip install graphviz) and the Graphviz "
-                 "'dot' program (e.g. apt-get install graphviz, brew install graphviz, "
-                 "conda install -c conda-forge graphviz)")
+_INSTALL_HINT = (
+    "install the Python package (pip install graphviz) and the Graphviz "
+    "'dot' program (e.g. apt-get install graphviz, brew install graphviz, "
+    "conda install -c conda-forge graphviz)"
+)
 
 
 def _pipe(dot_text: str, fmt: str) -> bytes:
@@ -274,14 +292,24 @@ def _pipe(dot_text: str, fmt: str) -> bytes:
     except ImportError as e:
         raise RenderUnavailableError(
             f"drawing the graph as {fmt} needs Graphviz: {_INSTALL_HINT}. "
-            f"format='dot' and format='ascii' work without it.") from e
+            f"format='dot' and format='ascii' work without it."
+        ) from e
     try:
         return graphviz.Source(dot_text).pipe(format=fmt)
     except graphviz.ExecutableNotFound as e:
         raise RenderUnavailableError(
             f"drawing the graph as {fmt} needs the Graphviz 'dot' program on PATH, which "
             f"was not found: {_INSTALL_HINT}. format='dot' and format='ascii' work "
-            f"without it.") from e
+            f"without it."
+        ) from e
+
+
+@overload
+def render(schedule: Schedule, format: Literal["png"]) -> bytes: ...
+@overload
+def render(schedule: Schedule, format: Literal["ascii", "dot", "svg"] = "ascii") -> str: ...
+@overload
+def render(schedule: Schedule, format: str) -> str | bytes: ...
 
 
 def render(schedule: Schedule, format: str = "ascii") -> str | bytes:

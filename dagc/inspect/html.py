@@ -5,7 +5,10 @@ Actor table and the channel list), the dataflow graph (inline SVG when Graphviz 
 it, else the ASCII listing in <pre>) and, when given, each actor's generated source in a
 collapsible <details> block.
 """
+
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from dagc.inspect.graph import RenderUnavailableError, render
 from dagc.ir import proc_key
@@ -21,24 +24,30 @@ def graph_html(schedule: Schedule) -> str:
         svg = render(schedule, "svg")
     except RenderUnavailableError:
         return f'<pre style="{MONO}">{escape(render(schedule, "ascii"))}</pre>'
-    start = svg.find("<svg")             # drop the XML prolog and DOCTYPE
+    start = svg.find("<svg")  # drop the XML prolog and DOCTYPE
     return svg[start:] if start >= 0 else svg
 
 
-def sources_html(sources: dict[str, str], labels: dict | None = None) -> str:
+def sources_html(sources: Mapping[str, str], labels: Mapping[str, str] | None = None) -> str:
     """One collapsed ``<details>`` per generated module, summary = the actor's label."""
     labels = labels or {}
     blocks = []
     for actor in sorted(sources, key=proc_key):
-        blocks.append(f"<details><summary>{escape(labels.get(actor, actor))} generated source"
-                      f"</summary><pre style=\"{MONO}\">{escape(sources[actor])}</pre></details>")
+        blocks.append(
+            f"<details><summary>{escape(labels.get(actor, actor))} generated source"
+            f'</summary><pre style="{MONO}">{escape(sources[actor])}</pre></details>'
+        )
     return "\n".join(blocks)
 
 
 def compiled_html(schedule: Schedule, sources: dict[str, str] | None = None) -> str:
     """A compiled DAG as HTML: schedule table, channels, dataflow graph, generated sources."""
-    parts = ['<div class="dagc-compiled">', schedule_html(schedule),
-             "<p><b>dataflow graph</b></p>", graph_html(schedule)]
+    parts = [
+        '<div class="dagc-compiled">',
+        schedule_html(schedule),
+        "<p><b>dataflow graph</b></p>",
+        graph_html(schedule),
+    ]
     if sources:
         parts += ["<p><b>generated code</b></p>", sources_html(sources, schedule.labels)]
     parts.append("</div>")

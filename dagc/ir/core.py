@@ -5,6 +5,7 @@ order of first appearance; values by op ids ("t0", "t1", ...), arguments by type
 :class:`~dagc.ir.values.Arg`s (see :mod:`dagc.ir.values`). Live handles and constants are
 kept by the frontend in a :class:`SideTable` that travels beside the IR.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,32 +14,33 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import networkx as nx
 
 from dagc.ir import verify
 from dagc.ir.values import Arg, Ref, op_sort_key
 
+
 @dataclass(frozen=True)
 class Op:
     """One node of the IR graph."""
 
-    id: str                                   # "t3"
-    kind: str                                 # CALL | COLLECTIVE
-    actor: str                                # "a1"
-    method: str                               # "fwd", "allreduce.sum", "allgather"
+    id: str  # "t3"
+    kind: str  # CALL | COLLECTIVE
+    actor: str  # "a1"
+    method: str  # "fwd", "allreduce.sum", "allgather"
     args: tuple[Arg, ...] = ()
     kwargs: tuple[tuple[str, Arg], ...] = ()
     num_returns: int = 1
-    transport: Optional[str] = None           # None (shm), "nccl", "auto", "gloo", "custom"
-    device: str = ""                          # with_tensor_transport(device=): "" (default,
-                                              # where the transport puts tensors), "cpu",
-                                              # "cuda": where readers receive them
-    group: Optional[str] = None               # collective group id "g0"
-    where: str = ""                           # the user's file:line where the node was bound
-    bind_index: Optional[int] = None          # position in its actor's bind order (0 first;
-                                              # equal for ties); None: unconstrained
+    transport: str | None = None  # None (shm), "nccl", "auto", "gloo", "custom"
+    device: str = ""  # with_tensor_transport(device=): "" (default,
+    # where the transport puts tensors), "cpu",
+    # "cuda": where readers receive them
+    group: str | None = None  # collective group id "g0"
+    where: str = ""  # the user's file:line where the node was bound
+    bind_index: int | None = None  # position in its actor's bind order (0 first;
+    # equal for ties); None: unconstrained
 
     def refs(self) -> list[Arg]:
         return [a for a in (*self.args, *(v for _, v in self.kwargs))]
@@ -59,11 +61,11 @@ class Op:
 
 @dataclass(frozen=True)
 class ActorSpec:
-    id: str                    # "a0"
-    cls: str                   # the actor class name, for people
-    node: str = ""             # Ray node id, filled by place
-    gpu_ids: tuple = ()        # filled by place
-    name: str = ""             # "a0" or the Ray actor name when it has one
+    id: str  # "a0"
+    cls: str  # the actor class name, for people
+    node: str = ""  # Ray node id, filled by place
+    gpu_ids: tuple = ()  # filled by place
+    name: str = ""  # "a0" or the Ray actor name when it has one
     # filled by place: (method, where the user wrote it) pairs, sorted by method, e.g.
     # ("embed", "pipeline.py:23 Embedder.embed"); plain data, for comments and errors
     methods: tuple[tuple[str, str], ...] = ()
@@ -99,27 +101,29 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    refs: tuple[Arg, ...] = ()        # Refs (validate refuses a raw input Field)
+    refs: tuple[Arg, ...] = ()  # Refs (validate refuses a raw input Field)
     multi: bool = False
 
 
-_CHANNEL = re.compile(r"(\w+): (\S+) (\S+) -> (\S+) \[(\w+)(?: via (\w+))?"
-                      r"(?: \(metadata over (\w+)\))?, (\d+) x (\d+) B\]")
+_CHANNEL = re.compile(
+    r"(\w+): (\S+) (\S+) -> (\S+) \[(\w+)(?: via (\w+))?"
+    r"(?: \(metadata over (\w+)\))?, (\d+) x (\d+) B\]"
+)
 
 
 @dataclass(frozen=True)
 class ChannelSpec:
     """One edge carrier between processes. Plain data, printed in the schedule."""
 
-    id: str                          # "c0"
-    value: Ref                       # the value it carries: t3, t3.1, or INPUT ("in")
-    writer: str                      # actor id or DRIVER
-    readers: tuple[str, ...]         # actor ids and/or DRIVER, sorted
-    transport: str = "shm"           # "shm" | "tcp" | "comm" (tensor metadata + communicator)
+    id: str  # "c0"
+    value: Ref  # the value it carries: t3, t3.1, or INPUT ("in")
+    writer: str  # actor id or DRIVER
+    readers: tuple[str, ...]  # actor ids and/or DRIVER, sorted
+    transport: str = "shm"  # "shm" | "tcp" | "comm" (tensor metadata + communicator)
     buffer_size: int = 1 << 20
     slots: int = 8
-    communicator: str = ""           # for transport "comm": the CommGroup id ("k0")
-    carrier: str = "shm"             # for transport "comm": what carries the metadata
+    communicator: str = ""  # for transport "comm": the CommGroup id ("k0")
+    carrier: str = "shm"  # for transport "comm": what carries the metadata
 
     @property
     def over_tcp(self) -> bool:
@@ -130,28 +134,41 @@ class ChannelSpec:
         comm = f" via {self.communicator}" if self.communicator else ""
         if self.carrier != "shm":
             comm += f" (metadata over {self.carrier})"
-        return (f"{self.id}: {self.value} {self.writer} -> {','.join(self.readers)} "
-                f"[{self.transport}{comm}, {self.slots} x {self.buffer_size} B]")
+        return (
+            f"{self.id}: {self.value} {self.writer} -> {','.join(self.readers)} "
+            f"[{self.transport}{comm}, {self.slots} x {self.buffer_size} B]"
+        )
 
     @classmethod
-    def parse(cls, text: str) -> "ChannelSpec":
+    def parse(cls, text: str) -> ChannelSpec:
         """Inverse of ``str()``."""
         m = _CHANNEL.fullmatch(text)
         if m is None:
-            raise ValueError(f"bad channel {text!r}: expected 'c0: t3 a0 -> a1,a2 "
-                             f"[shm, 8 x 1048576 B]'")
+            raise ValueError(
+                f"bad channel {text!r}: expected 'c0: t3 a0 -> a1,a2 [shm, 8 x 1048576 B]'"
+            )
         cid, value, writer, readers, transport, comm, carrier, slots, size = m.groups()
-        return cls(cid, Ref.parse(value), writer, tuple(readers.split(",")), transport,
-                   int(size), int(slots), comm or "", carrier or "shm")
+        return cls(
+            cid,
+            Ref.parse(value),
+            writer,
+            tuple(readers.split(",")),
+            transport,
+            int(size),
+            int(slots),
+            comm or "",
+            carrier or "shm",
+        )
 
 
 @dataclass(frozen=True)
 class CommGroup:
-    """A communicator the DAG needs: a backend over a fixed, ordered set of actors (rank = index)."""
+    """A communicator the DAG needs: a backend over a fixed, ordered set of actors
+    (rank = index)."""
 
-    id: str                          # "k0"
-    backend: str                     # "gloo" | "nccl" | "customN"
-    members: tuple[str, ...]         # actor ids; rank = position
+    id: str  # "k0"
+    backend: str  # "gloo" | "nccl" | "customN"
+    members: tuple[str, ...]  # actor ids; rank = position
 
     def rank(self, actor: str) -> int:
         return self.members.index(actor)
@@ -170,10 +187,10 @@ class IR:
     output: OutputSpec
     channels: tuple[ChannelSpec, ...] = ()
     comm_groups: tuple[CommGroup, ...] = ()
-    collectives: tuple = ()          # (group id "g0", CommGroup id) pairs, set by lower-comm
-    schedule: Any = None             # dagc.schedule.Schedule once the schedule pass ran
-    passes: tuple[str, ...] = ()     # names of the passes run so far
-    options: tuple = ()              # compile options that change the output (sorted pairs)
+    collectives: tuple = ()  # (group id "g0", CommGroup id) pairs, set by lower-comm
+    schedule: Any = None  # dagc.schedule.Schedule once the schedule pass ran
+    passes: tuple[str, ...] = ()  # names of the passes run so far
+    options: tuple = ()  # compile options that change the output (sorted pairs)
 
     # -- helpers -------------------------------------------------------------------------
     def op(self, op_id: str) -> Op:
@@ -189,7 +206,7 @@ class IR:
     def _actors_by_id(self) -> dict[str, ActorSpec]:
         return {a.id: a for a in self.actors}
 
-    def replace(self, **changes) -> "IR":
+    def replace(self, **changes) -> IR:
         return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:
@@ -198,10 +215,13 @@ class IR:
         shown = bind_reordered((o.actor, o.id, o.bind_index) for o in self.ops())
         for n in nx.lexicographical_topological_sort(self.graph, key=op_sort_key):
             op = self.op(n)
-            lines.append("  " + str(op) + (f" [bind {op.bind_index}]" if op.actor in shown
-                                           else ""))
-        lines.append("output: " + ("[" if self.output.multi else "")
-                     + ", ".join(map(str, self.output.refs)) + ("]" if self.output.multi else ""))
+            lines.append("  " + str(op) + (f" [bind {op.bind_index}]" if op.actor in shown else ""))
+        lines.append(
+            "output: "
+            + ("[" if self.output.multi else "")
+            + ", ".join(map(str, self.output.refs))
+            + ("]" if self.output.multi else "")
+        )
         for c in self.channels:
             lines.append("  " + str(c))
         for g in self.comm_groups:
@@ -214,8 +234,9 @@ class IR:
         shows the printed IR, and the schedule table with the problems marked."""
         problems, marks = verify.problems(self)
         if problems:
-            text = ("IR verification failed:\n  " + "\n  ".join(problems)
-                    + "\n--- IR ---\n" + str(self))
+            text = (
+                "IR verification failed:\n  " + "\n  ".join(problems) + "\n--- IR ---\n" + str(self)
+            )
             if self.schedule is not None:
                 text += "\n--- schedule ---\n" + self.schedule.table(marks)
             raise AssertionError(text)
@@ -229,7 +250,7 @@ class IR:
         h = hashlib.sha256()
         h.update(str(self).encode())
         h.update(json.dumps([dataclasses.astuple(a)[:2] for a in self.actors]).encode())
-        if any(a.methods for a in self.actors):     # they name the user's code in comments
+        if any(a.methods for a in self.actors):  # they name the user's code in comments
             h.update(json.dumps([a.methods for a in self.actors]).encode())
         h.update(repr(self.options).encode())
         return h.hexdigest()[:12]
@@ -257,6 +278,6 @@ def bind_reordered(ops) -> set[str]:
 class SideTable:
     """Live objects the IR refers to by id: actor handles, constants, communicators."""
 
-    handles: dict = field(default_factory=dict)        # actor id -> ActorHandle
-    constants: list = field(default_factory=list)      # "#k" -> object
+    handles: dict = field(default_factory=dict)  # actor id -> ActorHandle
+    constants: list = field(default_factory=list)  # "#k" -> object
     communicators: dict = field(default_factory=dict)  # transport name -> user Communicator

@@ -12,30 +12,40 @@ value, :data:`INPUT` (printed ``in``: the "in" channel). ``Arg.parse(str(a)) == 
 Processes are :data:`DRIVER` and actor ids "a0", "a1", ...; ops are of kind :data:`CALL`
 or :data:`COLLECTIVE`.
 """
+
 from __future__ import annotations
 
-import abc
 import re
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple
 
-DRIVER = "driver"      # the driver's process name, beside actor ids "a0", "a1", ...
+if TYPE_CHECKING:  # Arg is a protocol to a type checker, an ABC at run time (see Arg)
+    from typing import Protocol as _ArgBase
+else:
+    from abc import ABC as _ArgBase
+
+DRIVER = "driver"  # the driver's process name, beside actor ids "a0", "a1", ...
 
 # Op kinds: a closed set.
-CALL = "call"              # actor method call
+CALL = "call"  # actor method call
 COLLECTIVE = "collective"  # one participant of a collective (allreduce/allgather/reducescatter)
 KINDS = (CALL, COLLECTIVE)
 
 _REF = re.compile(r"([A-Za-z_]\w*)(?:\.(\d+))?")
 
 
-class Arg(abc.ABC):
-    """An op argument: a :class:`Ref`, a :class:`Field` or a :class:`Const` (see module doc)."""
+class Arg(_ArgBase):  # noqa: B024 - no abstract methods: Field, Const subclass it, Ref registers
+    """An op argument: a :class:`Ref`, a :class:`Field` or a :class:`Const` (see module doc).
+
+    Field and Const subclass it; :class:`Ref`, a NamedTuple (which can have no other
+    base), registers with it, which ``isinstance`` sees but a type checker does not: to
+    one, Arg is a protocol that Ref meets by its shape.
+    """
 
     __slots__ = ()
 
     @staticmethod
-    def parse(text: str) -> "Arg":
+    def parse(text: str) -> Arg:
         """Inverse of ``str()``: "t3.1" -> Ref("t3", 1), "$0" -> Field(0), "#2" -> Const(2)."""
         if text[:1] == "$":
             return Field(_number(text))
@@ -57,18 +67,20 @@ class Ref(NamedTuple):
     lookups by value hash and compare it at C speed.
     """
 
-    op: str                          # the producing op id ("t3"); "in" for INPUT
-    index: Optional[int] = None      # the element of a num_returns > 1 result
+    op: str  # the producing op id ("t3"); "in" for INPUT
+    # the element of a num_returns > 1 result; as a field it hides tuple.index, unused on a Ref
+    index: int | None = None  # type: ignore[assignment]
 
     def __str__(self) -> str:
         return self.op if self.index is None else f"{self.op}.{self.index}"
 
     @staticmethod
-    def parse(text: str) -> "Ref":
+    def parse(text: str) -> Ref:
         m = _REF.fullmatch(text)
         if m is None:
-            raise ValueError(f"bad value {text!r}: expected an op id (t3), an element (t3.1) "
-                             f"or {INPUT}")
+            raise ValueError(
+                f"bad value {text!r}: expected an op id (t3), an element (t3.1) or {INPUT}"
+            )
         return Ref(m[1], int(m[2]) if m[2] else None)
 
 
@@ -95,10 +107,11 @@ class Const(Arg):
         return f"#{self.number}"
 
 
-INPUT = Ref("in")      # the value the driver writes each execution: the "in" channel
+INPUT = Ref("in")  # the value the driver writes each execution: the "in" channel
 
 
 # -- sort keys: the one place that orders op ids, values and processes ---------------------
+
 
 def op_sort_key(op_id: str) -> str:
     """Sort "t2" before "t10": numeric order of op ids, as a string key."""
@@ -114,5 +127,4 @@ def value_key(value: Ref):
 
 def proc_key(proc: str):
     """Order of processes: the driver first, then actors by number ("a2" before "a10")."""
-    return (0, 0, "") if proc == DRIVER else (
-        1, int(proc[1:]) if proc[1:].isdigit() else 0, proc)
+    return (0, 0, "") if proc == DRIVER else (1, int(proc[1:]) if proc[1:].isdigit() else 0, proc)

@@ -15,6 +15,7 @@
 
 This module reads the IR by attribute and imports only :mod:`dagc.ir.values`.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -109,22 +110,28 @@ def _channel_problems(ir) -> list[str]:
         if c.transport == "comm" and DRIVER in c.readers:
             out.append(f"{where}: the driver reads a communicator channel")
         if c.transport != "comm" and (c.communicator or c.carrier != "shm"):
-            out.append(f"{where}: a {c.transport} channel with communicator "
-                       f"{c.communicator!r}, carrier {c.carrier}")
+            out.append(
+                f"{where}: a {c.transport} channel with communicator "
+                f"{c.communicator!r}, carrier {c.carrier}"
+            )
         for r in c.readers:
             carried.setdefault((c.value, r), []).append(c.id)
     for (value, r), cids in carried.items():
         if len(cids) > 1:
             out.append(f"{value} reaches {r} through {len(cids)} channels ({','.join(cids)})")
     if not ir.channels:
-        return out                      # the channels pass has not run
+        return out  # the channels pass has not run
     for op in ir.ops():
         for a in op.refs():
             value = INPUT if isinstance(a, Field) else a
-            if isinstance(value, Ref) and _maker(ir, value) not in (None, op.actor) \
-                    and (value, op.actor) not in carried:
-                out.append(f"{op.id} on {op.actor} reads {a}, but no channel carries "
-                           f"{value} to {op.actor}")
+            if (
+                isinstance(value, Ref)
+                and _maker(ir, value) not in (None, op.actor)
+                and (value, op.actor) not in carried
+            ):
+                out.append(
+                    f"{op.id} on {op.actor} reads {a}, but no channel carries {value} to {op.actor}"
+                )
     for r in ir.output.refs:
         if isinstance(r, Ref) and (r, DRIVER) not in carried:
             out.append(f"output {r}: no channel carries it to the driver")
@@ -139,8 +146,12 @@ def _group_problems(ir) -> list[str]:
         if g.id in groups:
             out.append(f"communicator group id {g.id} used twice")
         groups[g.id] = g
-        if not g.backend or not g.members or not set(g.members) <= actor_ids \
-                or len(set(g.members)) != len(g.members):
+        if (
+            not g.backend
+            or not g.members
+            or not set(g.members) <= actor_ids
+            or len(set(g.members)) != len(g.members)
+        ):
             out.append(f"communicator group {g}: needs a backend and distinct known members")
     lowered = bool(ir.comm_groups) or ir.schedule is not None
     for c in ir.channels:
@@ -148,11 +159,14 @@ def _group_problems(ir) -> list[str]:
             continue
         g = groups.get(c.communicator)
         if g is None:
-            out.append(f"channel {c.id} ({c.value}): names no communicator group "
-                       f"({c.communicator!r})")
+            out.append(
+                f"channel {c.id} ({c.value}): names no communicator group ({c.communicator!r})"
+            )
         elif not {c.writer, *c.readers} <= set(g.members):
-            out.append(f"channel {c.id} ({c.value}): group {g.id} lacks "
-                       f"{','.join(sorted({c.writer, *c.readers} - set(g.members)))}")
+            out.append(
+                f"channel {c.id} ({c.value}): group {g.id} lacks "
+                f"{','.join(sorted({c.writer, *c.readers} - set(g.members)))}"
+            )
     members: dict[str, list] = {}
     for op in ir.ops():
         if op.kind == COLLECTIVE:
@@ -167,8 +181,10 @@ def _group_problems(ir) -> list[str]:
         elif g is None:
             out.append(f"collective {gid}: names no communicator group ({kid!r})")
         elif set(g.members) != set(members[gid]):
-            out.append(f"collective {gid}: group {kid} is over {','.join(g.members)}, its "
-                       f"participants are {','.join(members[gid])}")
+            out.append(
+                f"collective {gid}: group {kid} is over {','.join(g.members)}, its "
+                f"participants are {','.join(members[gid])}"
+            )
     if lowered:
         for gid in sorted(set(members) - set(named)):
             out.append(f"collective {gid} has no communicator group")
@@ -180,12 +196,11 @@ def _schedule_problems(ir, marks: dict) -> list[str]:
     out = []
 
     def mark(actor: str, step: int, note: str) -> None:
-        if step < 0:                    # no one place in the table
+        if step < 0:  # no one place in the table
             out.append(f"{actor}: {note}")
             return
         out.append(f"{actor} step {step}: {note}")
-        marks[(actor, step)] = f"{marks[(actor, step)]}; {note}" if (actor, step) in marks \
-            else note
+        marks[(actor, step)] = f"{marks[(actor, step)]}; {note}" if (actor, step) in marks else note
 
     want = (DRIVER, *(a.id for a in ir.actors))
     if tuple(sched.actors) != want:
@@ -203,20 +218,25 @@ def _schedule_problems(ir, marks: dict) -> list[str]:
                 continue
             called[op.id] += 1
             coll = op.kind == COLLECTIVE
-            if op.actor != p or (a.kind == "coll") != coll or a.method != op.method \
-                    or a.group != (op.group or ""):
+            if (
+                op.actor != p
+                or (a.kind == "coll") != coll
+                or a.method != op.method
+                or a.group != (op.group or "")
+            ):
                 mark(p, step, f"'{a}' is not the IR's {op}")
             try:
                 call = sched.call(a.value)
             except KeyError:
-                continue                    # reported by Schedule.problems()
-            if (call.args, call.kwargs, call.num_returns) != (op.args, op.kwargs,
-                                                              op.num_returns):
+                continue  # reported by Schedule.problems()
+            if (call.args, call.kwargs, call.num_returns) != (op.args, op.kwargs, op.num_returns):
                 mark(p, step, f"calls '{call}', the IR says {op}")
     for op in ir.ops():
         if called[op.id] != 1:
-            out.append(f"{op.id} ({op.actor}.{op.method}) is called {called[op.id]} times "
-                       f"in the schedule, not once")
+            out.append(
+                f"{op.id} ({op.actor}.{op.method}) is called {called[op.id]} times "
+                f"in the schedule, not once"
+            )
     for actor, step, note in sched.problems():
         mark(actor, step, note)
     return out

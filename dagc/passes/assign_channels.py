@@ -1,4 +1,4 @@
-"""channels: IR -> IR with one ChannelSpec per (value, transport, reader node) edge group.
+"""assign-channels: IR -> IR with one ChannelSpec per (value, transport, reader node) edge group.
 
 Rule: a value read only on its own actor stays a local variable (no channel). Otherwise
 readers on the writer's node share one shared-memory ring ("shm"); readers on another node
@@ -7,6 +7,7 @@ share one TCP channel per node ("tcp"); actor readers of a tensor-transport valu
 driver reading that value still gets plain shared memory. The input is channel "in" from the
 driver to every actor that reads an input field.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,27 +29,42 @@ def consumers(ir: IR) -> dict[Ref, list[str]]:
             if key and op.actor not in out.setdefault(key, []):
                 out[key].append(op.actor)
     for r in ir.output.refs:
-        if DRIVER not in out.setdefault(r, []):
+        # each is a Ref: validate-graph refused any other
+        if isinstance(r, Ref) and DRIVER not in out.setdefault(r, []):
             out[r].append(DRIVER)
     return out
 
 
 @dataclass(frozen=True)
 class AssignChannels(Pass):
-    name: ClassVar[str] = "channels"
+    """``buffer_size``: each ring slot's bytes; ``max_inflight``: a ring's message window
+    (its slots). Both are compile options (defaults: :class:`dagc.options.Options`)."""
+
+    name: ClassVar[str] = "assign-channels"
+    requires: ClassVar[frozenset[str]] = frozenset({"placed"})
+    ensures: ClassVar[frozenset[str]] = frozenset({"channels"})
+    buffer_size: int
+    max_inflight: int
 
     def run(self, ir: IR, ctx: PassContext) -> IR:
-        buffer_size = int(ctx.options.get("buffer_size", 1 << 20))
-        slots = int(ctx.options.get("max_inflight", 8))
+        buffer_size, slots = self.buffer_size, self.max_inflight
         node_of = {a.id: a.node for a in ir.actors}
         node_of[DRIVER] = ctx.placement.driver_node
         chans: list[ChannelSpec] = []
 
         def add(value, writer, readers, transport, carrier="shm"):
-            chans.append(ChannelSpec(id=f"c{len(chans)}", value=value, writer=writer,
-                                     readers=tuple(sorted(readers, key=proc_key)),
-                                     transport=transport, buffer_size=buffer_size,
-                                     slots=slots, carrier=carrier))
+            chans.append(
+                ChannelSpec(
+                    id=f"c{len(chans)}",
+                    value=value,
+                    writer=writer,
+                    readers=tuple(sorted(readers, key=proc_key)),
+                    transport=transport,
+                    buffer_size=buffer_size,
+                    slots=slots,
+                    carrier=carrier,
+                )
+            )
 
         def split(value, writer, readers, tensor):
             local = [r for r in readers if r != writer]
@@ -70,8 +86,9 @@ class AssignChannels(Pass):
         uses = consumers(ir)
         # every actor must be paced by some read; one that reads nothing from another
         # process is triggered by the input channel
-        fed = {r for k, procs in uses.items() if k != INPUT
-               for r in procs if r != ir.op(k.op).actor}
+        fed = {
+            r for k, procs in uses.items() if k != INPUT for r in procs if r != ir.op(k.op).actor
+        }
         for a in ir.actors:
             if a.id not in fed and a.id not in uses.get(INPUT, []):
                 uses.setdefault(INPUT, []).append(a.id)
@@ -81,4 +98,3 @@ class AssignChannels(Pass):
             op = ir.op(value.op)
             split(value, op.actor, uses[value], tensor=op.transport is not None)
         return ir.replace(channels=tuple(chans))
-

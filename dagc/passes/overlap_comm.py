@@ -1,4 +1,4 @@
-"""overlap: Schedule -> Schedule where communicator receives are issued early.
+"""overlap-comm: Schedule -> Schedule where communicator receives are issued early.
 
 Rule: each ``crecv v<w`` becomes ``icrecv v<w`` hoisted up to just after the previous
 communicator op of the same process (so the issue order of communicator ops is unchanged
@@ -9,6 +9,7 @@ readers) per value and channel goes at the end of the execution (the buffer stay
 until then). Every wait names what it waits for, so code generation guesses nothing. The
 simulator re-checks the result, waits included.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -16,26 +17,27 @@ from typing import ClassVar
 
 from dagc.ir import IR, Ref
 from dagc.passes.base import Pass, PassContext
-from dagc.passes.simulate import comm_order, run, timing_of
 from dagc.schedule import COMM_KINDS, Action, Entry, Kind, Schedule
-from dagc.schedule.costs import Costs
+from dagc.schedule.simulate import comm_order, run, timing_of
 
 
 def _uses(sched: Schedule, a, value: Ref) -> bool:
     """Whether action ``a`` reads ``value`` (a call taking it or an element of it, a write)."""
     if a.kind in (Kind.CALL, Kind.COLL):
-        return any(r == value or (value.index is None and isinstance(r, Ref) and r.op == value.op)
-                   for r in sched.call(a.value).refs())
-    if a.kind == Kind.WRITE:
+        return any(
+            r == value or (value.index is None and isinstance(r, Ref) and r.op == value.op)
+            for r in sched.call(a.value).refs()
+        )
+    if a.kind == Kind.SEND:
         return a.value == value
     return False
 
 
 def overlap_actions(sched: Schedule, actor: str) -> tuple[Entry, ...]:
     body: list[Entry] = []
-    last_comm = -1                          # index in `body` of the last communicator op
-    recv_waits: list[Entry] = []            # one wait_recv per hoisted receive
-    sends: dict[tuple[Ref, str], list[str]] = {}   # (value, channel id) -> peers, issue order
+    last_comm = -1  # index in `body` of the last communicator op
+    recv_waits: list[Entry] = []  # one wait_recv per hoisted receive
+    sends: dict[tuple[Ref, str], list[str]] = {}  # (value, channel id) -> peers, issue order
     for step, a in sched.of(actor):
         if a.kind == Kind.CRECV:
             body.insert(last_comm + 1, Entry(step, replace(a, kind=Kind.ICRECV)))
@@ -70,11 +72,16 @@ def overlap(sched: Schedule) -> Schedule:
 
 @dataclass(frozen=True)
 class OverlapComm(Pass):
-    name: ClassVar[str] = "overlap"
+    name: ClassVar[str] = "overlap-comm"
+    requires: ClassVar[frozenset[str]] = frozenset({"schedule", "comm-groups"})
+    ensures: ClassVar[frozenset[str]] = frozenset({"overlapped"})
 
     def run(self, ir: IR, ctx: PassContext) -> IR:
         sched = overlap(ir.schedule)
-        costs = Costs.of(ctx.options.get("costs"))
+        costs = ctx.costs
         result = run(sched, 2, comm_order(ir), costs)
-        return ir.replace(schedule=replace(sched, simulated_steps=result.rounds,
-                                           timing=timing_of(sched, result, costs)))
+        return ir.replace(
+            schedule=replace(
+                sched, simulated_steps=result.rounds, timing=timing_of(sched, result, costs)
+            )
+        )

@@ -1,4 +1,4 @@
-"""schedule: IR -> IR with a Schedule (per-actor ordered actions), proven deadlock-free.
+"""schedule-ops: IR -> IR with a Schedule (per-actor ordered actions), proven deadlock-free.
 
 Rule: every process executes the restriction of ONE global order (a topological order of
 the ops in which each collective is a single node, and which keeps every actor's methods
@@ -7,7 +7,7 @@ after the op that produced it, so all blocking communicator ops pair up in the s
 relative order on every participant. Shared-memory reads go just before first
 use (they are buffered, so they cannot close a cycle). Steps are assigned as soon as
 possible, so the Step x Actor table shows what may run at once. The simulator
-(``dagc.passes.simulate``) then runs the schedule with blocking rendezvous semantics and
+(``dagc.schedule.simulate``) then runs the schedule with blocking rendezvous semantics and
 raises DeadlockError if it can get stuck.
 
 Within that rule the pass still chooses, from the costs (``costs=``: uniform unless given;
@@ -29,26 +29,40 @@ see :mod:`dagc.schedule.costs`):
   method stays where it was bound, with respect to every other call of the actor). Without
   it the order is bind order, ties broken by op id.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import networkx as nx
 
 from dagc.errors import CompileError, DeadlockError
-from dagc.ir import CALL, COLLECTIVE, DRIVER, INPUT, IR, Field, Ref, bind_reordered, op_sort_key
+from dagc.ir import (
+    COLLECTIVE,
+    DRIVER,
+    INPUT,
+    IR,
+    ChannelSpec,
+    Field,
+    Ref,
+    bind_reordered,
+    op_sort_key,
+)
 from dagc.passes.base import Pass, PassContext
-from dagc.passes.simulate import comm_order, run, timing_of
+from dagc.passes.bind_order import bind_edges, bind_order_message
 from dagc.schedule import Action, Call, Entry, Kind, Schedule
-from dagc.schedule.costs import Costs, makespan
+from dagc.schedule.costs import Costs, Timing, makespan
+from dagc.schedule.simulate import Run, comm_order, run, timing_of
 
 REORDERS = ("bind", "critical-path")
-COMM_ORDERED = (Kind.CSEND, Kind.CRECV, Kind.COLL)     # one order per process: kept
+COMM_ORDERED = (Kind.CSEND, Kind.CRECV, Kind.COLL)  # one order per process: kept
 
 
-def global_order(ir: IR, reorder: str = "bind", costs: Costs | None = None,
-                 strategy: str = "") -> list[list[str]]:
+def global_order(
+    ir: IR, reorder: str = "bind", costs: Costs | None = None, strategy: str = ""
+) -> list[list[str]]:
     """A deterministic topological order; each entry is one op, or all ops of a collective.
 
     Constraints: data dependencies, and each actor's bind order (an edge from every op of
@@ -76,21 +90,24 @@ def global_order(ir: IR, reorder: str = "bind", costs: Costs | None = None,
         cycle = nx.find_cycle(cg)
         bound = [cg.edges[e]["bind"] for e in cycle if "bind" in cg.edges[e]]
         if bound:
-            raise CompileError(_bind_order_message(ir, cg, *bound[0]))
+            raise CompileError(bind_order_message(ir, cg, *bound[0]))
         cyc = " -> ".join(u for u, _ in cycle)
-        raise DeadlockError(f"collectives depend on each other's results in a cycle ({cyc}); "
-                            f"no order of communicator ops can complete. Split the collective "
-                            f"or reorder the binds.")
+        raise DeadlockError(
+            f"collectives depend on each other's results in a cycle ({cyc}); "
+            f"no order of communicator ops can complete. Split the collective "
+            f"or reorder the binds."
+        )
     members: dict[str, list[str]] = {}
     for n in g.nodes:
         members.setdefault(rep[n], []).append(n)
 
     first = {r: min(op_sort_key(n) for n in members[r]) for r in members}
     costs = costs or Costs.uniform()
+    key: Callable[[str], Any]  # an entry's representative -> its sort key
     if reorder == "critical-path":
         rank = upward_ranks(ir, costs)
         prio = {r: max(rank[n] for n in members[r]) for r in members}
-        key = lambda r: (-prio[r], first[r])                    # longest path first
+        key = lambda r: (-prio[r], first[r])  # longest path first
     else:
         key = first.__getitem__
     if strategy == "etf":
@@ -100,17 +117,21 @@ def global_order(ir: IR, reorder: str = "bind", costs: Costs | None = None,
     return [sorted(members[r], key=op_sort_key) for r in reps]
 
 
-def _earliest_first(ir: IR, cg: nx.DiGraph, members: dict, rep: dict, costs: Costs,
-                    key) -> list[str]:
+def _earliest_first(
+    ir: IR, cg: nx.DiGraph, members: dict, rep: dict, costs: Costs, key
+) -> list[str]:
     """A topological order of ``cg`` by list scheduling: of the entries whose predecessors
     are placed, the one that can start earliest (its actors free, its inputs there, by the
     costs) goes next; ties by ``key``. Sends are taken not to block (a heuristic: the
     simulator judges the result)."""
     import heapq
+
     moves = _move_costs(ir, costs)
     actors = {r: sorted({ir.op(n).actor for n in ns}) for r, ns in members.items()}
-    own = {r: max(costs.of_action(ir.op(n).actor, _op_action(ir, n)) for n in ns)
-           for r, ns in members.items()}
+    own = {
+        r: max(costs.of_action(ir.op(n).actor, _op_action(ir, n)) for n in ns)
+        for r, ns in members.items()
+    }
     lat: dict[tuple, float] = {}
     for u, v in ir.graph.edges:
         a, b = ir.op(u).actor, ir.op(v).actor
@@ -133,7 +154,7 @@ def _earliest_first(ir: IR, cg: nx.DiGraph, members: dict, rep: dict, costs: Cos
     while heap:
         t, k, r = heapq.heappop(heap)
         now = est(r)
-        if now > t:                       # an actor got busy meanwhile: look again later
+        if now > t:  # an actor got busy meanwhile: look again later
             heapq.heappush(heap, (now, k, r))
             continue
         out.append(r)
@@ -160,10 +181,11 @@ def _move_costs(ir: IR, costs: Costs) -> dict:
             if c.transport == "comm":
                 moves[(c.value.op, r)] = costs.of_transfer(r, c.value, c.writer)
             else:
-                moves[(c.value.op, r)] = (
-                    costs.actions.get(f"{r} recv {c.value}<{c.writer}", costs.move)
-                    + costs.actions.get(f"{c.writer} send {c.value}>{','.join(c.readers)}",
-                                        costs.move))
+                moves[(c.value.op, r)] = costs.actions.get(
+                    f"{r} recv {c.value}<{c.writer}", costs.move
+                ) + costs.actions.get(
+                    f"{c.writer} send {c.value}>{','.join(c.readers)}", costs.move
+                )
     return moves
 
 
@@ -184,75 +206,24 @@ def upward_ranks(ir: IR, costs: Costs) -> dict[str, float]:
     return rank
 
 
-def bind_edges(ir: IR, relaxed: bool = False) -> list[tuple[str, str]]:
-    """(earlier, later) op pairs: consecutive bind positions of one actor, ties unordered.
-
-    ``relaxed``: calls of reorderable methods (``ActorSpec.reorderable``) between two calls
-    of other methods are ordered after the earlier and before the later of those only.
-    """
-    by_actor: dict[str, dict[int, list[str]]] = {}
-    for op in ir.ops():
-        if op.bind_index is not None:
-            by_actor.setdefault(op.actor, {}).setdefault(op.bind_index, []).append(op.id)
-    edges = []
-    for actor in sorted(by_actor):
-        positions = [sorted(ops, key=op_sort_key) for _, ops in sorted(by_actor[actor].items())]
-        free = set(ir.actor(actor).reorderable) if relaxed else set()
-        if not free:
-            for before, after in zip(positions, positions[1:]):
-                edges += [(u, v) for u in before for v in after]
-            continue
-        barrier: list[str] = []           # the last position with a call not reorderable
-        loose: list[str] = []             # reorderable calls since then
-        for ops in positions:
-            if all(ir.op(o).method in free and ir.op(o).kind == CALL for o in ops):
-                edges += [(u, v) for u in barrier for v in ops]
-                loose += ops
-                continue
-            edges += [(u, v) for u in (loose or barrier) for v in ops]
-            barrier, loose = ops, []
-    return edges
-
-
-def _bind_order_message(ir: IR, cg: nx.DiGraph, first: str, second: str) -> str:
-    """``first`` is bound before ``second`` on one actor, yet needs what ``second`` makes."""
-    a, b = ir.op(first), ir.op(second)
-    rep = lambda n: f"~{ir.op(n).group}" if ir.op(n).kind == COLLECTIVE else n
-    path = nx.shortest_path(cg, rep(second), rep(first))
-    via = " -> ".join(p.lstrip("~") for p in path)
-    if any("bind" in cg.edges[e] for e in zip(path, path[1:])):
-        via += ", counting other actors' bind order"
-    label = ir.actor(a.actor).label
-
-    def name(op) -> str:
-        where = f" at {op.where}" if op.where else ""
-        return (f"{label}.{op.method} ({op.id}, bound {_ordinal(op.bind_index)} on "
-                f"{op.actor}{where})")
-
-    return (f"{name(a)} is bound before {name(b)} but needs its result ({via}); an actor "
-            f"runs its methods in the order they were bound. Fix: bind {label}.{b.method} "
-            f"before {label}.{a.method}, all through one handle of the actor (each copy of "
-            f"a handle counts its binds separately), or move one of them to another actor.")
-
-
-def _ordinal(k: int) -> str:
-    n = k + 1
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
-def build_schedule(ir: IR, reorder: str = "bind", costs: Costs | None = None,
-                   late: bool = False, strategy: str = "") -> Schedule:
+def build_schedule(
+    ir: IR,
+    reorder: str = "bind",
+    costs: Costs | None = None,
+    late: bool = False,
+    strategy: str = "",
+) -> Schedule:
     """The schedule of ``global_order(ir, reorder, costs, strategy)``; ``late``: each
     blocking receive as late as its reader's column allows (see the module doc)."""
     procs = [DRIVER] + [a.id for a in ir.actors]
     acts: dict[str, list[Entry]] = {p: [] for p in procs}
-    ready = {p: 0 for p in procs}                 # next free step per process
-    avail: dict[tuple[str, str], int] = {}        # (channel id) -> first step a reader may read
-    have: dict[str, set] = {p: set() for p in procs}
-    by_value: dict[tuple[str, str], object] = {}  # (value, reader) -> ChannelSpec
-    written_by: dict[str, list] = {}              # value -> channels written after it exists
-    deferred: dict[str, list] = {p: [] for p in procs}   # late: (value, writer, send step)
+    ready = {p: 0 for p in procs}  # next free step per process
+    avail: dict[str, int] = {}  # channel id -> first step a reader may read
+    have: dict[str, set[Ref]] = {p: set() for p in procs}
+    by_value: dict[tuple[Ref, str], ChannelSpec] = {}  # (value, reader) -> its channel
+    written_by: dict[Ref, list[ChannelSpec]] = {}  # value -> channels written after it exists
+    # late: (value, writer, send step)
+    deferred: dict[str, list[tuple[Ref, str, int]]] = {p: [] for p in procs}
     for c in ir.channels:
         for r in c.readers:
             by_value[(c.value, r)] = c
@@ -260,7 +231,7 @@ def build_schedule(ir: IR, reorder: str = "bind", costs: Costs | None = None,
 
     def emit(p: str, step: int, kind: Kind, value: Ref, **kw) -> int:
         if kind in COMM_ORDERED and deferred[p]:
-            settle(p)                             # before its next communicator op
+            settle(p)  # before its next communicator op
             step = max(step, ready[p])
         acts[p].append(Entry(step, Action(kind, value, **kw)))
         ready[p] = step + 1
@@ -289,7 +260,7 @@ def build_schedule(ir: IR, reorder: str = "bind", costs: Costs | None = None,
                 raise AssertionError(f"{value} on {p}: comm values arrive when produced")
             settle(p, value)
             return
-        emit(p, max(ready[p], avail[c.id]), Kind.READ, value, peers=(c.writer,))
+        emit(p, max(ready[p], avail[c.id]), Kind.RECV, value, peers=(c.writer,))
         have[p].add(value)
 
     def produced(p: str, op_id: str, num_returns: int) -> None:
@@ -308,19 +279,19 @@ def build_schedule(ir: IR, reorder: str = "bind", costs: Costs | None = None,
                         emit(r, s, Kind.CRECV, v, peers=(p,))
                         have[r].add(v)
                 else:
-                    avail[c.id] = emit(p, ready[p], Kind.WRITE, v, peers=c.readers) + 1
+                    avail[c.id] = emit(p, ready[p], Kind.SEND, v, peers=c.readers) + 1
         if num_returns != 1:
             have[p].add(Ref(op_id))
 
     for c in ir.channels:
         if c.value == INPUT:
-            avail[c.id] = emit(DRIVER, 0, Kind.WRITE, INPUT, peers=c.readers) + 1
+            avail[c.id] = emit(DRIVER, 0, Kind.SEND, INPUT, peers=c.readers) + 1
             have[DRIVER].add(INPUT)
 
     order = global_order(ir, reorder, costs, strategy)
     shown = bind_reordered((o.actor, o.id, o.bind_index) for o in ir.ops())
     shown |= _run_out_of_bind_order(ir, order)
-    input_readers = set()
+    input_readers: set[str] = set()
     for c in ir.channels:
         if c.value == INPUT:
             input_readers.update(c.readers)
@@ -340,23 +311,34 @@ def build_schedule(ir: IR, reorder: str = "bind", costs: Costs | None = None,
         step = max(ready[op.actor] for op in ops)
         for op in ops:
             coll = op.kind == COLLECTIVE
-            emit(op.actor, step if coll else ready[op.actor], Kind.COLL if coll else Kind.CALL,
-                 Ref(op.id), method=op.method, group=op.group or "",
-                 bind=op.bind_index if op.actor in shown and op.bind_index is not None else -1)
+            emit(
+                op.actor,
+                step if coll else ready[op.actor],
+                Kind.COLL if coll else Kind.CALL,
+                Ref(op.id),
+                method=op.method,
+                group=op.group or "",
+                bind=op.bind_index if op.actor in shown and op.bind_index is not None else -1,
+            )
         for op in ops:
             produced(op.actor, op.id, op.num_returns)
 
-    for r in dict.fromkeys(ir.output.refs):
-        fetch(DRIVER, r)
+    for out in dict.fromkeys(ir.output.refs):
+        if isinstance(out, Ref):  # each of them: validate-graph refused any other
+            fetch(DRIVER, out)
     for p in procs:
         settle(p)
 
     labels = {DRIVER: DRIVER}
     labels.update({a.id: a.label for a in ir.actors})
-    calls = tuple(Call(Ref(op.id), op.method, op.args, op.kwargs, op.num_returns)
-                  for op in sorted(ir.ops(), key=lambda o: op_sort_key(o.id)))
-    return Schedule(actors=tuple(procs), actions=acts, calls=calls, channels=ir.channels,
-                    labels=labels)
+    calls = tuple(
+        Call(Ref(op.id), op.method, op.args, op.kwargs, op.num_returns)
+        for op in sorted(ir.ops(), key=lambda o: op_sort_key(o.id))
+    )
+    columns = {p: tuple(col) for p, col in acts.items()}
+    return Schedule(
+        actors=tuple(procs), actions=columns, calls=calls, channels=ir.channels, labels=labels
+    )
 
 
 def _run_out_of_bind_order(ir: IR, order: list[list[str]]) -> set[str]:
@@ -377,24 +359,30 @@ def _run_out_of_bind_order(ir: IR, order: list[list[str]]) -> set[str]:
 
 @dataclass(frozen=True)
 class ScheduleOps(Pass):
-    name: ClassVar[str] = "schedule"
-    reorder: str = "bind"
+    """``reorder``: "bind" (each actor's calls in bind order) or "critical-path" (the
+    compile option ``reorder``; None there is "bind")."""
+
+    name: ClassVar[str] = "schedule-ops"
+    requires: ClassVar[frozenset[str]] = frozenset({"validated", "channels", "comm-groups"})
+    ensures: ClassVar[frozenset[str]] = frozenset({"schedule"})
+    reorder: str
 
     def run(self, ir: IR, ctx: PassContext) -> IR:
         if self.reorder not in REORDERS:
-            raise CompileError(f"reorder must be one of {', '.join(map(repr, REORDERS))}, "
-                               f"got {self.reorder!r}")
-        costs = Costs.of(ctx.options.get("costs"))
+            raise CompileError(
+                f"reorder must be one of {', '.join(map(repr, REORDERS))}, got {self.reorder!r}"
+            )
+        costs = ctx.costs
         order = comm_order(ir)
         # where the global order and the receives' places are a choice (communicator ops
         # are placed by them), the candidate the simulator predicts to finish first
         candidates = [("", False, costs)]
         if any(c.transport == "comm" for c in ir.channels):
             candidates += [("", True, costs), ("etf", False, costs), ("etf", True, costs)]
-            if not costs.is_uniform:    # list scheduling is greedy: the order it finds with
-                uniform = Costs.uniform()    # uniform costs may be the better one
+            if not costs.is_uniform:  # list scheduling is greedy: the order it finds with
+                uniform = Costs.uniform()  # uniform costs may be the better one
                 candidates += [("etf", False, uniform), ("etf", True, uniform)]
-        best = None
+        best: tuple[Schedule, Run, Timing, float] | None = None
         for strategy, late, order_costs in candidates:
             sched = build_schedule(ir, self.reorder, order_costs, late, strategy)
             if best is not None and sched == best[0]:
@@ -402,13 +390,15 @@ class ScheduleOps(Pass):
             try:
                 result = run(sched, 2, order, costs)
             except DeadlockError:
-                if best is None:                  # the plain schedule: the user's to fix
+                if best is None:  # the plain schedule: the user's to fix
                     raise
                 continue
             timing = timing_of(sched, result, costs)
             span = (makespan(sched, timing.predicted) or 0.0) if len(candidates) > 1 else 0.0
             if best is None or span < best[3]:
                 best = (sched, result, timing, span)
+        if best is None:  # the first candidate either deadlocks (raised) or is kept
+            raise AssertionError("schedule-ops kept no candidate")
         sched, result, timing, _ = best
         sched = replace(sched, simulated_steps=result.rounds, timing=timing)
         extra = []
@@ -417,4 +407,3 @@ class ScheduleOps(Pass):
         if not costs.is_uniform:
             extra.append(("costs", costs.digest()))
         return ir.replace(schedule=sched, options=tuple(sorted((*ir.options, *extra))))
-

@@ -3,11 +3,11 @@
 An action prints the way a person reads a schedule table, and :meth:`Action.parse` is the
 exact inverse (``Action.parse(str(a)) == a``)::
 
-    recv t2<a0          READ      read value t2 written by a0 (through a channel)
+    recv t2<a0          RECV      read value t2 written by a0 (through a channel)
     fwd t3              CALL      call method fwd, producing t3
     fwd t3 (bind 1)     CALL      ... at bind position 1 (shown where bind order matters)
     allreduce.sum t5 [g0]  COLL   one participant's part of collective g0
-    send t3>a1,a2       WRITE     write t3 into its channel, read by a1 and a2
+    send t3>a1,a2       SEND      write t3 into its channel, read by a1 and a2
     csend t3>a1         CSEND     send t3's tensors through the communicator to a1
     crecv t3<a0         CRECV     receive t3's tensors through the communicator from a0
     icrecv t3<a0        ICRECV    overlap: issue a receive early ...
@@ -20,6 +20,7 @@ them (a :class:`Schedule` holds per-process tuples of :class:`Entry` ``(step, ac
 Nor are a call's arguments or the channel a value moves through: the schedule's calls
 section (:class:`Call`) and channels section say those, once per op and per channel.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,9 +34,9 @@ from dagc.ir import Arg, Ref
 class Kind(str, Enum):
     """What an action does. A str: ``a.kind == "recv"`` holds, JSON writes ``"recv"``."""
 
-    READ = "recv"
+    RECV = "recv"
     CALL = "call"
-    WRITE = "send"
+    SEND = "send"
     CSEND = "csend"
     CRECV = "crecv"
     COLL = "coll"
@@ -45,36 +46,42 @@ class Kind(str, Enum):
     WAIT_SEND = "wait_send"
 
     __str__ = str.__str__
-    __format__ = str.__format__
+    __format__ = str.__format__  # type: ignore[assignment]  # a Kind is a str: its format
 
     @classmethod
-    def parse(cls, text: str) -> "Kind":
+    def parse(cls, text: str) -> Kind:
         try:
             return cls(text)
         except ValueError:
-            raise ValueError(f"unknown schedule action kind {text!r}; known: "
-                             f"{', '.join(k.value for k in cls)}") from None
+            raise ValueError(
+                f"unknown schedule action kind {text!r}; known: {', '.join(k.value for k in cls)}"
+            ) from None
 
 
-OP_KINDS = frozenset({Kind.CALL, Kind.COLL})                  # run a method of the actor
-RECV_KINDS = frozenset({Kind.READ, Kind.CRECV, Kind.ICRECV, Kind.WAIT_RECV})   # v<writer
-SEND_KINDS = frozenset({Kind.WRITE, Kind.CSEND, Kind.ISEND, Kind.WAIT_SEND})   # v>readers
+OP_KINDS = frozenset({Kind.CALL, Kind.COLL})  # run a method of the actor
+RECV_KINDS = frozenset({Kind.RECV, Kind.CRECV, Kind.ICRECV, Kind.WAIT_RECV})  # v<writer
+SEND_KINDS = frozenset({Kind.SEND, Kind.CSEND, Kind.ISEND, Kind.WAIT_SEND})  # v>readers
 COMM_KINDS = frozenset({Kind.CSEND, Kind.CRECV, Kind.COLL, Kind.ICRECV, Kind.ISEND})
-_WORD = {k: ("wait" if k in (Kind.WAIT_RECV, Kind.WAIT_SEND) else k.value)
-         for k in RECV_KINDS | SEND_KINDS}
+_WORD = {
+    k: ("wait" if k in (Kind.WAIT_RECV, Kind.WAIT_SEND) else k.value)
+    for k in RECV_KINDS | SEND_KINDS
+}
 _MOVE = re.compile(r"(recv|send|csend|crecv|icrecv|isend|wait) (\S+?)([<>])([^\s<>]*)")
 _OP = re.compile(r"(\S+) (\S+?)(?: \[(\w+)\])?(?: \(bind (\d+)\))?")
 
 
 @dataclass(frozen=True)
 class Action:
+    """One cell of the schedule: a method call or a move of a value (``"fwd t1 (bind 0)"``,
+    ``"send t1>a2,a3"``). ``str()`` prints it as the table does; ``Action.parse`` reads it back."""
+
     kind: Kind
-    value: Ref                          # the value produced (CALL/COLL) or moved
-    method: str = ""                    # CALL/COLL: the method ("fwd", "allreduce.sum")
-    group: str = ""                     # COLL: the collective group ("g0")
-    peers: tuple[str, ...] = ()         # RECV_KINDS: the writer; SEND_KINDS: the readers
-                                        # (WAIT_SEND: those whose isends of value it awaits)
-    bind: int = -1                      # CALL/COLL: bind position, where the table shows it
+    value: Ref  # the value produced (CALL/COLL) or moved
+    method: str = ""  # CALL/COLL: the method ("fwd", "allreduce.sum")
+    group: str = ""  # COLL: the collective group ("g0")
+    peers: tuple[str, ...] = ()  # RECV_KINDS: the writer; SEND_KINDS: the readers
+    # (WAIT_SEND: those whose isends of value it awaits)
+    bind: int = -1  # CALL/COLL: bind position, where the table shows it
 
     def __post_init__(self):
         if type(self.kind) is not Kind:
@@ -91,7 +98,7 @@ class Action:
         return f"{_WORD[k]} {self.value}{arrow}{','.join(self.peers)}"
 
     @classmethod
-    def parse(cls, text: str) -> "Action":
+    def parse(cls, text: str) -> Action:
         """Inverse of ``str()``; ValueError naming the text if it is no action."""
         m = _MOVE.fullmatch(text)
         if m is not None:
@@ -101,26 +108,46 @@ class Action:
             else:
                 kind = Kind(word)
                 if (kind in RECV_KINDS) != (arrow == "<"):
-                    raise ValueError(f"bad schedule action {text!r}: {word} takes "
-                                     f"{'<' if kind in RECV_KINDS else '>'}")
+                    raise ValueError(
+                        f"bad schedule action {text!r}: {word} takes "
+                        f"{'<' if kind in RECV_KINDS else '>'}"
+                    )
             return cls(kind, Ref.parse(value), peers=tuple(peers.split(",")) if peers else ())
         m = _OP.fullmatch(text)
         if m is None:
-            raise ValueError(f"bad schedule action {text!r}: expected 'method value' or "
-                             f"'recv|send|... value<peer' / 'value>peers'")
+            raise ValueError(
+                f"bad schedule action {text!r}: expected 'method value' or "
+                f"'recv|send|... value<peer' / 'value>peers'"
+            )
         method, value, group, bind = m.groups()
-        return cls(Kind.COLL if group else Kind.CALL, Ref.parse(value), method=method,
-                   group=group or "", bind=int(bind) if bind else -1)
+        return cls(
+            Kind.COLL if group else Kind.CALL,
+            Ref.parse(value),
+            method=method,
+            group=group or "",
+            bind=int(bind) if bind else -1,
+        )
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind.value, "value": str(self.value), "method": self.method,
-                "group": self.group, "peers": list(self.peers), "bind": self.bind}
+        return {
+            "kind": self.kind.value,
+            "value": str(self.value),
+            "method": self.method,
+            "group": self.group,
+            "peers": list(self.peers),
+            "bind": self.bind,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Action":
-        return cls(Kind.parse(d["kind"]), Ref.parse(d["value"]), method=d.get("method", ""),
-                   group=d.get("group", ""), peers=tuple(d.get("peers", ())),
-                   bind=int(d.get("bind", -1)))
+    def from_dict(cls, d: dict) -> Action:
+        return cls(
+            Kind.parse(d["kind"]),
+            Ref.parse(d["value"]),
+            method=d.get("method", ""),
+            group=d.get("group", ""),
+            peers=tuple(d.get("peers", ())),
+            bind=int(d.get("bind", -1)),
+        )
 
 
 class Entry(NamedTuple):
@@ -140,8 +167,8 @@ _CALL = re.compile(r"(\S+) = (\S+)\((.*)\)(?: -> (\d+))?")
 class Call:
     """What a CALL or COLL action computes, listed once in the schedule's calls section::
 
-        t3 = fwd(t2, #0, k=$1)
-        t5 = pair(t4) -> 2
+    t3 = fwd(t2, #0, k=$1)
+    t5 = pair(t4) -> 2
     """
 
     value: Ref
@@ -159,7 +186,7 @@ class Call:
         return f"{self.value} = {self.method}({', '.join(parts)}){ret}"
 
     @classmethod
-    def parse(cls, text: str) -> "Call":
+    def parse(cls, text: str) -> Call:
         m = _CALL.fullmatch(text)
         if m is None:
             raise ValueError(f"bad call {text!r}: expected 'value = method(args)'")
@@ -171,18 +198,23 @@ class Call:
                 kwargs.append((key, Arg.parse(arg)))
             else:
                 args.append(Arg.parse(part))
-        return cls(Ref.parse(value), method, tuple(args), tuple(kwargs),
-                   int(nret) if nret else 1)
+        return cls(Ref.parse(value), method, tuple(args), tuple(kwargs), int(nret) if nret else 1)
 
     def to_dict(self) -> dict:
-        return {"value": str(self.value), "method": self.method,
-                "args": [str(a) for a in self.args],
-                "kwargs": [[k, str(v)] for k, v in self.kwargs],
-                "num_returns": self.num_returns}
+        return {
+            "value": str(self.value),
+            "method": self.method,
+            "args": [str(a) for a in self.args],
+            "kwargs": [[k, str(v)] for k, v in self.kwargs],
+            "num_returns": self.num_returns,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Call":
-        return cls(Ref.parse(d["value"]), d["method"],
-                   tuple(Arg.parse(a) for a in d.get("args", ())),
-                   tuple((k, Arg.parse(v)) for k, v in d.get("kwargs", ())),
-                   int(d.get("num_returns", 1)))
+    def from_dict(cls, d: dict) -> Call:
+        return cls(
+            Ref.parse(d["value"]),
+            d["method"],
+            tuple(Arg.parse(a) for a in d.get("args", ())),
+            tuple((k, Arg.parse(v)) for k, v in d.get("kwargs", ())),
+            int(d.get("num_returns", 1)),
+        )

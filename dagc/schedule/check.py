@@ -14,6 +14,7 @@
 ``Schedule.problems()`` returns them; ``IR.verify()`` reports them on the marked table
 (step -1: the problem has no one place, such as a read that never happens).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -53,9 +54,9 @@ def _channel_problems(sched) -> list:
             if a.kind in RECV_KINDS:
                 if a.peers != (c.writer,):
                     out.append((p, step, f"'{a}': {c.id} is written by {c.writer}"))
-            elif a.kind == Kind.WRITE and a.peers != c.readers:
+            elif a.kind == Kind.SEND and a.peers != c.readers:
                 out.append((p, step, f"'{a}': {c.id} is read by {','.join(c.readers)}"))
-            elif a.kind != Kind.WRITE and (not a.peers or not set(a.peers) <= set(c.readers)):
+            elif a.kind != Kind.SEND and (not a.peers or not set(a.peers) <= set(c.readers)):
                 out.append((p, step, f"'{a}': {c.id} is read by {','.join(c.readers)}"))
     return out
 
@@ -64,9 +65,9 @@ def _pairing_problems(sched) -> list:
     """Each channel written once and read once per reader; comm sends and receives in the
     same order on both ends (per communicator, sender and receiver)."""
     out = []
-    count = Counter()          # (channel id, role, process) -> times
-    first = {}                 # same key -> (process, step) of the first, for marks
-    sent: dict[tuple, list] = {}       # (communicator, writer, reader) -> values, in order
+    count: Counter[tuple[str, str, str]] = Counter()  # (channel id, role, process) -> times
+    first: dict[tuple[str, str, str], tuple[str, int]] = {}  # -> (process, step) of the first
+    sent: dict[tuple, list] = {}  # (communicator, writer, reader) -> values, in order
     got: dict[tuple, list] = {}
     for p in sched.actors:
         for step, a in sched.of(p):
@@ -75,10 +76,10 @@ def _pairing_problems(sched) -> list:
             try:
                 c = sched.channel_of(p, a)
             except KeyError:
-                continue                   # reported by _channel_problems
-            if a.kind == Kind.WRITE:
+                continue  # reported by _channel_problems
+            if a.kind == Kind.SEND:
                 keys = [(c.id, "write", p)]
-            elif a.kind == Kind.READ:
+            elif a.kind == Kind.RECV:
                 keys = [(c.id, "read", p)]
             elif a.kind in (Kind.CSEND, Kind.ISEND):
                 keys = [(c.id, "send", r) for r in a.peers]
@@ -92,8 +93,10 @@ def _pairing_problems(sched) -> list:
                 first.setdefault(k, (p, step))
     for c in sched.channels:
         if c.transport == "comm":
-            want = [((c.id, "send", r), c.writer, f"{c.writer} sends {c.value} to {r}")
-                    for r in c.readers]
+            want = [
+                ((c.id, "send", r), c.writer, f"{c.writer} sends {c.value} to {r}")
+                for r in c.readers
+            ]
             want += [((c.id, "recv", r), r, f"{r} receives {c.value}") for r in c.readers]
         else:
             want = [((c.id, "write", c.writer), c.writer, f"{c.writer} writes {c.value}")]
@@ -101,15 +104,26 @@ def _pairing_problems(sched) -> list:
         for key, proc, what in want:
             if count[key] != 1:
                 _, step = first.get(key, (proc, -1))
-                out.append((proc, step, f"{what} through {c.id} {count[key]} times, "
-                                        f"not once per execution"))
+                out.append(
+                    (
+                        proc,
+                        step,
+                        f"{what} through {c.id} {count[key]} times, not once per execution",
+                    )
+                )
     for key in sorted(set(sent) | set(got)):
         s, g = sent.get(key, []), got.get(key, [])
         if [v for v, _ in s] != [v for v, _ in g]:
             _, w, r = key
             step = next((st for (v, st), (u, _) in zip(g, s) if v != u), g[-1][1] if g else 0)
-            out.append((r, step, f"receives {','.join(str(v) for v, _ in g)} from {w}, which "
-                                 f"sends {','.join(str(v) for v, _ in s)}: not in one order"))
+            out.append(
+                (
+                    r,
+                    step,
+                    f"receives {','.join(str(v) for v, _ in g)} from {w}, which "
+                    f"sends {','.join(str(v) for v, _ in s)}: not in one order",
+                )
+            )
     return out
 
 
@@ -173,8 +187,7 @@ def _use_problems(sched) -> list:
                     out.append((p, step, f"'{a}' has no entry in the calls section"))
                     continue
                 if call.method != a.method:
-                    out.append((p, step, f"'{a}' calls {a.method}, its calls entry "
-                                         f"{call.method}"))
+                    out.append((p, step, f"'{a}' calls {a.method}, its calls entry {call.method}"))
                 for arg in call.refs():
                     need = INPUT if isinstance(arg, Field) else arg
                     if isinstance(need, Ref) and need not in have:
@@ -182,9 +195,9 @@ def _use_problems(sched) -> list:
                 have.add(a.value)
                 if call.num_returns != 1:
                     have.update(Ref(a.value.op, i) for i in range(call.num_returns))
-            elif a.kind in (Kind.READ, Kind.CRECV, Kind.WAIT_RECV):
+            elif a.kind in (Kind.RECV, Kind.CRECV, Kind.WAIT_RECV):
                 have.add(a.value)
-            elif a.kind in (Kind.WRITE, Kind.CSEND, Kind.ISEND) and a.value not in have:
+            elif a.kind in (Kind.SEND, Kind.CSEND, Kind.ISEND) and a.value not in have:
                 out.append((p, step, f"'{a}' sends {a.value} before {p} has it"))
     for value, n in made.items():
         if n != 1:

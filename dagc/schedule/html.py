@@ -1,10 +1,11 @@
 """The schedule as HTML for notebooks (``Schedule._repr_html_``). Every text is escaped::
 
-    <div class="dagc-schedule">
-      <table> step | driver | a0:Stage | ... </table>     one row per step
-      <table> channel | value | writer | readers | transport | buffer </table>
-    </div>
+<div class="dagc-schedule">
+  <table> step | driver | a0:Stage | ... </table>     one row per step
+  <table> channel | value | writer | readers | transport | buffer </table>
+</div>
 """
+
 from __future__ import annotations
 
 import html
@@ -28,8 +29,12 @@ def step_table_html(schedule) -> str:
     hovering shows the full form (``t3 = fwd(t2)``).
     """
     cols = list(schedule.actors)
-    grid = {(s, a): [f'<span title="{escape(schedule.detail(a, act))}">{escape(act)}</span>'
-                     for act in v] for (s, a), v in schedule.cells().items()}
+    grid = {
+        (s, a): [
+            f'<span title="{escape(schedule.detail(a, act))}">{escape(act)}</span>' for act in v
+        ]
+        for (s, a), v in schedule.cells().items()
+    }
     rows = [_row(["step"] + [escape(schedule.label(a)) for a in cols], "th")]
     for s in range(schedule.num_steps):
         rows.append(_row([str(s)] + ["<br>".join(grid.get((s, a), [])) for a in cols]))
@@ -41,9 +46,18 @@ def channels_html(schedule) -> str:
     rows = [_row(["channel", "value", "writer", "readers", "transport", "buffer"], "th")]
     for c in schedule.channels:
         transport = c.transport + (f" via {c.communicator}" if c.communicator else "")
-        rows.append(_row([escape(c.id), escape(c.value), escape(c.writer),
-                          escape(", ".join(c.readers)), escape(transport),
-                          escape(f"{c.slots} x {c.buffer_size} B")]))
+        rows.append(
+            _row(
+                [
+                    escape(c.id),
+                    escape(c.value),
+                    escape(c.writer),
+                    escape(", ".join(c.readers)),
+                    escape(transport),
+                    escape(f"{c.slots} x {c.buffer_size} B"),
+                ]
+            )
+        )
     return f'<table style="{MONO}; border-collapse: collapse">' + "".join(rows) + "</table>"
 
 

@@ -25,18 +25,19 @@ headers are the actors' labels ("a0:Stage"; the id is the part before the colon)
 channel an action uses is the one its channels section names for the value and the
 process (one channel per value and reader): :meth:`channel_of`.
 """
+
 from __future__ import annotations
 
 import csv
 import functools
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 from dagc.ir import ChannelSpec, Ref
-from dagc.schedule.check import problems as _problems
 from dagc.schedule.action import OP_KINDS, RECV_KINDS, Action, Call, Entry
+from dagc.schedule.check import problems as _problems
 from dagc.schedule.costs import Timing, timing_table
 
 FORMAT = "dagc.schedule/2"
@@ -46,15 +47,15 @@ FORMAT = "dagc.schedule/2"
 class Schedule:
     """Per-process columns (the driver is the column "driver"), calls and channel specs."""
 
-    actors: tuple[str, ...]                              # column order, driver first
+    actors: tuple[str, ...]  # column order, driver first
     actions: Mapping[str, tuple[Entry, ...]] = field(default_factory=dict)
-    calls: tuple[Call, ...] = ()                         # one per CALL/COLL value
+    calls: tuple[Call, ...] = ()  # one per CALL/COLL value
     channels: tuple[ChannelSpec, ...] = ()
-    labels: Mapping[str, str] = field(default_factory=dict)   # actor -> "a0:Stage"
-    simulated_steps: Optional[int] = None                # set by the deadlock simulator
+    labels: Mapping[str, str] = field(default_factory=dict)  # actor -> "a0:Stage"
+    simulated_steps: int | None = None  # set by the deadlock simulator
     # when each action runs: predicted by the simulator from the compile's costs, and
     # measured once the compiled DAG was profiled (not part of equality)
-    timing: Optional[Timing] = None
+    timing: Timing | None = None
 
     def __post_init__(self):
         # columns may be given as lists of Entries
@@ -62,11 +63,14 @@ class Schedule:
             object.__setattr__(self, "actions", {a: tuple(v) for a, v in self.actions.items()})
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, Schedule) and self.actors == other.actors
-                and {a: self.of(a) for a in self.actors} == {a: other.of(a) for a in other.actors}
-                and tuple(self.calls) == tuple(other.calls)
-                and tuple(self.channels) == tuple(other.channels)
-                and [self.label(a) for a in self.actors] == [other.label(a) for a in other.actors])
+        return (
+            isinstance(other, Schedule)
+            and self.actors == other.actors
+            and {a: self.of(a) for a in self.actors} == {a: other.of(a) for a in other.actors}
+            and tuple(self.calls) == tuple(other.calls)
+            and tuple(self.channels) == tuple(other.channels)
+            and [self.label(a) for a in self.actors] == [other.label(a) for a in other.actors]
+        )
 
     def __hash__(self):  # pragma: no cover - schedules are not dict keys
         return hash(self.actors)
@@ -88,6 +92,7 @@ class Schedule:
 
     def channel_of(self, actor: str, action: Action) -> ChannelSpec:
         """The channel ``action`` of ``actor``'s column moves its value through."""
+        key: tuple[Ref, str] | tuple[Ref, str, str]
         if action.kind in RECV_KINDS:
             key = (action.value, actor)
         else:
@@ -95,8 +100,7 @@ class Schedule:
         try:
             return self._channel_index[key]
         except KeyError:
-            raise KeyError(f"no channel carries {action.value} for {actor}'s "
-                           f"'{action}'") from None
+            raise KeyError(f"no channel carries {action.value} for {actor}'s '{action}'") from None
 
     def problems(self) -> list[tuple[str, int, str]]:
         """(actor, step, problem) for each way the schedule is not well-formed (see
@@ -170,14 +174,16 @@ class Schedule:
         return timing_table(self, self.timing)
 
     @classmethod
-    def from_table(cls, text: str) -> "Schedule":
+    def from_table(cls, text: str) -> Schedule:
         """Inverse of ``str()``: the table, then the calls and channels sections."""
         lines = text.strip("\n").split("\n")
         if len(lines) < 2 or not lines[1].startswith("----"):
-            raise ValueError("not a schedule table: expected a header line and a line of "
-                             "dashes under it")
-        starts = [i for i, ch in enumerate(lines[1])
-                  if ch == "-" and (i == 0 or lines[1][i - 1] == " ")]
+            raise ValueError(
+                "not a schedule table: expected a header line and a line of dashes under it"
+            )
+        starts = [
+            i for i, ch in enumerate(lines[1]) if ch == "-" and (i == 0 or lines[1][i - 1] == " ")
+        ]
         spans = list(zip(starts, starts[1:] + [None]))
         labels = [lines[0][a:b].strip() for a, b in spans[1:]]
         actors = tuple(lb.partition(":")[0] for lb in labels)
@@ -185,7 +191,7 @@ class Schedule:
         i = 2
         while i < len(lines) and lines[i].strip():
             row = lines[i]
-            step = int(row[:starts[1]] if len(starts) > 1 else row)
+            step = int(row[: starts[1]] if len(starts) > 1 else row)
             for actor, (a, b) in zip(actors, spans[1:]):
                 cell = row[a:b].strip()
                 for part in cell.split("; ") if cell else ():
@@ -194,7 +200,7 @@ class Schedule:
         sections: dict[str, list[str]] = {"calls:": [], "channels:": []}
         current = None
         for line in lines[i:]:
-            if line.startswith("timing"):       # the timing section: for reading only
+            if line.startswith("timing"):  # the timing section: for reading only
                 break
             if line in sections:
                 current = sections[line]
@@ -202,10 +208,13 @@ class Schedule:
                 current.append(line[2:])
             elif line.strip():
                 raise ValueError(f"unexpected line in a schedule table: {line!r}")
-        return cls(actors=actors, actions={a: tuple(v) for a, v in columns.items() if v},
-                   calls=tuple(Call.parse(x) for x in sections["calls:"]),
-                   channels=tuple(ChannelSpec.parse(x) for x in sections["channels:"]),
-                   labels=dict(zip(actors, labels)))
+        return cls(
+            actors=actors,
+            actions={a: tuple(v) for a, v in columns.items() if v},
+            calls=tuple(Call.parse(x) for x in sections["calls:"]),
+            channels=tuple(ChannelSpec.parse(x) for x in sections["channels:"]),
+            labels=dict(zip(actors, labels)),
+        )
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -213,8 +222,9 @@ class Schedule:
             "format": FORMAT,
             "actors": list(self.actors),
             "labels": {a: self.label(a) for a in self.actors},
-            "actions": {a: [{"step": s, **x.to_dict()} for s, x in self.of(a)]
-                        for a in self.actors},
+            "actions": {
+                a: [{"step": s, **x.to_dict()} for s, x in self.of(a)] for a in self.actors
+            },
             "calls": [c.to_dict() for c in self.calls],
             "channels": [_channel_dict(c) for c in self.channels],
             "simulated_steps": self.simulated_steps,
@@ -225,26 +235,53 @@ class Schedule:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Schedule":
+    def from_dict(cls, d: dict) -> Schedule:
         if d.get("format") != FORMAT:
-            raise ValueError(f"schedule format {d.get('format')!r} is not {FORMAT!r} (written "
-                             f"by another dagc version); write the schedule again")
-        return cls(actors=tuple(d["actors"]),
-                   actions={a: tuple(Entry(int(x["step"]), Action.from_dict(x)) for x in xs)
-                            for a, xs in d["actions"].items()},
-                   calls=tuple(Call.from_dict(c) for c in d.get("calls", ())),
-                   channels=tuple(_channel_from(c) for c in d["channels"]),
-                   labels=dict(d.get("labels", {})), simulated_steps=d.get("simulated_steps"),
-                   timing=Timing.from_dict(d["timing"]) if d.get("timing") else None)
+            raise ValueError(
+                f"schedule format {d.get('format')!r} is not {FORMAT!r} (written "
+                f"by another dagc version); write the schedule again"
+            )
+        return cls(
+            actors=tuple(d["actors"]),
+            actions={
+                a: tuple(Entry(int(x["step"]), Action.from_dict(x)) for x in xs)
+                for a, xs in d["actions"].items()
+            },
+            calls=tuple(Call.from_dict(c) for c in d.get("calls", ())),
+            channels=tuple(_channel_from(c) for c in d["channels"]),
+            labels=dict(d.get("labels", {})),
+            simulated_steps=d.get("simulated_steps"),
+            timing=Timing.from_dict(d["timing"]) if d.get("timing") else None,
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "Schedule":
+    def from_json(cls, text: str) -> Schedule:
         return cls.from_dict(json.loads(text))
 
     # -- CSV -----------------------------------------------------------------------------
-    _CSV_FIELDS = ("record", "actor", "label", "step", "kind", "value", "method", "group",
-                   "peers", "bind", "args", "kwargs", "num_returns", "channel", "writer",
-                   "readers", "transport", "buffer_size", "slots", "communicator", "carrier")
+    _CSV_FIELDS = (
+        "record",
+        "actor",
+        "label",
+        "step",
+        "kind",
+        "value",
+        "method",
+        "group",
+        "peers",
+        "bind",
+        "args",
+        "kwargs",
+        "num_returns",
+        "channel",
+        "writer",
+        "readers",
+        "transport",
+        "buffer_size",
+        "slots",
+        "communicator",
+        "carrier",
+    )
 
     def to_csv(self) -> str:
         """One row per actor, action, call and channel ("record" says which)."""
@@ -255,53 +292,100 @@ class Schedule:
             w.writerow({"record": "actor", "actor": a, "label": self.label(a)})
         for a in self.actors:
             for step, x in self.of(a):
-                w.writerow({"record": "action", "actor": a, "step": step} | x.to_dict()
-                           | {"peers": " ".join(x.peers)})
+                w.writerow(
+                    {"record": "action", "actor": a, "step": step}
+                    | x.to_dict()
+                    | {"peers": " ".join(x.peers)}
+                )
         for c in self.calls:
-            w.writerow({"record": "call"} | c.to_dict()
-                       | {"args": " ".join(map(str, c.args)),
-                          "kwargs": " ".join(f"{k}={v}" for k, v in c.kwargs)})
-        for c in self.channels:
-            row = {k: v for k, v in _channel_dict(c).items() if k != "id"}
-            w.writerow({"record": "channel", "channel": c.id} | row
-                       | {"readers": " ".join(c.readers)})
+            w.writerow(
+                {"record": "call"}
+                | c.to_dict()
+                | {
+                    "args": " ".join(map(str, c.args)),
+                    "kwargs": " ".join(f"{k}={v}" for k, v in c.kwargs),
+                }
+            )
+        for ch in self.channels:
+            row = {k: v for k, v in _channel_dict(ch).items() if k != "id"}
+            w.writerow(
+                {"record": "channel", "channel": ch.id} | row | {"readers": " ".join(ch.readers)}
+            )
         return buf.getvalue()
 
     @classmethod
-    def from_csv(cls, text: str) -> "Schedule":
-        actors, labels, actions, calls, chans = [], {}, {}, [], []
+    def from_csv(cls, text: str) -> Schedule:
+        actors: list[str] = []
+        labels: dict[str, str] = {}
+        actions: dict[str, list[Entry]] = {}
+        calls: list[Call] = []
+        chans: list[ChannelSpec] = []
         split = lambda s: s.split(" ") if s else []
         for r in csv.DictReader(io.StringIO(text)):
             if r["record"] == "actor":
                 actors.append(r["actor"])
                 labels[r["actor"]] = r["label"]
             elif r["record"] == "action":
-                actions.setdefault(r["actor"], []).append(Entry(int(r["step"]), Action.from_dict(
-                    r | {"peers": split(r["peers"]), "bind": int(r["bind"] or -1)})))
+                actions.setdefault(r["actor"], []).append(
+                    Entry(
+                        int(r["step"]),
+                        Action.from_dict(
+                            r | {"peers": split(r["peers"]), "bind": int(r["bind"] or -1)}
+                        ),
+                    )
+                )
             elif r["record"] == "call":
-                calls.append(Call.from_dict(r | {
-                    "args": split(r["args"]), "num_returns": int(r["num_returns"]),
-                    "kwargs": [kv.split("=", 1) for kv in split(r["kwargs"])]}))
+                calls.append(
+                    Call.from_dict(
+                        r
+                        | {
+                            "args": split(r["args"]),
+                            "num_returns": int(r["num_returns"]),
+                            "kwargs": [kv.split("=", 1) for kv in split(r["kwargs"])],
+                        }
+                    )
+                )
             elif r["record"] == "channel":
-                chans.append(_channel_from(r | {"id": r["channel"],
-                                                "readers": split(r["readers"])}))
-        return cls(actors=tuple(actors), actions=actions, calls=tuple(calls),
-                   channels=tuple(chans), labels=labels)
+                chans.append(
+                    _channel_from(r | {"id": r["channel"], "readers": split(r["readers"])})
+                )
+        return cls(
+            actors=tuple(actors),
+            actions={a: tuple(col) for a, col in actions.items()},
+            calls=tuple(calls),
+            channels=tuple(chans),
+            labels=labels,
+        )
 
     def _repr_html_(self) -> str:
         from dagc.schedule.html import schedule_html
+
         return schedule_html(self)
 
 
 def _channel_dict(c: ChannelSpec) -> dict:
-    return {"id": c.id, "value": str(c.value), "writer": c.writer, "readers": list(c.readers),
-            "transport": c.transport, "buffer_size": c.buffer_size, "slots": c.slots,
-            "communicator": c.communicator, "carrier": c.carrier}
+    return {
+        "id": c.id,
+        "value": str(c.value),
+        "writer": c.writer,
+        "readers": list(c.readers),
+        "transport": c.transport,
+        "buffer_size": c.buffer_size,
+        "slots": c.slots,
+        "communicator": c.communicator,
+        "carrier": c.carrier,
+    }
 
 
 def _channel_from(d: dict) -> ChannelSpec:
-    return ChannelSpec(id=d["id"], value=Ref.parse(d["value"]), writer=d["writer"],
-                       readers=tuple(d["readers"]), transport=d["transport"],
-                       buffer_size=int(d["buffer_size"]), slots=int(d["slots"]),
-                       communicator=d.get("communicator") or "",
-                       carrier=d.get("carrier") or "shm")
+    return ChannelSpec(
+        id=d["id"],
+        value=Ref.parse(d["value"]),
+        writer=d["writer"],
+        readers=tuple(d["readers"]),
+        transport=d["transport"],
+        buffer_size=int(d["buffer_size"]),
+        slots=int(d["slots"]),
+        communicator=d.get("communicator") or "",
+        carrier=d.get("carrier") or "shm",
+    )

@@ -6,6 +6,7 @@ Regenerate the golden files after an intended change with:
 
 and review the diff (git diff tests/golden) before committing.
 """
+
 import difflib
 import os
 from pathlib import Path
@@ -19,42 +20,67 @@ GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 UPDATE = os.environ.get("DAGC_UPDATE_GOLDEN") == "1"
 
 CASES = {
-    "chain": lambda: make_ir([("t0", "a0", "fwd", ["$0"]), ("t1", "a1", "fwd", ["t0"])],
-                             ["t1"]),
-    "fanout": lambda: make_ir([("t0", "a0", "f", ["$0", "#0"], {"k": "$1"}),
-                               ("t1", "a1", "g", ["t0"]), ("t2", "a2", "g", ["t0"]),
-                               ("t3", "a0", "pair", ["t1"], {}, 2)],
-                              ["t2", "t3.0", "t3.1", "t0"], nfields=2),
-    "tensor_overlap": lambda: make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "pre", ["$0"]),
-                                       ("t2", "a1", "g", ["t0", "t1"]),
-                                       ("t3", "a0", "allreduce", ["t0"], {}, 1, "g0"),
-                                       ("t4", "a1", "allreduce", ["t2"], {}, 1, "g0")],
-                                      ["t3", "t4"], transports={"t0": "nccl"}),
+    "chain": lambda: make_ir([("t0", "a0", "fwd", ["$0"]), ("t1", "a1", "fwd", ["t0"])], ["t1"]),
+    "fanout": lambda: make_ir(
+        [
+            ("t0", "a0", "f", ["$0", "#0"], {"k": "$1"}),
+            ("t1", "a1", "g", ["t0"]),
+            ("t2", "a2", "g", ["t0"]),
+            ("t3", "a0", "pair", ["t1"], {}, 2),
+        ],
+        ["t2", "t3.0", "t3.1", "t0"],
+        nfields=2,
+    ),
+    "tensor_overlap": lambda: make_ir(
+        [
+            ("t0", "a0", "f", ["$0"]),
+            ("t1", "a1", "pre", ["$0"]),
+            ("t2", "a1", "g", ["t0", "t1"]),
+            ("t3", "a0", "allreduce", ["t0"], {}, 1, "g0"),
+            ("t4", "a1", "allreduce", ["t2"], {}, 1, "g0"),
+        ],
+        ["t3", "t4"],
+        transports={"t0": "nccl"},
+    ),
     # a tensor read by two actors and the driver, overlapped: one wait_send for both reads
-    "fanout_tensor_overlap": lambda: make_ir([("t0", "a0", "f", ["$0"]),
-                                              ("t1", "a1", "g", ["t0"]),
-                                              ("t2", "a2", "g", ["t0"])],
-                                             ["t1", "t2", "t0"], transports={"t0": "nccl"}),
+    "fanout_tensor_overlap": lambda: make_ir(
+        [("t0", "a0", "f", ["$0"]), ("t1", "a1", "g", ["t0"]), ("t2", "a2", "g", ["t0"])],
+        ["t1", "t2", "t0"],
+        transports={"t0": "nccl"},
+    ),
     # the user's methods named with their place: in each op's comment and capture() call
-    "chain_places": lambda: make_ir([("t0", "a0", "fwd", ["$0"]), ("t1", "a1", "fwd", ["t0"]),
-                                     ("t2", "a1", "pair", ["t1"], {}, 2)], ["t2.0", "t2.1"]),
+    "chain_places": lambda: make_ir(
+        [
+            ("t0", "a0", "fwd", ["$0"]),
+            ("t1", "a1", "fwd", ["t0"]),
+            ("t2", "a1", "pair", ["t1"], {}, 2),
+        ],
+        ["t2.0", "t2.1"],
+    ),
     # the issue's example: each actor's methods run in bind order, not op-id order
-    "bind_order": lambda: make_ir([("t0", "a0", "inc", ["$0"]),
-                                   ("t1", "a1", "double_and_inc", ["t0"]),
-                                   ("t2", "a1", "inc", ["$0"]),
-                                   ("t3", "a0", "double_and_inc", ["t2"])],
-                                  ["t1", "t3"], bind={"t2": 0, "t1": 1, "t3": 0, "t0": 1}),
+    "bind_order": lambda: make_ir(
+        [
+            ("t0", "a0", "inc", ["$0"]),
+            ("t1", "a1", "double_and_inc", ["t0"]),
+            ("t2", "a1", "inc", ["$0"]),
+            ("t3", "a0", "double_and_inc", ["t2"]),
+        ],
+        ["t1", "t3"],
+        bind={"t2": 0, "t1": 1, "t3": 0, "t0": 1},
+    ),
 }
 
 
-METHODS = {"chain_places": {"a0": {"fwd": "pipeline.py:12 Embed.fwd"},
-                            "a1": {"fwd": "pipeline.py:30 Head.fwd",
-                                   "pair": "pipeline.py:41 Head.pair"}}}
+METHODS = {
+    "chain_places": {
+        "a0": {"fwd": "pipeline.py:12 Embed.fwd"},
+        "a1": {"fwd": "pipeline.py:30 Head.fwd", "pair": "pipeline.py:41 Head.pair"},
+    }
+}
 
 
 def render(name):
-    ir = compile_ir(CASES[name](), overlap=name.endswith("overlap"),
-                    methods=METHODS.get(name))
+    ir = compile_ir(CASES[name](), overlap=name.endswith("overlap"), methods=METHODS.get(name))
     mods = render_all(ir, origin="tests/unit/test_codegen.py")
     out = {f"{name}.schedule.txt": str(ir.schedule) + "\n"}
     for actor, m in mods.items():
@@ -73,8 +99,11 @@ def test_golden(name):
         assert path.exists(), f"missing golden {path}; run DAGC_UPDATE_GOLDEN=1 pytest {__file__}"
         want = path.read_text()
         if text != want:
-            diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True),
-                                                str(path), "generated"))
+            diff = "".join(
+                difflib.unified_diff(
+                    want.splitlines(True), text.splitlines(True), str(path), "generated"
+                )
+            )
             pytest.fail(f"{fname} differs from its golden file:\n{diff}")
 
 
@@ -116,8 +145,11 @@ def test_generated_loop_runs_with_fake_runtime():
             self.inbox, self.outbox = inbox, {}
 
         def method(self, name):
-            return {"f": lambda x, c, k: x + c + k, "g": lambda x: x * 10,
-                    "pair": lambda x: (x, -x)}[name]
+            return {
+                "f": lambda x, c, k: x + c + k,
+                "g": lambda x: x * 10,
+                "pair": lambda x: (x, -x),
+            }[name]
 
         def constant(self, k):
             return 100
@@ -130,6 +162,7 @@ def test_generated_loop_runs_with_fake_runtime():
                     if not rt.inbox.get(cid):
                         raise Stop
                     return rt.inbox[cid].pop(0)
+
             return R()
 
         def writer(self, cid):
@@ -138,6 +171,7 @@ def test_generated_loop_runs_with_fake_runtime():
             class W:
                 def write(self_, v):
                     rt.outbox.setdefault(cid, []).append(v)
+
             return W()
 
     ns = {}
@@ -155,10 +189,12 @@ def test_generated_loop_runs_with_fake_runtime():
 
 def test_driver_writes_every_input_channel():
     """Input read on two nodes: two channels, and the driver must write both."""
-    from dagc.passes import PassContext, default_pipeline, run_pipeline
+    from dagc.options import Options
+    from dagc.passes import PassContext, run_passes
+
     ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "f", ["$0"])], ["t0", "t1"])
     ctx = PassContext(driver_node="n0", placement={"a0": ("n1", ()), "a1": ("n2", ())})
-    out = run_pipeline(ir, default_pipeline(), ctx)
+    out = run_passes(ir, Options().passes(), ctx)
     inputs = [c for c in out.channels if str(c.value) == "in"]
     assert len(inputs) == 2 and {c.transport for c in inputs} == {"tcp"}
     src = render_all(out)["driver"].source
@@ -175,12 +211,16 @@ def test_comments_and_task_errors_name_the_users_method():
 
     def boom(x):
         raise KeyError("nope")
+
     ns = {}
     exec(compile(src, "a1", "exec"), ns)
 
     class RT:
-        Failure, capture, first_failure = fl.Failure, staticmethod(fl.capture), \
-            staticmethod(fl.first_failure)
+        Failure, capture, first_failure = (
+            fl.Failure,
+            staticmethod(fl.capture),
+            staticmethod(fl.first_failure),
+        )
         sent = []
 
         def method(self, name):
@@ -195,6 +235,7 @@ def test_comments_and_task_errors_name_the_users_method():
                     if R.n > 1:
                         raise StopIteration
                     return 1
+
             return R()
 
         def writer(self, cid):
@@ -210,9 +251,16 @@ def test_comments_and_task_errors_name_the_users_method():
 def test_codegen_imports_no_pass_module():
     """Codegen reads the IR and the schedule; constants like INPUT come from dagc.ir."""
     import ast
+
     import dagc.codegen
+
     for path in Path(dagc.codegen.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
             assert not any(n.startswith("dagc.passes") for n in names), path.name

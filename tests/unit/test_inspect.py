@@ -3,6 +3,7 @@
 Schedules come from the real passes run on hand-built IRs; timing records come from a
 tiny timing model (``synth_records``) that respects the schedule's data dependencies.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,23 +15,36 @@ import networkx as nx
 import pytest
 
 from dagc.errors import DagcError
-from dagc.inspect import (ArtifactsError, RenderUnavailableError, chrome_trace, compiled_html,
-                          render, schedule_html, show, summary, summary_dict, to_ascii,
-                          to_dot, write_artifacts)
+from dagc.inspect import (
+    ArtifactsError,
+    RenderUnavailableError,
+    compiled_html,
+    render,
+    schedule_html,
+    show,
+    summary,
+    summary_dict,
+    timeline_json,
+    to_ascii,
+    to_dot,
+    write_artifacts,
+)
 from dagc.inspect.graph import build_graph
-from dagc.inspect.trace import match_spans
+from dagc.inspect.timeline import match_spans
 from dagc.ir import CALL, COLLECTIVE, IR, ActorSpec, Arg, InputSpec, Op, OutputSpec, Ref
-from dagc.passes import PassContext, default_pipeline, run_pipeline
+from dagc.options import Options
+from dagc.passes import PassContext, run_passes
 from dagc.schedule import Kind, Schedule
 
 COLL, CRECV, CSEND, ICRECV, ISEND = Kind.COLL, Kind.CRECV, Kind.CSEND, Kind.ICRECV, Kind.ISEND
-READ, WAIT_RECV, WRITE = Kind.READ, Kind.WAIT_RECV, Kind.WRITE
+RECV, WAIT_RECV, SEND = Kind.RECV, Kind.WAIT_RECV, Kind.SEND
 
 HAVE_DOT = shutil.which("dot") is not None
 needs_dot = pytest.mark.skipif(not HAVE_DOT, reason="Graphviz 'dot' program not installed")
 
 
 # -- building schedules -------------------------------------------------------------------
+
 
 def make_ir(ops, actors, output, multi=False) -> IR:
     g = nx.DiGraph()
@@ -39,14 +53,17 @@ def make_ir(ops, actors, output, multi=False) -> IR:
         for a in op.refs():
             if isinstance(a, Ref):
                 g.add_edge(a.op, op.id)
-    return IR(graph=g, actors=tuple(ActorSpec(id=a, cls=c, name=a) for a, c in actors),
-              inputs=InputSpec(fields=(0,), num_positional=1, direct=True),
-              output=OutputSpec(refs=tuple(Arg.parse(r) for r in output), multi=multi))
+    return IR(
+        graph=g,
+        actors=tuple(ActorSpec(id=a, cls=c, name=a) for a, c in actors),
+        inputs=InputSpec(fields=(0,), num_positional=1, direct=True),
+        output=OutputSpec(refs=tuple(Arg.parse(r) for r in output), multi=multi),
+    )
 
 
 def compile_schedule(ir: IR, overlap: bool = False, placement=None) -> Schedule:
     ctx = PassContext(driver_node="n", placement=placement or {})
-    return run_pipeline(ir, default_pipeline(overlap), ctx).schedule
+    return run_passes(ir, Options(overlap_communication=overlap).passes(), ctx).schedule
 
 
 def call(op_id, actor, method, *args, **kw) -> Op:
@@ -54,38 +71,62 @@ def call(op_id, actor, method, *args, **kw) -> Op:
 
 
 def chain_ir() -> IR:
-    return make_ir([call("t0", "a0", "fwd", "$0"), call("t1", "a1", "fwd", "t0")],
-                   [("a0", "Stage"), ("a1", "Stage")], ["t1"])
+    return make_ir(
+        [call("t0", "a0", "fwd", "$0"), call("t1", "a1", "fwd", "t0")],
+        [("a0", "Stage"), ("a1", "Stage")],
+        ["t1"],
+    )
 
 
 def fanout_ir() -> IR:
     """a0.split -> (a1.left -> a1.post, a2.right); output [t3, t2, t0.0]."""
-    return make_ir([call("t0", "a0", "split", "$0", num_returns=2),
-                    call("t1", "a1", "left", "t0.0"),
-                    call("t2", "a2", "right", "t0.1"),
-                    Op("t3", CALL, "a1", "post", (Arg.parse("t1"),), kwargs=(("scale", Arg.parse("#0")),))],
-                   [("a0", "Src"), ("a1", "Worker"), ("a2", "Worker")],
-                   ["t3", "t2", "t0.0"], multi=True)
+    return make_ir(
+        [
+            call("t0", "a0", "split", "$0", num_returns=2),
+            call("t1", "a1", "left", "t0.0"),
+            call("t2", "a2", "right", "t0.1"),
+            Op("t3", CALL, "a1", "post", (Arg.parse("t1"),), kwargs=(("scale", Arg.parse("#0")),)),
+        ],
+        [("a0", "Src"), ("a1", "Worker"), ("a2", "Worker")],
+        ["t3", "t2", "t0.0"],
+        multi=True,
+    )
 
 
 def revisit_ir() -> IR:
     """a0.f -> a1.g -> a0.h(t1, t0): a0 is visited twice."""
-    return make_ir([call("t0", "a0", "f", "$0"), call("t1", "a1", "g", "t0"),
-                    call("t2", "a0", "h", "t1", "t0")],
-                   [("a0", "A"), ("a1", "B")], ["t2"])
+    return make_ir(
+        [
+            call("t0", "a0", "f", "$0"),
+            call("t1", "a1", "g", "t0"),
+            call("t2", "a0", "h", "t1", "t0"),
+        ],
+        [("a0", "A"), ("a1", "B")],
+        ["t2"],
+    )
 
 
 def tensor_ir() -> IR:
-    return make_ir([call("t0", "a0", "fwd", "$0", transport="nccl"),
-                    call("t1", "a1", "fwd", "t0")],
-                   [("a0", "S"), ("a1", "S")], ["t1", "t0"], multi=True)
+    return make_ir(
+        [call("t0", "a0", "fwd", "$0", transport="nccl"), call("t1", "a1", "fwd", "t0")],
+        [("a0", "S"), ("a1", "S")],
+        ["t1", "t0"],
+        multi=True,
+    )
 
 
 def collective_ir() -> IR:
-    return make_ir([call("t0", "a0", "f", "$0"), call("t1", "a1", "f", "$0"),
-                    Op("t2", COLLECTIVE, "a0", "allreduce.sum", (Arg.parse("t0"),), group="g0"),
-                    Op("t3", COLLECTIVE, "a1", "allreduce.sum", (Arg.parse("t1"),), group="g0")],
-                   [("a0", "W"), ("a1", "W")], ["t2", "t3"], multi=True)
+    return make_ir(
+        [
+            call("t0", "a0", "f", "$0"),
+            call("t1", "a1", "f", "$0"),
+            Op("t2", COLLECTIVE, "a0", "allreduce.sum", (Arg.parse("t0"),), group="g0"),
+            Op("t3", COLLECTIVE, "a1", "allreduce.sum", (Arg.parse("t1"),), group="g0"),
+        ],
+        [("a0", "W"), ("a1", "W")],
+        ["t2", "t3"],
+        multi=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +146,7 @@ def revisit():
 
 # -- synthetic timing records -------------------------------------------------------------
 
-_SEND_FIRST = {WRITE: 0, CSEND: 0, ISEND: 0}
+_SEND_FIRST = {SEND: 0, CSEND: 0, ISEND: 0}
 
 
 def synth_records(schedule: Schedule, executions: int = 3, dur=None, extra=None) -> dict:
@@ -124,18 +165,30 @@ def synth_records(schedule: Schedule, executions: int = 3, dur=None, extra=None)
     for n in range(executions):
         free = {a: t for a in schedule.actors}
         sent: dict[tuple, int] = {}
-        acts = sorted(((step, _SEND_FIRST.get(x.kind, 1), col[a], i, a, x)
-                       for a in schedule.actors
-                       for i, (step, x) in enumerate(schedule.of(a))),
-                      key=lambda e: e[:4])
-        members = {x.group: [a for a in schedule.actors for _, y in schedule.of(a)
-                             if y.kind == COLL and y.group == x.group]
-                   for a in schedule.actors for _, x in schedule.of(a) if x.kind == COLL}
+        acts = sorted(
+            (
+                (step, _SEND_FIRST.get(x.kind, 1), col[a], i, a, x)
+                for a in schedule.actors
+                for i, (step, x) in enumerate(schedule.of(a))
+            ),
+            key=lambda e: e[:4],
+        )
+        members = {
+            x.group: [
+                a
+                for a in schedule.actors
+                for _, y in schedule.of(a)
+                if y.kind == COLL and y.group == x.group
+            ]
+            for a in schedule.actors
+            for _, x in schedule.of(a)
+            if x.kind == COLL
+        }
         coll_arrive: dict[str, int] = {}
         for step, _, _, _, a, x in acts:
             start = free[a]
             d = dur(a, x, n) + extra.get(n, 0)
-            if x.kind in (READ, CRECV, ICRECV):
+            if x.kind in (RECV, CRECV, ICRECV):
                 cid = schedule.channel_of(a, x).id
                 end = max(start, sent.get((cid, x.value), start)) + d
             elif x.kind == COLL:
@@ -144,7 +197,7 @@ def synth_records(schedule: Schedule, executions: int = 3, dur=None, extra=None)
                 end = arrive + d
             else:
                 end = start + d
-            if x.kind in (WRITE, CSEND, ISEND):
+            if x.kind in (SEND, CSEND, ISEND):
                 sent[(schedule.channel_of(a, x).id, x.value)] = end
             free[a] = end
             if a != "driver":
@@ -179,9 +232,9 @@ def test_ascii_fanout_multi_output(fanout):
     # topological: input, split, then its consumers, output last
     order = [ln.split()[0] for ln in lines[1:] if not ln.startswith(" ")]
     assert order == ["input", "t0", "t1", "t2", "t3", "output"]
-    assert "<- t0.0 (shm c1) from a0:Src.split" in text        # to a1 and to the driver
+    assert "<- t0.0 (shm c1) from a0:Src.split" in text  # to a1 and to the driver
     assert "<- t0.1 (shm c2) from a0:Src.split" in text
-    assert "<- t1 (local) from a1:Worker.left" in text         # same actor: a variable
+    assert "<- t1 (local) from a1:Worker.left" in text  # same actor: a variable
     out_edges = text.split("output  driver reads the results\n")[1]
     assert out_edges.count("<-") == 3
     assert "t0.0 (shm c1)" in out_edges and "t2 (shm c3)" in out_edges
@@ -191,7 +244,9 @@ def test_ascii_revisited_actor(revisit):
     g = build_graph(revisit)
     assert [n.id for n in g.nodes] == ["input", "t0", "t1", "t2", "output"]
     assert {(e.src, e.value, e.transport) for e in g.incoming("t2")} == {
-        ("t0", "t0", "local"), ("t1", "t1", "shm")}
+        ("t0", "t0", "local"),
+        ("t1", "t1", "shm"),
+    }
     assert g.node("t2").label == "a0:A.h"
     text = to_ascii(revisit)
     assert "t2      a0:A.h" in text
@@ -205,7 +260,7 @@ def test_graph_transports_tcp_and_comm():
         comm = compile_schedule(tensor_ir(), overlap=overlap)
         text = to_ascii(comm)
         assert "<- t0 (comm c1) from a0:S.fwd" in text
-        assert "<- t0 (shm c2) from a0:S.fwd" in text             # the driver's copy
+        assert "<- t0 (shm c2) from a0:S.fwd" in text  # the driver's copy
 
 
 def test_graph_collective_and_paced_reader():
@@ -214,9 +269,13 @@ def test_graph_collective_and_paced_reader():
     assert "a0:W.allreduce.sum  [g0]" in text
     assert '"t2" -> "t3" [label="g0", style=dashed, dir=none' in to_dot(coll)
     # an actor that reads no input field is still paced by the input: edge to its first op
-    paced = compile_schedule(make_ir([Op("t0", CALL, "a0", "make", (Arg.parse("#0"),)),
-                                      call("t1", "a1", "use", "t0")],
-                                     [("a0", "Gen"), ("a1", "Use")], ["t1"]))
+    paced = compile_schedule(
+        make_ir(
+            [Op("t0", CALL, "a0", "make", (Arg.parse("#0"),)), call("t1", "a1", "use", "t0")],
+            [("a0", "Gen"), ("a1", "Use")],
+            ["t1"],
+        )
+    )
     assert "t0      a0:Gen.make\n          <- in (shm c0) from input" in to_ascii(paced)
 
 
@@ -281,6 +340,7 @@ def test_render_without_graphviz_package(chain, monkeypatch):
 
 # -- html ---------------------------------------------------------------------------------
 
+
 def test_schedule_html(chain):
     page = schedule_html(chain)
     assert page == chain._repr_html_()
@@ -300,7 +360,8 @@ def test_html_escapes_everything(chain):
     assert page.count("<details>") == 2
     assert "&lt;/pre&gt;&lt;script&gt;alert(1)" in page and "x = 1 &lt; 2" in page
     assert page.index("driver generated source") < page.index(
-        "a0:&lt;script&gt;x&amp;y&lt;/script&gt; generated source")      # driver first
+        "a0:&lt;script&gt;x&amp;y&lt;/script&gt; generated source"
+    )  # driver first
 
 
 @needs_dot
@@ -311,14 +372,16 @@ def test_compiled_html_inlines_svg(fanout):
 
 # -- profiling ----------------------------------------------------------------------------
 
+
 def test_chrome_trace_structure(chain):
     records = synth_records(chain, executions=2)
-    trace = chrome_trace(chain, records)
-    json.dumps(trace)                                     # JSON-able
+    trace = timeline_json(chain, records)
+    json.dumps(trace)  # JSON-able
     events = trace["traceEvents"]
-    names = {e["tid"]: e["args"]["name"] for e in events
-             if e["ph"] == "M" and e["name"] == "thread_name"}
-    assert sorted(names.values()) == ["a0:Stage", "a1:Stage"]       # one track per actor
+    names = {
+        e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"
+    }
+    assert sorted(names.values()) == ["a0:Stage", "a1:Stage"]  # one track per actor
     spans = [e for e in events if e["ph"] == "X"]
     assert len(spans) == sum(len(v) for v in records.values())
     assert min(e["ts"] for e in spans) == 0.0
@@ -337,19 +400,22 @@ def test_chrome_trace_shared_steps_and_unknown_steps():
     sched = compile_schedule(tensor_ir(), overlap=True)
     a0 = sched.of("a0")
     shared = [x for x in a0 if x.step == a0[-1].step]
-    assert len(shared) == 2                                  # "send t0>driver; wait t0>a1"
+    assert len(shared) == 2  # "send t0>driver; wait t0>a1"
     records = synth_records(sched, executions=1)
-    records["a0"].append((0, 99, 5_000_000, 5_000_100))     # a step the schedule lacks
-    names = [e["name"] for e in chrome_trace(sched, records)["traceEvents"] if e["ph"] == "X"]
+    records["a0"].append((0, 99, 5_000_000, 5_000_100))  # a step the schedule lacks
+    names = [e["name"] for e in timeline_json(sched, records)["traceEvents"] if e["ph"] == "X"]
     assert "send t0>driver" in names and "wait t0>a1" in names and "isend t0>a1" in names
     assert "step 99" in names
     spans = match_spans(sched, records)
     assert [s.action.kind for s in spans if s.actor == "a1" and s.action][:3] == [
-        ICRECV, WAIT_RECV, CALL]
+        ICRECV,
+        WAIT_RECV,
+        CALL,
+    ]
 
 
 def test_chrome_trace_empty(chain):
-    trace = chrome_trace(chain, {})
+    trace = timeline_json(chain, {})
     assert [e["name"] for e in trace["traceEvents"]] == ["process_name"]
     assert summary_dict(chain, {})["critical_path"] is None
     assert "critical path: no records" in summary(chain, {})
@@ -374,9 +440,15 @@ def test_critical_path_follows_the_slow_branch(fanout):
     slow = lambda a, x, n: 50_000 if str(x.value) == "t2" and x.kind == CALL else 1000
     d = summary_dict(fanout, synth_records(fanout, dur=slow))
     path = [(o["actor"], o["action"]) for o in d["critical_path"]["ops"]]
-    assert path == [("a0", "recv in<driver"), ("a0", "split t0"),
-                    ("a0", "send t0.0>driver,a1"), ("a0", "send t0.1>a2"),
-                    ("a2", "recv t0.1<a0"), ("a2", "right t2"), ("a2", "send t2>driver")]
+    assert path == [
+        ("a0", "recv in<driver"),
+        ("a0", "split t0"),
+        ("a0", "send t0.0>driver,a1"),
+        ("a0", "send t0.1>a2"),
+        ("a2", "recv t0.1<a0"),
+        ("a2", "right t2"),
+        ("a2", "send t2>driver"),
+    ]
     links = [o["via"] for o in d["critical_path"]["ops"]]
     assert links[0] == "" and links[4] == "t0.1 via c2 from a0" and links[5] == "same actor"
     cp = d["critical_path"]
@@ -388,7 +460,10 @@ def test_critical_path_follows_the_slow_branch(fanout):
     slow = lambda a, x, n: 50_000 if str(x.value) == "t1" and x.kind == CALL else 1000
     d = summary_dict(fanout, synth_records(fanout, dur=slow))
     assert [o["action"] for o in d["critical_path"]["ops"]][-3:] == [
-        "left t1", "post t3", "send t3>driver"]
+        "left t1",
+        "post t3",
+        "send t3>driver",
+    ]
     text = summary(fanout, synth_records(fanout, dur=slow))
     assert "critical path of execution" in text and "left t1" in text
     assert text.rstrip().splitlines()[-1].startswith("total: ")
@@ -397,16 +472,23 @@ def test_critical_path_follows_the_slow_branch(fanout):
 def test_critical_path_revisited_actor_and_median_execution(revisit):
     extra = {0: 0, 1: 40_000, 2: 10_000, 3: 30_000, 4: 20_000}
     records = synth_records(revisit, executions=5, extra=extra)
-    records["a0"].append((5, 1, 99_000_000, 99_000_500))     # a cut-off execution
+    records["a0"].append((5, 1, 99_000_000, 99_000_500))  # a cut-off execution
     d = summary_dict(revisit, records)
     assert d["executions"] == 6 and d["complete_executions"] == 5
     cp = d["critical_path"]
-    assert cp["execution"] == 4                              # median span of 0..4
+    assert cp["execution"] == 4  # median span of 0..4
     assert "median end-to-end span of 5 complete executions" in cp["chosen"]
     assert [(o["actor"], o["action"]) for o in cp["ops"]] == [
-        ("a0", "recv in<driver"), ("a0", "f t0"), ("a0", "send t0>a1"),
-        ("a1", "recv t0<a0"), ("a1", "g t1"), ("a1", "send t1>a0"),
-        ("a0", "recv t1<a1"), ("a0", "h t2"), ("a0", "send t2>driver")]
+        ("a0", "recv in<driver"),
+        ("a0", "f t0"),
+        ("a0", "send t0>a1"),
+        ("a1", "recv t0<a0"),
+        ("a1", "g t1"),
+        ("a1", "send t1>a0"),
+        ("a0", "recv t1<a1"),
+        ("a0", "h t2"),
+        ("a0", "send t2>driver"),
+    ]
     assert cp["ops"][6]["via"] == "t1 via c2 from a1"
     assert cp["ops"][0]["start_us"] == 0.0
 
@@ -421,12 +503,15 @@ def test_critical_path_through_communicator_and_collective():
     slow = lambda a, x, n: 30_000 if a == "a0" and x.kind == CALL else 1000
     d = summary_dict(coll, synth_records(coll, dur=slow))
     ops = [(o["actor"], o["action"], o["via"]) for o in d["critical_path"]["ops"]]
-    assert ops[-3:] == [("a0", "f t0", "same actor"),
-                        ("a1", "allreduce.sum t3 [g0]", "collective g0 waits for a0"),
-                        ("a1", "send t3>driver", "same actor")]
+    assert ops[-3:] == [
+        ("a0", "f t0", "same actor"),
+        ("a1", "allreduce.sum t3 [g0]", "collective g0 waits for a0"),
+        ("a1", "send t3>driver", "same actor"),
+    ]
 
 
 # -- artifacts ----------------------------------------------------------------------------
+
 
 def _sources(schedule: Schedule) -> dict[str, str]:
     return {a: f"# generated for {schedule.labels.get(a, a)}\n" for a in schedule.actors}
@@ -434,11 +519,20 @@ def _sources(schedule: Schedule) -> dict[str, str]:
 
 def test_write_artifacts_and_show(fanout, tmp_path):
     records = synth_records(fanout)
-    trace = chrome_trace(fanout, records)
+    trace = timeline_json(fanout, records)
     paths = write_artifacts(tmp_path / "out", fanout, _sources(fanout), trace)
     names = sorted(p.name for p in paths)
-    assert names == ["a0.py", "a1.py", "a2.py", "driver.py", "graph.dot", "schedule.csv",
-                     "schedule.json", "schedule.txt", "trace.json"]
+    assert names == [
+        "a0.py",
+        "a1.py",
+        "a2.py",
+        "driver.py",
+        "graph.dot",
+        "schedule.csv",
+        "schedule.json",
+        "schedule.txt",
+        "trace.json",
+    ]
     out = tmp_path / "out"
     assert (out / "schedule.txt").read_text() == str(fanout) + "\n"
     assert Schedule.from_json((out / "schedule.json").read_text()) == fanout
@@ -453,7 +547,7 @@ def test_write_artifacts_and_show(fanout, tmp_path):
 def test_artifacts_byte_identical(tmp_path):
     for name in ("one", "two"):
         s = compile_schedule(revisit_ir())
-        trace = chrome_trace(s, synth_records(s))
+        trace = timeline_json(s, synth_records(s))
         write_artifacts(tmp_path / name, s, _sources(s), trace)
     one = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert one == sorted(p.name for p in (tmp_path / "two").iterdir())

@@ -1,4 +1,5 @@
 """Schedule data: actions that print and parse back, the table, JSON and CSV round trips."""
+
 import json
 
 import pytest
@@ -9,48 +10,76 @@ from tests.helpers import compile_ir, make_ir
 
 
 def sample():
-    ir = make_ir([("t0", "a0", "f", ["$0", "#0"], {"k": "$1"}), ("t1", "a1", "g", ["t0"]),
-                  ("t2", "a0", "pair", ["t1"], {}, 2),
-                  ("t3", "a1", "h", ["t2.0", "t2.1"])], ["t3", "t1"], nfields=2)
+    ir = make_ir(
+        [
+            ("t0", "a0", "f", ["$0", "#0"], {"k": "$1"}),
+            ("t1", "a1", "g", ["t0"]),
+            ("t2", "a0", "pair", ["t1"], {}, 2),
+            ("t3", "a1", "h", ["t2.0", "t2.1"]),
+        ],
+        ["t3", "t1"],
+        nfields=2,
+    )
     return compile_ir(ir).schedule
 
 
 def overlap_sample():
     """Overlap with a tensor read by two actors and the driver: both kinds of wait."""
-    ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "g", ["t0"]),
-                  ("t2", "a2", "g", ["t0"])], ["t1", "t2", "t0"], transports={"t0": "nccl"})
+    ir = make_ir(
+        [("t0", "a0", "f", ["$0"]), ("t1", "a1", "g", ["t0"]), ("t2", "a2", "g", ["t0"])],
+        ["t1", "t2", "t0"],
+        transports={"t0": "nccl"},
+    )
     return compile_ir(ir, overlap=True).schedule
 
 
 def collective_sample():
-    ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "pre", ["$0"]),
-                  ("t2", "a1", "g", ["t0", "t1"]),
-                  ("t3", "a0", "allreduce", ["t0"], {}, 1, "g0"),
-                  ("t4", "a1", "allreduce", ["t2"], {}, 1, "g0")],
-                 ["t3", "t4"], transports={"t0": "nccl"})
+    ir = make_ir(
+        [
+            ("t0", "a0", "f", ["$0"]),
+            ("t1", "a1", "pre", ["$0"]),
+            ("t2", "a1", "g", ["t0", "t1"]),
+            ("t3", "a0", "allreduce", ["t0"], {}, 1, "g0"),
+            ("t4", "a1", "allreduce", ["t2"], {}, 1, "g0"),
+        ],
+        ["t3", "t4"],
+        transports={"t0": "nccl"},
+    )
     return compile_ir(ir).schedule
 
 
 def bind_sample():
-    ir = make_ir([("t0", "a0", "inc", ["$0"]), ("t1", "a1", "double_and_inc", ["t0"]),
-                  ("t2", "a1", "inc", ["$0"]), ("t3", "a0", "double_and_inc", ["t2"])],
-                 ["t1", "t3"], bind={"t2": 0, "t1": 1, "t3": 0, "t0": 1})
+    ir = make_ir(
+        [
+            ("t0", "a0", "inc", ["$0"]),
+            ("t1", "a1", "double_and_inc", ["t0"]),
+            ("t2", "a1", "inc", ["$0"]),
+            ("t3", "a0", "double_and_inc", ["t2"]),
+        ],
+        ["t1", "t3"],
+        bind={"t2": 0, "t1": 1, "t3": 0, "t0": 1},
+    )
     return compile_ir(ir).schedule
 
 
-SAMPLES = {"plain": sample, "overlap": overlap_sample, "collective": collective_sample,
-           "bind": bind_sample}
+SAMPLES = {
+    "plain": sample,
+    "overlap": overlap_sample,
+    "collective": collective_sample,
+    "bind": bind_sample,
+}
 
 # every kind, as the table prints it
 CELLS = {
-    "recv t2<a0": Action(Kind.READ, Ref("t2"), peers=("a0",)),
-    "recv in<driver": Action(Kind.READ, INPUT, peers=("driver",)),
+    "recv t2<a0": Action(Kind.RECV, Ref("t2"), peers=("a0",)),
+    "recv in<driver": Action(Kind.RECV, INPUT, peers=("driver",)),
     "fwd t3": Action(Kind.CALL, Ref("t3"), method="fwd"),
     "fwd t3 (bind 1)": Action(Kind.CALL, Ref("t3"), method="fwd", bind=1),
     "allreduce.sum t5 [g0]": Action(Kind.COLL, Ref("t5"), method="allreduce.sum", group="g0"),
-    "allgather t5 [g1] (bind 0)": Action(Kind.COLL, Ref("t5"), method="allgather", group="g1",
-                                         bind=0),
-    "send t3.1>a1,a2": Action(Kind.WRITE, Ref("t3", 1), peers=("a1", "a2")),
+    "allgather t5 [g1] (bind 0)": Action(
+        Kind.COLL, Ref("t5"), method="allgather", group="g1", bind=0
+    ),
+    "send t3.1>a1,a2": Action(Kind.SEND, Ref("t3", 1), peers=("a1", "a2")),
     "csend t3>a1": Action(Kind.CSEND, Ref("t3"), peers=("a1",)),
     "crecv t3<a0": Action(Kind.CRECV, Ref("t3"), peers=("a0",)),
     "icrecv t3<a0": Action(Kind.ICRECV, Ref("t3"), peers=("a0",)),
@@ -68,13 +97,18 @@ def test_actions_print_compactly_and_parse_back(text):
 
 
 def test_kinds_are_strings():
-    assert Kind.READ == "recv" and Kind.WRITE == "send" and f"{Kind.WAIT_SEND}" == "wait_send"
-    assert json.dumps(Kind.COLL) == '"coll"' and Action("recv", INPUT).kind is Kind.READ
+    assert Kind.RECV == "recv" and Kind.SEND == "send" and f"{Kind.WAIT_SEND}" == "wait_send"
+    assert json.dumps(Kind.COLL) == '"coll"' and Action("recv", INPUT).kind is Kind.RECV
     assert str(Kind.CALL) == "call" and {Kind.COLL: 1}["coll"] == 1
 
 
-@pytest.mark.parametrize("bad", ["recv t2>a0", "send t2<a1", "fwd", "fwd t3 (bind x)",
-                                 "recv 3<a0", "t3=fwd(t2)"])
+def test_kind_members_are_named_as_their_values():
+    assert [k.name for k in Kind] == [k.value.upper() for k in Kind]
+
+
+@pytest.mark.parametrize(
+    "bad", ["recv t2>a0", "send t2<a1", "fwd", "fwd t3 (bind x)", "recv 3<a0", "t3=fwd(t2)"]
+)
 def test_bad_actions_are_refused(bad):
     with pytest.raises(ValueError):
         Action.parse(bad)
@@ -111,7 +145,7 @@ def test_details_name_the_arguments_and_the_channel():
     t0 = Action.parse("f t0")
     assert s.call(Ref("t0")).args == (Field(0), Const(0))
     assert s.detail("a0", t0) == "t0 = f($0, #0, k=$1)"
-    send = next(a for _, a in s.of("a0") if a.kind == Kind.WRITE)
+    send = next(a for _, a in s.of("a0") if a.kind == Kind.SEND)
     assert s.detail("a0", send) == f"send t0>a1 via {s.channel_of('a0', send).id}"
     assert s.channel_of("a1", Action.parse("recv t0<a0")) == s.channel_of("a0", send)
     with pytest.raises(KeyError, match="no channel carries t9"):
@@ -129,8 +163,15 @@ def test_wait_kinds_print_compactly():
 def test_json_names_its_format_and_refuses_others():
     d = sample().to_dict()
     assert d["format"] == FORMAT == "dagc.schedule/2"
-    assert d["actions"]["a0"][0] == {"step": 1, "kind": "recv", "value": "in", "method": "",
-                                     "group": "", "peers": ["driver"], "bind": -1}
+    assert d["actions"]["a0"][0] == {
+        "step": 1,
+        "kind": "recv",
+        "value": "in",
+        "method": "",
+        "group": "",
+        "peers": ["driver"],
+        "bind": -1,
+    }
     with pytest.raises(ValueError, match="dagc.schedule/1"):
         Schedule.from_dict(d | {"format": "dagc.schedule/1"})
 

@@ -34,19 +34,20 @@ previous op completed; a blocking op ends then, a wait ends its cost after what 
 for completed. A deferred receive counts as posted when issued (the runtime posts it when
 its metadata is there and the process next touches the communicator, or at its wait).
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 from dagc.errors import DeadlockError
 from dagc.ir import DRIVER, IR
 from dagc.schedule import COMM_KINDS, Kind, Schedule
 from dagc.schedule.check import wait_problems
-from dagc.schedule.costs import Costs, Timing
+from dagc.schedule.costs import Costs, Span, Timing
 
-CALL, COLL, READ, WRITE = Kind.CALL, Kind.COLL, Kind.READ, Kind.WRITE
+CALL, COLL, RECV, SEND = Kind.CALL, Kind.COLL, Kind.RECV, Kind.SEND
 CSEND, CRECV, ISEND, ICRECV = Kind.CSEND, Kind.CRECV, Kind.ISEND, Kind.ICRECV
 WAIT_RECV, WAIT_SEND = Kind.WAIT_RECV, Kind.WAIT_SEND
 _BLOCKING = (CSEND, CRECV, COLL)
@@ -66,8 +67,10 @@ class CommOrder:
 def comm_order(ir: IR) -> CommOrder:
     """The order the runtime keeps for ``ir``'s communicators: per peer for gloo groups
     (``GlooCommunicator.per_peer_order``), one stream per process otherwise."""
-    return CommOrder(per_peer=frozenset(g.id for g in ir.comm_groups if g.backend == "gloo"),
-                     collectives=dict(ir.collectives))
+    return CommOrder(
+        per_peer=frozenset(g.id for g in ir.comm_groups if g.backend == "gloo"),
+        collectives=dict(ir.collectives),
+    )
 
 
 def _match_key(proc: str, a) -> tuple:
@@ -81,8 +84,9 @@ def _match_key(proc: str, a) -> tuple:
 
 def _participants(sched: Schedule, a, proc: str) -> frozenset:
     if a.kind == COLL:
-        return frozenset(p for p in sched.actors for _, x in sched.of(p)
-                         if x.kind == COLL and x.group == a.group)
+        return frozenset(
+            p for p in sched.actors for _, x in sched.of(p) if x.kind == COLL and x.group == a.group
+        )
     return frozenset((proc, a.peers[0]))
 
 
@@ -111,7 +115,9 @@ def check_waits(sched: Schedule) -> None:
         raise DeadlockError(
             "the schedule's waits do not match the communicator ops it issues: a value "
             "would never be bound, or a wait would never end. This is a dagc bug; please "
-            "report it with the DAG.", sched.table(mark))
+            "report it with the DAG.",
+            sched.table(mark),
+        )
 
 
 class _Entry:
@@ -122,8 +128,8 @@ class _Entry:
     def __init__(self, key, parts, lane, proc, action, issued):
         self.key, self.parts, self.lane = key, parts, lane
         self.proc, self.action = proc, action
-        self.issued = issued            # the process's clock when it issued the op
-        self.ready = issued             # when it may start: issued, lane's previous done
+        self.issued = issued  # the process's clock when it issued the op
+        self.ready = issued  # when it may start: issued, lane's previous done
         self.done = False
         self.end = 0.0
 
@@ -138,20 +144,22 @@ class Run:
     executions: int
 
 
-def run(sched: Schedule, executions: int = 2, order: Optional[CommOrder] = None,
-        costs: Optional[Costs] = None) -> Run:
+def run(
+    sched: Schedule, executions: int = 2, order: CommOrder | None = None, costs: Costs | None = None
+) -> Run:
     """Simulate ``executions`` executions; DeadlockError if they cannot all complete."""
     check_waits(sched)
     order = order or CommOrder()
     costs = costs or Costs.uniform()
     procs = [p for p in sched.actors if sched.of(p)]
-    # per process: (step, action, channel id of a READ/WRITE, cost, lane of a comm op)
+    # per process: (step, action, channel id of a RECV/SEND, cost, lane of a comm op; ()
+    # for an action in no lane)
     prog = {}
     for p in procs:
         col = []
         for s, a in sched.of(p):
-            cid = sched.channel_of(p, a).id if a.kind in (READ, WRITE) else ""
-            lane = _lane(sched, order, p, a) if a.kind in _QUEUED else None
+            cid = sched.channel_of(p, a).id if a.kind in (RECV, SEND) else ""
+            lane = _lane(sched, order, p, a) if a.kind in _QUEUED else ()
             col.append((s, a, cid, costs.of_action(p, a), lane))
         prog[p] = col * executions
     size = {p: len(sched.of(p)) for p in procs}
@@ -162,21 +170,21 @@ def run(sched: Schedule, executions: int = 2, order: Optional[CommOrder] = None,
     readers = {c.id: c.readers for c in sched.channels}
     written = {c.id: 0 for c in sched.channels}
     read = {(c.id, r): 0 for c in sched.channels for r in c.readers}
-    write_end: dict = {}                          # (channel, message) -> time
-    read_end: dict = {}                           # (channel, reader, message) -> time
+    write_end: dict = {}  # (channel, message) -> time
+    read_end: dict = {}  # (channel, reader, message) -> time
     lanes: dict[tuple, deque] = {}
-    lane_done: dict[tuple, float] = {}            # lane -> when its last op completed
-    issued: dict[tuple, _Entry] = {}              # (proc, pc) / _handle() -> entry
+    lane_done: dict[tuple, float] = {}  # lane -> when its last op completed
+    issued: dict[tuple, _Entry] = {}  # (proc, pc) / _handle() -> entry
     parts_cache: dict = {}
     rounds = 0
     while True:
         progressed = False
         # 1. lanes: complete every head op whose participants all have it at a lane's head
         heads: dict[tuple, list] = {}
-        for lane, q in lanes.items():
+        for q in lanes.values():
             if q:
                 heads.setdefault(q[0].key, []).append(q[0])
-        for key, es in heads.items():
+        for es in heads.values():
             if {e.proc for e in es} != es[0].parts:
                 continue
             start = max(max(e.ready, lane_done.get(e.lane, 0.0)) for e in es)
@@ -194,19 +202,22 @@ def run(sched: Schedule, executions: int = 2, order: Optional[CommOrder] = None,
                 _, a, cid, cost, lane = col[i]
                 t = clock[p]
                 k = a.kind
-                if k == READ:
+                if k == RECV:
                     n = read[(cid, p)]
                     if written[cid] <= n:
                         break
                     read[(cid, p)] = n + 1
                     end = max(t, write_end[(cid, n)]) + cost
                     read_end[(cid, p, n)] = end
-                elif k == WRITE:
+                elif k == SEND:
                     n = written[cid]
                     if n - min(read[(cid, r)] for r in readers[cid]) >= slots[cid]:
                         break
-                    free = max((read_end[(cid, r, n - slots[cid])] for r in readers[cid]),
-                               default=0.0) if n >= slots[cid] else 0.0
+                    free = (
+                        max((read_end[(cid, r, n - slots[cid])] for r in readers[cid]), default=0.0)
+                        if n >= slots[cid]
+                        else 0.0
+                    )
                     written[cid] = n + 1
                     end = max(t, free) + cost
                     write_end[(cid, n)] = end
@@ -219,8 +230,9 @@ def run(sched: Schedule, executions: int = 2, order: Optional[CommOrder] = None,
                         if parts is None:
                             parts = parts_cache[pk] = _participants(sched, a, p)
                         blocking = k in _BLOCKING
-                        e = _Entry((_match_key(p, a), ex), parts, lane, p, a,
-                                   t if blocking else t + cost)
+                        e = _Entry(
+                            (_match_key(p, a), ex), parts, lane, p, a, t if blocking else t + cost
+                        )
                         lanes.setdefault(lane, deque()).append(e)
                         issued[(p, i)] = e
                         if not blocking:
@@ -258,7 +270,9 @@ def run(sched: Schedule, executions: int = 2, order: Optional[CommOrder] = None,
             raise DeadlockError(
                 "the schedule can deadlock: the marked ops wait on each other forever. "
                 "Communicator ops must be issued in the same relative order by every "
-                "participant.", sched.table(mark))
+                "participant.",
+                sched.table(mark),
+            )
 
 
 def _rendezvous_cost(costs: Costs, es: list) -> float:
@@ -269,13 +283,14 @@ def _rendezvous_cost(costs: Costs, es: list) -> float:
     return costs.of_transfer(recv.proc, a.value, recv.action.peers[0])
 
 
-def simulate(sched: Schedule, executions: int = 2, order: Optional[CommOrder] = None) -> int:
+def simulate(sched: Schedule, executions: int = 2, order: CommOrder | None = None) -> int:
     """The schedule's simulated length in rounds; DeadlockError if it can get stuck."""
     return run(sched, executions, order).rounds
 
 
-def predict(sched: Schedule, costs: Optional[Costs] = None,
-            order: Optional[CommOrder] = None, executions: int = 2) -> Timing:
+def predict(
+    sched: Schedule, costs: Costs | None = None, order: CommOrder | None = None, executions: int = 2
+) -> Timing:
     """When each action of an execution runs, from ``costs``: the last of ``executions``
     simulated back to back, relative to the driver's write of its input."""
     costs = costs or Costs.uniform()
@@ -287,12 +302,12 @@ def timing_of(sched: Schedule, r: Run, costs: Costs) -> Timing:
     last = r.executions - 1
     drv = sched.of(DRIVER)
     t0 = r.times[(DRIVER, last * len(drv))][0] if drv else 0.0
-    out = {}
+    out: dict[str, tuple[Span | None, ...]] = {}
     times = r.times
     for p in sched.actors:
         n = len(sched.of(p))
         base = last * n
-        spans = []
+        spans: list[Span | None] = []
         for i in range(n):
             s = times.get((p, base + i))
             # times as printed and compared: a few digits, so equal inputs give equal bytes
@@ -301,11 +316,10 @@ def timing_of(sched: Schedule, r: Run, costs: Costs) -> Timing:
     return Timing(predicted=out, unit=costs.unit, source=costs.source)
 
 
-
 def _why(a, p) -> str:
-    if a.kind == READ:
+    if a.kind == RECV:
         return f"waits for {a.value} from {a.peers[0]}"
-    if a.kind == WRITE:
+    if a.kind == SEND:
         return "ring full"
     if a.kind == COLL:
         return f"waits for all of {a.group}"

@@ -1,136 +1,21 @@
-"""Profiling output from per-op timing records.
-
-A loop compiled with profiling records, per actor, one tuple per executed action::
-
-    (execution_index, step, t_start_ns, t_end_ns)       # time.monotonic_ns()
-
-``records`` maps actor id ("a0", "driver") to that actor's list, in the order recorded.
-The clock is shared by all processes of one node, so spans of different actors line up.
-
-- :func:`chrome_trace` turns them into Chrome trace-event JSON (opens in Perfetto or
-  chrome://tracing): one track per actor, one span per op.
-- :func:`summary_dict` / :func:`summary` give per-op statistics and the critical path of
-  a representative execution, as JSON-able data / as a text table.
+"""What a profile says, from its spans (:mod:`dagc.inspect.timeline`): per-op statistics,
+the critical path of a representative execution (:func:`summary_dict`, :func:`summary`),
+and the measured timing and costs the scheduler predicts with (:func:`measured_timing`,
+:func:`measured_costs`).
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from collections.abc import Sequence
 
+from dagc.inspect.timeline import Span, actor_order, group_executions, match_spans, us
 from dagc.ir import DRIVER
-from dagc.schedule import OP_KINDS, Action, Kind, Schedule
+from dagc.schedule import Action, Kind, Schedule
 from dagc.schedule.costs import Costs
 
-PID = 1
 
-
-@dataclass(frozen=True)
-class Span:
-    """One recorded action: which one, in which execution, and when."""
-
-    actor: str
-    execution: int
-    step: int
-    index: int                  # position in the actor's action list; -1 if unmatched
-    action: Optional[Action]
-    start_ns: int
-    end_ns: int
-
-    @property
-    def name(self) -> str:
-        return op_name(self.action) if self.action is not None else f"step {self.step}"
-
-    @property
-    def dur_ns(self) -> int:
-        return self.end_ns - self.start_ns
-
-
-def op_name(action: Action) -> str:
-    """The span name of an action: the method for calls (``fwd``), else ``recv t2<a0``."""
-    return action.method if action.kind in OP_KINDS else str(action)
-
-
-def _actor_order(schedule: Schedule, records: dict) -> list[str]:
-    """Schedule columns first, then any recorded actor the schedule does not name."""
-    return list(schedule.actors) + sorted(a for a in records if a not in schedule.actors)
-
-
-def match_spans(schedule: Schedule, records: dict) -> list[Span]:
-    """Pair each record with its action; spans ordered by actor column, execution, start.
-
-    Within one execution an actor's records come in program order, so the k-th record
-    with step s is the k-th action at step s (several actions may share a step).
-    """
-    spans = []
-    for actor in _actor_order(schedule, records):
-        acts = schedule.of(actor)
-        at_step: dict[int, list[int]] = {}
-        for i, (step, _) in enumerate(acts):
-            at_step.setdefault(step, []).append(i)
-        used: dict[tuple[int, int], int] = {}       # (execution, step) -> records matched
-        for rec in records.get(actor, ()):
-            n, step, t0, t1 = (int(x) for x in rec[:4])
-            k = used.get((n, step), 0)
-            used[(n, step)] = k + 1
-            candidates = at_step.get(step, [])
-            idx = candidates[k] if k < len(candidates) else -1
-            spans.append(Span(actor, n, step, idx, acts[idx].action if idx >= 0 else None,
-                              t0, t1))
-    order = {a: i for i, a in enumerate(_actor_order(schedule, records))}
-    spans.sort(key=lambda s: (order[s.actor], s.execution, s.start_ns, s.index))
-    return spans
-
-
-def _us(ns: float) -> float:
-    return round(ns / 1000.0, 3)
-
-
-# -- Chrome trace -------------------------------------------------------------------------
-
-def chrome_trace(schedule: Schedule, records: dict) -> dict:
-    """Chrome trace-event JSON, object form, for Perfetto / chrome://tracing::
-
-        {"traceEvents": [
-            {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "dagc"}},
-            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "a0:Stage"}},
-            {"ph": "X", "name": "fwd", "cat": "call", "pid": 1, "tid": 2,
-             "ts": 12.5, "dur": 3.25,
-             "args": {"execution": 0, "step": 2, "value": "t0", "op": "t0 = fwd($0)"}},
-            ...],
-         "displayTimeUnit": "ns"}
-
-    One track (tid) per actor in schedule column order; timestamps in microseconds from
-    the earliest record.
-    """
-    spans = match_spans(schedule, records)
-    t0 = min((s.start_ns for s in spans), default=0)
-    events: list[dict] = [{"ph": "M", "name": "process_name", "pid": PID, "tid": 0,
-                           "args": {"name": "dagc"}}]
-    tids = {}
-    for i, actor in enumerate(_actor_order(schedule, records)):
-        if actor not in records:
-            continue
-        tids[actor] = i + 1
-        label = schedule.label(actor)
-        events.append({"ph": "M", "name": "thread_name", "pid": PID, "tid": i + 1,
-                       "args": {"name": label}})
-        events.append({"ph": "M", "name": "thread_sort_index", "pid": PID, "tid": i + 1,
-                       "args": {"sort_index": i}})
-    for s in spans:
-        a = s.action
-        events.append({
-            "ph": "X", "name": s.name, "cat": a.kind.value if a else "unknown", "pid": PID,
-            "tid": tids[s.actor], "ts": _us(s.start_ns - t0), "dur": _us(s.dur_ns),
-            "args": {"execution": s.execution, "step": s.step,
-                     "value": str(a.value) if a else "",
-                     "op": schedule.detail(s.actor, a) if a else ""}})
-    return {"traceEvents": events, "displayTimeUnit": "ns"}
-
-
-# -- statistics ---------------------------------------------------------------------------
-
-def _percentile(sorted_values: list[float], p: float) -> float:
+def _percentile(sorted_values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile of an ascending list (p in 0..100)."""
     if not sorted_values:
         return 0.0
@@ -142,49 +27,29 @@ def _op_stats(schedule: Schedule, spans: list[Span]) -> list[dict]:
     groups: dict[tuple[str, int, int], list[Span]] = {}
     for s in spans:
         groups.setdefault((s.actor, s.index, s.step), []).append(s)
-    order = {a: i for i, a in enumerate(_actor_order(schedule, {s.actor: () for s in spans}))}
+    order = {a: i for i, a in enumerate(actor_order(schedule, {s.actor: () for s in spans}))}
     rows = []
-    for (actor, index, step), ss in sorted(groups.items(),
-                                           key=lambda kv: (order[kv[0][0]], kv[0][2],
-                                                           kv[0][1])):
+    for (actor, index, step), ss in sorted(
+        groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][2], kv[0][1])
+    ):
         durs = sorted(s.dur_ns for s in ss)
         a = ss[0].action
-        rows.append({"actor": actor, "label": schedule.label(actor),
-                     "step": step, "index": index, "action": str(a) if a else ss[0].name,
-                     "kind": a.kind.value if a else "unknown",
-                     "value": str(a.value) if a else "",
-                     "count": len(durs), "mean_us": _us(sum(durs) / len(durs)),
-                     "p50_us": _us(_percentile(durs, 50)),
-                     "p99_us": _us(_percentile(durs, 99))})
+        rows.append(
+            {
+                "actor": actor,
+                "label": schedule.label(actor),
+                "step": step,
+                "index": index,
+                "action": str(a) if a else ss[0].name,
+                "kind": a.kind.value if a else "unknown",
+                "value": str(a.value) if a else "",
+                "count": len(durs),
+                "mean_us": us(sum(durs) / len(durs)),
+                "p50_us": us(_percentile(durs, 50)),
+                "p99_us": us(_percentile(durs, 99)),
+            }
+        )
     return rows
-
-
-def _executions(schedule: Schedule, spans: list[Span]) -> tuple[dict, list[int]]:
-    """(execution -> its spans, the executions every recorded actor finished)."""
-    by_exec: dict[int, list[Span]] = {}
-    for s in spans:
-        by_exec.setdefault(s.execution, []).append(s)
-    actors = sorted({s.actor for s in spans})
-    want = {a: _recorded_per_execution(schedule, a) for a in actors}
-    complete = []
-    for n, ss in sorted(by_exec.items()):
-        counts = {a: 0 for a in actors}
-        for s in ss:
-            counts[s.actor] += 1
-        if all(counts[a] >= want[a] for a in actors):
-            complete.append(n)
-    return by_exec, complete
-
-
-def _recorded_per_execution(schedule: Schedule, actor: str) -> int:
-    """How many records one execution leaves for ``actor``: one per action of an actor's
-    column; the driver records its input write and its last output read only (a
-    MultiOutputNode's driver column has a read per output: counting those, no execution
-    was ever complete)."""
-    col = schedule.of(actor)
-    if actor == DRIVER:
-        return min(len(col), 2)
-    return len(col)
 
 
 def _span_ns(ss: list[Span]) -> int:
@@ -201,10 +66,11 @@ def _representative(by_exec: dict, complete: list[int]) -> tuple[int, str]:
 
 # -- critical path ------------------------------------------------------------------------
 
+
 def _senders(a: Action) -> list[tuple[str, str]]:
     """(peer actor, kinds) whose matching action released receive-like action ``a``."""
-    if a.kind == Kind.READ:
-        return [(a.peers[0], Kind.WRITE)] if a.peers else []
+    if a.kind == Kind.RECV:
+        return [(a.peers[0], Kind.SEND)] if a.peers else []
     if a.kind in (Kind.CRECV, Kind.ICRECV, Kind.WAIT_RECV):
         return [(a.peers[0], "comm-send")] if a.peers else []
     return []
@@ -224,11 +90,10 @@ def _predecessors(x: Span, spans: dict, schedule: Schedule) -> list[tuple[Span, 
             s = spans.get((peer, i))
             if s is None or y.value != a.value:
                 continue
-            if kind == Kind.WRITE and y.kind == Kind.WRITE and x.actor in y.peers:
+            if kind == Kind.SEND and y.kind == Kind.SEND and x.actor in y.peers:
                 cid = schedule.channel_of(x.actor, a).id
                 out.append((s, f"{a.value} via {cid} from {peer}"))
-            elif kind == "comm-send" and y.kind in (Kind.CSEND, Kind.ISEND) \
-                    and x.actor in y.peers:
+            elif kind == "comm-send" and y.kind in (Kind.CSEND, Kind.ISEND) and x.actor in y.peers:
                 out.append((s, f"{a.value} via communicator from {peer}"))
     if a.kind == Kind.COLL:
         for p in schedule.actors:
@@ -251,7 +116,7 @@ def critical_path(schedule: Schedule, spans: list[Span]) -> list[tuple[Span, str
     by_key = {(s.actor, s.index): s for s in spans if s.index >= 0}
     if not by_key:
         return []
-    cur = max(by_key.values(), key=lambda s: (s.end_ns, s.start_ns, s.actor, s.index))
+    cur: Span | None = max(by_key.values(), key=lambda s: (s.end_ns, s.start_ns, s.actor, s.index))
     path: list[tuple[Span, str]] = []
     seen = set()
     while cur is not None and (cur.actor, cur.index) not in seen:
@@ -265,6 +130,7 @@ def critical_path(schedule: Schedule, spans: list[Span]) -> list[tuple[Span, str
 
 
 # -- summary ------------------------------------------------------------------------------
+
 
 def summary_dict(schedule: Schedule, records: dict) -> dict:
     """Per-op statistics and one critical path, as JSON-able data::
@@ -287,9 +153,13 @@ def summary_dict(schedule: Schedule, records: dict) -> dict:
     between one op's end and the next one's start).
     """
     spans = match_spans(schedule, records)
-    by_exec, complete = _executions(schedule, spans)
-    out = {"executions": len(by_exec), "complete_executions": len(complete),
-           "ops": _op_stats(schedule, spans), "critical_path": None}
+    by_exec, complete = group_executions(schedule, spans)
+    out = {
+        "executions": len(by_exec),
+        "complete_executions": len(complete),
+        "ops": _op_stats(schedule, spans),
+        "critical_path": None,
+    }
     if not by_exec:
         return out
     n, chosen = _representative(by_exec, complete)
@@ -303,14 +173,27 @@ def summary_dict(schedule: Schedule, records: dict) -> dict:
         gaps += 0 if prev_end is None else max(0, s.start_ns - prev_end)
         busy += adds
         prev_end = s.end_ns if prev_end is None else max(prev_end, s.end_ns)
-        ops.append({"actor": s.actor, "label": schedule.label(s.actor),
-                    "step": s.step, "action": str(s.action) if s.action else s.name,
-                    "start_us": _us(s.start_ns - t0), "dur_us": _us(s.dur_ns),
-                    "adds_us": _us(adds), "via": link})
+        ops.append(
+            {
+                "actor": s.actor,
+                "label": schedule.label(s.actor),
+                "step": s.step,
+                "action": str(s.action) if s.action else s.name,
+                "start_us": us(s.start_ns - t0),
+                "dur_us": us(s.dur_ns),
+                "adds_us": us(adds),
+                "via": link,
+            }
+        )
     out["critical_path"] = {
-        "execution": n, "chosen": chosen, "span_us": _us(_span_ns(ss)),
-        "path_us": _us(path[-1][0].end_ns - path[0][0].start_ns) if path else 0.0,
-        "busy_us": _us(busy), "gaps_us": _us(gaps), "ops": ops}
+        "execution": n,
+        "chosen": chosen,
+        "span_us": us(_span_ns(ss)),
+        "path_us": us(path[-1][0].end_ns - path[0][0].start_ns) if path else 0.0,
+        "busy_us": us(busy),
+        "gaps_us": us(gaps),
+        "ops": ops,
+    }
     return out
 
 
@@ -318,31 +201,57 @@ def _table(heads: list[str], rows: list[list[str]], right: set[int]) -> list[str
     widths = [max(len(r[i]) for r in [heads] + rows) for i in range(len(heads))]
 
     def fmt(r):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+
     return [fmt(heads), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
 
 
 def format_summary(d: dict) -> str:
     """Text form of :func:`summary_dict`'s result (see :func:`summary`)."""
     lines = [f"per-op time over {d['executions']} executions (µs)"]
-    rows = [[o["label"], str(o["step"]), o["action"], str(o["count"]), f"{o['mean_us']:.2f}",
-             f"{o['p50_us']:.2f}", f"{o['p99_us']:.2f}"] for o in d["ops"]]
-    lines += _table(["actor", "step", "action", "count", "mean", "p50", "p99"], rows,
-                    right={1, 3, 4, 5, 6})
+    rows = [
+        [
+            o["label"],
+            str(o["step"]),
+            o["action"],
+            str(o["count"]),
+            f"{o['mean_us']:.2f}",
+            f"{o['p50_us']:.2f}",
+            f"{o['p99_us']:.2f}",
+        ]
+        for o in d["ops"]
+    ]
+    lines += _table(
+        ["actor", "step", "action", "count", "mean", "p50", "p99"], rows, right={1, 3, 4, 5, 6}
+    )
     cp = d["critical_path"]
     if cp is None:
         lines.append("")
         lines.append("critical path: no records")
         return "\n".join(lines) + "\n"
     lines += ["", f"critical path of execution {cp['execution']} ({cp['chosen']})"]
-    rows = [[f"{o['start_us']:.2f}", f"{o['dur_us']:.2f}", f"{o['adds_us']:.2f}",
-             o["label"], str(o["step"]), o["action"], o["via"]] for o in cp["ops"]]
-    lines += _table(["start", "dur", "adds", "actor", "step", "action", "link"], rows,
-                    right={0, 1, 2, 4})
-    lines.append(f"total: {cp['path_us']:.2f} µs along {len(cp['ops'])} ops = "
-                 f"{cp['busy_us']:.2f} µs in ops + {cp['gaps_us']:.2f} µs between them; "
-                 f"execution span {cp['span_us']:.2f} µs")
+    rows = [
+        [
+            f"{o['start_us']:.2f}",
+            f"{o['dur_us']:.2f}",
+            f"{o['adds_us']:.2f}",
+            o["label"],
+            str(o["step"]),
+            o["action"],
+            o["via"],
+        ]
+        for o in cp["ops"]
+    ]
+    lines += _table(
+        ["start", "dur", "adds", "actor", "step", "action", "link"], rows, right={0, 1, 2, 4}
+    )
+    lines.append(
+        f"total: {cp['path_us']:.2f} µs along {len(cp['ops'])} ops = "
+        f"{cp['busy_us']:.2f} µs in ops + {cp['gaps_us']:.2f} µs between them; "
+        f"execution span {cp['span_us']:.2f} µs"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -371,11 +280,12 @@ def summary(schedule: Schedule, records: dict) -> str:
 
 # -- measured timing and costs (what the scheduler predicts with) ----------------------------
 
+
 def _origins(spans: list[Span]) -> dict[int, int]:
     """Per execution, its start: the driver's write of the input (else its first record)."""
     out: dict[int, int] = {}
     for s in spans:
-        if s.actor == DRIVER and s.action is not None and s.action.kind == Kind.WRITE:
+        if s.actor == DRIVER and s.action is not None and s.action.kind == Kind.SEND:
             out[s.execution] = min(out.get(s.execution, s.start_ns), s.start_ns)
     for s in sorted(spans, key=lambda s: s.start_ns):
         out.setdefault(s.execution, s.start_ns)
@@ -390,7 +300,7 @@ def _median(xs: list[float]) -> float:
 
 def _complete_spans(schedule: Schedule, records: dict) -> tuple[list[Span], list[int]]:
     spans = [s for s in match_spans(schedule, records) if s.index >= 0]
-    by_exec, complete = _executions(schedule, spans)
+    by_exec, complete = group_executions(schedule, spans)
     keep = set(complete or by_exec)
     return [s for s in spans if s.execution in keep], sorted(keep)
 
@@ -403,26 +313,33 @@ def measured_timing(schedule: Schedule, records: dict) -> dict:
     t0 = _origins(spans)
     at: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for s in spans:
-        at.setdefault((s.actor, s.index), []).append((s.start_ns - t0[s.execution],
-                                                      s.end_ns - t0[s.execution]))
+        at.setdefault((s.actor, s.index), []).append(
+            (s.start_ns - t0[s.execution], s.end_ns - t0[s.execution])
+        )
     out = {}
     for p in schedule.actors:
         col = []
         for i in range(len(schedule.of(p))):
             xs = at.get((p, i))
-            col.append((round(_median([a for a, _ in xs]) / 1e3, 3),
-                        round(_median([b for _, b in xs]) / 1e3, 3)) if xs else None)
+            col.append(
+                (
+                    round(_median([a for a, _ in xs]) / 1e3, 3),
+                    round(_median([b for _, b in xs]) / 1e3, 3),
+                )
+                if xs
+                else None
+            )
         out[p] = tuple(col)
     return out
 
 
-def _peer_index(schedule: Schedule, actor: str, a: Action) -> Optional[tuple[str, int]]:
+def _peer_index(schedule: Schedule, actor: str, a: Action) -> tuple[str, int] | None:
     """The action of another process that releases ``a`` (a read's write, a receive's
     send), as (process, index)."""
-    if a.kind not in (Kind.READ, Kind.CRECV, Kind.WAIT_RECV) or not a.peers:
+    if a.kind not in (Kind.RECV, Kind.CRECV, Kind.WAIT_RECV) or not a.peers:
         return None
     peer = a.peers[0]
-    want = (Kind.WRITE,) if a.kind == Kind.READ else (Kind.CSEND, Kind.ISEND)
+    want = (Kind.SEND,) if a.kind == Kind.RECV else (Kind.CSEND, Kind.ISEND)
     for i, (_, y) in enumerate(schedule.of(peer)):
         if y.kind in want and y.value == a.value and actor in y.peers:
             return peer, i
@@ -439,12 +356,15 @@ def measured_costs(schedule: Schedule, records: dict) -> Costs:
     simulator runs a process's actions back to back). Waits on a peer are not costs: the
     simulator adds them."""
     from dagc.schedule.costs import cost_key, transfer_key
+
     spans, keep = _complete_spans(schedule, records)
     by = {(s.actor, s.index, s.execution): s for s in spans}
     vals: dict[str, list[float]] = {}
-    eff: dict[tuple, float] = {}                     # a span's cost by the rules above
+    eff: dict[tuple, float] = {}  # a span's cost by the rules above
     for s in spans:
         a = s.action
+        if a is None:  # an unmatched span: _complete_spans keeps none
+            continue
         prev = by.get((s.actor, s.index - 1, s.execution))
         start = min(s.start_ns, prev.end_ns) if prev is not None else s.start_ns
         rel = _peer_index(schedule, s.actor, a)
@@ -457,7 +377,7 @@ def measured_costs(schedule: Schedule, records: dict) -> Costs:
                 start = max(start, released)
         dur = max(0, s.end_ns - start) / 1e3
         eff[(s.actor, s.index, s.execution)] = dur
-        if a.kind == Kind.COLL:                      # the last to arrive waits least
+        if a.kind == Kind.COLL:  # the last to arrive waits least
             key = cost_key(s.actor, a)
         elif a.kind in (Kind.CRECV, Kind.WAIT_RECV):
             key = transfer_key(s.actor, a.value, a.peers[0])
@@ -472,19 +392,22 @@ def measured_costs(schedule: Schedule, records: dict) -> Costs:
     if any(a.kind == Kind.COLL for p in schedule.actors for _, a in schedule.of(p)):
         # a collective costs what its last participant to arrive spent in it
         for p in schedule.actors:
-            for i, (_, a) in enumerate(schedule.of(p)):
+            for _, a in schedule.of(p):
                 if a.kind != Kind.COLL:
                     continue
                 per = []
                 for n in keep:
-                    ds = [eff[(q, j, n)] for q in schedule.actors
-                          for j, (_, b) in enumerate(schedule.of(q))
-                          if b.kind == Kind.COLL and b.group == a.group
-                          and (q, j, n) in eff]
+                    ds = [
+                        eff[(q, j, n)]
+                        for q in schedule.actors
+                        for j, (_, b) in enumerate(schedule.of(q))
+                        if b.kind == Kind.COLL and b.group == a.group and (q, j, n) in eff
+                    ]
                     if ds:
                         per.append(min(ds))
                 if per:
                     vals[cost_key(p, a)] = per
     actions = {k: round(_median(v), 3) for k, v in sorted(vals.items()) if v}
-    return Costs(actions=actions, call=0.0, move=0.0, unit="µs",
-                 source=f"profile of {len(keep)} executions")
+    return Costs(
+        actions=actions, call=0.0, move=0.0, unit="µs", source=f"profile of {len(keep)} executions"
+    )
