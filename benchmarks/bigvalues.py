@@ -31,6 +31,7 @@ After the timed rounds, for dagc only:
   (``VmHWM``) minus its RSS before; the issue's bound is payload + slot + a small
   constant per process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (importable once ROOT is on sys.path)
 
 MiB = 1 << 20
-NEW_ACTORS = None                        # () -> two fresh warm actors (set by main)
-REPS = {1: 300, 64: 12, 512: 3}          # timed executions per round, by size in MiB
+NEW_ACTORS = None  # () -> two fresh warm actors (set by main)
+REPS = {1: 300, 64: 12, 512: 3}  # timed executions per round, by size in MiB
 
 
 def _reps(mib: int) -> int:
@@ -59,7 +60,7 @@ def _reps(mib: int) -> int:
 def memcpy_s(nbytes: int) -> float:
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
-    np.copyto(dst, src)                      # fault the pages in first
+    np.copyto(dst, src)  # fault the pages in first
     ts = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -77,16 +78,24 @@ def _teardown(cg, timeout: float = 60.0) -> bool:
 
 
 def time_case(system: str, actors, mib: int, chain: bool) -> list[float]:
-    import dagc
     from ray.dag import InputNode
+
+    import dagc
+
     a, b = actors
     with InputNode() as inp:
         dag = b.echo.bind(a.echo.bind(inp)) if chain else a.echo.bind(inp)
     # Ray CG: channels preallocated for the value (see the module docstring)
-    cg = (dagc.compile(dag) if system == "dagc"
-          else dag.experimental_compile(_buffer_size_bytes=mib * MiB + MiB))
-    get = ((lambda ref: ref.get(timeout=600)) if system == "dagc"
-           else (lambda ref: __import__("ray").get(ref, timeout=600)))
+    cg = (
+        dagc.compile(dag)
+        if system == "dagc"
+        else dag.experimental_compile(_buffer_size_bytes=mib * MiB + MiB)
+    )
+    get = (
+        (lambda ref: ref.get(timeout=600))
+        if system == "dagc"
+        else (lambda ref: __import__("ray").get(ref, timeout=600))
+    )
     try:
         x = np.ones(mib * MiB, dtype=np.uint8)
         got = get(cg.execute(x))
@@ -105,6 +114,7 @@ def time_case(system: str, actors, mib: int, chain: bool) -> list[float]:
         if not _teardown(cg):
             print(f"  ({system} teardown did not finish in 60 s; new actors)", flush=True)
             import ray
+
             for h in actors:
                 ray.kill(h)
             actors[:] = NEW_ACTORS()
@@ -132,10 +142,11 @@ def _status(pid: int, key: str) -> int:
 
 def memory_figures(actors, mib: int) -> dict:
     import ray
+    from ray.dag import InputNode
 
     import dagc
     from dagc.runtime.channels import segment, shm
-    from ray.dag import InputNode
+
     a, b = actors
     pids = {"driver": os.getpid(), "a": ray.get(a.pid.remote()), "b": ray.get(b.pid.remote())}
     with InputNode() as inp:
@@ -180,12 +191,18 @@ def main(argv=None) -> int:
     import ray
 
     from tests.helpers import ray_address_file_kept
+
     systems = ["dagc"] if args.no_ray else ["ray", "dagc"]
     res: dict = {"sizes": sizes, "cases": [], "load_start": os.getloadavg()}
     with ray_address_file_kept():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR",
-                 object_store_memory=min(12 << 30, int(0.6 * _shm_total())))
+        ray.init(
+            address="local",
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            object_store_memory=min(12 << 30, int(0.6 * _shm_total())),
+        )
         try:
 
             @ray.remote
@@ -193,6 +210,7 @@ def main(argv=None) -> int:
                 def __init__(self, buf: int):
                     # Ray CG sizes actor-to-actor channels by the actor's DAGContext
                     from ray.dag.context import DAGContext
+
                     DAGContext.get_current().buffer_size_bytes = buf
 
                 def echo(self, x):
@@ -206,7 +224,7 @@ def main(argv=None) -> int:
             cases = [(1, False)] + [(m, True) for m in sizes]
             for mib, chain in cases:
                 name = f"{mib} MiB {'chain (3 hops)' if chain else 'echo (2 hops)'}"
-                buf = mib * MiB + MiB            # Ray CG's channels: preallocated for it
+                buf = mib * MiB + MiB  # Ray CG's channels: preallocated for it
 
                 def new_actors(buf=buf):
                     hs = [Stage.remote(buf), Stage.remote(buf)]
@@ -226,20 +244,28 @@ def main(argv=None) -> int:
                         t0 = time.monotonic()
                         try:
                             times[s] += time_case(s, actors, mib, chain)
-                        except Exception as e:       # reported, and the case goes on
+                        except Exception as e:  # reported, and the case goes on
                             errors[s] = f"{type(e).__name__}: {str(e).splitlines()[-1]}"
                             print(f"  {name}: {s} failed: {errors[s]}", flush=True)
                             for h in actors:
                                 ray.kill(h)
                             actors[:] = new_actors()
                             continue
-                        print(f"  {name}: {s} round {k + 1} done in "
-                              f"{time.monotonic() - t0:.1f} s", flush=True)
+                        print(
+                            f"  {name}: {s} round {k + 1} done in {time.monotonic() - t0:.1f} s",
+                            flush=True,
+                        )
                 floor = memcpy_s(mib * MiB) * (3 if chain else 2)
                 med = {s: statistics.median(t) for s, t in times.items() if t}
-                row = {"case": name, "mib": mib, "chain": chain, "floor_s": floor,
-                       "median_s": med, "n": {s: len(t) for s, t in times.items()},
-                       "errors": errors}
+                row = {
+                    "case": name,
+                    "mib": mib,
+                    "chain": chain,
+                    "floor_s": floor,
+                    "median_s": med,
+                    "n": {s: len(t) for s, t in times.items()},
+                    "errors": errors,
+                }
                 res["cases"].append(row)
                 print(_row(row), flush=True)
             res["memory"] = memory_figures(actors, max(sizes))
@@ -262,33 +288,44 @@ def _row(r: dict) -> str:
     d, ray_ = med.get("dagc"), med.get("ray")
     ratio = f"{d / ray_:.3f}" if d and ray_ else "-"
     err = "".join(f"  ({s}: {e})" for s, e in r.get("errors", {}).items())
-    return (f"{r['case']:<22} ray {_ms(ray_) if ray_ else '-':>10}  dagc {_ms(d):>10}  "
-            f"dagc/ray {ratio:>6}  floor {_ms(r['floor_s']):>9}  "
-            f"dagc/floor {d / r['floor_s']:.2f}{err}")
+    return (
+        f"{r['case']:<22} ray {_ms(ray_) if ray_ else '-':>10}  dagc {_ms(d):>10}  "
+        f"dagc/ray {ratio:>6}  floor {_ms(r['floor_s']):>9}  "
+        f"dagc/floor {d / r['floor_s']:.2f}{err}"
+    )
 
 
 def report(res: dict) -> str:
     from dagc.runtime.channels import segment
-    lines = ["", "case                   Ray CG        dagc          dagc/Ray  memcpy floor  "
-             "dagc/floor"]
+
+    lines = [
+        "",
+        "case                   Ray CG        dagc          dagc/Ray  memcpy floor  dagc/floor",
+    ]
     for r in res["cases"]:
         lines.append("  " + _row(r))
     m = res.get("memory")
     if m:
+
         def mb(n):
             return f"{n / MiB:,.1f} MiB"
-        lines += ["", f"dagc, largest size ({max(res['sizes'])} MiB), 2-actor chain:",
-                  "  peak RSS growth over one execution: " + ", ".join(
-                      f"{k} {mb(v)}" for k, v in m["peak_rss_growth"].items()),
-                  f"  cg.memory() shm_bytes: start {mb(m['memory_start']['shm_bytes'])}, "
-                  f"after a burst of 8 (4 in flight) {mb(m['memory_burst']['shm_bytes'])} "
-                  f"(big-value segments {mb(m['memory_burst']['big_bytes'])}), after "
-                  f"{segment.SHRINK_AFTER + 2} small executions "
-                  f"{mb(m['memory_after']['shm_bytes'])}",
-                  f"  /dev/shm used (whole machine): after the burst "
-                  f"{mb(m['shm_used_burst'])}, after the small ones {mb(m['shm_used_after'])}"]
-    lines.append(f"load average: start {res['load_start'][0]:.1f}, "
-                 f"end {res.get('load_end', (0,))[0]:.1f}")
+
+        lines += [
+            "",
+            f"dagc, largest size ({max(res['sizes'])} MiB), 2-actor chain:",
+            "  peak RSS growth over one execution: "
+            + ", ".join(f"{k} {mb(v)}" for k, v in m["peak_rss_growth"].items()),
+            f"  cg.memory() shm_bytes: start {mb(m['memory_start']['shm_bytes'])}, "
+            f"after a burst of 8 (4 in flight) {mb(m['memory_burst']['shm_bytes'])} "
+            f"(big-value segments {mb(m['memory_burst']['big_bytes'])}), after "
+            f"{segment.SHRINK_AFTER + 2} small executions "
+            f"{mb(m['memory_after']['shm_bytes'])}",
+            f"  /dev/shm used (whole machine): after the burst "
+            f"{mb(m['shm_used_burst'])}, after the small ones {mb(m['shm_used_after'])}",
+        ]
+    lines.append(
+        f"load average: start {res['load_start'][0]:.1f}, end {res.get('load_end', (0,))[0]:.1f}"
+    )
     return "\n".join(lines)
 
 

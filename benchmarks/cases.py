@@ -12,14 +12,16 @@ To add a case, write a build function (and a measure function if none of the one
 fits) and call :func:`register`; ``bench.py --cases NAME`` then runs it alternating with
 Ray like every other case. Cases need no changes to ``bench.py``.
 """
+
 from __future__ import annotations
 
 import os
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +40,7 @@ class EchoActor:
 def make_pool(n: int, cls=EchoActor) -> list:
     """``n`` live actors of ``cls``, each already constructed and called once (warm)."""
     import ray
+
     remote_cls = ray.remote(num_cpus=0)(cls)
     actors = [remote_cls.remote() for _ in range(n)]
     ray.get([a.pid.remote() for a in actors])
@@ -52,19 +55,19 @@ POOLS: dict[str, Callable[[int], list]] = {"echo": make_pool}
 # -- cases ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    name: str                     # what --cases takes
-    title: str                    # one line for the table
-    metric: str                   # primary metric key in measure()'s result
-    unit: str                     # "us", "exec/s", "s", "%"
-    better: str                   # "lower" | "higher" (which value of the metric is better)
-    target: float                 # the target on the ratio dagc/ray (or on dagc's value)
+    name: str  # what --cases takes
+    title: str  # one line for the table
+    metric: str  # primary metric key in measure()'s result
+    unit: str  # "us", "exec/s", "s", "%"
+    better: str  # "lower" | "higher" (which value of the metric is better)
+    target: float  # the target on the ratio dagc/ray (or on dagc's value)
     build: Callable[[list], Any]  # actors -> Ray DAG (fresh nodes every call)
-    measure: Callable             # (cg, get, cfg) -> {metric: value, ...}
+    measure: Callable  # (cg, get, cfg) -> {metric: value, ...}
     actors: int = 1
     pool: str = "echo"
-    absolute: bool = False        # target judges dagc's own value, not the ratio
+    absolute: bool = False  # target judges dagc's own value, not the ratio
     make_input: Callable[[int], Any] = staticmethod(lambda i: i)
-    options: dict = field(default_factory=dict)   # per system: {"ray": {...}, "dagc": {...}}
+    options: dict = field(default_factory=dict)  # per system: {"ray": {...}, "dagc": {...}}
     note: str = ""
     # optional: (system, actors, variant_arg) -> Ray DAG, for DAGs whose nodes differ by
     # system (e.g. Ray's CPU communicator instance vs dagc's communicator edge); when
@@ -85,8 +88,11 @@ class Case:
 
     def runs(self) -> list:
         """Every run of a round, in order: ray, dagc, then the extra variants."""
-        return [Variant("ray", "ray", self.options.get("ray", {})),
-                Variant("dagc", "dagc", self.options.get("dagc", {})), *self.variants]
+        return [
+            Variant("ray", "ray", self.options.get("ray", {})),
+            Variant("dagc", "dagc", self.options.get("dagc", {})),
+            *self.variants,
+        ]
 
     def met(self, ray_value: float | None, dagc_value: float | None) -> bool | None:
         if dagc_value is None or (ray_value is None and not self.absolute):
@@ -112,6 +118,7 @@ class Case:
 class Variant:
     """One run of a round: ``label`` (unique in its case), ``system`` ("ray" | "dagc"),
     its compile options, the argument its case's ``build_for`` gets, and a table title."""
+
     label: str
     system: str
     options: dict = field(default_factory=dict)
@@ -119,8 +126,8 @@ class Variant:
     title: str = ""
 
 
-CASES: dict[str, Case] = {}           # bench.py [--cases ...]: one local Ray
-CLUSTER_CASES: dict[str, Case] = {}   # bench.py --cluster: a local 3-node Ray cluster
+CASES: dict[str, Case] = {}  # bench.py [--cases ...]: one local Ray
+CLUSTER_CASES: dict[str, Case] = {}  # bench.py --cluster: a local 3-node Ray cluster
 
 
 def register(case: Case, registry: dict | None = None) -> Case:
@@ -151,8 +158,12 @@ def measure_latency(cg, get, cfg, make_input=lambda i: i) -> dict:
         get(cg.execute(x))
         xs.append(clock() - t0)
     xs.sort()
-    return {"p50": _pct(xs, 0.5) * 1e6, "p99": _pct(xs, 0.99) * 1e6,
-            "mean": statistics.fmean(xs) * 1e6, "n": len(xs)}
+    return {
+        "p50": _pct(xs, 0.5) * 1e6,
+        "p99": _pct(xs, 0.99) * 1e6,
+        "mean": statistics.fmean(xs) * 1e6,
+        "n": len(xs),
+    }
 
 
 def measure_throughput(cg, get, cfg, inflight: int = 4) -> dict:
@@ -194,6 +205,7 @@ def measure_idle_cpu(cg, get, cfg) -> dict:
 # -- the DAGs -------------------------------------------------------------------------------
 def _ray_dag():
     from ray.dag import InputNode, MultiOutputNode
+
     return InputNode, MultiOutputNode
 
 
@@ -218,7 +230,7 @@ def fanout(actors):
         return MultiOutputNode([a.echo.bind(inp) for a in actors])
 
 
-MIB_ARRAY = np.arange((1 << 20) // 8, dtype=np.float64)   # 1 MiB
+MIB_ARRAY = np.arange((1 << 20) // 8, dtype=np.float64)  # 1 MiB
 
 
 def _mib(i):
@@ -226,37 +238,117 @@ def _mib(i):
 
 
 # -- registry -------------------------------------------------------------------------------
-register(Case(
-    name="echo1", title="1-actor echo, small int", metric="p50", unit="us", better="lower",
-    target=0.10, build=echo1, actors=1, measure=measure_latency))
-register(Case(
-    name="chain2", title="2-actor chain", metric="p50", unit="us", better="lower",
-    target=0.10, build=chain, actors=2, measure=measure_latency))
-register(Case(
-    name="fanout2", title="2-actor fan-out + MultiOutputNode", metric="p50", unit="us",
-    better="lower", target=0.15, build=fanout, actors=2, measure=measure_latency))
-register(Case(
-    name="numpy1m", title="1 MiB numpy echo, 1 actor", metric="p50", unit="us",
-    better="lower", target=0.33, build=echo1, actors=1, make_input=_mib,
-    measure=lambda cg, get, cfg: measure_latency(cg, get, {**cfg, "latency_n":
-                                                          cfg["latency_n_big"]}, _mib)))
-register(Case(
-    name="throughput", title="pipelined, 4 in flight, 2-actor fan-out", metric="throughput",
-    unit="exec/s", better="higher", target=10.0, build=fanout, actors=2,
-    measure=measure_throughput))
-register(Case(
-    name="chain8", title="8-actor chain (more processes than cores)", metric="p50",
-    unit="us", better="lower", target=0.5, build=chain, actors=8, measure=measure_latency))
-register(Case(
-    name="compile", title="compile time, 4-actor chain (warm actors)", metric="compile_s",
-    unit="s", better="lower", target=0.2, build=chain, actors=4, measure=measure_compile,
-    note="compile_s is the compile call alone; first_result_s adds the first execution"))
-register(Case(
-    name="idle_cpu", title="idle actor CPU 1 s after last execution (2-actor chain)",
-    metric="idle_cpu_above_baseline", unit="%", better="lower", target=1.0, absolute=True,
-    build=chain, actors=2, measure=measure_idle_cpu,
-    note="CPU% of the busiest actor process over the sample, minus the same actor's CPU% "
-         "with no compiled DAG (sampled just before the round); raw values in the JSON"))
+register(
+    Case(
+        name="echo1",
+        title="1-actor echo, small int",
+        metric="p50",
+        unit="us",
+        better="lower",
+        target=0.10,
+        build=echo1,
+        actors=1,
+        measure=measure_latency,
+    )
+)
+register(
+    Case(
+        name="chain2",
+        title="2-actor chain",
+        metric="p50",
+        unit="us",
+        better="lower",
+        target=0.10,
+        build=chain,
+        actors=2,
+        measure=measure_latency,
+    )
+)
+register(
+    Case(
+        name="fanout2",
+        title="2-actor fan-out + MultiOutputNode",
+        metric="p50",
+        unit="us",
+        better="lower",
+        target=0.15,
+        build=fanout,
+        actors=2,
+        measure=measure_latency,
+    )
+)
+register(
+    Case(
+        name="numpy1m",
+        title="1 MiB numpy echo, 1 actor",
+        metric="p50",
+        unit="us",
+        better="lower",
+        target=0.33,
+        build=echo1,
+        actors=1,
+        make_input=_mib,
+        measure=lambda cg, get, cfg: measure_latency(
+            cg, get, {**cfg, "latency_n": cfg["latency_n_big"]}, _mib
+        ),
+    )
+)
+register(
+    Case(
+        name="throughput",
+        title="pipelined, 4 in flight, 2-actor fan-out",
+        metric="throughput",
+        unit="exec/s",
+        better="higher",
+        target=10.0,
+        build=fanout,
+        actors=2,
+        measure=measure_throughput,
+    )
+)
+register(
+    Case(
+        name="chain8",
+        title="8-actor chain (more processes than cores)",
+        metric="p50",
+        unit="us",
+        better="lower",
+        target=0.5,
+        build=chain,
+        actors=8,
+        measure=measure_latency,
+    )
+)
+register(
+    Case(
+        name="compile",
+        title="compile time, 4-actor chain (warm actors)",
+        metric="compile_s",
+        unit="s",
+        better="lower",
+        target=0.2,
+        build=chain,
+        actors=4,
+        measure=measure_compile,
+        note="compile_s is the compile call alone; first_result_s adds the first execution",
+    )
+)
+register(
+    Case(
+        name="idle_cpu",
+        title="idle actor CPU 1 s after last execution (2-actor chain)",
+        metric="idle_cpu_above_baseline",
+        unit="%",
+        better="lower",
+        target=1.0,
+        absolute=True,
+        build=chain,
+        actors=2,
+        measure=measure_idle_cpu,
+        note="CPU% of the busiest actor process over the sample, minus the same actor's CPU% "
+        "with no compiled DAG (sampled just before the round); raw values in the JSON",
+    )
+)
 
 # -- CPU overlap: a 3-stage torch pipeline, tensors between stages (issue 5) -----------------
 # Stage s of the pipeline is TorchStage(s): every stage multiplies a (B, D) float32
@@ -266,7 +358,7 @@ register(Case(
 # small values and the 4 MiB tensors travel only between stages (2 edges per microbatch).
 # One execution runs PIPE_MICROBATCHES microbatches: execute(1, 2, ..., M), inp[m] feeds
 # microbatch m.
-PIPE_B, PIPE_D, PIPE_H = 1024, 1024, 16       # (B, D) float32 = 4 MiB per activation
+PIPE_B, PIPE_D, PIPE_H = 1024, 1024, 16  # (B, D) float32 = 4 MiB per activation
 PIPE_MICROBATCHES = 4
 PIPE_STAGES = 3
 # Ray CG 2.60 allocates tensor-transport channels with the actor's DAGContext
@@ -282,27 +374,32 @@ class TorchStage:
 
     def __init__(self, stage: int = 0, ray_buffer_bytes: int = PIPE_RAY_BUFFER_BYTES):
         import torch
-        torch.set_num_threads(1)          # 3 stages + driver on 2 cores: no oversubscription
+
+        torch.set_num_threads(1)  # 3 stages + driver on 2 cores: no oversubscription
         g = torch.Generator().manual_seed(1234 + stage)
         self.stage = stage
-        self.w1 = torch.randn(PIPE_D, PIPE_H, generator=g) / PIPE_D ** 0.5
-        self.w2 = torch.randn(PIPE_H, PIPE_D, generator=g) / PIPE_H ** 0.5
+        self.w1 = torch.randn(PIPE_D, PIPE_H, generator=g) / PIPE_D**0.5
+        self.w2 = torch.randn(PIPE_H, PIPE_D, generator=g) / PIPE_H**0.5
         self.base = torch.randn(PIPE_B, PIPE_D, generator=g)
         self.base_h = self.base @ self.w1
         from ray.dag.context import DAGContext
+
         DAGContext.get_current().buffer_size_bytes = ray_buffer_bytes
 
     def first(self, m):
         """Stage 0: the activation of microbatch m, (B, D)."""
         import torch
+
         return torch.relu(self.base_h * (1.0 + 0.01 * m)) @ self.w2
 
     def mid(self, x):
         import torch
+
         return torch.relu(x @ self.w1) @ self.w2
 
     def last(self, x):
         import torch
+
         return float((torch.relu(x @ self.w1) @ self.w2).sum())
 
     def pid(self):
@@ -312,6 +409,7 @@ class TorchStage:
 def make_torch_pool(n: int) -> list:
     """``n`` TorchStage actors (stage i = actor i), constructed and called once."""
     import ray
+
     remote_cls = ray.remote(num_cpus=0)(TorchStage)
     actors = [remote_cls.remote(i) for i in range(n)]
     ray.get([a.pid.remote() for a in actors])
@@ -329,7 +427,7 @@ def ray_cpu_transport(actors: list, kind: str | None = None):
         return "shm"
     try:
         from ray.experimental.channel.cpu_communicator import CPUCommunicator
-    except ImportError:     # older or newer Ray without it: the shared-memory transport
+    except ImportError:  # older or newer Ray without it: the shared-memory transport
         return "shm"
     return CPUCommunicator(len(actors), list(actors))
 
@@ -382,31 +480,52 @@ def measure_pipeline(cg, get, cfg) -> dict:
     while q:
         last = get(q.popleft())
     dt = clock() - t0
-    return {"p50": _pct(xs, 0.5) * 1e6, "p99": _pct(xs, 0.99) * 1e6,
-            "mean": statistics.fmean(xs) * 1e6, "n": len(xs),
-            "throughput": n / dt, "throughput_n": n, "inflight": inflight,
-            # the same DAG must give the same numbers on every system and variant
-            "checksum": float(sum(first)), "checksum_last": float(sum(last))}
+    return {
+        "p50": _pct(xs, 0.5) * 1e6,
+        "p99": _pct(xs, 0.99) * 1e6,
+        "mean": statistics.fmean(xs) * 1e6,
+        "n": len(xs),
+        "throughput": n / dt,
+        "throughput_n": n,
+        "inflight": inflight,
+        # the same DAG must give the same numbers on every system and variant
+        "checksum": float(sum(first)),
+        "checksum_last": float(sum(last)),
+    }
 
 
-_OVERLAP_NOTE = ("3 torch stages (2-layer MLP on a 1024x1024 float32 activation, ~2 ms each), "
-                 f"{PIPE_MICROBATCHES} microbatches per execution, 4 MiB tensors between "
-                 "stages; dagc: communicator edges (gloo), Ray CG: its CPUCommunicator "
-                 "(p2p through its shared-memory channels; Ray's overlap option fails on "
-                 "CPU actors)")
+_OVERLAP_NOTE = (
+    "3 torch stages (2-layer MLP on a 1024x1024 float32 activation, ~2 ms each), "
+    f"{PIPE_MICROBATCHES} microbatches per execution, 4 MiB tensors between "
+    "stages; dagc: communicator edges (gloo), Ray CG: its CPUCommunicator "
+    "(p2p through its shared-memory channels; Ray's overlap option fails on "
+    "CPU actors)"
+)
 
-register(Case(
-    name="overlap_cpu", title=f"3 torch stages x {PIPE_MICROBATCHES} microbatches, 4 MiB edges",
-    metric="p50", unit="us", better="lower", target=1.0, build=lambda actors: pipeline3(
-        "dagc", actors), build_for=pipeline3, actors=PIPE_STAGES, pool="torch",
-    measure=measure_pipeline,
-    options={"ray": {}, "dagc": {"overlap_communication": False}},
-    variants=(Variant("dagc_overlap", "dagc", {"overlap_communication": True},
-                      title="dagc overlap=True"),
-              Variant("ray_shm", "ray", {}, build_arg="shm",
-                      title='Ray CG "shm" transport')),
-    extra_metrics=(("throughput, 4 in flight", "throughput", "exec/s", "higher"),),
-    note=_OVERLAP_NOTE))
+register(
+    Case(
+        name="overlap_cpu",
+        title=f"3 torch stages x {PIPE_MICROBATCHES} microbatches, 4 MiB edges",
+        metric="p50",
+        unit="us",
+        better="lower",
+        target=1.0,
+        build=lambda actors: pipeline3("dagc", actors),
+        build_for=pipeline3,
+        actors=PIPE_STAGES,
+        pool="torch",
+        measure=measure_pipeline,
+        options={"ray": {}, "dagc": {"overlap_communication": False}},
+        variants=(
+            Variant(
+                "dagc_overlap", "dagc", {"overlap_communication": True}, title="dagc overlap=True"
+            ),
+            Variant("ray_shm", "ray", {}, build_arg="shm", title='Ray CG "shm" transport'),
+        ),
+        extra_metrics=(("throughput, 4 in flight", "throughput", "exec/s", "higher"),),
+        note=_OVERLAP_NOTE,
+    )
+)
 
 
 # -- cross-node cases (issue 7): bench.py --cluster --------------------------------------------
@@ -419,30 +538,66 @@ CLUSTER_NODES = ("node1", "node2")
 
 def make_xnode_pool(n: int, start: int = 0) -> list:
     import ray
+
     remote_cls = ray.remote(num_cpus=0)(EchoActor)
-    actors = [remote_cls.options(resources={CLUSTER_NODES[(start + i) % 2]: 0.01}).remote()
-              for i in range(n)]
+    actors = [
+        remote_cls.options(resources={CLUSTER_NODES[(start + i) % 2]: 0.01}).remote()
+        for i in range(n)
+    ]
     ray.get([a.pid.remote() for a in actors])
     return actors
 
 
 def node_of(actor) -> str:
     import ray
-    return ray.get(actor.__ray_call__.remote(
-        lambda self: ray.get_runtime_context().get_node_id()))
+
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
 
 POOLS["xnode"] = make_xnode_pool
 
-register(Case(
-    name="x_chain2", title="driver -> node1 -> node2 -> driver (2 hops)", metric="p50",
-    unit="us", better="lower", target=0.5, build=chain, actors=2, pool="xnode",
-    measure=measure_latency), CLUSTER_CASES)
-register(Case(
-    name="x_fanout2", title="fan-out to node1 + node2, MultiOutputNode", metric="p50",
-    unit="us", better="lower", target=0.5, build=fanout, actors=2, pool="xnode",
-    measure=measure_latency), CLUSTER_CASES)
-register(Case(
-    name="x_tput", title="pipelined, 4 in flight, 2-hop cross-node chain",
-    metric="throughput", unit="exec/s", better="higher", target=2.0, build=chain, actors=2,
-    pool="xnode", measure=measure_throughput), CLUSTER_CASES)
+register(
+    Case(
+        name="x_chain2",
+        title="driver -> node1 -> node2 -> driver (2 hops)",
+        metric="p50",
+        unit="us",
+        better="lower",
+        target=0.5,
+        build=chain,
+        actors=2,
+        pool="xnode",
+        measure=measure_latency,
+    ),
+    CLUSTER_CASES,
+)
+register(
+    Case(
+        name="x_fanout2",
+        title="fan-out to node1 + node2, MultiOutputNode",
+        metric="p50",
+        unit="us",
+        better="lower",
+        target=0.5,
+        build=fanout,
+        actors=2,
+        pool="xnode",
+        measure=measure_latency,
+    ),
+    CLUSTER_CASES,
+)
+register(
+    Case(
+        name="x_tput",
+        title="pipelined, 4 in flight, 2-hop cross-node chain",
+        metric="throughput",
+        unit="exec/s",
+        better="higher",
+        target=2.0,
+        build=chain,
+        actors=2,
+        pool="xnode",
+        measure=measure_throughput,
+    ),
+    CLUSTER_CASES,
+)

@@ -18,6 +18,7 @@ starts a local Ray.
 and with 200,000 under ``pytest -m soak``, and asserts the growth stays within a small
 constant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,6 +81,7 @@ def check(i: int, out) -> None:
 
 def build(actors=None):
     from dagc import InputNode
+
     a, b, c = actors or [Stage.remote() for _ in range(3)]
     with InputNode() as inp:
         x = a.fwd.bind(inp)
@@ -92,6 +94,7 @@ def sample(token: str, pids: dict) -> dict:
     """RSS and private memory (bytes), fds and threads of each process; this DAG's
     segments (mapped or named)."""
     import psutil
+
     procs = {}
     for name, pid in pids.items():
         p = psutil.Process(pid)
@@ -100,8 +103,12 @@ def sample(token: str, pids: dict) -> dict:
             # private = RSS less file and shared-memory pages: the channels' slots count in
             # RSS once touched (a deeper slot can first be touched late in a run), so a
             # leak shows in ``private``; the segments' own size is tracked below
-            procs[name] = {"rss": mi.rss, "private": mi.rss - getattr(mi, "shared", 0),
-                           "fds": p.num_fds(), "threads": p.num_threads()}
+            procs[name] = {
+                "rss": mi.rss,
+                "private": mi.rss - getattr(mi, "shared", 0),
+                "fds": p.num_fds(),
+                "threads": p.num_threads(),
+            }
     segs = mapped_segments(token, pids.values())
     return {"procs": procs, "segments": len(segs), "segment_bytes": sum(segs.values())}
 
@@ -132,18 +139,26 @@ def mapped_segments(token: str, pids) -> dict:
     return segs
 
 
-def soak(executions: int, actors=None, window: int = 4, warmup: int = 1000,
-         reports: int = 10, on_sample=None, **compile_options) -> dict:
+def soak(
+    executions: int,
+    actors=None,
+    window: int = 4,
+    warmup: int = 1000,
+    reports: int = 10,
+    on_sample=None,
+    **compile_options,
+) -> dict:
     """Run the soak; returns {"samples": [...], "growth": {...}, "executions", "seconds"}."""
     import dagc
+
     dag, (a, b, c) = build(actors)
     pids = {"driver": os.getpid()}
-    pids.update(zip(("a", "b", "c"), ray.get([h.pid.remote() for h in (a, b, c)],
-                                               timeout=120)))
+    pids.update(zip(("a", "b", "c"), ray.get([h.pid.remote() for h in (a, b, c)], timeout=120)))
     cg = dagc.compile(dag, max_inflight=max(8, window), **compile_options)
     token = cg._session.token
     samples = []
     try:
+
         def run(start: int, n: int) -> None:
             pending = []
             for i in range(start, start + n):
@@ -176,28 +191,43 @@ def soak(executions: int, actors=None, window: int = 4, warmup: int = 1000,
     finally:
         cg.teardown()
     first, last = samples[0], samples[-1]
-    growth = {name: {k: last["procs"][name][k] - first["procs"][name][k]
-                     for k in ("rss", "private", "fds", "threads")} for name in pids}
+    growth = {
+        name: {
+            k: last["procs"][name][k] - first["procs"][name][k]
+            for k in ("rss", "private", "fds", "threads")
+        }
+        for name in pids
+    }
     growth["segments"] = last["segments"] - first["segments"]
     growth["segment_bytes"] = last["segment_bytes"] - first["segment_bytes"]
     left = glob.glob(f"/dev/shm/dagc-{token}-*")
-    return {"executions": executions, "seconds": seconds, "samples": samples,
-            "growth": growth, "segments_after_teardown": len(left), "pids": pids}
+    return {
+        "executions": executions,
+        "seconds": seconds,
+        "samples": samples,
+        "growth": growth,
+        "segments_after_teardown": len(left),
+        "pids": pids,
+    }
 
 
 def _row(s: dict) -> str:
     cells = [f"{s['executions']:>9,}", f"{s['seconds']:>8.1f}"]
     for name in ("driver", "a", "b", "c"):
         p = s["procs"][name]
-        cells.append(f"{p['rss'] / 2**20:>7.1f}M {p['private'] / 2**20:>6.1f}M {p['fds']:>4} "
-                     f"{p['threads']:>3}")
+        cells.append(
+            f"{p['rss'] / 2**20:>7.1f}M {p['private'] / 2**20:>6.1f}M {p['fds']:>4} "
+            f"{p['threads']:>3}"
+        )
     cells.append(f"{s['segments']:>4} {s['segment_bytes'] / 2**20:>6.1f}M")
     return " | ".join(cells)
 
 
-HEADER = (" execs    |  seconds | " + " | ".join(f"{n + ' rss':>8} private fds thr"
-                                               for n in ("driver", "a", "b", "c"))
-          + " | segs  bytes")
+HEADER = (
+    " execs    |  seconds | "
+    + " | ".join(f"{n + ' rss':>8} private fds thr" for n in ("driver", "a", "b", "c"))
+    + " | segs  bytes"
+)
 
 
 def main(argv=None) -> int:
@@ -212,22 +242,36 @@ def main(argv=None) -> int:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False, logging_level="ERROR")
         else:
-            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR")
-    print(f"soak: {args.executions:,} executions of a->b->c(a, b), window {args.window}, "
-          f"payloads int/1K/64K/256K + 2M every 100th, after {args.warmup:,} warm-up")
+            ray.init(
+                num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="ERROR"
+            )
+    print(
+        f"soak: {args.executions:,} executions of a->b->c(a, b), window {args.window}, "
+        f"payloads int/1K/64K/256K + 2M every 100th, after {args.warmup:,} warm-up"
+    )
     print(HEADER, flush=True)
-    res = soak(args.executions, window=args.window, warmup=args.warmup,
-               reports=args.reports, on_sample=lambda s: print(_row(s), flush=True))
+    res = soak(
+        args.executions,
+        window=args.window,
+        warmup=args.warmup,
+        reports=args.reports,
+        on_sample=lambda s: print(_row(s), flush=True),
+    )
     g = res["growth"]
-    print(f"\n{res['executions']:,} executions in {res['seconds']:.1f} s "
-          f"({res['executions'] / res['seconds']:,.0f}/s)")
+    print(
+        f"\n{res['executions']:,} executions in {res['seconds']:.1f} s "
+        f"({res['executions'] / res['seconds']:,.0f}/s)"
+    )
     for name in ("driver", "a", "b", "c"):
         x = g[name]
-        print(f"growth {name:>6}: rss {x['rss'] / 2**20:+.1f} MiB (private "
-              f"{x['private'] / 2**20:+.1f} MiB), fds {x['fds']:+d}, threads {x['threads']:+d}")
-    print(f"growth segments: {g['segments']:+d} ({g['segment_bytes'] / 2**20:+.1f} MiB); "
-          f"left after teardown: {res['segments_after_teardown']}")
+        print(
+            f"growth {name:>6}: rss {x['rss'] / 2**20:+.1f} MiB (private "
+            f"{x['private'] / 2**20:+.1f} MiB), fds {x['fds']:+d}, threads {x['threads']:+d}"
+        )
+    print(
+        f"growth segments: {g['segments']:+d} ({g['segment_bytes'] / 2**20:+.1f} MiB); "
+        f"left after teardown: {res['segments_after_teardown']}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

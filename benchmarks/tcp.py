@@ -22,6 +22,7 @@ These are the timing figures the unit tests used to assert (tests/unit/test_tcp.
 checks behaviour now); ``tests/unit/test_tcp.py::test_tcp_benchmark_runs`` runs this on a
 tiny ``n`` so it does not rot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (importable once ROOT is on sys.path)
 
-from dagc.runtime.channels import ChannelClosed, PeerDied  # noqa: E402
-from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret  # noqa: E402
+from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret  # noqa: E402  (importable once ROOT is on sys.path)
 
 ECHO = r"""
 import json, sys
@@ -83,8 +83,9 @@ def plain_socket_rtt(nbytes: int, reps: int) -> float:
     a child that echoes it (recv_into a preallocated buffer, sendall): the floor."""
     ls = socket.create_server(("127.0.0.1", 0))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen([sys.executable, "-c", PLAIN_ECHO, str(nbytes),
-                          str(ls.getsockname()[1])], env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", PLAIN_ECHO, str(nbytes), str(ls.getsockname()[1])], env=env
+    )
     try:
         ls.settimeout(30)
         s, _ = ls.accept()
@@ -94,7 +95,7 @@ def plain_socket_rtt(nbytes: int, reps: int) -> float:
         back = bytearray(nbytes)
         mv = memoryview(back)
         ts = []
-        for _ in range(reps + 1):                 # the first one warms up
+        for _ in range(reps + 1):  # the first one warms up
             t0 = time.perf_counter()
             s.sendall(out)
             got = 0
@@ -145,14 +146,26 @@ def run_mode(mode: str, n: int, tls_files=None, big_mib: int = 64, big_reps: int
     w = TcpWriter("fwd", 1, 8, secret, tls=tls)
     host, port = w.listen("127.0.0.1")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen([sys.executable, "-c", ECHO, secret.hex(), str(port),
-                          json.dumps(list(tls) if tls else None)],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            ECHO,
+            secret.hex(),
+            str(port),
+            json.dumps(list(tls) if tls else None),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     r = None
     try:
-        r = TcpReader(host, int(_first_line(p)), secret, 0, channel="back", tls=tls,
-                      connect_timeout=30)
+        r = TcpReader(
+            host, int(_first_line(p)), secret, 0, channel="back", tls=tls, connect_timeout=30
+        )
         deadline = time.monotonic() + 120
         for i in range(min(500, n)):
             w.write(i, deadline)
@@ -169,13 +182,20 @@ def run_mode(mode: str, n: int, tls_files=None, big_mib: int = 64, big_reps: int
         big = np.ones(1 << 20, dtype=np.uint8)
         nbig = max(4, n // 50)
         secs = _stream(w, r, [big] * nbig)
-        out = {"mode": mode, "n": n, "rtt_p50_us": pct[0.5], "rtt_p90_us": pct[0.9],
-               "rtt_p99_us": pct[0.99], "small_per_s": n / small,
-               "mib_round_trips_per_s": nbig / secs, "mib_mb_per_s": nbig * 1.048576 / secs}
+        out = {
+            "mode": mode,
+            "n": n,
+            "rtt_p50_us": pct[0.5],
+            "rtt_p90_us": pct[0.9],
+            "rtt_p99_us": pct[0.99],
+            "small_per_s": n / small,
+            "mib_round_trips_per_s": nbig / secs,
+            "mib_mb_per_s": nbig * 1.048576 / secs,
+        }
         if big_mib:
             huge = np.ones(big_mib << 20, dtype=np.uint8)
             ts = []
-            for i in range(big_reps + 1):           # the first one warms up
+            for i in range(big_reps + 1):  # the first one warms up
                 huge[0] = i
                 t0 = time.perf_counter()
                 w.write(huge, deadline + 600)
@@ -185,8 +205,12 @@ def run_mode(mode: str, n: int, tls_files=None, big_mib: int = 64, big_reps: int
                 del got
             chan = sorted(ts[1:])[len(ts[1:]) // 2]
             sock = plain_socket_rtt(big_mib << 20, big_reps)
-            out.update(big_mib=big_mib, big_rtt_ms=chan * 1e3, socket_rtt_ms=sock * 1e3,
-                       big_vs_socket=sock / chan)
+            out.update(
+                big_mib=big_mib,
+                big_rtt_ms=chan * 1e3,
+                socket_rtt_ms=sock * 1e3,
+                big_vs_socket=sock / chan,
+            )
         return out
     finally:
         w.close()
@@ -199,14 +223,14 @@ def run_mode(mode: str, n: int, tls_files=None, big_mib: int = 64, big_reps: int
             p.wait(10)
 
 
-def run(n: int = 5000, modes=("plain", "tls"), big_mib: int = 1,
-        big_reps: int = 2) -> list[dict]:
+def run(n: int = 5000, modes=("plain", "tls"), big_mib: int = 1, big_reps: int = 2) -> list[dict]:
     results = []
     tmp = None
     files = None
     try:
         if "tls" in modes:
             from tests import tls_certs
+
             why = tls_certs.available()
             if why:
                 raise RuntimeError(f"tls mode needs certificates: {why}")
@@ -223,19 +247,28 @@ def run(n: int = 5000, modes=("plain", "tls"), big_mib: int = 1,
 
 
 def table(results: list[dict]) -> str:
-    lines = ["mode   rtt p50    p90      p99      small msg/s   1 MiB trips/s  1 MiB MB/s",
-             "-----  ---------  -------  -------  ------------  -------------  ----------"]
+    lines = [
+        "mode   rtt p50    p90      p99      small msg/s   1 MiB trips/s  1 MiB MB/s",
+        "-----  ---------  -------  -------  ------------  -------------  ----------",
+    ]
     for r in results:
-        lines.append(f"{r['mode']:<5}  {r['rtt_p50_us']:>6.0f} us  {r['rtt_p90_us']:>4.0f} us"
-                     f"  {r['rtt_p99_us']:>4.0f} us  {r['small_per_s']:>12,.0f}"
-                     f"  {r['mib_round_trips_per_s']:>13,.0f}  {r['mib_mb_per_s']:>10,.0f}")
+        lines.append(
+            f"{r['mode']:<5}  {r['rtt_p50_us']:>6.0f} us  {r['rtt_p90_us']:>4.0f} us"
+            f"  {r['rtt_p99_us']:>4.0f} us  {r['small_per_s']:>12,.0f}"
+            f"  {r['mib_round_trips_per_s']:>13,.0f}  {r['mib_mb_per_s']:>10,.0f}"
+        )
     if any("big_rtt_ms" in r for r in results):
-        lines += ["", "mode   big value  channel rtt  plain socket rtt  socket / channel",
-                  "-----  ---------  -----------  ----------------  ----------------"]
+        lines += [
+            "",
+            "mode   big value  channel rtt  plain socket rtt  socket / channel",
+            "-----  ---------  -----------  ----------------  ----------------",
+        ]
         for r in results:
             if "big_rtt_ms" in r:
-                lines.append(f"{r['mode']:<5}  {r['big_mib']:>5} MiB  {r['big_rtt_ms']:>8.1f} ms"
-                             f"  {r['socket_rtt_ms']:>13.1f} ms  {r['big_vs_socket']:>16.2f}")
+                lines.append(
+                    f"{r['mode']:<5}  {r['big_mib']:>5} MiB  {r['big_rtt_ms']:>8.1f} ms"
+                    f"  {r['socket_rtt_ms']:>13.1f} ms  {r['big_vs_socket']:>16.2f}"
+                )
     return "\n".join(lines)
 
 
@@ -244,8 +277,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=5000, help="round trips / small messages")
     ap.add_argument("--modes", default="plain,tls")
     ap.add_argument("--json", help="also write the figures here")
-    ap.add_argument("--big-mib", type=int, default=64,
-                    help="size of the big-value round trip vs a plain socket (0: skip)")
+    ap.add_argument(
+        "--big-mib",
+        type=int,
+        default=64,
+        help="size of the big-value round trip vs a plain socket (0: skip)",
+    )
     ap.add_argument("--big-reps", type=int, default=5)
     args = ap.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)

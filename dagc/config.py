@@ -9,6 +9,11 @@ MALLOC_TUNE = os.environ.get("DAGC_MALLOC_TUNE", "1") != "0"
 # "1": run IR.verify() after every compiler pass (dagc.passes.base.run_passes).
 VERIFY = os.environ.get("DAGC_VERIFY", "0") == "1"
 
+# Metrics through Ray's metrics API (docs/metrics.md): "1" on, "0" off, "auto" (default) on
+# when ray[default]'s metrics agent can run; the driver's sampler wakes every INTERVAL s.
+METRICS = os.environ.get("DAGC_METRICS", "auto")
+METRICS_INTERVAL = float(os.environ.get("DAGC_METRICS_INTERVAL", "5"))
+
 # Ray's TLS settings, beside dagc's own: when Ray runs with TLS, dagc's TCP channels use it
 # too, with the same certificates (see docs/tcp.md, "TLS").
 RAY_TLS_VARS = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")

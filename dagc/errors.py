@@ -25,6 +25,12 @@ from __future__ import annotations
 
 from ray import exceptions as _ray
 
+# Ray Compiled Graph's first sentences where code written for Ray matches on them
+# (``pytest.raises(match=...)``, log filters, retry rules): dagc's messages start with them
+# and go on with dagc's own detail.
+RAY_ACTOR_DIED = "The actor died unexpectedly before finishing this task."  # ActorDiedError's
+RAY_CHANNEL_CLOSED = "Channel closed."  # the RayChannelError of a torn-down graph
+
 
 class DagcError(Exception):
     """Base class of every dagc error."""

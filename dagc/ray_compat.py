@@ -116,6 +116,8 @@ def map_compile_options(
                                         None: tensor-transport nodes must name a communicator
     enable_asyncio                      execute_async() as Ray's (execute() stays usable)
     RAY_CGRAPH_VISUALIZE_SCHEDULE       prints the schedule (the Step x Actor table)
+    (none; DAGC_MAX_QUEUED)             max_queued: executions past max_inflight wait in
+                                        the driver (Ray has no such queue)
     _submit_timeout, RAY_CGRAPH_        no effect, warns once: dagc's execute() never waits
       submit_timeout                    for room; it raises RayCgraphCapacityExceeded at
                                         max_inflight, as Ray does
@@ -159,6 +161,12 @@ def map_compile_options(
         else ctx.overlap_gpu_communication
     )
     opts["overlap_communication"] = bool(overlap)
+    queued = os.environ.get("DAGC_MAX_QUEUED", "").strip()
+    if queued:  # no Ray keyword maps to dagc's queue past max_inflight: its own variable
+        try:
+            opts["max_queued"] = int(queued)
+        except ValueError:
+            raise ValueError(f"DAGC_MAX_QUEUED must be an int >= 0, got {queued!r}") from None
     comm = _default_communicator
     need_named_comm = comm is None
     if comm is None or comm == "create":
@@ -282,8 +290,10 @@ def _experimental_compile(
         _overlap_gpu_communication=_overlap_gpu_communication,
         _default_communicator=_default_communicator,
     )
+    from dagc.frontend.inputs import check_dag_inputs
     from dagc.frontend.trace import check_ray_leaves
 
+    check_dag_inputs(self)  # an unused inp[i] first, as Ray checks
     check_ray_leaves(self)  # Ray's rule: an unused return of num_returns too
     self.is_cgraph_output_node = True
     check = _check_named_communicators if ray_side["need_named_communicator"] else None

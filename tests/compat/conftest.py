@@ -9,6 +9,7 @@ copies of Ray's code.
 
 In the normal test run this file only defines fixtures nobody uses: no Ray is started.
 """
+
 import contextlib
 import os
 
@@ -28,6 +29,7 @@ FIXTURE_RAY_KWARGS = {
 @contextlib.contextmanager
 def _local_ray(**overrides):
     import ray
+
     kwargs = dict(FIXTURE_RAY_KWARGS)
     kwargs.update(overrides)
     info = ray.init(address="local", **kwargs)
@@ -64,6 +66,7 @@ def shutdown_only():
     down afterwards."""
     yield None
     import ray
+
     ray.shutdown()
 
 
@@ -74,6 +77,7 @@ def ray_start_cluster(request):
     the first node when ``do_init`` (default: when there are nodes)."""
     import ray
     from ray.cluster_utils import Cluster
+
     param = dict(getattr(request, "param", {}))
     num_nodes = param.pop("num_nodes", 0)
     do_init = param.pop("do_init", num_nodes > 0)

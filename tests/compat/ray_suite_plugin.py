@@ -10,6 +10,7 @@
 * ``ray._private.test_utils.run_string_as_driver`` is aliased here too, in the pytest
   process: pytest's assertion rewriter, not the sitecustomize hook, loads that module there.
 """
+
 import json
 import os
 import threading
@@ -24,8 +25,10 @@ _GRACE = float(os.environ.get("DAGC_RAY_SUITE_GRACE", "30"))
 
 def pytest_configure(config):
     import ray._private.test_utils as tu
+
     if not hasattr(tu, "run_string_as_driver"):
         from ray._common.test_utils import run_string_as_driver
+
         tu.run_string_as_driver = run_string_as_driver
 
 
@@ -37,15 +40,20 @@ def pytest_collection_modifyitems(config, items):
 
 def _end_processes_started_since(start: float, nodeid: str) -> None:
     import psutil
+
     try:
-        procs = [p for p in psutil.Process().children(recursive=True)
-                 if p.create_time() >= start - 1]
+        procs = [
+            p for p in psutil.Process().children(recursive=True) if p.create_time() >= start - 1
+        ]
     except Exception:
         return
     if not procs:
         return
-    print(f"\n[dagc watchdog] {nodeid} still running {_GRACE:.0f} s after its timeout: "
-          f"ending the {len(procs)} process(es) it started", flush=True)
+    print(
+        f"\n[dagc watchdog] {nodeid} still running {_GRACE:.0f} s after its timeout: "
+        f"ending the {len(procs)} process(es) it started",
+        flush=True,
+    )
     for p in procs:
         try:
             p.terminate()
@@ -63,8 +71,9 @@ def _end_processes_started_since(start: float, nodeid: str) -> None:
 def pytest_runtest_protocol(item, nextitem):
     timer = None
     if _TIMEOUT:
-        timer = threading.Timer(float(_TIMEOUT) + _GRACE, _end_processes_started_since,
-                                args=(time.time(), item.nodeid))
+        timer = threading.Timer(
+            float(_TIMEOUT) + _GRACE, _end_processes_started_since, args=(time.time(), item.nodeid)
+        )
         timer.daemon = True
         timer.start()
     try:
@@ -87,8 +96,12 @@ def pytest_runtest_logreport(report):
     if not _RESULTS:
         return
     if report.when == "call" or report.outcome != "passed":
-        rec = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-               "duration": round(report.duration, 2),
-               "reason": "" if report.passed else _reason(report)[:2000]}
+        rec = {
+            "nodeid": report.nodeid,
+            "when": report.when,
+            "outcome": report.outcome,
+            "duration": round(report.duration, 2),
+            "reason": "" if report.passed else _reason(report)[:2000],
+        }
         with open(_RESULTS, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -19,6 +19,7 @@ It prints pass/fail per case with the failure's first line, and the total. After
 ends any process of this run still alive (found by a run id in their environment) and reports
 new ``/dev/shm/dagc-*`` segments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,21 @@ ADDRESS_FILE = "/tmp/ray/ray_current_cluster"
 
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ray-tests", default=os.environ.get("DAGC_RAY_TESTS"),
-                   help="folder with Ray's test_compiled_graphs.py and actor_defs.py")
+    p.add_argument(
+        "--ray-tests",
+        default=os.environ.get("DAGC_RAY_TESTS"),
+        help="folder with Ray's test_compiled_graphs.py and actor_defs.py",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per test")
-    p.add_argument("--total-timeout", type=float, default=3 * 3600.0,
-                   help="seconds for the whole run")
+    p.add_argument(
+        "--total-timeout", type=float, default=3 * 3600.0, help="seconds for the whole run"
+    )
     p.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
-    p.add_argument("--no-patch", action="store_true",
-                   help="run against Ray's own Compiled Graph (baseline)")
+    p.add_argument(
+        "--no-patch", action="store_true", help="run against Ray's own Compiled Graph (baseline)"
+    )
     p.add_argument("--json", default=None, help="write the per-case results here")
-    p.add_argument("--min-pass", type=int, default=None,
-                   help="exit 1 if fewer cases pass")
+    p.add_argument("--min-pass", type=int, default=None, help="exit 1 if fewer cases pass")
     p.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
     return p.parse_args(argv)
 
@@ -78,6 +83,7 @@ def _end_own_processes(run_id: str) -> int:
     if not procs:
         return 0
     import psutil
+
     for p in procs:
         try:
             p.terminate()
@@ -99,18 +105,17 @@ def _segments() -> set:
 def _final(records: list[dict], collected: list[str]) -> dict[str, dict]:
     """One result per case: failed (any phase failed), error (setup/teardown), skipped,
     passed, or "not run" (never reported: the run was cut short)."""
-    out: dict[str, dict] = {n: {"outcome": "not run", "reason": "", "duration": 0.0}
-                            for n in collected}
+    out: dict[str, dict] = {
+        n: {"outcome": "not run", "reason": "", "duration": 0.0} for n in collected
+    }
     for r in records:
-        cur = out.setdefault(r["nodeid"], {"outcome": "not run", "reason": "",
-                                           "duration": 0.0})
+        cur = out.setdefault(r["nodeid"], {"outcome": "not run", "reason": "", "duration": 0.0})
         cur["duration"] = round(cur["duration"] + r.get("duration", 0.0), 2)
         if r["outcome"] == "failed":
             if cur["outcome"] in ("failed", "error"):
                 continue
             cur["outcome"] = "failed" if r["when"] == "call" else "error"
-            cur["reason"] = f"[{r['when']}] {r['reason']}" if r["when"] != "call" \
-                else r["reason"]
+            cur["reason"] = f"[{r['when']}] {r['reason']}" if r["when"] != "call" else r["reason"]
         elif r["outcome"] == "skipped" and cur["outcome"] == "not run":
             cur["outcome"], cur["reason"] = "skipped", r["reason"]
         elif r["outcome"] == "passed" and r["when"] == "call" and cur["outcome"] == "not run":
@@ -129,9 +134,12 @@ def _first_line(text: str) -> str:
 def run(argv=None) -> int:
     a = _args(sys.argv[1:] if argv is None else argv)
     if not a.ray_tests or not os.path.isfile(os.path.join(a.ray_tests, TEST_FILE)):
-        print(f"no {TEST_FILE} in --ray-tests / $DAGC_RAY_TESTS ({a.ray_tests!r}); put a local "
-              f"copy of Ray's python/ray/dag/tests/experimental/{TEST_FILE} and actor_defs.py "
-              f"there (nothing is fetched).", file=sys.stderr)
+        print(
+            f"no {TEST_FILE} in --ray-tests / $DAGC_RAY_TESTS ({a.ray_tests!r}); put a local "
+            f"copy of Ray's python/ray/dag/tests/experimental/{TEST_FILE} and actor_defs.py "
+            f"there (nothing is fetched).",
+            file=sys.stderr,
+        )
         return 2
     ray_tests = os.path.abspath(a.ray_tests)
     run_id = uuid.uuid4().hex
@@ -142,7 +150,8 @@ def run(argv=None) -> int:
         f.write("[pytest]\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(HERE, "shims"), REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+        [os.path.join(HERE, "shims"), REPO] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
     env["DAGC_RAY_TESTS"] = ray_tests
     env["DAGC_RAY_SUITE_RESULTS"] = results
     env["DAGC_RAY_SUITE_TIMEOUT"] = str(a.timeout)
@@ -153,15 +162,33 @@ def run(argv=None) -> int:
         env.pop("DAGC_PATCH_RAY", None)
     else:
         env["DAGC_PATCH_RAY"] = "1"
-    cmd = [sys.executable, "-m", "pytest", os.path.join(ray_tests, TEST_FILE),
-           "-c", ini, "--rootdir", ray_tests, "-p", "no:cacheprovider",
-           "-p", "tests.compat.ray_suite_plugin", "-q", "-rN", "--no-header",
-           "--timeout", str(a.timeout), "--timeout-method", "signal"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        os.path.join(ray_tests, TEST_FILE),
+        "-c",
+        ini,
+        "--rootdir",
+        ray_tests,
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "tests.compat.ray_suite_plugin",
+        "-q",
+        "-rN",
+        "--no-header",
+        "--timeout",
+        str(a.timeout),
+        "--timeout-method",
+        "signal",
+    ]
     if a.keyword:
         cmd += ["-k", a.keyword]
     cmd += a.pytest_args
-    collected = subprocess.run(cmd + ["--collect-only"], env=env, cwd=work,
-                               capture_output=True, text=True, timeout=600)
+    collected = subprocess.run(
+        cmd + ["--collect-only"], env=env, cwd=work, capture_output=True, text=True, timeout=600
+    )
     ids = [ln.strip() for ln in collected.stdout.splitlines() if "::" in ln]
     ids = [i if i.startswith(TEST_FILE) else os.path.relpath(i, ray_tests) for i in ids]
     if not ids:
@@ -169,8 +196,11 @@ def run(argv=None) -> int:
         print("collected no tests", file=sys.stderr)
         return 2
     mode = "Ray's own Compiled Graph (--no-patch)" if a.no_patch else "dagc (DAGC_PATCH_RAY=1)"
-    print(f"{len(ids)} cases from {ray_tests}/{TEST_FILE} against {mode}; "
-          f"timeout {a.timeout:.0f} s each; work dir {work}", flush=True)
+    print(
+        f"{len(ids)} cases from {ray_tests}/{TEST_FILE} against {mode}; "
+        f"timeout {a.timeout:.0f} s each; work dir {work}",
+        flush=True,
+    )
 
     address_before = open(ADDRESS_FILE).read() if os.path.exists(ADDRESS_FILE) else None
     segments_before = _segments()
@@ -179,8 +209,10 @@ def run(argv=None) -> int:
     try:
         rc = proc.wait(timeout=a.total_timeout)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        print(f"whole-run timeout ({a.total_timeout:.0f} s) or interrupt: stopping the run",
-              file=sys.stderr)
+        print(
+            f"whole-run timeout ({a.total_timeout:.0f} s) or interrupt: stopping the run",
+            file=sys.stderr,
+        )
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
@@ -214,25 +246,40 @@ def run(argv=None) -> int:
     for nodeid, r in final.items():
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
         tag = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}.get(
-            r["outcome"], "NOTRUN")
+            r["outcome"], "NOTRUN"
+        )
         line = f"{tag:6} {nodeid:{width}}  {r['duration']:6.1f}s"
         if r["outcome"] != "passed":
             line += "  " + _first_line(r["reason"])
         print(line)
     passed = counts.get("passed", 0)
-    print(f"\nTOTAL: {passed}/{len(final)} passed  "
-          + "  ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k != "passed")
-          + f"  ({elapsed:.0f} s, pytest exit {rc})")
+    print(
+        f"\nTOTAL: {passed}/{len(final)} passed  "
+        + "  ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k != "passed")
+        + f"  ({elapsed:.0f} s, pytest exit {rc})"
+    )
     if ended:
         print(f"ended {ended} leftover process(es) of this run", file=sys.stderr)
     new_segments = sorted(_segments() - segments_before)
     if new_segments:
-        print(f"new /dev/shm/dagc-* segments since the run started (this run or another "
-              f"on the machine): {new_segments[:10]}", file=sys.stderr)
+        print(
+            f"new /dev/shm/dagc-* segments since the run started (this run or another "
+            f"on the machine): {new_segments[:10]}",
+            file=sys.stderr,
+        )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"mode": "ray" if a.no_patch else "dagc", "passed": passed,
-                       "total": len(final), "counts": counts, "cases": final}, f, indent=1)
+            json.dump(
+                {
+                    "mode": "ray" if a.no_patch else "dagc",
+                    "passed": passed,
+                    "total": len(final),
+                    "counts": counts,
+                    "cases": final,
+                },
+                f,
+                indent=1,
+            )
     if a.min_pass is not None and passed < a.min_pass:
         return 1
     return 0

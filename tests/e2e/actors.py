@@ -1,4 +1,5 @@
 """Actor classes shared by the end-to-end tests."""
+
 import os
 import time
 
@@ -74,10 +75,12 @@ class Worker:
 
     def unpicklable(self, x):
         import threading
+
         return threading.Lock()
 
     async def async_inc(self, x):
         import asyncio
+
         await asyncio.sleep(0)
         return x + 1
 
@@ -86,4 +89,5 @@ class Worker:
 
     def segfault(self, x):
         import ctypes
+
         ctypes.string_at(0)

@@ -1,6 +1,7 @@
 """Big values through a compiled DAG (issue 12): held results never block and never change,
 a value an actor keeps stays correct, a full /dev/shm fails that execution only, big-value
 segments shrink back after a burst, and a process's memory stays within one copy per hop."""
+
 import errno
 import os
 import re
@@ -27,7 +28,7 @@ class Holder:
         return x
 
     def keep(self, x):
-        self.cache = x                       # the user keeps a received value
+        self.cache = x  # the user keeps a received value
         if x[0] % 100 == 0 and len(self.kept) < 30:
             self.kept.append(x)
         return int(x[0])
@@ -54,6 +55,7 @@ def _fail_big_fallocate(instance=None, limit=64 << 10):
         if length > limit:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, offset, length)
+
     shm._fallocate = fallocate
 
 
@@ -79,8 +81,9 @@ def _big_mapped(pid: int, token: str, pattern: str = r"c\d+\.x\d+") -> int:
 def _needs_shm(nbytes: int):
     free = shm.shm_space()[0]
     if free < nbytes:
-        pytest.skip(f"/dev/shm has {free / MiB:.0f} MiB free, this test needs "
-                    f"{nbytes / MiB:.0f} MiB")
+        pytest.skip(
+            f"/dev/shm has {free / MiB:.0f} MiB free, this test needs {nbytes / MiB:.0f} MiB"
+        )
 
 
 @pytest.fixture
@@ -115,7 +118,7 @@ def test_held_results_of_a_1mib_echo_stay_intact(holders):
             assert (v == i).all(), f"held result {i} changed"
             assert not v.flags.writeable
         views = sum(any(lo <= v.ctypes.data < hi for lo, hi in spans) for _, v in held)
-        assert views >= segment.lease_budget(8), views       # zero-copy, not copied out
+        assert views >= segment.lease_budget(8), views  # zero-copy, not copied out
         del held, i, v
 
 
@@ -137,7 +140,7 @@ def test_a_value_an_actor_keeps_stays_correct(holders):
     with InputNode() as inp:
         dag = a.keep.bind(inp)
     with dagc.compile(dag) as cg:
-        x = np.zeros(256 << 10, dtype=np.int64)               # 2 MiB: bigger than a slot
+        x = np.zeros(256 << 10, dtype=np.int64)  # 2 MiB: bigger than a slot
         for i in range(3000):
             x[:] = i
             assert cg.execute(x).get(timeout=30) == i
@@ -160,7 +163,7 @@ def test_full_shm_fails_that_execution_and_the_dag_goes_on(holders):
         dag = b.echo.bind(a.echo.bind(inp))
     with dagc.compile(dag) as cg:
         big = np.ones(64 * MiB, dtype=np.uint8)
-        _fail_big_fallocate()                                  # the driver's input channel
+        _fail_big_fallocate()  # the driver's input channel
         try:
             with pytest.raises(dagc.DagcError) as ei:
                 cg.execute(big).get(timeout=60)
@@ -168,7 +171,7 @@ def test_full_shm_fails_that_execution_and_the_dag_goes_on(holders):
             _restore_fallocate()
         _is_shm_full(ei.value, 64)
         assert cg.execute(7).get(timeout=30) == 7
-        ray.get(a.__ray_call__.remote(_fail_big_fallocate), timeout=30)    # a's output
+        ray.get(a.__ray_call__.remote(_fail_big_fallocate), timeout=30)  # a's output
         try:
             with pytest.raises(dagc.DagcError) as ei:
                 cg.execute(big).get(timeout=60)
@@ -203,10 +206,10 @@ def test_big_value_segments_shrink_after_a_burst(holders):
     with dagc.compile(dag) as cg:
         token = cg._session.token
         assert cg.execute(0).get(timeout=30) == 0
-        rings = [_big_mapped(p, token, ".*") for p in pids]     # every segment, any name
+        rings = [_big_mapped(p, token, ".*") for p in pids]  # every segment, any name
         x = np.ones(8 * MiB, dtype=np.uint8)
         refs = []
-        for i in range(24):                                   # up to 4 in flight
+        for _ in range(24):  # up to 4 in flight
             refs.append(cg.execute(x))
             if len(refs) == 4:
                 assert refs.pop(0).get(timeout=60).size == x.size
@@ -221,7 +224,7 @@ def test_big_value_segments_shrink_after_a_burst(holders):
         assert max(_big_mapped(p, token) for p in pids) > 0
         for i in range(segment.SHRINK_AFTER + 2):
             assert cg.execute(i).get(timeout=30) == i
-        assert [_big_mapped(p, token, ".*") for p in pids] == rings   # back to the rings
+        assert [_big_mapped(p, token, ".*") for p in pids] == rings  # back to the rings
         after = cg.memory()
         assert after["big_bytes"] == 0, after
         assert 0 < after["shm_bytes"] <= burst["shm_bytes"] - burst["big_bytes"], (burst, after)

@@ -1,4 +1,5 @@
 """Methods bound on one actor run in bind order (Ray Compiled Graph's rule), end to end."""
+
 import uuid
 
 import pytest
@@ -71,7 +72,7 @@ def test_issue_example_runs_in_bind_order(fresh):
         dag = MultiOutputNode([branch2, branch1])
     with dagc.compile(dag) as cg:
         assert cg.execute(1).get(timeout=30) == [4, 1]
-        assert "(bind 0)" in str(cg.schedule)       # the table shows why the order differs
+        assert "(bind 0)" in str(cg.schedule)  # the table shows why the order differs
 
 
 def one_f_one_b(s0, s1, transport=None):
@@ -85,8 +86,9 @@ def one_f_one_b(s0, s1, transport=None):
         return MultiOutputNode([s0.bwd.bind(b0, 0), s0.bwd.bind(b1, 1)])
 
 
-@pytest.mark.parametrize("transport,overlap", [(None, False), ("nccl", True)],
-                         ids=["shm", "tensor-overlap"])
+@pytest.mark.parametrize(
+    "transport,overlap", [(None, False), ("nccl", True)], ids=["shm", "tensor-overlap"]
+)
 def test_hand_written_microbatch_order_is_kept(fresh, transport, overlap):
     s0, s1 = fresh(PipeStage), fresh(PipeStage)
     dag = one_f_one_b(s0, s1, transport)
@@ -111,12 +113,14 @@ def test_bind_order_contradicting_the_data_is_compile_error(fresh):
     a, b = fresh(Counter, name=name), fresh(Counter)
     a_copy = ray.get_actor(name)
     with InputNode() as inp:
-        first = a.inc.bind(inp)                      # a: bind 0
-        second = a.double_and_inc.bind(first)        # a: bind 1
-        dag = a_copy.inc.bind(b.inc.bind(second))    # the copy's bind 0, after both
+        first = a.inc.bind(inp)  # a: bind 0
+        second = a.double_and_inc.bind(first)  # a: bind 1
+        dag = a_copy.inc.bind(b.inc.bind(second))  # the copy's bind 0, after both
     with pytest.raises(dagc.CompileError) as ei:
         dagc.compile(dag)
     msg = str(ei.value)
-    assert "Counter.inc (t3, bound 1st on a0) is bound before a0:Counter.double_and_inc " \
-           "(t1, bound 2nd on a0) but needs its result (t1 -> t2 -> t3)" in msg
+    assert (
+        "Counter.inc (t3, bound 1st on a0) is bound before a0:Counter.double_and_inc "
+        "(t1, bound 2nd on a0) but needs its result (t1 -> t2 -> t3)" in msg
+    )
     assert "through one handle of the actor" in msg

@@ -1,4 +1,5 @@
 """The command line, run as a user would: a subprocess with its own local Ray."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_cli(*args, timeout=240):
     env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=str(ROOT))
     env.pop("RAY_ADDRESS")
-    return subprocess.run([sys.executable, "-m", "dagc.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dagc.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.timeout(300)
@@ -25,8 +32,15 @@ def test_compile_run_profile_and_artifacts(tmp_path):
     assert "step" in r.stdout and "tokenize t0" in r.stdout
     assert "p50" in r.stdout and "executions/s" in r.stdout
     names = sorted(p.name for p in out.iterdir())
-    for want in ["schedule.txt", "schedule.json", "schedule.csv", "graph.dot", "trace.json",
-                 "driver.py", "a0.py"]:
+    for want in [
+        "schedule.txt",
+        "schedule.json",
+        "schedule.csv",
+        "graph.dot",
+        "trace.json",
+        "driver.py",
+        "a0.py",
+    ]:
         assert want in names
     trace = json.loads((out / "trace.json").read_text())
     assert trace["traceEvents"]
@@ -41,6 +55,7 @@ def test_json_format_and_byte_identical_artifacts(tmp_path):
     r1 = run_cli("compile", "examples/pipeline.py", "--format", "json", "-o", str(a))
     r2 = run_cli("compile", "examples/pipeline.py", "--format", "json", "-o", str(b))
     assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
     data = json.loads(r1.stdout)
     assert data["schedule"]["format"] == "dagc.schedule/2"
     for p in sorted(a.iterdir()):

@@ -3,15 +3,18 @@
 Every DAG shape runs with ``overlap_communication`` off and on: overlap rewrites each
 communicator op of the generated loops, so each shape is a separate case for it.
 """
+
 import pytest
 
-torch = pytest.importorskip("torch")
-import ray  # noqa: E402
+pytest.importorskip("torch")  # skips the module without torch, before the imports below
 
-import dagc  # noqa: E402
-from dagc import InputNode, MultiOutputNode  # noqa: E402
-from ray.experimental.collective import allgather, allreduce, reducescatter  # noqa: E402
-from ray.experimental.util.types import ReduceOp  # noqa: E402
+import ray
+import torch
+from ray.experimental.collective import allgather, allreduce, reducescatter
+from ray.experimental.util.types import ReduceOp
+
+import dagc
+from dagc import InputNode, MultiOutputNode
 
 
 @ray.remote
@@ -26,8 +29,11 @@ class TensorWorker:
         return t * self.k
 
     def nested(self, n):
-        return {"a": torch.arange(n, dtype=torch.float32), "meta": ("x", n),
-                "list": [torch.ones(2, 2) * self.k, 7]}
+        return {
+            "a": torch.arange(n, dtype=torch.float32),
+            "meta": ("x", n),
+            "list": [torch.ones(2, 2) * self.k, 7],
+        }
 
     def sum_nested(self, d):
         return float(d["a"].sum() + d["list"][0].sum()) + d["list"][1]
@@ -75,7 +81,7 @@ def test_nested_tensors_multi_reader_and_driver(tw, overlap):
         d = a.nested.bind(inp).with_tensor_transport("auto")
         dag = MultiOutputNode([b.sum_nested.bind(d), c.sum_nested.bind(d), d])
     with dagc.compile(dag, overlap_communication=overlap) as cg:
-        for n in (4, 5, 6):       # the loops must survive an execution's end, waits included
+        for n in (4, 5, 6):  # the loops must survive an execution's end, waits included
             s1, s2, d = cg.execute(n).get(timeout=30)
             assert s1 == s2 == n * (n - 1) / 2 + 4.0 + 7
             assert torch.equal(d["a"], torch.arange(n, dtype=torch.float32))
@@ -118,9 +124,8 @@ def test_allgather_reducescatter_and_bucketed_allreduce(tw, overlap):
         scattered = reducescatter.bind([w.rows.bind(inp) for w in ws], op=ReduceOp.MAX)
         # one all-reduce over two tensors per actor: a result for each
         bucket = allreduce.bind([[w.grad.bind(inp) for w in ws], [w.rows.bind(inp) for w in ws]])
-        top = ws[2].scale.bind(gathered[2])                       # results feed methods too
-        dag = MultiOutputNode([*gathered, *scattered, *[x for pair in bucket for x in pair],
-                               top])
+        top = ws[2].scale.bind(gathered[2])  # results feed methods too
+        dag = MultiOutputNode([*gathered, *scattered, *[x for pair in bucket for x in pair], top])
     with dagc.compile(dag, overlap_communication=overlap) as cg:
         text = str(cg.schedule)
         assert "allgather t" in text and "reducescatter.max t" in text
@@ -140,8 +145,8 @@ def test_allgather_reducescatter_and_bucketed_allreduce(tw, overlap):
                 assert torch.equal(grad, torch.full((n,), 6.0))
                 assert torch.equal(rws, base * 6.0)
         with pytest.raises(dagc.TaskError, match="must divide by the group size 3"):
-            cg.execute(4).get(timeout=30)                     # 4 rows do not scatter on 3
-        assert cg.execute(3).get(timeout=30)[0].shape == (9, 2)   # and the DAG goes on
+            cg.execute(4).get(timeout=30)  # 4 rows do not scatter on 3
+        assert cg.execute(3).get(timeout=30)[0].shape == (9, 2)  # and the DAG goes on
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -161,6 +166,7 @@ def test_failure_crosses_communicator_and_collective(tw, overlap):
 def test_pipeline_parallel_example_runs(overlap):
     import importlib.util
     from pathlib import Path
+
     path = Path(__file__).resolve().parents[2] / "examples" / "pipeline_parallel.py"
     spec = importlib.util.spec_from_file_location("pp_example", path)
     mod = importlib.util.module_from_spec(spec)

@@ -7,15 +7,18 @@ the next execution's receive paired with the stale send). Now every reader gets 
 naming the lock, on that execution only, and the next execution is correct - with one or
 two readers, blocking sends or isend/irecv (overlap).
 """
+
 import threading
 
 import pytest
 
-torch = pytest.importorskip("torch")
-import ray  # noqa: E402
+pytest.importorskip("torch")  # skips the module without torch, before the imports below
 
-import dagc  # noqa: E402
-from dagc import InputNode, MultiOutputNode  # noqa: E402
+import ray
+import torch
+
+import dagc
+from dagc import InputNode, MultiOutputNode
 
 
 @ray.remote
@@ -50,10 +53,11 @@ def actors(ray_session):
 @pytest.mark.parametrize("overlap", [False, True], ids=["send", "overlap"])
 @pytest.mark.parametrize("nreaders", [1, 2])
 def test_unpicklable_part_of_a_tensor_value_is_a_task_error_then_all_is_well(
-        actors, nreaders, overlap):
+    actors, nreaders, overlap
+):
     p, cs = actors
     with InputNode() as inp:
-        d = p.make.bind(inp).with_tensor_transport("nccl")     # gloo on CPU actors
+        d = p.make.bind(inp).with_tensor_transport("nccl")  # gloo on CPU actors
         dag = MultiOutputNode([c.total.bind(d) for c in cs[:nreaders]])
     with dagc.compile(dag, overlap_communication=overlap) as cg:
         assert any(c.transport == "comm" for c in cg.schedule.channels)
@@ -67,7 +71,7 @@ def test_unpicklable_part_of_a_tensor_value_is_a_task_error_then_all_is_well(
             # the next execution pairs every receive with its own send
             want = [(k, float(n * n), n) for k in (1, 2)[:nreaders]]
             assert cg.execute(n).get(timeout=30) == want
-        refs = [cg.execute(m) for m in (2, -2, 4)]             # in flight together
+        refs = [cg.execute(m) for m in (2, -2, 4)]  # in flight together
         assert refs[0].get(timeout=30) == [(k, 4.0, 2) for k in (1, 2)[:nreaders]]
         with pytest.raises(dagc.TaskError, match="value\\['lock'\\]"):
             refs[1].get(timeout=30)

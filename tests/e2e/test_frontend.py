@@ -1,4 +1,5 @@
 """Frontend: Ray DAG -> IR. Needs live actor handles (the shared Ray session), no compile."""
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,17 +70,22 @@ def test_bind_order_is_recorded_as_positions_per_actor(workers):
 
     def build():
         with InputNode() as inp:
-            x1 = b.scale.bind(a.inc.bind(inp))       # a binds inc first, b binds scale first
+            x1 = b.scale.bind(a.inc.bind(inp))  # a binds inc first, b binds scale first
             x2 = a.scale.bind(b.inc.bind(inp))
-            return MultiOutputNode([x2, x1])          # numbered from x2: b.inc is t0
+            return MultiOutputNode([x2, x1])  # numbered from x2: b.inc is t0
 
     ir, _ = trace(build())
-    assert [(o.id, o.actor, o.method, o.bind_index)
-            for o in sorted(ir.ops(), key=lambda o: int(o.id[1:]))] == [
-        ("t0", "a0", "inc", 1), ("t1", "a1", "scale", 1),
-        ("t2", "a1", "inc", 0), ("t3", "a0", "scale", 0)]
+    assert [
+        (o.id, o.actor, o.method, o.bind_index)
+        for o in sorted(ir.ops(), key=lambda o: int(o.id[1:]))
+    ] == [
+        ("t0", "a0", "inc", 1),
+        ("t1", "a1", "scale", 1),
+        ("t2", "a1", "inc", 0),
+        ("t3", "a0", "scale", 0),
+    ]
     assert "t0 = a0.inc($0) [bind 1]" in str(ir)
-    assert str(trace(build())[0]) == str(ir)     # Ray's counters grew; the IR did not change
+    assert str(trace(build())[0]) == str(ir)  # Ray's counters grew; the IR did not change
 
 
 def test_tensor_transport_is_recorded(workers):
@@ -93,6 +99,7 @@ def test_tensor_transport_is_recorded(workers):
 def test_collectives_trace_to_one_op_per_actor(workers):
     from ray.experimental.collective import allgather, allreduce, reducescatter
     from ray.experimental.util.types import ReduceOp
+
     a, b = workers[:2]
     with InputNode() as inp:
         g = allgather.bind([a.echo.bind(inp), b.echo.bind(inp)])
@@ -102,9 +109,13 @@ def test_collectives_trace_to_one_op_per_actor(workers):
     ir, _ = trace(dag)
     colls = sorted((o for o in ir.ops() if o.group), key=lambda o: (o.group, o.actor))
     assert [(o.group, o.actor, o.method, o.num_returns) for o in colls] == [
-        ("g0", "a0", "allgather", 1), ("g0", "a1", "allgather", 1),
-        ("g1", "a0", "reducescatter.avg", 1), ("g1", "a1", "reducescatter.avg", 1),
-        ("g2", "a0", "allreduce.min", 2), ("g2", "a1", "allreduce.min", 2)]
+        ("g0", "a0", "allgather", 1),
+        ("g0", "a1", "allgather", 1),
+        ("g1", "a0", "reducescatter.avg", 1),
+        ("g1", "a1", "reducescatter.avg", 1),
+        ("g2", "a0", "allreduce.min", 2),
+        ("g2", "a1", "allreduce.min", 2),
+    ]
     assert [str(r) for r in ir.output.refs] == [f"{colls[4].id}.1", f"{colls[5].id}.0"]
     ir.verify()
 
@@ -135,8 +146,11 @@ def test_nested_dag_node_is_compile_error(workers):
     a, b = workers[:2]
     with InputNode() as inp:
         dag = b.concat.bind([a.inc.bind(inp)])
-    with pytest.raises(dagc.CompileError, match=r"Worker.concat argument 0 \[0\]: a DAG node "
-                                               r"\(Worker.inc\) is nested inside a list"):
+    with pytest.raises(
+        dagc.CompileError,
+        match=r"Worker.concat argument 0 \[0\]: a DAG node "
+        r"\(Worker.inc\) is nested inside a list",
+    ):
         trace(dag)
 
 
@@ -163,8 +177,10 @@ def test_dag_node_hidden_in_a_dataclass_is_compile_error(workers):
     with pytest.raises(dagc.CompileError) as ei:
         trace(dag)
     msg = str(ei.value)
-    assert msg.startswith("Worker.echo argument 0 .cfg.layers[2]: a DAG node (Worker.inc) is "
-                          "nested inside a StageArgs argument")
+    assert msg.startswith(
+        "Worker.echo argument 0 .cfg.layers[2]: a DAG node (Worker.inc) is "
+        "nested inside a StageArgs argument"
+    )
     assert "Pass the node as its own argument" in msg
 
 
@@ -172,8 +188,11 @@ def test_dag_node_hidden_in_a_plain_object_is_compile_error(workers):
     a, b = workers[:2]
     with InputNode() as inp:
         dag = b.add.bind(inp, Plain(scale=2, source=a.inc.bind(inp)))
-    with pytest.raises(dagc.CompileError, match=r"Worker.add argument 1 .source: a DAG node "
-                                               r"\(Worker.inc\) is nested inside a Plain"):
+    with pytest.raises(
+        dagc.CompileError,
+        match=r"Worker.add argument 1 .source: a DAG node "
+        r"\(Worker.inc\) is nested inside a Plain",
+    ):
         trace(dag)
 
 
@@ -181,8 +200,10 @@ def test_dag_node_in_nested_dict_and_list_keyword_is_compile_error(workers):
     a, b = workers[:2]
     with InputNode() as inp:
         dag = b.scale.bind(inp, offset={"k": [1, (2, inp[0])]})
-    with pytest.raises(dagc.CompileError,
-                       match=r"Worker.scale keyword argument offset=\['k'\]\[1\]\[1\]: a DAG node"):
+    with pytest.raises(
+        dagc.CompileError,
+        match=r"Worker.scale keyword argument offset=\['k'\]\[1\]\[1\]: a DAG node",
+    ):
         trace(dag)
 
 

@@ -1,4 +1,5 @@
 """Inspection on a live compiled DAG: visualize, html, profile, dump, the notebook."""
+
 import json
 import os
 from pathlib import Path
@@ -68,10 +69,11 @@ def test_notebook_executes(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "examples" / "notebook.ipynb", as_version=4)
     env_before = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"      # the kernel's ray.init() starts its own Ray
+    os.environ["RAY_ADDRESS"] = "local"  # the kernel's ray.init() starts its own Ray
     try:
-        client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
-                                         resources={"metadata": {"path": str(ROOT)}})
+        client = nbclient.NotebookClient(
+            nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        )
         client.execute()
     finally:
         if env_before is None:

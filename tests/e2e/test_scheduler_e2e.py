@@ -2,15 +2,18 @@
 vs measured in cg.schedule, profile() with overlap_communication, @dagc.reorderable found
 by the probe and used by reorder="critical-path". No timing is asserted (the benchmarks
 measure); only what the schedule says and that results are right."""
+
 import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
-import ray  # noqa: E402
+pytest.importorskip("torch")  # skips the module without torch, before the imports below
 
-import dagc  # noqa: E402
-from dagc import InputNode, MultiOutputNode  # noqa: E402
+import ray
+import torch
+
+import dagc
+from dagc import InputNode, MultiOutputNode
 
 T = 30
 
@@ -75,7 +78,7 @@ def test_profile_with_overlap_does_not_hang(nodes):
         col = [str(x) for _, x in cg.schedule.of("a1")]
         assert col.index("icrecv t0<a0") < col.index("recv in<driver")
         assert torch.equal(cg.execute(3).get(timeout=T), torch.full((3,), 4.0))
-        for _ in range(2):                       # swap in and out twice
+        for _ in range(2):  # swap in and out twice
             prof = cg.profile(4, 3)
             assert "none complete" not in str(prof)
         assert torch.equal(cg.execute(2).get(timeout=T), torch.full((2,), 3.0))
@@ -87,12 +90,12 @@ def test_profile_costs_feed_the_next_compile(nodes):
         dag = MultiOutputNode([a.fast.bind(inp), b.slow.bind(a.feed.bind(inp))])
     with dagc.compile(dag) as cg:
         prof = cg.profile(5, 1)
-        assert "4 complete" in str(prof) or "5 complete" in str(prof)    # multi-output
+        assert "4 complete" in str(prof) or "5 complete" in str(prof)  # multi-output
         costs = prof.costs()
         assert costs.unit == "µs" and costs.actions["a1 slow t2"] > 10_000
         trace = prof.trace()["traceEvents"]
         assert any(e.get("name") == "slow" for e in trace)
-        text = str(cg.schedule)                          # measured beside predicted
+        text = str(cg.schedule)  # measured beside predicted
         assert "meas start" in text and "median of 5 profiled executions" in text
     with dagc.compile(dag, costs=prof) as cg:
         text = str(cg.schedule)
@@ -108,7 +111,7 @@ def test_reorder_critical_path_on_reorderable_methods(nodes):
         dag = MultiOutputNode([a.fast.bind(inp), b.slow.bind(a.feed.bind(inp))])
     costs = {"fast": 5, "feed": 1, "slow": 20}
     ray.get(a.order.remote(), timeout=T)
-    with dagc.compile(dag, costs=costs) as cg:                  # bind order
+    with dagc.compile(dag, costs=costs) as cg:  # bind order
         assert cg.execute(1).get(timeout=T) == [2, 1]
     assert ray.get(a.order.remote(), timeout=T) == ["fast", "feed"]
     with dagc.compile(dag, costs=costs, reorder="critical-path") as cg:
@@ -118,8 +121,9 @@ def test_reorder_critical_path_on_reorderable_methods(nodes):
     # the same methods unmarked: the option changes nothing
     with InputNode() as inp:
         dag = MultiOutputNode([a.plain_fast.bind(inp), b.slow.bind(a.plain_feed.bind(inp))])
-    with dagc.compile(dag, costs={"plain_fast": 5, "plain_feed": 1, "slow": 20},
-                      reorder="critical-path") as cg:
+    with dagc.compile(
+        dag, costs={"plain_fast": 5, "plain_feed": 1, "slow": 20}, reorder="critical-path"
+    ) as cg:
         assert "(bind" not in str(cg.schedule).split("calls:")[0]
         assert cg.execute(1).get(timeout=T) == [2, 1]
     assert ray.get(a.order.remote(), timeout=T) == ["fast", "feed"]

@@ -4,6 +4,7 @@ reference; dagc.pipeline's generated schedules; execute() from many threads at o
 
 Timings are the benchmark's business (benchmarks/workloads.py); nothing here asserts one.
 """
+
 import re
 import sys
 import threading
@@ -11,28 +12,30 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-import ray  # noqa: E402
+pytest.importorskip("torch")  # skips the module without torch, before the imports below
 
-import dagc  # noqa: E402
-from dagc.pipelining import (bubble_fraction, microbatch_args, stage_orders,  # noqa: E402
-                             theoretical_bubble)
+import ray
+import torch
+
+import dagc
+from dagc.pipelining import bubble_fraction, microbatch_args, stage_orders, theoretical_bubble
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-T = 60          # seconds: any get() here that takes longer is a hang
+T = 60  # seconds: any get() here that takes longer is a hang
 
 
 def load(name: str):
     """examples/<name>.py as ``dagc compile`` loads a pipeline file: its classes and
     functions travel to the actors by value (dagc.cli.load_file)."""
     from dagc.cli import load_file
+
     key = f"dagc_test_example_{name}"
     if key not in sys.modules:
         load_file(str(EXAMPLES / f"{name}.py"), key)
     return sys.modules[key]
 
 
-MAKERS = {     # example -> how to start its actors (small configurations)
+MAKERS = {  # example -> how to start its actors (small configurations)
     "pp_inference": lambda m: m.make_stages(2),
     "tensor_parallel": lambda m: m.make_shards(2),
     "hetero_training": lambda m: m.make_actors(),
@@ -46,6 +49,7 @@ def started(ray_session):
     """Every example's actors, started at once: most of their start-up is importing torch,
     which the processes do side by side instead of one example after the other."""
     from concurrent.futures import ThreadPoolExecutor
+
     mods = {name: load(name) for name in MAKERS}
     with ThreadPoolExecutor(len(MAKERS)) as pool:
         futs = {name: pool.submit(make, mods[name]) for name, make in MAKERS.items()}
@@ -54,7 +58,7 @@ def started(ray_session):
         for name, f in futs.items():
             try:
                 actors[name] = f.result(timeout=120)
-            except Exception as e:       # noqa: BLE001 - kill what did start, then raise
+            except Exception as e:  # noqa: BLE001 - kill what did start, then raise
                 errors.append(e)
     try:
         if errors:
@@ -70,14 +74,16 @@ def started(ray_session):
 def test_stage_orders_1f1b_and_gpipe():
     assert stage_orders(2, 4, "1f1b") == [
         ["F0", "F1", "B0", "F2", "B1", "F3", "B2", "B3"],
-        ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3"]]
-    assert stage_orders(3, 2, "1f1b")[0] == ["F0", "F1", "B0", "B1"]   # warm-up capped at M
+        ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3"],
+    ]
+    assert stage_orders(3, 2, "1f1b")[0] == ["F0", "F1", "B0", "B1"]  # warm-up capped at M
     assert stage_orders(2, 3, "gpipe") == [["F0", "F1", "F2", "B0", "B1", "B2"]] * 2
     for p, m in ((1, 1), (3, 5), (4, 8)):
         for sched in ("gpipe", "1f1b"):
-            for order in stage_orders(p, m, sched):          # every call once, B in mb order
-                assert sorted(order) == sorted([f"F{i}" for i in range(m)]
-                                               + [f"B{i}" for i in range(m)])
+            for order in stage_orders(p, m, sched):  # every call once, B in mb order
+                assert sorted(order) == sorted(
+                    [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]
+                )
                 assert [o for o in order if o[0] == "B"] == [f"B{i}" for i in range(m)]
     with pytest.raises(ValueError, match="schedule"):
         stage_orders(2, 2, "interleaved")
@@ -100,10 +106,11 @@ def test_bubble_fraction_and_microbatch_args():
 def test_pp_inference_matches_reference(started):
     pp, stages = started["pp_inference"]
     with dagc.compile(pp.build_dag(stages)) as cg:
-        refs = [cg.execute(pp.batch(i)) for i in range(4)]      # 4 batches in flight
+        refs = [cg.execute(pp.batch(i)) for i in range(4)]  # 4 batches in flight
         for i, ref in enumerate(refs):
-            torch.testing.assert_close(ref.get(timeout=T), pp.reference(pp.batch(i), 2),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                ref.get(timeout=T), pp.reference(pp.batch(i), 2), rtol=1e-4, atol=1e-4
+            )
 
 
 @pytest.mark.timeout(120)
@@ -141,8 +148,9 @@ def test_serving_execute_from_many_threads(started):
                     ans = cg.execute(req).get(timeout=T)
                     if not sv.same_answer(ans, sv.reference(req)):
                         wrong.append((req, ans))
-            except BaseException as e:       # noqa: BLE001 - reported below
+            except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
+
         threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
         for t in threads:
             t.start()
@@ -158,6 +166,7 @@ def test_serving_execute_from_many_threads(started):
             ref = cg.execute(sv.request(i))
             with lock:
                 refs[i] = ref
+
         ts = [threading.Thread(target=submit, args=(i,)) for i in range(6)]
         for t in ts:
             t.start()
@@ -196,7 +205,7 @@ def test_pipeline_training_schedule_and_losses(pipe_stages, schedule):
     orders = stage_orders(2, 4, schedule)
     with dagc.compile(dagc.pipeline(stages, microbatches=4, schedule=schedule)) as cg:
         table = str(cg.schedule)
-        for s, order in enumerate(orders):       # the table shows the schedule's pattern
+        for s, order in enumerate(orders):  # the table shows the schedule's pattern
             want = [{"F": "forward", "B": "backward"}[o[0]] for o in order] + ["step"]
             assert _column_calls(table, f"a{s}:Stage") == want, table
         got = [cg.execute(*microbatch_args(*pt.batch(k), 4)).get(timeout=T) for k in range(3)]

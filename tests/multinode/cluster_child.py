@@ -12,6 +12,7 @@ JSON, rewritten after every phase so the parent can clean up even after a timeou
 Nodes: head {"head": 1}, node1 {"node1": 1}, node2 {"node2": 1}, 1 CPU each (the CI box has
 2 cores); actors take num_cpus=0 and a node's custom resource, which pins them.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,15 +53,18 @@ def note_processes() -> None:
 
 
 # -- the cluster -----------------------------------------------------------------------------
-NODES: dict = {}        # name -> the cluster_utils node handle (node3 is removed by a check)
+NODES: dict = {}  # name -> the cluster_utils node handle (node3 is removed by a check)
 
 
 def start_cluster():
     import ray
     from ray.cluster_utils import Cluster
+
     t0 = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False},
+    )
     t1 = time.monotonic()
     note_processes()
     for name in ("node1", "node2", "node3"):
@@ -77,6 +81,7 @@ def start_cluster():
 
 def stop_cluster(cluster) -> None:
     import ray
+
     t0 = time.monotonic()
     note_processes()
     try:
@@ -102,8 +107,11 @@ def actor_class():
 
         def where(self):
             ctx = ray.get_runtime_context()
-            return {"node": ctx.get_node_id(), "pid": os.getpid(),
-                    "ip": ray.util.get_node_ip_address()}
+            return {
+                "node": ctx.get_node_id(),
+                "pid": os.getpid(),
+                "ip": ray.util.get_node_ip_address(),
+            }
 
         def fwd(self, x):
             return x + 1
@@ -112,18 +120,28 @@ def actor_class():
             """x, or for "bad" a value that pickles but fails to unpickle on its reader."""
             if x == "bad":
                 from tests.faults.actors import BadUnpickle
+
                 return BadUnpickle()
             return x
 
         def open_writer(self, channel, nreaders, slots, secret):
             from dagc.runtime.channels.tcp import TcpWriter
+
             self.w = TcpWriter(channel, nreaders, slots, secret, connect_timeout=60)
             return self.w.listen(ray.util.get_node_ip_address())
 
         def open_reader(self, channel, host, port, secret, index, writer_name):
             from dagc.runtime.channels.tcp import TcpReader
-            self.r = TcpReader(host, port, secret, index, channel=channel,
-                               writer_name=writer_name, connect_timeout=60)
+
+            self.r = TcpReader(
+                host,
+                port,
+                secret,
+                index,
+                channel=channel,
+                writer_name=writer_name,
+                connect_timeout=60,
+            )
             return True
 
         def relay(self):
@@ -136,6 +154,7 @@ def actor_class():
                         self.relayed += 1
                 except (ChannelClosed, PeerDied) as e:
                     self.stopped_by = f"{type(e).__name__}({e})"
+
             threading.Thread(target=run, daemon=True).start()
             return True
 
@@ -158,13 +177,18 @@ def pinned(Hop, node: str, name: str):
 # -- checks ----------------------------------------------------------------------------------
 def check_cluster(ctx) -> dict:
     import ray
+
     Hop = ctx["Hop"]
     t0 = time.monotonic()
     a, b = pinned(Hop, "node1", "a"), pinned(Hop, "node2", "b")
     wa, wb = ray.get([a.where.remote(), b.where.remote()], timeout=120)
-    out = {"actors_ready_s": time.monotonic() - t0, "a": wa, "b": wb,
-           "driver_node": ray.get_runtime_context().get_node_id(),
-           "nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])}
+    out = {
+        "actors_ready_s": time.monotonic() - t0,
+        "a": wa,
+        "b": wb,
+        "driver_node": ray.get_runtime_context().get_node_id(),
+        "nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+    }
     note_processes()
     ctx["a"], ctx["b"] = a, b
     return out
@@ -174,7 +198,9 @@ def check_tcp(ctx) -> dict:
     """driver -> a (node1) -> b (node2) -> driver, each hop an authenticated TCP channel."""
     import numpy as np
     import ray
+
     from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret
+
     a, b = ctx["a"], ctx["b"]
     secret = new_secret()
     ip = ray.util.get_node_ip_address()
@@ -182,24 +208,28 @@ def check_tcp(ctx) -> dict:
     # round 1: every writer listens and reports its address
     w_in = TcpWriter("in", 1, 4, secret, reader_names=["a"], connect_timeout=60)
     addr_in = w_in.listen(ip)
-    addr_ab, addr_bd = ray.get([a.open_writer.remote("ab", 1, 4, secret),
-                                b.open_writer.remote("bd", 1, 4, secret)], timeout=60)
+    addr_ab, addr_bd = ray.get(
+        [a.open_writer.remote("ab", 1, 4, secret), b.open_writer.remote("bd", 1, 4, secret)],
+        timeout=60,
+    )
     # round 2: every reader connects (the writers' accept threads are already running)
-    refs = [a.open_reader.remote("in", *addr_in, secret, 0, "driver"),
-            b.open_reader.remote("ab", *addr_ab, secret, 0, "a")]
+    refs = [
+        a.open_reader.remote("in", *addr_in, secret, 0, "driver"),
+        b.open_reader.remote("ab", *addr_ab, secret, 0, "a"),
+    ]
     r_out = TcpReader(*addr_bd, secret, 0, channel="bd", writer_name="b", connect_timeout=60)
     ray.get(refs, timeout=60)
     ray.get([a.relay.remote(), b.relay.remote()], timeout=60)
     setup = time.monotonic() - t0
     ctx.update(w_in=w_in, r_out=r_out)
-    deadline = lambda: time.monotonic() + 30  # noqa: E731
+    deadline = lambda: time.monotonic() + 30
     values = [1, "two", {"three": [3]}, np.arange(1000, dtype=np.float32)]
     got = []
     for v in values:
         w_in.write(v, deadline())
         got.append(r_out.read(deadline()))
-    same = (got[:3] == values[:3] and np.array_equal(got[3], values[3]))
-    big = np.random.default_rng(0).random(10 << 17)        # 10 MiB
+    same = got[:3] == values[:3] and np.array_equal(got[3], values[3])
+    big = np.random.default_rng(0).random(10 << 17)  # 10 MiB
     t1 = time.perf_counter()
     w_in.write(big, deadline())
     big_ok = np.array_equal(r_out.read(deadline()), big)
@@ -214,16 +244,24 @@ def check_tcp(ctx) -> dict:
         r_out.read(deadline())
         ts.append(time.perf_counter() - t)
     ts.sort()
-    return {"setup_s": setup, "values_ok": bool(same), "big_ok": bool(big_ok),
-            "big_10mib_s": big_s, "hops": 3,
-            "rtt_us": {q: ts[int(len(ts) * f)] * 1e6 for q, f in
-                       (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}}
+    return {
+        "setup_s": setup,
+        "values_ok": bool(same),
+        "big_ok": bool(big_ok),
+        "big_10mib_s": big_s,
+        "hops": 3,
+        "rtt_us": {
+            q: ts[int(len(ts) * f)] * 1e6 for q, f in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+        },
+    }
 
 
 def check_peer_death(ctx) -> dict:
     """Kill b (node2): the driver's read of b's channel must end in PeerDied("b")."""
     import ray
+
     from dagc.runtime.channels import PeerDied
+
     w_in, r_out = ctx["w_in"], ctx["r_out"]
     box = {}
 
@@ -233,8 +271,9 @@ def check_peer_death(ctx) -> dict:
             box["error"] = "read returned a value"
         except PeerDied as e:
             box["who"] = e.who
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
             box["error"] = repr(e)
+
     th = threading.Thread(target=read, daemon=True)
     th.start()
     time.sleep(0.2)
@@ -250,13 +289,18 @@ def check_peer_death(ctx) -> dict:
         if a_status["stopped_by"]:
             break
         time.sleep(0.1)
-    return {"who": box.get("who"), "error": box.get("error"), "detect_s": detect,
-            "a_status": a_status}
+    return {
+        "who": box.get("who"),
+        "error": box.get("error"),
+        "detect_s": detect,
+        "a_status": a_status,
+    }
 
 
 def check_dagc_pipeline(ctx) -> dict:
     """dagc.compile over actors on two other nodes: tcp channels, one result per execute."""
     import dagc
+
     Hop = ctx["Hop"]
     a, b = pinned(Hop, "node1", "pa"), pinned(Hop, "node2", "pb")
     with dagc.InputNode() as inp:
@@ -270,7 +314,9 @@ def check_dagc_pipeline(ctx) -> dict:
 def check_dagc_actor_death(ctx) -> dict:
     """Killing an actor on another node ends every pending get() with ActorDiedError."""
     import ray
+
     import dagc
+
     Hop = ctx["Hop"]
     a, b = pinned(Hop, "node1", "da"), pinned(Hop, "node2", "db")
     with dagc.InputNode() as inp:
@@ -278,7 +324,7 @@ def check_dagc_actor_death(ctx) -> dict:
     cg = dagc.compile(dag)
     try:
         assert cg.execute(1).get(timeout=60) == 3
-        ray.kill(b, no_restart=True)      # asynchronous: b may still answer a few times
+        ray.kill(b, no_restart=True)  # asynchronous: b may still answer a few times
         t0 = time.monotonic()
         raised = None
         while raised is None and time.monotonic() - t0 < 30:
@@ -294,6 +340,7 @@ def check_dagc_actor_death(ctx) -> dict:
 def check_dagc_teardown(ctx) -> dict:
     """teardown() is prompt across nodes and the same actors compile again."""
     import dagc
+
     Hop = ctx["Hop"]
     a, b = pinned(Hop, "node1", "ta"), pinned(Hop, "node2", "tb")
     with dagc.InputNode() as inp:
@@ -311,29 +358,34 @@ def check_dagc_teardown(ctx) -> dict:
 def check_dagc_fanout(ctx) -> dict:
     """A value read on two nodes and by the driver; a revisit of node1; shm on node1."""
     import dagc
+
     Hop = ctx["Hop"]
     a, c = pinned(Hop, "node1", "fa"), pinned(Hop, "node1", "fc")
     b = pinned(Hop, "node2", "fb")
     with dagc.InputNode() as inp:
         x = a.fwd.bind(inp)
         y = b.fwd.bind(x)
-        z = c.fwd.bind(x)                  # same node as a: shared memory on node1
-        back = a.fwd.bind(y)               # node2 -> node1 again
-        direct = b.fwd.bind(inp)           # the input goes to both nodes: two channels
+        z = c.fwd.bind(x)  # same node as a: shared memory on node1
+        back = a.fwd.bind(y)  # node2 -> node1 again
+        direct = b.fwd.bind(inp)  # the input goes to both nodes: two channels
         dag = dagc.MultiOutputNode([y, z, x, back, direct])
     with dagc.compile(dag) as cg:
         chans = {(c_.value, c_.transport, c_.readers) for c_ in cg._ir.channels}
         results = [cg.execute(i).get(timeout=60) for i in range(20)]
-        big = cg.execute(10 ** 6).get(timeout=60)
+        big = cg.execute(10**6).get(timeout=60)
     want = [[i + 2, i + 2, i + 1, i + 3, i + 1] for i in range(20)]
-    return {"transports": sorted({t for _, t, _ in chans}), "results_ok": results == want,
-            "big_ok": big == [10 ** 6 + 2, 10 ** 6 + 2, 10 ** 6 + 1, 10 ** 6 + 3, 10 ** 6 + 1],
-            "channels": sorted(map(str, chans))}
+    return {
+        "transports": sorted({t for _, t, _ in chans}),
+        "results_ok": results == want,
+        "big_ok": big == [10**6 + 2, 10**6 + 2, 10**6 + 1, 10**6 + 3, 10**6 + 1],
+        "channels": sorted(map(str, chans)),
+    }
 
 
 def check_dagc_node_killed(ctx) -> dict:
     """A whole node (raylet and its workers) removed mid-run: ActorDiedError, no hang."""
     import dagc
+
     Hop = ctx["Hop"]
     a, d = pinned(Hop, "node1", "ka"), pinned(Hop, "node3", "kd")
     with dagc.InputNode() as inp:
@@ -364,21 +416,28 @@ def _tcp_ends(ends: dict) -> list:
     import ssl
 
     from dagc.runtime.channels.tcp import TcpReader, TcpWriter
+
     out = []
     for cid, e in sorted(ends.items()):
         if isinstance(e, TcpReader):
             out.append((cid, "reader", e.tls is not None, isinstance(e.sock, ssl.SSLSocket)))
         elif isinstance(e, TcpWriter):
             e.connected()
-            out.append((cid, "writer", e.tls is not None,
-                        bool(e._conns) and all(isinstance(c.sock, ssl.SSLSocket)
-                                               for c in e._conns)))
+            out.append(
+                (
+                    cid,
+                    "writer",
+                    e.tls is not None,
+                    bool(e._conns) and all(isinstance(c.sock, ssl.SSLSocket) for c in e._conns),
+                )
+            )
     return out
 
 
 def _actor_tcp_ends(instance, token: str) -> list:
     """Runs in an actor (``__ray_call__``): its loop's TCP ends."""
     from dagc.runtime.actor.loop import LOOPS
+
     loop = LOOPS[token]
     return _tcp_ends(loop._readers) + _tcp_ends(loop._writers)
 
@@ -388,8 +447,10 @@ def check_dagc_tls(ctx) -> dict:
     runs: every one when the cluster runs with RAY_USE_TLS, none otherwise."""
     import numpy as np
     import ray
+
     import dagc
     from dagc import config
+
     Hop = ctx["Hop"]
     a, b = pinned(Hop, "node1", "la"), pinned(Hop, "node2", "lb")
     with dagc.InputNode() as inp:
@@ -399,12 +460,18 @@ def check_dagc_tls(ctx) -> dict:
         big = cg.execute(np.arange(1 << 20)).get(timeout=60)
         ends = {"driver": _tcp_ends(cg._session.readers) + _tcp_ends(cg._session.writers)}
         for name, h in (("a", a), ("b", b)):
-            ends[name] = ray.get(h.__ray_call__.remote(_actor_tcp_ends, cg._session.token), timeout=60)
+            ends[name] = ray.get(
+                h.__ray_call__.remote(_actor_tcp_ends, cg._session.token), timeout=60
+            )
     flags = [x for es in ends.values() for _, _, files, sock in es for x in (files, sock)]
-    return {"env_tls": config.ray_tls() is not None, "ends": ends,
-            "all_tls": bool(flags) and all(flags), "none_tls": not any(flags),
-            "results_ok": results == [i + 2 for i in range(20)],
-            "big_ok": bool(np.array_equal(big, np.arange(1 << 20) + 2))}
+    return {
+        "env_tls": config.ray_tls() is not None,
+        "ends": ends,
+        "all_tls": bool(flags) and all(flags),
+        "none_tls": not any(flags),
+        "results_ok": results == [i + 2 for i in range(20)],
+        "big_ok": bool(np.array_equal(big, np.arange(1 << 20) + 2)),
+    }
 
 
 def check_dagc_unpickle(ctx) -> dict:
@@ -412,6 +479,7 @@ def check_dagc_unpickle(ctx) -> dict:
     than the window holds, pipelined: each such execution gets its TaskError naming the
     value and why, every other execution its own result (nothing shifts, nothing hangs)."""
     import dagc
+
     Hop = ctx["Hop"]
     a, b = pinned(Hop, "node1", "ua"), pinned(Hop, "node2", "ub")
     inputs = [1, "bad", 2, "bad", "bad", 3, "bad", "bad", 4, 5]
@@ -423,8 +491,8 @@ def check_dagc_unpickle(ctx) -> dict:
         with dagc.compile(dag, max_inflight=2) as cg:
             transports = sorted({c.transport for c in cg._ir.channels if c.value != "in"})
             got = []
-            for lo in range(0, len(inputs), 2):         # two in flight at a time
-                refs = [cg.execute(v) for v in inputs[lo:lo + 2]]
+            for lo in range(0, len(inputs), 2):  # two in flight at a time
+                refs = [cg.execute(v) for v in inputs[lo : lo + 2]]
                 for ref in refs:
                     try:
                         got.append(ref.get(timeout=60))
@@ -434,20 +502,32 @@ def check_dagc_unpickle(ctx) -> dict:
         out[where] = {
             "transports": transports,
             "results_ok": [g for v, g in zip(inputs, got) if v != "bad"] == [1, 2, 3, 4, 5],
-            "errors_ok": all(isinstance(g, str) and "BadUnpickle cannot be loaded" in g
-                             and "a value sent by a0:Hop on channel c" in g
-                             and "could not be unpickled" in g for g in bad),
-            "first_error": bad[0] if bad else None}
+            "errors_ok": all(
+                isinstance(g, str)
+                and "BadUnpickle cannot be loaded" in g
+                and "a value sent by a0:Hop on channel c" in g
+                and "could not be unpickled" in g
+                for g in bad
+            ),
+            "first_error": bad[0] if bad else None,
+        }
     return out
 
 
 CLUSTER: list = []
 
-CHECKS = {"dagc_tls": check_dagc_tls,
-          "cluster": check_cluster, "dagc_fanout": check_dagc_fanout,
-          "dagc_node_killed": check_dagc_node_killed, "tcp": check_tcp, "peer_death": check_peer_death,
-          "dagc_pipeline": check_dagc_pipeline, "dagc_actor_death": check_dagc_actor_death,
-          "dagc_teardown": check_dagc_teardown, "dagc_unpickle": check_dagc_unpickle}
+CHECKS = {
+    "dagc_tls": check_dagc_tls,
+    "cluster": check_cluster,
+    "dagc_fanout": check_dagc_fanout,
+    "dagc_node_killed": check_dagc_node_killed,
+    "tcp": check_tcp,
+    "peer_death": check_peer_death,
+    "dagc_pipeline": check_dagc_pipeline,
+    "dagc_actor_death": check_dagc_actor_death,
+    "dagc_teardown": check_dagc_teardown,
+    "dagc_unpickle": check_dagc_unpickle,
+}
 NEEDS = {"tcp": "cluster", "peer_death": "tcp"}
 
 
@@ -458,6 +538,7 @@ def main(argv) -> int:
     REPORT["requested"] = names
     save()
     from tests.helpers import ray_address_file_kept
+
     t0 = time.monotonic()
     # the Cluster points this machine's "current cluster" file at itself: put it back after
     with ray_address_file_kept():

@@ -8,5 +8,7 @@ Deselect them with ``-m "not multinode"``.
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "multinode: starts a local 3-node Ray cluster in a child process "
-                   "(about 20-35 s on a 2-core machine)")
+        "markers",
+        "multinode: starts a local 3-node Ray cluster in a child process "
+        "(about 20-35 s on a 2-core machine)",
+    )

@@ -9,6 +9,7 @@ every process it started is verified gone (and killed and reported if not).
 To enable a pending dagc check once the runtime speaks TCP across nodes: move its name
 from PENDING to ENABLED and drop the skip on its test.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,29 @@ pytestmark = [pytest.mark.multinode, pytest.mark.timeout(900)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CHILD = os.path.join(HERE, "cluster_child.py")
-CHILD_TIMEOUT = 600            # s; a healthy run takes ~20-35 s on the 2-core CI box
+CHILD_TIMEOUT = 600  # s; a healthy run takes ~20-35 s on the 2-core CI box
 
-ENABLED = ["cluster", "tcp", "peer_death", "dagc_pipeline", "dagc_tls", "dagc_fanout",
-           "dagc_actor_death", "dagc_teardown", "dagc_unpickle", "dagc_node_killed"]
+ENABLED = [
+    "cluster",
+    "tcp",
+    "peer_death",
+    "dagc_pipeline",
+    "dagc_tls",
+    "dagc_fanout",
+    "dagc_actor_death",
+    "dagc_teardown",
+    "dagc_unpickle",
+    "dagc_node_killed",
+]
 PENDING: list = []
 NEEDS_INTEGRATION = pytest.mark.skip(
-    reason="needs runtime integration (cross-node TCP channels in compiled.py/worker.py/api.py)")
+    reason="needs runtime integration (cross-node TCP channels in compiled.py/worker.py/api.py)"
+)
 
 
 def _alive(pid: int, started: float) -> bool:
     import psutil
+
     try:
         p = psutil.Process(pid)
         return abs(p.create_time() - started) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
@@ -56,8 +69,7 @@ def _wait_gone(pids, timeout: float) -> list:
 def report(tmp_path_factory):
     # a plain cluster, whatever this process's environment says (test_tls_cluster.py
     # runs one with TLS)
-    return run_child(tmp_path_factory.mktemp("multinode"), ENABLED,
-                     drop=("RAY_USE_TLS",))
+    return run_child(tmp_path_factory.mktemp("multinode"), ENABLED, drop=("RAY_USE_TLS",))
 
 
 def run_child(out, checks, env_update=None, drop=()) -> dict:
@@ -65,15 +77,21 @@ def run_child(out, checks, env_update=None, drop=()) -> dict:
     ``drop``, plus ``env_update``); its report, with every process it started gone."""
     path, log = out / "report.json", out / "child.log"
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)           # the child starts its own cluster
+    env.pop("RAY_ADDRESS", None)  # the child starts its own cluster
     for k in drop:
         env.pop(k, None)
     env.update(env_update or {})
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.monotonic()
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, CHILD, str(path), *checks], cwd=REPO, env=env,
-                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, CHILD, str(path), *checks],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             rc = p.wait(timeout=CHILD_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -89,28 +107,32 @@ def run_child(out, checks, env_update=None, drop=()) -> dict:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    rep.update(rc=rc, wall_s=time.monotonic() - t0, leftovers=leftovers,
-               log_tail=log.read_text()[-4000:])
+    rep.update(
+        rc=rc, wall_s=time.monotonic() - t0, leftovers=leftovers, log_tail=log.read_text()[-4000:]
+    )
     t = rep["timings"]
-    print(f"\nmultinode child: {rep['wall_s']:.1f} s wall; cluster start "
-          f"{t.get('head', 0) + t.get('workers', 0) + t.get('connect', 0):.1f} s "
-          f"(head {t.get('head', 0):.1f}, 2 workers {t.get('workers', 0):.1f}, "
-          f"connect {t.get('connect', 0):.1f}), shutdown {t.get('shutdown', 0):.1f} s; "
-          f"{len(rep['pids'])} processes started, {len(leftovers)} left over")
+    print(
+        f"\nmultinode child: {rep['wall_s']:.1f} s wall; cluster start "
+        f"{t.get('head', 0) + t.get('workers', 0) + t.get('connect', 0):.1f} s "
+        f"(head {t.get('head', 0):.1f}, 2 workers {t.get('workers', 0):.1f}, "
+        f"connect {t.get('connect', 0):.1f}), shutdown {t.get('shutdown', 0):.1f} s; "
+        f"{len(rep['pids'])} processes started, {len(leftovers)} left over"
+    )
     return rep
 
 
 def check(report, name: str) -> dict:
     c = report["checks"].get(name)
-    assert c is not None, (f"check {name!r} did not run (child rc={report['rc']}); "
-                           f"child log:\n{report['log_tail']}")
+    assert c is not None, (
+        f"check {name!r} did not run (child rc={report['rc']}); child log:\n{report['log_tail']}"
+    )
     assert c["ok"], f"check {name!r} failed:\n{c['error']}"
     return c
 
 
 def test_cluster_starts_with_actors_on_distinct_nodes(report):
     c = check(report, "cluster")
-    assert len(c["nodes"]) == 4          # head, node1, node2, node3
+    assert len(c["nodes"]) == 4  # head, node1, node2, node3
     nodes = {c["a"]["node"], c["b"]["node"], c["driver_node"]}
     assert len(nodes) == 3, f"actors did not land on separate nodes: {c}"
     assert nodes <= set(c["nodes"])
@@ -121,9 +143,11 @@ def test_tcp_channel_across_nodes(report):
     c = check(report, "tcp")
     assert c["values_ok"] and c["big_ok"]
     r = c["rtt_us"]
-    print(f"\ndriver -> node1 -> node2 -> driver over TCP channels ({c['hops']} hops): "
-          f"p50 {r['p50']:.0f} us, p90 {r['p90']:.0f} us, p99 {r['p99']:.0f} us; "
-          f"10 MiB array {c['big_10mib_s'] * 1e3:.0f} ms; set-up {c['setup_s'] * 1e3:.0f} ms")
+    print(
+        f"\ndriver -> node1 -> node2 -> driver over TCP channels ({c['hops']} hops): "
+        f"p50 {r['p50']:.0f} us, p90 {r['p90']:.0f} us, p99 {r['p99']:.0f} us; "
+        f"10 MiB array {c['big_10mib_s'] * 1e3:.0f} ms; set-up {c['setup_s'] * 1e3:.0f} ms"
+    )
 
 
 def test_killed_actor_is_peer_died_across_nodes(report):
@@ -146,7 +170,7 @@ def test_dagc_compile_across_nodes(report):
 def test_dagc_tcp_is_plain_without_ray_tls(report):
     c = check(report, "dagc_tls")
     assert not c["env_tls"] and c["results_ok"] and c["big_ok"], c
-    assert c["none_tls"] and all(c["ends"].values()), c     # TCP ends everywhere, none TLS
+    assert c["none_tls"] and all(c["ends"].values()), c  # TCP ends everywhere, none TLS
 
 
 def test_dagc_fan_out_readers_on_both_nodes(report):

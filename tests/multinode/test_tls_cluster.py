@@ -6,6 +6,7 @@ The channel-level checks (refusals, plaintext clients, flow control over TLS) ar
 tests/unit/test_tcp_tls.py, without Ray; this is the end-to-end proof that the ends pick
 TLS up from Ray's own settings. One more cluster start (~20-30 s on the 2-core CI box).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -13,21 +14,30 @@ import pytest
 from tests import tls_certs
 from tests.multinode.test_cluster import check, run_child
 
-pytestmark = [pytest.mark.multinode, pytest.mark.timeout(900),
-              pytest.mark.skipif(tls_certs.available() is not None,
-                                 reason=f"no TLS test certificates: {tls_certs.available()}")]
+pytestmark = [
+    pytest.mark.multinode,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(
+        tls_certs.available() is not None,
+        reason=f"no TLS test certificates: {tls_certs.available()}",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
 def tls_report(tmp_path_factory):
     import ray
+
     pki = tmp_path_factory.mktemp("pki")
     ca = tls_certs.make_ca(pki, "ca")
     # Ray's gRPC checks the node address against the certificate (dagc's channels do not)
-    node = tls_certs.make_cert(pki, "node", ca,
-                               ips=("127.0.0.1", ray.util.get_node_ip_address()))
-    env = {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": node.cert,
-           "RAY_TLS_SERVER_KEY": node.key, "RAY_TLS_CA_CERT": ca.cert}
+    node = tls_certs.make_cert(pki, "node", ca, ips=("127.0.0.1", ray.util.get_node_ip_address()))
+    env = {
+        "RAY_USE_TLS": "1",
+        "RAY_TLS_SERVER_CERT": node.cert,
+        "RAY_TLS_SERVER_KEY": node.key,
+        "RAY_TLS_CA_CERT": ca.cert,
+    }
     return run_child(tmp_path_factory.mktemp("multinode-tls"), ["cluster", "dagc_tls"], env)
 
 

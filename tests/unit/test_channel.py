@@ -1,4 +1,5 @@
 """The shared-memory ring channel, in one process and under seeded multi-process stress."""
+
 import multiprocessing as mp
 import os
 import random
@@ -64,21 +65,21 @@ def _slots_used(w, first, last):
 
 def test_writer_reuses_the_slot_released_last(prefix):
     _, _, w, (r1, r2) = _setup(prefix, nreaders=2, slots=4)
-    for i in range(6):                       # one message at a time: always the same slot
+    for i in range(6):  # one message at a time: always the same slot
         w.write(i)
         assert (r1.read(), r2.read()) == (i, i)
     assert len(set(_slots_used(w, 0, 6))) == 1
-    for i in range(3):                       # three in flight: three distinct slots
+    for i in range(3):  # three in flight: three distinct slots
         w.write(("x", i))
     assert len(set(_slots_used(w, 6, 9))) == 3
     assert [r1.read() for _ in range(3)] == [("x", 0), ("x", 1), ("x", 2)]
-    w.write("held")                          # r2 still holds all three: a fourth slot
+    w.write("held")  # r2 still holds all three: a fourth slot
     assert len(set(_slots_used(w, 6, 10))) == 4
-    with pytest.raises(ch.WaitTimeout):      # and then none is free until r2 reads
+    with pytest.raises(ch.WaitTimeout):  # and then none is free until r2 reads
         w.write("no room", deadline=time.monotonic() + 0.05)
     assert r2.read() == ("x", 0)
     w.write("room")
-    assert _slots_used(w, 10, 11) == _slots_used(w, 6, 7)     # the slot just released
+    assert _slots_used(w, 10, 11) == _slots_used(w, 6, 7)  # the slot just released
     assert [r2.read() for _ in range(4)] == [("x", 1), ("x", 2), "held", "room"]
     assert [r1.read(), r1.read()] == ["held", "room"]
 
@@ -102,7 +103,7 @@ def test_big_values_keep_order_and_only_their_slot_grows(prefix):
     ring_size = os.path.getsize(shm.path(prefix + "c0"))
     deadline = time.monotonic() + 10
     for batch in ([10, 5000], [10, 100_000], [3, 50], [400_000], [300_000, 200_000, 9]):
-        for n in batch:      # messages stay unread across a big write
+        for n in batch:  # messages stay unread across a big write
             w.write(np.full(n, n % 256, dtype=np.uint8), deadline)
         got = [r.read(deadline) for _ in batch]
         for n, a in zip(batch, got):
@@ -127,18 +128,18 @@ def test_big_segment_name_goes_when_its_last_reader_maps_it(prefix):
     reader to map it removes it, before the writer writes again."""
     _, _, w, (r1, r2) = _setup(prefix, nreaders=2, slots=2, capacity=256)
     deadline = time.monotonic() + 10
-    w.write(np.zeros(10_000, dtype=np.uint8), deadline)       # slot 0's big segment
-    big = segment.big_name(f"{prefix}c0", w._big[0].gen)       # c0.x<random generation>
+    w.write(np.zeros(10_000, dtype=np.uint8), deadline)  # slot 0's big segment
+    big = segment.big_name(f"{prefix}c0", w._big[0].gen)  # c0.x<random generation>
     assert big in _names(prefix)
     assert r1.read(deadline).size == 10_000
-    assert big in _names(prefix)                               # r2 has not mapped it yet
+    assert big in _names(prefix)  # r2 has not mapped it yet
     assert r2.read(deadline).size == 10_000
-    assert big not in _names(prefix)                           # nobody opens it by name again
-    for i in range(5):                                         # and the channel goes on
+    assert big not in _names(prefix)  # nobody opens it by name again
+    for i in range(5):  # and the channel goes on
         w.write(np.full(9000, i, dtype=np.uint8), deadline)
         assert r1.read(deadline)[0] == i and r2.read(deadline)[-1] == i
     assert _names(prefix) == [prefix + "c0", prefix + "ctl"]
-    st = w.w                                                   # pids recorded for the sweep
+    st = w.w  # pids recorded for the sweep
     assert st[segment.W_WPID] == os.getpid()
     assert st[segment.rpid_word(0)] == st[segment.rpid_word(1)] == os.getpid()
 
@@ -159,22 +160,21 @@ def test_last_process_to_map_its_ends_removes_the_names(prefix):
     nprocs = 4
     ctl = ch.Control(prefix + "ctl", create=True, nprocs=nprocs + 1, index=0, pid=os.getpid())
     w = ch.Writer(prefix + "c0", 1, 2, 256, ch.Waiter(ctl, ["w", "r"]))
-    assert ctl.mark_opened([prefix + "c0", prefix + "ctl"]) is False     # 1 of 5
+    assert ctl.mark_opened([prefix + "c0", prefix + "ctl"]) is False  # 1 of 5
     ctx = mp.get_context("spawn")
     go, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_open_and_mark, args=(prefix, go, out))
-             for _ in range(nprocs)]
+    procs = [ctx.Process(target=_open_and_mark, args=(prefix, go, out)) for _ in range(nprocs)]
     for p in procs:
         p.start()
     try:
         time.sleep(0.5)
         assert sorted(os.listdir(shm.SHM_DIR)).count(prefix + "ctl") == 1
-        go.set()                                     # all count at about the same time
+        go.set()  # all count at about the same time
         results = [out.get(timeout=60) for _ in procs]
         assert sorted(results) == [False] * (nprocs - 1) + [True]
         assert _names(prefix) == []
         assert ctl.words[control.C_OPENED] == nprocs + 1
-        w.write("still mapped")                      # the writer's mapping lives on
+        w.write("still mapped")  # the writer's mapping lives on
         assert w.w[segment.W_WSEQ] == 1
     finally:
         for p in procs:
@@ -213,6 +213,7 @@ def test_dead_writer_is_reported(prefix):
 
 # -- seeded multi-process stress --------------------------------------------------------------
 
+
 def _writer_proc(prefix, nreaders, slots, capacity, seed, count, mode):
     rng = random.Random(seed)
     ctl = ch.Control(prefix + "ctl")
@@ -220,9 +221,20 @@ def _writer_proc(prefix, nreaders, slots, capacity, seed, count, mode):
     w = ch.Writer(prefix + "c0", nreaders, slots, capacity, waiter, create=False)
     deadline = time.monotonic() + 60
     for i in range(count):
-        n = rng.choice([0, 1, 7, 100, capacity - 64, capacity, capacity + 1, 3 * capacity,
-                        rng.randrange(0, 4 * capacity),
-                        rng.randrange(segment.ZERO_COPY_MIN, 4 * segment.ZERO_COPY_MIN)])
+        n = rng.choice(
+            [
+                0,
+                1,
+                7,
+                100,
+                capacity - 64,
+                capacity,
+                capacity + 1,
+                3 * capacity,
+                rng.randrange(0, 4 * capacity),
+                rng.randrange(segment.ZERO_COPY_MIN, 4 * segment.ZERO_COPY_MIN),
+            ]
+        )
         if rng.random() < 0.5:
             value = (i, np.full(n // 8 + 1, i, dtype=np.int64))
         else:
@@ -238,11 +250,14 @@ def _reader_proc(prefix, index, count, seed, mode, out):
     r = ch.Reader(prefix + "c0", index, waiter)
     deadline = time.monotonic() + 60
     bad = 0
-    held = []            # values kept a while (leased views): never overwritten under us
+    held = []  # values kept a while (leased views): never overwritten under us
 
     def intact(i, payload):
-        return (((payload == i).all()) if isinstance(payload, np.ndarray)
-                else payload == bytes([i % 256]) * len(payload))
+        return (
+            ((payload == i).all())
+            if isinstance(payload, np.ndarray)
+            else payload == bytes([i % 256]) * len(payload)
+        )
 
     for i in range(count):
         j, payload = r.read(deadline)
@@ -253,7 +268,7 @@ def _reader_proc(prefix, index, count, seed, mode, out):
             k, v = held.pop(rng.randrange(len(held)))
             bad += not intact(k, v)
         if rng.random() < 0.05 * index:
-            time.sleep(rng.random() * 0.002)    # readers at different speeds
+            time.sleep(rng.random() * 0.002)  # readers at different speeds
     bad += sum(not intact(k, v) for k, v in held)
     out.put((index, bad))
     r.close()
@@ -270,10 +285,13 @@ def test_stress_multi_process(prefix, mode):
     ch.Control(prefix + "ctl", create=True)
     ch.create_segment(prefix + "c0", nreaders, slots, capacity).close()
     out = ctx.Queue()
-    readers = [ctx.Process(target=_reader_proc, args=(prefix, i, count, seed, mode, out))
-               for i in range(nreaders)]
-    writer = ctx.Process(target=_writer_proc,
-                         args=(prefix, nreaders, slots, capacity, seed, count, mode))
+    readers = [
+        ctx.Process(target=_reader_proc, args=(prefix, i, count, seed, mode, out))
+        for i in range(nreaders)
+    ]
+    writer = ctx.Process(
+        target=_writer_proc, args=(prefix, nreaders, slots, capacity, seed, count, mode)
+    )
     procs = readers + [writer]
     for p in procs:
         p.start()
@@ -290,20 +308,23 @@ def test_stress_multi_process(prefix, mode):
             p.join(5)
 
 
-@pytest.mark.parametrize("arr", [
-    np.arange(12, dtype=np.float32).reshape(3, 4),
-    np.array(5.5),                                   # 0-d
-    np.zeros((0, 3), dtype=np.int16),                # empty
-    np.array([True, False]),
-    np.array([1 + 2j], dtype=np.complex128),
-    np.array(["ab", "cde"]),
-    np.array(["2026-11-26"], dtype="datetime64[ns]"),
-    np.arange(4, dtype=">f4"),                       # big-endian
-    np.arange(20)[::2],                              # not contiguous: pickled instead
-    np.zeros(2, dtype=[("x", "i4"), ("y", "f8")]),   # structured: pickled instead
-    np.array([{"a": 1}, None], dtype=object),        # objects: pickled instead
-])
-@pytest.mark.parametrize("reps", [1, 20_000])          # copied (small) and leased views
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.array(5.5),  # 0-d
+        np.zeros((0, 3), dtype=np.int16),  # empty
+        np.array([True, False]),
+        np.array([1 + 2j], dtype=np.complex128),
+        np.array(["ab", "cde"]),
+        np.array(["2026-11-26"], dtype="datetime64[ns]"),
+        np.arange(4, dtype=">f4"),  # big-endian
+        np.arange(20)[::2],  # not contiguous: pickled instead
+        np.zeros(2, dtype=[("x", "i4"), ("y", "f8")]),  # structured: pickled instead
+        np.array([{"a": 1}, None], dtype=object),  # objects: pickled instead
+    ],
+)
+@pytest.mark.parametrize("reps", [1, 20_000])  # copied (small) and leased views
 def test_array_values_round_trip_exactly(prefix, arr, reps):
     """Arrays come back equal, with their dtype and shape, and read-only (as Ray Compiled
     Graph's are: a view of the slot, or for small payloads a private copy that behaves
@@ -336,6 +357,7 @@ def _refuse(msg):
 
 def _error_text(value) -> str:
     from dagc.runtime.failure import Failure
+
     assert value.__class__ is Failure, value
     return str(value.to_error())
 
@@ -345,19 +367,19 @@ def test_decode_failures_say_what_failed(prefix):
     writer and the channel and says what failed: unpickling, or a big-value segment that
     could not be opened (not "could not be unpickled ... classes can be imported")."""
     ctl, _, w, (r,) = _setup(prefix, capacity=256)
-    ctl.set_pid(0, os.getpid())      # process 0 ("driver") wrote it: found by its pid
+    ctl.set_pid(0, os.getpid())  # process 0 ("driver") wrote it: found by its pid
     deadline = time.monotonic() + 10
     w.write(_LoadsBadly(), deadline)
     text = _error_text(r.read(deadline))
     assert "a value sent by driver on channel c0 could not be unpickled" in text, text
     assert "_LoadsBadly cannot be loaded" in text
-    w.write(np.arange(5000), deadline)               # goes to slot 0's big-value segment
+    w.write(np.arange(5000), deadline)  # goes to slot 0's big-value segment
     name = segment.big_name(prefix + "c0", w._big[0].gen)
-    shm.unlink(name)                                 # gone before its reader opened it
+    shm.unlink(name)  # gone before its reader opened it
     text = _error_text(r.read(deadline))
     assert f"big-value segment {name} could not be opened" in text, text
     assert "FileNotFoundError" in text and "on channel c0" in text, text
     assert "unpickled" not in text and "imported" not in text, text
-    for v in (7, np.arange(3)):                      # the next messages are right
+    for v in (7, np.arange(3)):  # the next messages are right
         w.write(v, deadline)
         assert np.array_equal(r.read(deadline), v)

@@ -2,6 +2,7 @@
 that never block and are never overwritten, big-value segments that shrink back, and a
 full /dev/shm as a clear error (an injected allocation failure, and a real small tmpfs
 where this machine lets the test mount one)."""
+
 import errno
 import os
 import secrets
@@ -43,8 +44,9 @@ def _names(prefix):
 def _needs_shm(nbytes: int):
     free = shm.shm_space()[0]
     if free < nbytes:
-        pytest.skip(f"/dev/shm has {free / MiB:.0f} MiB free, this test needs "
-                    f"{nbytes / MiB:.0f} MiB")
+        pytest.skip(
+            f"/dev/shm has {free / MiB:.0f} MiB free, this test needs {nbytes / MiB:.0f} MiB"
+        )
 
 
 def _in_mapping(arr, r) -> bool:
@@ -79,11 +81,11 @@ def test_held_views_are_never_overwritten_and_never_block(prefix, nreaders):
             assert (v == i).all(), f"held value {i} changed under reader {r.index}"
             assert not v.flags.writeable
             assert _in_mapping(v, r) == (j < budget), (j, budget)
-    assert w.stats()["big_segments"] == 0           # 1 MiB fits a slot: no segment grew
+    assert w.stats()["big_segments"] == 0  # 1 MiB fits a slot: no segment grew
     held.clear()
     del v, vals
-    for r in rs:                                    # every lease went with its views
-        assert r._leases == {} and not any(r.mv[r.lease0:r.lease0 + w.nphys])
+    for r in rs:  # every lease went with its views
+        assert r._leases == {} and not any(r.mv[r.lease0 : r.lease0 + w.nphys])
 
 
 @pytest.mark.timeout(120)
@@ -95,8 +97,8 @@ def test_big_payloads_are_copied_once_and_read_in_place(prefix, capacity):
     torch = pytest.importorskip("torch")
     _needs_shm(256 * MiB)
     w, (r,) = _setup(prefix, capacity=capacity)
-    arr = np.arange(8 * MiB, dtype=np.float64)                 # 64 MiB
-    ten = torch.arange(4 * MiB, dtype=torch.float32)           # 16 MiB
+    arr = np.arange(8 * MiB, dtype=np.float64)  # 64 MiB
+    ten = torch.arange(4 * MiB, dtype=torch.float32)  # 16 MiB
     for value in (arr, {"x": arr, "t": ten}):
         tracemalloc.start()
         try:
@@ -122,7 +124,7 @@ def test_big_segments_shrink_after_a_burst(prefix):
     """After a burst of big values, ``shrink_after`` messages without one unmap every
     big-value segment at the writer and the reader: /dev/shm use is back to the ring's."""
     w, (r,) = _setup(prefix, slots=4, capacity=1024)
-    for i in range(6):                               # two in flight: two slots, two segments
+    for i in range(6):  # two in flight: two slots, two segments
         w.write(np.full(MiB, i, dtype=np.uint8))
         w.write(np.full(2 * MiB, i, dtype=np.uint8))
         assert r.read()[0] == i and r.read()[-1] == i
@@ -136,7 +138,7 @@ def test_big_segments_shrink_after_a_burst(prefix):
     assert r.stats()["big_segments"] == 0
     assert _maps(prefix) == [], "a big-value segment is still mapped"
     assert _names(prefix) == [prefix + "c0", prefix + "ctl"]
-    w.write(np.ones(3 * MiB, dtype=np.uint8))        # and big values still go through
+    w.write(np.ones(3 * MiB, dtype=np.uint8))  # and big values still go through
     assert r.read().sum() == 3 * MiB
 
 
@@ -152,6 +154,7 @@ def _enospc_above(limit):
         if length > limit:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, offset, length)
+
     return fallocate
 
 
@@ -174,12 +177,12 @@ def test_full_shm_is_an_error_for_that_value_only(prefix, monkeypatch, size):
     assert f"{size / MiB:,.1f} MiB" in msg and "free of" in msg
     assert "--shm-size" in msg and "max_inflight" in msg
     assert not r.ready() and _names(prefix) == [prefix + "c0", prefix + "ctl"]
-    w.write("small")                                  # the channel goes on
+    w.write("small")  # the channel goes on
     assert r.read() == "small"
     w.on_encode_error = lambda exc, value: ("stand-in", type(exc).__name__)
     assert w.write(np.ones(size, dtype=np.uint8)) is True
     assert r.read() == ("stand-in", "ShmFullError")
-    monkeypatch.undo()                                # room again: the big value goes
+    monkeypatch.undo()  # room again: the big value goes
     w.write(np.full(size, 7, dtype=np.uint8))
     got = r.read()
     assert got.size == size and got[0] == got[-1] == 7
@@ -215,16 +218,27 @@ def test_small_tmpfs_is_an_error_not_a_sigbus(tmp_path):
     mnt = tmp_path / "shm"
     mnt.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); the injected ENOSPC test "
-                    "covers the same path")
-    rc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=1777", "tmpfs",
-                         str(mnt)], capture_output=True, text=True)
+        pytest.skip(
+            "mounting a tmpfs needs root (CAP_SYS_ADMIN); the injected ENOSPC test "
+            "covers the same path"
+        )
+    rc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=1777", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if rc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({rc.stderr.strip()}); the injected ENOSPC "
-                    f"test covers the same path")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({rc.stderr.strip()}); the injected ENOSPC "
+            f"test covers the same path"
+        )
     try:
-        out = subprocess.run([sys.executable, "-c", _TMPFS_CHILD, str(mnt)],
-                             capture_output=True, text=True, timeout=50)
+        out = subprocess.run(
+            [sys.executable, "-c", _TMPFS_CHILD, str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=50,
+        )
         assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
         full = [ln for ln in out.stdout.splitlines() if ln.startswith("FULL")]
         assert full and out.stdout.strip().endswith("OK"), out.stdout

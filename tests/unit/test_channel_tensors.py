@@ -2,6 +2,7 @@
 a tensor of its own (an in-place op in one never shows in another's value), and reading
 tensors never uses up torch's one warning about writing through a read-only numpy array
 (the user who wraps a received array in a tensor must still get it)."""
+
 import os
 import secrets
 import subprocess
@@ -9,7 +10,6 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 
 from dagc.runtime import channels as ch
@@ -61,9 +61,9 @@ def test_multi_reader_tensors_are_private_copies(prefix, size):
         assert torch.equal(a["t"], sent["t"] * 2)
         for t in (a["t"], a["g"], b["t"], b["g"]):
             assert not _inside(t, r0) and not _inside(t, r1)
-        b["t"].zero_()                                   # and the other way round
+        b["t"].zero_()  # and the other way round
         assert torch.equal(a["t"], sent["t"] * 2)
-        w.write(sent, deadline)                          # the slot itself was untouched
+        w.write(sent, deadline)  # the slot itself was untouched
         for r in (r0, r1):
             again = r.read(deadline)
             assert torch.equal(again["t"], sent["t"]) and torch.equal(again["g"], sent["g"])
@@ -89,7 +89,7 @@ def test_single_reader_tensor_is_a_writable_view_of_its_slot(prefix):
         for i in range(3):
             w.write(sent + i, deadline)
             assert torch.equal(r.read(deadline), sent + i)
-        assert torch.equal(got, sent * 2)                # held: never overwritten
+        assert torch.equal(got, sent * 2)  # held: never overwritten
     finally:
         r.close()
         w.close()
@@ -143,7 +143,13 @@ def test_reading_tensors_leaves_torchs_read_only_warning_to_the_user():
     still warns."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("RAY_USE_TLS", None)
-    p = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=100)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "WARNED", (p.stdout, p.stderr)

@@ -6,6 +6,7 @@ A module-scoped pool of three spawned worker processes runs the per-rank halves 
 that times out kills the pool (a fresh one serves the next test) and fails saying which
 ranks hung. Ranks map to workers: rank r runs on worker r.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,22 +20,24 @@ from collections import namedtuple
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")  # skips the module without torch, before the imports below
 
-from dagc.runtime.channels import shm  # noqa: E402
-from dagc.runtime.channels import Control, Reader, Waiter, Writer, create_segment  # noqa: E402
-from dagc.runtime.comm.collective import Collective  # noqa: E402
-from dagc.runtime.comm.p2p import CommReader, CommWriter  # noqa: E402
-from dagc.runtime.comm.packing import fill as _fill, strip as _strip  # noqa: E402
-from dagc.runtime.comm.backends import make_communicator  # noqa: E402
-from dagc.runtime.comm.base import Communicator  # noqa: E402
-from dagc.runtime.comm.gloo import GlooCommunicator  # noqa: E402
-from dagc.runtime.failure import Failure, capture  # noqa: E402
+import torch
+
+from dagc.runtime.channels import Control, Reader, Waiter, Writer, create_segment, shm
+from dagc.runtime.comm.backends import make_communicator
+from dagc.runtime.comm.base import Communicator
+from dagc.runtime.comm.collective import Collective
+from dagc.runtime.comm.gloo import GlooCommunicator
+from dagc.runtime.comm.p2p import CommReader, CommWriter
+from dagc.runtime.comm.packing import fill as _fill
+from dagc.runtime.comm.packing import strip as _strip
+from dagc.runtime.failure import Failure, capture
 
 WORKERS = 3
 SETUP_TIMEOUT = 10.0
 PROCS = ["driver", "a0", "a1", "a2"]
-ACTORS = ("a0", "a1", "a2")                # actor a<r> has rank r
+ACTORS = ("a0", "a1", "a2")  # actor a<r> has rank r
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +53,12 @@ Pair = namedtuple("Pair", "left right")
 # =========================================================================================
 # worker side (runs in the spawned processes)
 
-_GROUPS: dict = {}            # group id -> communicator prepared on this worker (rank 0)
+_GROUPS: dict = {}  # group id -> communicator prepared on this worker (rank 0)
 
 
 def _serve(idx, inbox, outbox):
     import torch  # noqa: F401  (warm the import before the first task)
+
     outbox.put((idx, True, "ready"))
     while True:
         msg = inbox.get()
@@ -90,10 +94,12 @@ def _ends(prefix):
 def t_p2p(gid, rank, ws, rdv):
     comm = _join(gid, rank, ws, rdv)
     try:
-        tensors = [torch.arange(6, dtype=torch.float32).reshape(2, 3) + rank,
-                   torch.tensor([rank, 7, -1], dtype=torch.int64),
-                   torch.tensor([True, False, rank == 0]),
-                   torch.full((4,), 1.5 + rank, dtype=torch.bfloat16)]
+        tensors = [
+            torch.arange(6, dtype=torch.float32).reshape(2, 3) + rank,
+            torch.tensor([rank, 7, -1], dtype=torch.int64),
+            torch.tensor([True, False, rank == 0]),
+            torch.full((4,), 1.5 + rank, dtype=torch.bfloat16),
+        ]
         got = []
         if rank == 0:
             for t in tensors:
@@ -152,16 +158,19 @@ def _values(rank):
     t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     shared = torch.ones(2, dtype=torch.int32)
     return [
-        t,                                                         # bare tensor
-        {"a": [t * 2, torch.tensor([1, 2]), "text"], "n": 5,       # dict of list of tensors
-         "b": {"deep": (torch.zeros(1), None)}},
-        Batch(x=torch.full((2, 2), 3.0), name="batch", extra=[1, 2]),   # frozen dataclass
-        Pair(torch.tensor([9.0]), torch.tensor([8.0])),            # namedtuple
-        (shared, shared),                                          # one tensor, twice
-        torch.empty(0, 5),                                         # no elements
-        t.t(),                                                     # not contiguous
-        42,                                                        # no tensors at all
-        capture(ValueError("upstream broke"), "a0", "fwd", 3),     # a Failure: no tensors
+        t,  # bare tensor
+        {
+            "a": [t * 2, torch.tensor([1, 2]), "text"],
+            "n": 5,  # dict of list of tensors
+            "b": {"deep": (torch.zeros(1), None)},
+        },
+        Batch(x=torch.full((2, 2), 3.0), name="batch", extra=[1, 2]),  # frozen dataclass
+        Pair(torch.tensor([9.0]), torch.tensor([8.0])),  # namedtuple
+        (shared, shared),  # one tensor, twice
+        torch.empty(0, 5),  # no elements
+        t.t(),  # not contiguous
+        42,  # no tensors at all
+        capture(ValueError("upstream broke"), "a0", "fwd", 3),  # a Failure: no tensors
         [torch.tensor([True, False]), torch.ones(3, dtype=torch.bfloat16)],
     ]
 
@@ -198,8 +207,7 @@ def t_channel(gid, rank, ws, rdv, prefix, overlap):
             got = [cr.recv() for _ in _values(rank)]
         bad = cr.recv()
         r.close()
-        return got, (type(bad).__name__, getattr(bad, "type_name", ""),
-                     getattr(bad, "message", ""))
+        return got, (type(bad).__name__, getattr(bad, "type_name", ""), getattr(bad, "message", ""))
     finally:
         comm.destroy()
         ctl.release()
@@ -224,11 +232,11 @@ def t_deferred(gid, rank, ws, rdv, prefix):
         go = Writer(prefix + "go", 1, 4, 1 << 10, waiter, create=False)
         r = Reader(prefix + "c0", 0, waiter)
         cr = CommReader(r, comm, 0, "cpu")
-        h1 = cr.irecv()                        # nothing published yet: deferred
+        h1 = cr.irecv()  # nothing published yet: deferred
         h2 = cr.irecv()
         deferred = not h1.posted and not h2.posted
         go.write(5)
-        second = h2.wait()                     # posts h1 first, in issue order
+        second = h2.wait()  # posts h1 first, in issue order
         first = h1.wait()
         go.close()
         r.close()
@@ -250,7 +258,7 @@ def t_collective(gid, rank, ws, rdv, inputs):
                 v = None
             elif kind == "shape":
                 v = torch.ones(rank + 1)
-            elif kind == "int16":                # a dtype gloo cannot reduce
+            elif kind == "int16":  # a dtype gloo cannot reduce
                 v = torch.ones(2, dtype=torch.int16)
             else:
                 v = torch.tensor([float(rank + 1), 2.0])
@@ -298,14 +306,16 @@ def t_gather_scatter(gid, rank, ws, rdv):
                 comm.reducescatter(t, r, op)
                 out[name, op] = r.tolist()
             assert torch.equal(t, torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * rank)
-        steps = [("allgather", None, [torch.ones(2, 2) * rank]),
-                 ("reducescatter", "sum", [torch.arange(3.0) + rank]),
-                 ("allreduce", "sum", [torch.ones(2) * rank, torch.ones(1, 3)]),
-                 ("allreduce", "sum", [torch.ones(2), torch.ones(2, dtype=torch.int64)]),
-                 ("reducescatter", "sum", [torch.ones(4)]),
-                 ("allgather", None, [torch.tensor(1.0)]),
-                 ("allgather", None, [torch.ones(rank + 1)]),
-                 ("allgather", None, [torch.ones(1) * rank])]
+        steps = [
+            ("allgather", None, [torch.ones(2, 2) * rank]),
+            ("reducescatter", "sum", [torch.arange(3.0) + rank]),
+            ("allreduce", "sum", [torch.ones(2) * rank, torch.ones(1, 3)]),
+            ("allreduce", "sum", [torch.ones(2), torch.ones(2, dtype=torch.int64)]),
+            ("reducescatter", "sum", [torch.ones(4)]),
+            ("allgather", None, [torch.tensor(1.0)]),
+            ("allgather", None, [torch.ones(rank + 1)]),
+            ("allgather", None, [torch.ones(1) * rank]),
+        ]
         for i, (kind, op, values) in enumerate(steps):
             res = Collective(gloo, op, actor=ACTORS[rank], step=i, kind=kind)(*values)
             if res.__class__ is Failure:
@@ -323,24 +333,36 @@ def t_timeout(gid, rank, ws, rdv, timeout):
     t0 = time.monotonic()
     try:
         _join(gid, rank, ws, rdv, timeout=timeout)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - reported to the test
         return type(e).__name__, str(e)[:300], time.monotonic() - t0
     return "no error", "", time.monotonic() - t0
 
 
 def _loop_hook(exc, value):
     """What an actor loop installs as on_encode_error (worker.Loop._encode_error)."""
-    return capture(TypeError(f"a0:Stage produced a {type(value).__name__} that cannot be "
-                             f"pickled to send it on: {exc}. Return picklable values."),
-                   "a0", "<send>", -1)
+    return capture(
+        TypeError(
+            f"a0:Stage produced a {type(value).__name__} that cannot be "
+            f"pickled to send it on: {exc}. Return picklable values."
+        ),
+        "a0",
+        "<send>",
+        -1,
+    )
 
 
 def _encode_rounds():
     """Per round: a good value, one whose non-tensor part cannot pickle, a good one."""
     import threading
-    return [[torch.full((2,), 10.0 * i + 1),
-             {"t": torch.full((2,), -1.0), "lock": threading.Lock()},
-             {"t": torch.full((3,), 10.0 * i + 3), "n": i}] for i in range(3)]
+
+    return [
+        [
+            torch.full((2,), 10.0 * i + 1),
+            {"t": torch.full((2,), -1.0), "lock": threading.Lock()},
+            {"t": torch.full((3,), 10.0 * i + 3), "n": i},
+        ]
+        for i in range(3)
+    ]
 
 
 def t_encode_error(gid, rank, ws, rdv, prefix, mode):
@@ -388,21 +410,41 @@ def t_encode_error(gid, rank, ws, rdv, prefix, mode):
         ctl.release()
 
 
-TASKS = {f.__name__: f for f in (t_prepare, t_p2p, t_async_order, t_allreduce, t_channel,
-                                 t_deferred, t_collective, t_gather_scatter, t_timeout,
-                                 t_encode_error)}
+TASKS = {
+    f.__name__: f
+    for f in (
+        t_prepare,
+        t_p2p,
+        t_async_order,
+        t_allreduce,
+        t_channel,
+        t_deferred,
+        t_collective,
+        t_gather_scatter,
+        t_timeout,
+        t_encode_error,
+    )
+}
 
 
 # =========================================================================================
 # test side
+
 
 class Pool:
     def __init__(self, n: int):
         ctx = mp.get_context("spawn")
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(n)]
-        self.procs = [ctx.Process(target=_serve, args=(i, self.inboxes[i], self.outbox),
-                                  daemon=True, name=f"dagc-test-rank{i}") for i in range(n)]
+        self.procs = [
+            ctx.Process(
+                target=_serve,
+                args=(i, self.inboxes[i], self.outbox),
+                daemon=True,
+                name=f"dagc-test-rank{i}",
+            )
+            for i in range(n)
+        ]
         for p in self.procs:
             p.start()
         self.broken = False
@@ -414,8 +456,9 @@ class Pool:
                 idx, _, _ = self.outbox.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 self.close()
-                raise AssertionError(f"test workers {sorted(set(range(n)) - ready)} did not "
-                                     f"start within 120 s")
+                raise AssertionError(
+                    f"test workers {sorted(set(range(n)) - ready)} did not start within 120 s"
+                ) from None
             ready.add(idx)
 
     def run(self, name: str, per_rank: dict, timeout: float = 15.0) -> dict:
@@ -429,12 +472,15 @@ class Pool:
             except queue.Empty:
                 self.broken = True
                 done = set(results) | set(errors)
-                raise AssertionError(f"{name}: ranks {sorted(set(per_rank) - done)} did not "
-                                     f"finish within {timeout} s (hang?); errors: {errors}")
+                raise AssertionError(
+                    f"{name}: ranks {sorted(set(per_rank) - done)} did not "
+                    f"finish within {timeout} s (hang?); errors: {errors}"
+                ) from None
             (results if ok else errors)[idx] = res
         if errors:
-            raise AssertionError(f"{name} failed on ranks {sorted(errors)}:\n"
-                                 + "\n".join(errors.values()))
+            raise AssertionError(
+                f"{name} failed on ranks {sorted(errors)}:\n" + "\n".join(errors.values())
+            )
         return results
 
     def close(self) -> None:
@@ -443,7 +489,7 @@ class Pool:
                 q.put(None)
             except Exception:
                 pass
-        deadline = time.monotonic() + 1          # then kill: nothing of theirs needs saving
+        deadline = time.monotonic() + 1  # then kill: nothing of theirs needs saving
         for p in self.procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in self.procs:
@@ -495,8 +541,12 @@ def make_channel(name: str, nreaders: int, capacity: int = 1 << 16) -> None:
 def same(a, b) -> bool:
     """Deep equality where tensors compare by dtype, shape and values."""
     if isinstance(a, torch.Tensor):
-        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a, b))
+        return (
+            isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
@@ -504,11 +554,14 @@ def same(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if dataclasses.is_dataclass(a):
-        return all(same(getattr(a, f.name), getattr(b, f.name))
-                   for f in dataclasses.fields(a))
+        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     if isinstance(a, Failure):
-        return (a.type_name, a.message, a.actor, a.step) == (b.type_name, b.message, b.actor,
-                                                              b.step)
+        return (a.type_name, a.message, a.actor, a.step) == (
+            b.type_name,
+            b.message,
+            b.actor,
+            b.step,
+        )
     return a == b
 
 
@@ -526,24 +579,31 @@ def check_values(got) -> None:
 def test_gloo_send_recv_both_directions(pool):
     res = run_group(pool, "t_p2p", 2)
     for rank, peer in ((0, 1), (1, 0)):
-        want = [torch.arange(6, dtype=torch.float32).reshape(2, 3) + peer,
-                torch.tensor([peer, 7, -1], dtype=torch.int64),
-                torch.tensor([True, False, peer == 0]),
-                torch.full((4,), 1.5 + peer, dtype=torch.bfloat16)]
+        want = [
+            torch.arange(6, dtype=torch.float32).reshape(2, 3) + peer,
+            torch.tensor([peer, 7, -1], dtype=torch.int64),
+            torch.tensor([True, False, peer == 0]),
+            torch.full((4,), 1.5 + peer, dtype=torch.bfloat16),
+        ]
         for g, w in zip(res[rank], want):
             assert same(g, w), (rank, g, w)
 
 
 def test_gloo_isend_irecv_wait_out_of_order(pool):
     res = run_group(pool, "t_async_order", 2)
-    assert res[1] == [[float(i)] * 3 for i in range(4)]     # matched in issue order
+    assert res[1] == [[float(i)] * 3 for i in range(4)]  # matched in issue order
 
 
 def test_gloo_allreduce_ops_three_ranks(pool):
     res = run_group(pool, "t_allreduce", 3)
-    want = {"sum": [6.0, -6.0, 6.0], "avg": [2.0, -2.0, 2.0], "max": [3.0, -1.0, 2.0],
-            "min": [1.0, -3.0, 2.0], "product": [6.0, -6.0, 8.0],
-            "avg_int": [4]}                                  # (1 + 4 + 7) // 3
+    want = {
+        "sum": [6.0, -6.0, 6.0],
+        "avg": [2.0, -2.0, 2.0],
+        "max": [3.0, -1.0, 2.0],
+        "min": [1.0, -3.0, 2.0],
+        "product": [6.0, -6.0, 8.0],
+        "avg_int": [4],
+    }  # (1 + 4 + 7) // 3
     for rank in range(3):
         assert res[rank] == want, rank
 
@@ -553,8 +613,7 @@ def test_gloo_setup_times_out_when_a_rank_never_joins(pool):
     # only ranks 0 and 1 of a group of 3 show up
     gid = secrets.token_hex(6)
     rdv = pool.run("t_prepare", {0: (gid, {})})[0]
-    res = pool.run("t_timeout", {r: (gid, r, 3, rdv, timeout) for r in (0, 1)},
-                   timeout=timeout + 8)
+    res = pool.run("t_timeout", {r: (gid, r, 3, rdv, timeout) for r in (0, 1)}, timeout=timeout + 8)
     for rank in (0, 1):
         kind, msg, elapsed = res[rank]
         assert kind == "TimeoutError", (rank, kind, msg)
@@ -565,8 +624,8 @@ def test_gloo_setup_times_out_when_a_rank_never_joins(pool):
 def test_gloo_single_rank_in_process_and_destroy_idempotent():
     comm = make_communicator("gloo")
     assert isinstance(comm, GlooCommunicator) and comm.device == "cpu"
-    comm.destroy()                                           # before set-up: harmless
-    copy = pickle.loads(pickle.dumps(comm))                  # what the runtime ships
+    comm.destroy()  # before set-up: harmless
+    copy = pickle.loads(pickle.dumps(comm))  # what the runtime ships
     rdv = copy.prepare()
     assert set(rdv) >= {"host", "port", "prefix"}
     pickle.dumps(rdv)
@@ -576,7 +635,7 @@ def test_gloo_single_rank_in_process_and_destroy_idempotent():
     assert t.tolist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="unknown reduce op"):
         copy.allreduce(t, "median")
-    pickle.loads(pickle.dumps(copy))                         # live state never travels
+    pickle.loads(pickle.dumps(copy))  # live state never travels
     copy.destroy()
     copy.destroy()
     with pytest.raises(ValueError, match="unknown communicator backend"):
@@ -604,7 +663,8 @@ def test_comm_channel_values_two_readers(pool, shm_prefix, overlap):
 
 @pytest.mark.parametrize("mode", ["send", "isend", "overlap"])
 def test_unpicklable_metadata_is_a_failure_for_every_reader_and_sends_nothing(
-        pool, shm_prefix, mode):
+    pool, shm_prefix, mode
+):
     """With the loop's on_encode_error installed (as worker.py does), a value holding a
     tensor and a lock reaches both readers as a Failure naming the lock, no tensor is sent
     for it (before the fix the writer still sent them: gloo hung, or the next receive paired
@@ -615,12 +675,11 @@ def test_unpicklable_metadata_is_a_failure_for_every_reader_and_sends_nothing(
         got = res[rank]
         assert len(got) == 9
         for i in range(3):
-            good1, bad, good2 = got[3 * i:3 * i + 3]
+            good1, bad, good2 = got[3 * i : 3 * i + 3]
             assert good1 == ("tensor", [10.0 * i + 1] * 2), (rank, i, good1)
             assert good2 == ("dict", [10.0 * i + 3] * 3, i), (rank, i, good2)
             kind, type_name, msg, actor, method = bad
-            assert (kind, type_name, actor, method) == ("failure", "TypeError", "a0",
-                                                        "<send>"), bad
+            assert (kind, type_name, actor, method) == ("failure", "TypeError", "a0", "<send>"), bad
             assert msg.startswith("a0:Stage produced a dict that cannot be pickled"), msg
             assert "value['lock'] (lock) cannot be pickled" in msg, msg
             assert "_thread.lock" in msg and "tensor-transport edge (to a1, a2)" in msg, msg
@@ -654,16 +713,17 @@ class _PeerView(Communicator):
 
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(
-        shm_prefix, transport):
+def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(shm_prefix, transport):
     """The same, in one process, with the metadata on a shared-memory ring or on a TCP
     channel (a reader on another node): write() says the value was replaced, so
     CommWriter sends no tensor at all for it."""
     import threading
+
     comm = _RecordingComm()
     ends = []
     if transport == "tcp":
         from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret
+
         secret = new_secret()
         w = TcpWriter("c0", 2, 4, secret, tls=None)
         host, port = w.listen("127.0.0.1")
@@ -703,7 +763,9 @@ def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(
 
 def test_unpicklable_part_names_the_path():
     import threading
+
     from dagc.runtime.comm.packing import unpicklable_part as _unpicklable_part
+
     lock = threading.Lock()
     assert _unpicklable_part({"a": [1, (2, lock)]}) == ("value['a'][1][1]", lock)
     assert _unpicklable_part(Batch(x=[lock], name="n")) == ("value.x[0]", lock)
@@ -726,9 +788,11 @@ def test_collective_ops_return_new_tensors(pool):
 
 
 def test_collective_with_a_failed_participant_does_not_hang(pool):
-    inputs = {0: [("ok", "sum"), ("ok", "sum"), ("ok", "sum"), ("ok", "sum")],
-              1: [("fail", "sum"), ("ok", "sum"), ("none", "sum"), ("ok", "sum")],
-              2: [("fail", "sum"), ("ok", "sum"), ("ok", "sum"), ("ok", "sum")]}
+    inputs = {
+        0: [("ok", "sum"), ("ok", "sum"), ("ok", "sum"), ("ok", "sum")],
+        1: [("fail", "sum"), ("ok", "sum"), ("none", "sum"), ("ok", "sum")],
+        2: [("fail", "sum"), ("ok", "sum"), ("ok", "sum"), ("ok", "sum")],
+    }
     res = run_group(pool, "t_collective", 3, inputs, timeout=20)
     # step 0: ranks 1 and 2 failed; each keeps its own, rank 0 gets rank 1's (the lowest)
     assert res[0][0] == ("failure", "KeyError", "'bad input on rank 1'", "a1")
@@ -747,8 +811,9 @@ def test_collective_with_a_failed_participant_does_not_hang(pool):
 
 
 def test_collective_bad_inputs_fail_everywhere_and_the_group_survives(pool):
-    inputs = {r: [("shape", "sum"), ("ok", "sum"), ("int16", "max"), ("ok", "sum")]
-              for r in range(3)}
+    inputs = {
+        r: [("shape", "sum"), ("ok", "sum"), ("int16", "max"), ("ok", "sum")] for r in range(3)
+    }
     res = run_group(pool, "t_collective", 3, inputs)
     for rank in range(3):
         kind, type_name, msg, actor = res[rank][0]
@@ -767,35 +832,49 @@ def test_allgather_reducescatter_gloo_and_defaults(pool):
         got = res[rank]
         for name in ("gloo", "default"):
             assert got[name, "allgather"] == gathered
-            assert got[name, "allgather_bool"] == [True, False, True, False, False, True,
-                                                   True, False, True]
+            assert got[name, "allgather_bool"] == [
+                True,
+                False,
+                True,
+                False,
+                False,
+                True,
+                True,
+                False,
+                True,
+            ]
             # rank r keeps row r of the reduced (3, 2) tensor
             assert got[name, "sum"] == [[3 * x + 30 for x in base[rank]]]
             assert got[name, "max"] == [[x + 20 for x in base[rank]]]
             assert got[name, "avg"] == [[x + 10 for x in base[rank]]]
-        assert got[0] == ("ok", [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0],
-                                 [2.0, 2.0], [2.0, 2.0]])
+        assert got[0] == (
+            "ok",
+            [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [2.0, 2.0]],
+        )
         assert got[1] == ("ok", [3.0 * rank + 3.0])
         assert got[2] == ("ok", [[3.0, 3.0], [[3.0, 3.0, 3.0]]])
-        kind, type_name, msg = got[3]                 # one bucket, one dtype
+        kind, type_name, msg = got[3]  # one bucket, one dtype
         assert (kind, type_name) == ("failure", "TypeError") and "share one dtype" in msg
         kind, type_name, msg = got[4]
         assert (kind, type_name) == ("failure", "ValueError")
         assert "dim 0 of the input (4) must divide by the group size 3" in msg
         assert got[5][:2] == ("failure", "ValueError") and "at least one dimension" in got[5][2]
         assert got[6][:2] == ("failure", "ValueError") and "differ in shape" in got[6][2]
-        assert got[7] == ("ok", [0.0, 1.0, 2.0])      # and the group is still in step
+        assert got[7] == ("ok", [0.0, 1.0, 2.0])  # and the group is still in step
 
 
 # -- pure helpers (no processes) -----------------------------------------------------------
 def test_strip_and_fill_round_trip_without_mutating_the_input():
     t = torch.ones(2)
-    value = {"a": [t, 1, "s"], "b": Batch(x=(t, torch.zeros(1)), name="n"),
-             "c": Pair(left=None, right=torch.arange(3))}
+    value = {
+        "a": [t, 1, "s"],
+        "b": Batch(x=(t, torch.zeros(1)), name="n"),
+        "c": Pair(left=None, right=torch.arange(3)),
+    }
     out: list = []
     skel = _strip(value, out, {})
     assert len(out) == 3 and out[0] is t
-    assert value["a"][0] is t and value["b"].x[0] is t        # input untouched
+    assert value["a"][0] is t and value["b"].x[0] is t  # input untouched
     rebuilt = _fill(pickle.loads(pickle.dumps(skel)), [x.clone() for x in out])
     assert same(rebuilt, value)
     no_tensors = {"k": [1, 2], "d": Pair(1, 2)}

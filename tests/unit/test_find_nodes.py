@@ -1,4 +1,5 @@
 """find_node: a DAG node hidden anywhere pickling would reach inside an argument (no Ray)."""
+
 import functools
 import threading
 from collections import OrderedDict
@@ -66,26 +67,45 @@ def test_dataclass_nested_path():
     assert found == (n, "argument 0 .cfg.layers[2]")
 
 
-@pytest.mark.parametrize("value,path", [
-    (lambda n: Plain(x={"k": [0, (1, n)]}), ".x['k'][1][1]"),
-    (lambda n: Slotted(1, n), ".b"),
-    (lambda n: Reduced(1, n), "<arg 1>"),
-    (lambda n: Items([1, n]), "[1]"),
-    (lambda n: OrderedDict(a=1, b=n), "['b']"),
-    (lambda n: {"a": {"b": [[n]]}}, "['a']['b'][0][0]"),
-    (lambda n: {n: 1}, "<key 0>"),
-    (lambda n: {("x", n)}, "<member>[1]"),
-    (lambda n: functools.partial(print, n), "<state>[1][0]"),
-    (lambda n: n, ""),
-])
+@pytest.mark.parametrize(
+    "value,path",
+    [
+        (lambda n: Plain(x={"k": [0, (1, n)]}), ".x['k'][1][1]"),
+        (lambda n: Slotted(1, n), ".b"),
+        (lambda n: Reduced(1, n), "<arg 1>"),
+        (lambda n: Items([1, n]), "[1]"),
+        (lambda n: OrderedDict(a=1, b=n), "['b']"),
+        (lambda n: {"a": {"b": [[n]]}}, "['a']['b'][0][0]"),
+        (lambda n: {n: 1}, "<key 0>"),
+        (lambda n: {("x", n)}, "<member>[1]"),
+        (lambda n: functools.partial(print, n), "<state>[1][0]"),
+        (lambda n: n, ""),
+    ],
+)
 def test_objects_and_containers(value, path):
     assert path_of(value(Node())) == "argument 0 " + path
 
 
 def test_plain_constants_have_no_node():
-    for v in [None, 1, 2.5, "s", b"b", [1, [2, "x"]], {"k": (1, 2)}, {1, 2}, Cfg([1, 2]),
-              Plain(a=1, b=[2]), Slotted(1, 2), Reduced(1, 2), np.arange(3), print, Plain,
-              threading.Lock(), Plain(lock=threading.Lock())]:
+    for v in [
+        None,
+        1,
+        2.5,
+        "s",
+        b"b",
+        [1, [2, "x"]],
+        {"k": (1, 2)},
+        {1, 2},
+        Cfg([1, 2]),
+        Plain(a=1, b=[2]),
+        Slotted(1, 2),
+        Reduced(1, 2),
+        np.arange(3),
+        print,
+        Plain,
+        threading.Lock(),
+        Plain(lock=threading.Lock()),
+    ]:
         assert find_node(v, is_node) is None, v
 
 
@@ -113,8 +133,12 @@ def test_arrays_and_tensors_are_leaves():
             reduced.append("tensor")
             return super().__reduce_ex__(protocol)
 
-    value = Plain(w=np.zeros(10).view(SpyArray), t=torch.zeros(10).as_subclass(SpyTensor),
-                  p=torch.nn.Parameter(torch.zeros(2)), s=np.float32(1.0))
+    value = Plain(
+        w=np.zeros(10).view(SpyArray),
+        t=torch.zeros(10).as_subclass(SpyTensor),
+        p=torch.nn.Parameter(torch.zeros(2)),
+        s=np.float32(1.0),
+    )
     assert find_node(value, is_node) is None
     assert reduced == []
     value.later = [Node()]

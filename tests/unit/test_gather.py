@@ -2,6 +2,7 @@
 
 Fake channel ends (a FIFO each) stand in for ring readers; no Ray, no processes.
 """
+
 import collections
 import time
 
@@ -53,11 +54,11 @@ def test_a_failure_answers_at_once_and_late_outputs_are_skipped():
     rs = [FakeReader(), FakeReader(), FakeReader()]
     g = Gather(rs, 0.01)
     f = failure()
-    rs[1].q.append(f)                      # outputs 0 and 2 not there yet (slow branches)
+    rs[1].q.append(f)  # outputs 0 and 2 not there yet (slow branches)
     t0 = time.monotonic()
     assert g.collect(time.monotonic() + 5) is f
     assert time.monotonic() - t0 < 1
-    assert g.undrained == 1 and g.pend     # the generated fast path must not be taken
+    assert g.undrained == 1 and g.pend  # the generated fast path must not be taken
     # the slow outputs of execution 0 arrive, then execution 1's
     rs[0].q.extend(["late0", "x0"])
     rs[2].q.extend(["late2", "x2"])
@@ -72,7 +73,7 @@ def test_a_timeout_keeps_what_was_read():
     rs[0].q.append("a")
     with pytest.raises(WaitTimeout):
         g.collect(time.monotonic() + 0.05)
-    assert g.pend                          # partly read: the next call goes on from it
+    assert g.pend  # partly read: the next call goes on from it
     rs[1].q.append("b")
     assert g.collect(None) == ["a", "b"]
     assert not g.pend
@@ -95,7 +96,7 @@ def test_values_without_a_truth_value():
     np = pytest.importorskip("numpy")
     rs = [FakeReader(), FakeReader()]
     g = Gather(rs, 0.01)
-    rs[1].q.append(np.ones(3))                 # the second output first: not in order
+    rs[1].q.append(np.ones(3))  # the second output first: not in order
     with pytest.raises(WaitTimeout):
         g.collect(time.monotonic() + 0.02)
     rs[0].q.append(np.zeros(3))

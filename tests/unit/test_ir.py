@@ -1,12 +1,36 @@
 """The IR's own contract: typed arguments that print and parse back, the sort keys."""
+
+from dataclasses import replace
+
 import pytest
 
-from dagc.ir import DRIVER, INPUT, Arg, Const, Field, Ref, op_sort_key, proc_key, value_key
+from dagc.ir import (
+    DRIVER,
+    INPUT,
+    Arg,
+    CommGroup,
+    Const,
+    Field,
+    Ref,
+    op_sort_key,
+    proc_key,
+    value_key,
+)
+from dagc.schedule import Action, Entry
+from tests.helpers import compile_ir, make_ir
 
 
-@pytest.mark.parametrize("text,arg", [("t3", Ref("t3")), ("t3.1", Ref("t3", 1)),
-                                      ("t12.0", Ref("t12", 0)), ("$0", Field(0)),
-                                      ("#2", Const(2)), ("in", INPUT)])
+@pytest.mark.parametrize(
+    "text,arg",
+    [
+        ("t3", Ref("t3")),
+        ("t3.1", Ref("t3", 1)),
+        ("t12.0", Ref("t12", 0)),
+        ("$0", Field(0)),
+        ("#2", Const(2)),
+        ("in", INPUT),
+    ],
+)
 def test_args_print_and_parse_back(text, arg):
     assert Arg.parse(text) == arg and str(arg) == text
     assert Arg.parse(str(arg)) == arg
@@ -27,18 +51,11 @@ def test_bad_args_are_refused(bad):
 def test_sort_keys():
     assert sorted(["t10", "t2", "t1"], key=op_sort_key) == ["t1", "t2", "t10"]
     values = [Ref("t10"), Ref("t2", 1), INPUT, Ref("t2"), Ref("t2", 0)]
-    assert [str(v) for v in sorted(values, key=value_key)] == ["in", "t2", "t2.0", "t2.1",
-                                                                 "t10"]
+    assert [str(v) for v in sorted(values, key=value_key)] == ["in", "t2", "t2.0", "t2.1", "t10"]
     assert sorted(["a10", "a2", DRIVER, "a1"], key=proc_key) == [DRIVER, "a1", "a2", "a10"]
 
 
 # -- IR.verify: channels, communicator groups, the schedule ---------------------------------
-
-from dataclasses import replace  # noqa: E402
-
-from dagc.ir import CommGroup  # noqa: E402
-from dagc.schedule import Action, Entry  # noqa: E402
-from tests.helpers import compile_ir, make_ir  # noqa: E402
 
 
 def chain():
@@ -46,10 +63,17 @@ def chain():
 
 
 def tensor(overlap=False):
-    ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a1", "g", ["t0"]),
-                  ("t2", "a2", "g", ["t0"]), ("t3", "a1", "allreduce", ["t1"], {}, 1, "g0"),
-                  ("t4", "a2", "allreduce", ["t2"], {}, 1, "g0")],
-                 ["t3", "t4"], transports={"t0": "nccl"})
+    ir = make_ir(
+        [
+            ("t0", "a0", "f", ["$0"]),
+            ("t1", "a1", "g", ["t0"]),
+            ("t2", "a2", "g", ["t0"]),
+            ("t3", "a1", "allreduce", ["t1"], {}, 1, "g0"),
+            ("t4", "a2", "allreduce", ["t2"], {}, 1, "g0"),
+        ],
+        ["t3", "t4"],
+        transports={"t0": "nccl"},
+    )
     return compile_ir(ir, overlap=overlap)
 
 
@@ -60,13 +84,15 @@ def failure(ir) -> str:
 
 
 def with_channels(ir, channels):
-    return ir.replace(channels=tuple(channels),
-                      schedule=replace(ir.schedule, channels=tuple(channels)))
+    return ir.replace(
+        channels=tuple(channels), schedule=replace(ir.schedule, channels=tuple(channels))
+    )
 
 
 def with_column(ir, actor, entries):
-    return ir.replace(schedule=replace(ir.schedule, actions={**ir.schedule.actions,
-                                                             actor: tuple(entries)}))
+    return ir.replace(
+        schedule=replace(ir.schedule, actions={**ir.schedule.actions, actor: tuple(entries)})
+    )
 
 
 def test_compiled_irs_verify():
@@ -89,16 +115,21 @@ def test_channels_need_the_right_writer_readers_and_unique_ids():
     ir = chain()
     c0, c1, c2 = ir.channels
     assert "written by a1, but a0 makes it" in failure(
-        with_channels(ir, [c0, replace(c1, writer="a1", readers=("a0",)), c2]))
-    assert "channel id c0 used 2 times" in failure(with_channels(ir, [c0, replace(c1, id="c0"), c2]))
+        with_channels(ir, [c0, replace(c1, writer="a1", readers=("a0",)), c2])
+    )
+    assert "channel id c0 used 2 times" in failure(
+        with_channels(ir, [c0, replace(c1, id="c0"), c2])
+    )
     msg = failure(with_channels(ir, [c0, c2]))
     assert "t1 on a1 reads t0, but no channel carries t0 to a1" in msg
     assert "'recv t0<a0': no channel carries t0 for a1" in msg
     assert "0 slots" in failure(with_channels(ir, [c0, replace(c1, slots=0), c2]))
     assert "are not sorted" in failure(
-        with_channels(ir, [c0, replace(c1, readers=("a1", DRIVER)), c2]))
+        with_channels(ir, [c0, replace(c1, readers=("a1", DRIVER)), c2])
+    )
     assert "reaches a1 through 2 channels" in failure(
-        with_channels(ir, [c0, c1, replace(c1, id="c9"), c2]))
+        with_channels(ir, [c0, c1, replace(c1, id="c9"), c2])
+    )
 
 
 def test_tensor_channels_and_collectives_name_a_group_with_their_ends():
@@ -106,21 +137,28 @@ def test_tensor_channels_and_collectives_name_a_group_with_their_ends():
     assert [str(g) for g in ir.comm_groups] == ["k0: gloo over a0,a1,a2", "k1: gloo over a1,a2"]
     k0, k1 = ir.comm_groups
     assert "group k0 lacks a2" in failure(
-        ir.replace(comm_groups=(replace(k0, members=("a0", "a1")), k1)))
-    assert "names no communicator group ('k7')" in failure(with_channels(
-        ir, [replace(c, communicator="k7") if c.transport == "comm" else c
-             for c in ir.channels]))
+        ir.replace(comm_groups=(replace(k0, members=("a0", "a1")), k1))
+    )
+    assert "names no communicator group ('k7')" in failure(
+        with_channels(
+            ir, [replace(c, communicator="k7") if c.transport == "comm" else c for c in ir.channels]
+        )
+    )
     assert "collective g0: group k0 is over a0,a1,a2, its participants are a1,a2" in failure(
-        ir.replace(collectives=(("g0", "k0"),)))
+        ir.replace(collectives=(("g0", "k0"),))
+    )
     assert "collective g0 has no communicator group" in failure(ir.replace(collectives=()))
     assert "communicator group id k1 used twice" in failure(
-        ir.replace(comm_groups=(k0, k1, CommGroup("k1", "gloo", ("a1", "a2")))))
+        ir.replace(comm_groups=(k0, k1, CommGroup("k1", "gloo", ("a1", "a2"))))
+    )
 
 
 def test_sends_and_receives_pair_up_in_one_order():
-    ir = make_ir([("t0", "a0", "f", ["$0"]), ("t1", "a0", "g", ["$0"]),
-                  ("t2", "a1", "h", ["t0", "t1"])], ["t2"],
-                 transports={"t0": "nccl", "t1": "nccl"})
+    ir = make_ir(
+        [("t0", "a0", "f", ["$0"]), ("t1", "a0", "g", ["$0"]), ("t2", "a1", "h", ["t0", "t1"])],
+        ["t2"],
+        transports={"t0": "nccl", "t1": "nccl"},
+    )
     ir = compile_ir(ir)
     col = list(ir.schedule.of("a1"))
     recvs = [i for i, e in enumerate(col) if e.action.kind == "crecv"]
@@ -136,7 +174,8 @@ def test_waits_pair_with_what_they_wait_for():
     assert "never waited on (isend t0>a1)" in failure(with_column(ir, "a0", col))
     bad = Entry(col[-1].step, Action.parse("wait t0>a1,a2,a3"))
     assert "waits on t0 a3, never issued before" in failure(
-        with_column(ir, "a0", [*ir.schedule.of("a0"), bad]))
+        with_column(ir, "a0", [*ir.schedule.of("a0"), bad])
+    )
 
 
 def test_the_schedule_calls_each_op_once_as_the_ir_says():
@@ -147,8 +186,9 @@ def test_the_schedule_calls_each_op_once_as_the_ir_says():
     msg = failure(with_column(ir, "a0", col))
     assert "'h t0' is not the IR's t0 = a0.f($0)" in msg
     assert "'h t0' calls h, its calls entry f" in msg
-    msg = failure(with_column(ir, "a0", [e for e in ir.schedule.of("a0")
-                                         if e.action.kind != "call"]))
+    msg = failure(
+        with_column(ir, "a0", [e for e in ir.schedule.of("a0") if e.action.kind != "call"])
+    )
     assert "t0 (a0.f) is called 0 times in the schedule, not once" in msg
 
 

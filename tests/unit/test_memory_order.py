@@ -2,6 +2,7 @@
 machine type: x86-64 needs no barrier, aarch64 gets a full barrier at each point of the
 protocol that needs one (before a store another process acts on, after a load it acts on),
 any other machine gets a clear refusal instead of a ring."""
+
 import platform
 import secrets
 import time
@@ -49,27 +50,29 @@ def test_x86_64_rings_take_no_barrier(prefix, monkeypatch, machine):
 
 
 @pytest.mark.parametrize("machine", ["aarch64", "arm64"])
-def test_aarch64_rings_fence_before_publishing_and_before_handing_back(prefix, monkeypatch,
-                                                                     machine):
+def test_aarch64_rings_fence_before_publishing_and_before_handing_back(
+    prefix, monkeypatch, machine
+):
     """Each fence is seen from inside: the writer's two come before write_seq moves (one
     after it loaded the readers' read_seqs, one after the payload and slot map went in); the
     reader's two come after it saw write_seq and before its read_seq moves."""
     _machine(monkeypatch, machine)
     assert shm.ring_fence() is shm.fence
-    shm.fence()                                   # the real barrier runs on this machine
-    seen = []                                     # (who, write_seq, read_seq) at each fence
+    shm.fence()  # the real barrier runs on this machine
+    seen = []  # (who, write_seq, read_seq) at each fence
     ends = {}
 
     def spy():
         w = ends["w"].w
         seen.append((ends["now"], w[segment.W_WSEQ], w[segment.rseq_word(0)]))
+
     monkeypatch.setattr(shm, "fence", spy)
     ctl, waiter = _waiter(prefix)
     w = ends["w"] = ch.Writer(prefix + "c0", 1, 4, 256, waiter)
     r = ch.Reader(prefix + "c0", 0, waiter)
     try:
         assert w._fence is spy and r._fence is spy
-        values = [7, "x" * 100, np.arange(10_000)]     # in-band, pickle, big-value segment
+        values = [7, "x" * 100, np.arange(10_000)]  # in-band, pickle, big-value segment
         ends["now"] = "writer"
         for v in values:
             w.write(v, time.monotonic() + 5)
@@ -80,8 +83,8 @@ def test_aarch64_rings_fence_before_publishing_and_before_handing_back(prefix, m
             got = r.read(time.monotonic() + 5)
             assert seen[-2:] == [("reader", 3, m)] * 2
             assert np.array_equal(got, v)
-        assert len(seen) == 6 and r._leases          # the big array is a leased view ...
-        del got                                      # ... whose release fences first
+        assert len(seen) == 6 and r._leases  # the big array is a leased view ...
+        del got  # ... whose release fences first
         assert seen[6:] == [("reader", 3, 3)] and not r._leases
     finally:
         r.close()

@@ -1,11 +1,14 @@
 """Deferred receives of comm channels (runtime/comm/p2p.py), with a fake communicator and
 fake metadata channels: which ops post them first, and forgetting them at a swap. No Ray."""
+
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")  # skips the module without torch, before the imports below
 
-from dagc.runtime.comm.base import DONE  # noqa: E402
-from dagc.runtime.comm.p2p import CommReader, CommWriter, drop_pending, pending_of  # noqa: E402
+import torch
+
+from dagc.runtime.comm.base import DONE
+from dagc.runtime.comm.p2p import CommReader, CommWriter, drop_pending, pending_of
 
 
 class WouldBlock(Exception):
@@ -56,7 +59,7 @@ class Comm:
 def ends(per_peer):
     comm = Comm(per_peer)
     from_a2, from_a0 = Meta(), Meta()
-    r2 = CommReader(from_a2, comm, writer_rank=2)     # this process: a1 (rank 1)
+    r2 = CommReader(from_a2, comm, writer_rank=2)  # this process: a1 (rank 1)
     r0 = CommReader(from_a0, comm, writer_rank=0)
     to_a0 = Meta()
     w = CommWriter(to_a0, comm, {"a0": 0}, ("a0",), "a1")
@@ -69,10 +72,10 @@ def test_gloo_send_does_not_post_another_peers_deferred_receive():
     comm, r2, r0, w, from_a2, from_a0 = ends(per_peer=True)
     h = r2.irecv()
     assert not h.posted and pending_of(comm, 2) == [h]
-    w.send(torch.ones(2), "a0")                        # used to raise WouldBlock
+    w.send(torch.ones(2), "a0")  # used to raise WouldBlock
     assert comm.log == [("send", 0)]
     from_a0.write((None, (((2,), torch.float32),)))
-    assert r0.recv().tolist() == [7.0, 7.0]            # another peer's receive: no wait
+    assert r0.recv().tolist() == [7.0, 7.0]  # another peer's receive: no wait
     from_a2.write((None, (((3,), torch.float32),)))
     assert h.wait().tolist() == [7.0] * 3
     assert comm.log == [("send", 0), ("recv", 0), ("irecv", 2)]
@@ -82,7 +85,7 @@ def test_one_stream_posts_every_deferred_receive_first():
     """NCCL and custom communicators (one stream): any op posts them first, in order."""
     comm, r2, r0, w, from_a2, from_a0 = ends(per_peer=False)
     h = r2.irecv()
-    assert not h.posted and pending_of(comm) == [h]     # one queue for every peer
+    assert not h.posted and pending_of(comm) == [h]  # one queue for every peer
     from_a2.write((None, (((3,), torch.float32),)))
     w.send(torch.ones(2), "a0")
     assert comm.log == [("irecv", 2), ("send", 0)] and h.posted
@@ -93,7 +96,7 @@ def test_same_peer_receives_keep_issue_order():
     h1 = r2.irecv()
     from_a2.write((None, (((1,), torch.float32),)))
     from_a2.write((None, (((2,), torch.float32),)))
-    assert r2.recv().shape == (2,)                     # h1 was posted first, with the 1st
+    assert r2.recv().shape == (2,)  # h1 was posted first, with the 1st
     assert h1.posted and h1.wait().shape == (1,)
 
 

@@ -1,6 +1,7 @@
 """Which soak runs: the default test command runs the short soak and not the long one;
 ``-m soak`` runs the long one (and only it); a selection that finds nothing fails ("no tests
 ran" is exit status 5, never a pass). Collection only: no Ray, a few seconds."""
+
 import os
 import subprocess
 import sys
@@ -10,9 +11,13 @@ SOAK = "tests/faults/test_soak.py"
 
 
 def collect(*args):
-    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                        "-p", "no:cacheprovider", *args], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     ids = [line.split("::")[-1] for line in p.stdout.splitlines() if "::" in line]
     return p.returncode, ids, p.stdout + p.stderr
 
@@ -34,4 +39,4 @@ def test_marker_selects_the_long_soak_only():
 
 def test_a_selection_that_finds_nothing_fails():
     rc, ids, out = collect("-m", "soak", "tests/unit/test_soak_selection.py")
-    assert rc == 5 and ids == [], out          # pytest: "no tests collected/ran"
+    assert rc == 5 and ids == [], out  # pytest: "no tests collected/ran"

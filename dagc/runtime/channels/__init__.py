@@ -12,10 +12,32 @@
 
 The names below are what the driver and the actors use.
 """
-from dagc.runtime.channels.control import (CLOSED, FAILED, RUNNING, SWAP, ChannelClosed,
-                                           Control, PeerDied, WaitTimeout, Waiter)
+
+from dagc.runtime.channels.control import (
+    CLOSED,
+    FAILED,
+    RUNNING,
+    SWAP,
+    ChannelClosed,
+    Control,
+    PeerDied,
+    Waiter,
+    WaitTimeout,
+)
 from dagc.runtime.channels.ring import Reader, Writer
 from dagc.runtime.channels.segment import create_segment
 
-__all__ = ["Control", "Waiter", "Writer", "Reader", "create_segment", "ChannelClosed",
-           "PeerDied", "WaitTimeout", "RUNNING", "CLOSED", "FAILED", "SWAP"]
+__all__ = [
+    "Control",
+    "Waiter",
+    "Writer",
+    "Reader",
+    "create_segment",
+    "ChannelClosed",
+    "PeerDied",
+    "WaitTimeout",
+    "RUNNING",
+    "CLOSED",
+    "FAILED",
+    "SWAP",
+]

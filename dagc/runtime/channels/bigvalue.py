@@ -3,6 +3,7 @@ big-value segment (``<ring>.x<gen>``; see ``segment.py`` for its layout and ``ri
 its life: made by the writer, reused while big enough, unmapped after ``shrink_after``
 messages without it, its name removed once every reader mapped it).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,7 @@ class BigSegment:
         self.gen = gen
         self.cap = cap
         self.hdr = hdr
-        self.last = last          # the last message that used it (as this end counts)
+        self.last = last  # the last message that used it (as this end counts)
         self.size = len(mm)
 
     def close(self) -> None:
@@ -47,11 +48,11 @@ def put_array(mv, w, p: int, arr) -> int:
     for j, d in enumerate(arr.shape):
         w[hw + 2 + j] = d
     q = p + 16 + 8 * arr.ndim
-    mv[q:q + len(dt)] = dt
+    mv[q : q + len(dt)] = dt
     hdr = round64(16 + 8 * arr.ndim + len(dt))
     need = hdr + arr.nbytes
     if arr.nbytes:
-        mv[p + hdr:p + need] = arr.reshape(-1).view(_uint8)
+        mv[p + hdr : p + need] = arr.reshape(-1).view(_uint8)
     return need
 
 
@@ -65,18 +66,18 @@ def put_oob(mv, w, p: int, main, raws) -> None:
         w[hw + 2 + j] = r.nbytes
     q = p + 16 + 8 * len(raws)
     q = (q + 63) & ~63
-    mv[q:q + len(main)] = main
+    mv[q : q + len(main)] = main
     q = (q + len(main) + 63) & ~63
     for r in raws:
         nb = r.nbytes
-        mv[q:q + nb] = r
+        mv[q : q + nb] = r
         q = (q + nb + 63) & ~63
 
 
 def copy_out(mv, start: int, nbytes: int, dtype):
     """A private, read-only copy of [start, start + nbytes) as a 1-d array of ``dtype``
     (read-only like a view, so a value behaves the same whichever way it was read)."""
-    root = _frombuffer(bytearray(mv[start:start + nbytes]), dtype)
+    root = _frombuffer(bytearray(mv[start : start + nbytes]), dtype)
     root.flags.writeable = False
     return root
 

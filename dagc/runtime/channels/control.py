@@ -14,6 +14,7 @@ belongs to it on this node::
 Every wait (:class:`Waiter`) reads ``C_STATE`` between sleep slices, so teardown or a death
 noticed anywhere on the node ends every wait there within a slice.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,15 +22,15 @@ import time
 
 from dagc.runtime.channels import shm
 
-CTL_SIZE = 4096                # bytes of a control segment
+CTL_SIZE = 4096  # bytes of a control segment
 CTL_MAGIC = int.from_bytes(b"dagc-ctl", "little")
 C_STATE, C_WHO = 0, 1
-C_MAGIC = 2                    # CTL_MAGIC: what channels.sweep trusts (with owner and size)
-C_OPENED = 3                   # processes of this node that have mapped all their segments
-C_NODE_PROCS = 4               # how many processes of the DAG run on this node
-C_PIDS = 8                     # pid of process i at word C_PIDS + i (0 = driver)
+C_MAGIC = 2  # CTL_MAGIC: what channels.sweep trusts (with owner and size)
+C_OPENED = 3  # processes of this node that have mapped all their segments
+C_NODE_PROCS = 4  # how many processes of the DAG run on this node
+C_PIDS = 8  # pid of process i at word C_PIDS + i (0 = driver)
 RUNNING, CLOSED, FAILED = 0, 1, 2
-SWAP = 3                       # loops park, then run a new body (profiling on/off)
+SWAP = 3  # loops park, then run a new body (profiling on/off)
 
 _monotonic = time.monotonic
 _yield = os.sched_yield
@@ -59,8 +60,9 @@ class Control:
     creator's, so a DAG whose creator dies before anyone else joins is stale).
     """
 
-    def __init__(self, name: str, create: bool = False, nprocs: int = 0, index: int = -1,
-                 pid: int = 0):
+    def __init__(
+        self, name: str, create: bool = False, nprocs: int = 0, index: int = -1, pid: int = 0
+    ):
         self.name = name
         self.mm = shm.create(name, CTL_SIZE) if create else shm.open_existing(name)
         self.words = memoryview(self.mm).cast("q")
@@ -68,7 +70,7 @@ class Control:
             self.words[C_NODE_PROCS] = nprocs
             if index >= 0:
                 self.words[C_PIDS + index] = pid
-            self.words[C_MAGIC] = CTL_MAGIC       # last: a complete control segment
+            self.words[C_MAGIC] = CTL_MAGIC  # last: a complete control segment
 
     def mark_opened(self, names) -> bool:
         """This process has mapped every segment of this node it needs: count it; the
@@ -76,6 +78,7 @@ class Control:
         this control's last), as nobody will open them by name again. Returns whether this
         call removed them. The count is taken under a flock of the segment, so exactly one
         process sees it complete."""
+
         def count():
             n = self.words[C_OPENED] + 1
             self.words[C_OPENED] = n
@@ -86,6 +89,7 @@ class Control:
                     shm.unlink(name)
             shm.unlink(self.name)
             return True
+
         return bool(shm.with_lock(self.name, count))
 
     @property
@@ -126,7 +130,7 @@ class Waiter:
 
     SPIN, BLOCK, ADAPTIVE = "spin", "block", "adaptive"
     MIN_BUDGET, MAX_BUDGET = 20e-6, 2e-3
-    SLICE = 0.1                       # longest futex sleep between health checks
+    SLICE = 0.1  # longest futex sleep between health checks
 
     def __init__(self, control: Control, procs: list[str], mode: str = "adaptive"):
         self.control = control
@@ -155,8 +159,16 @@ class Waiter:
         if deadline is not None and now >= deadline:
             raise WaitTimeout()
 
-    def wait(self, words, idx: int, target: int, addr: int, sleep_idx: int,
-             peers: tuple, deadline: float | None = None) -> None:
+    def wait(
+        self,
+        words,
+        idx: int,
+        target: int,
+        addr: int,
+        sleep_idx: int,
+        peers: tuple,
+        deadline: float | None = None,
+    ) -> None:
         """Return once ``words[idx] >= target``."""
         if words[idx] >= target:
             return

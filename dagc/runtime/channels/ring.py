@@ -2,8 +2,9 @@
 flight; values with big buffers are read in place, as read-only views of the slot.
 
 The segment's memory layout and payload kinds are in ``channels/segment.py``; this module
-is the protocol and the writing end, ``ring_reader.py`` the reading end, ``bigvalue.py`` the
-payload layouts both share and a process's mapping of a big-value segment.
+is the protocol and the writing end (``ring_big.py`` its big-value path), ``ring_reader.py``
+the reading end, ``bigvalue.py`` the payload layouts both share and a process's mapping of a
+big-value segment.
 
 **Slots.** Slots are not tied to message numbers: the writer fills the lowest slot that no
 unread message and no live view holds, so a DAG run one execution at a time keeps reusing
@@ -53,10 +54,14 @@ every read_seq before the lease bytes, so a slot is never seen free while a view
 made. The writer waits until fewer than ``nslots`` messages are unread before it publishes
 one, so slot_map[m % nslots] is only rewritten once every reader is past m.
 
-The writer stores the payload, then slot_map, then ``write_seq``; a reader loads
-``write_seq``, then slot_map, then the payload, decodes it, then stores its ``read_seq``.
-x86-64 keeps stores in order, and loads in order, which is what this relies on (see
-docs/architecture.md on other architectures).
+**Memory order.** The writer stores the payload, then slot_map, then ``write_seq``; a
+reader loads ``write_seq``, then slot_map, then the payload, decodes it, then stores its
+``read_seq``; the writer loads every ``read_seq`` (then the lease bytes) before it stores
+into a slot again. x86-64 keeps stores in order and loads in order, which is all this
+needs. On aarch64 each end issues a full barrier (``shm.fence``) where the order matters:
+the writer after loading the read_seqs and before publishing ``write_seq``, a reader after
+seeing ``write_seq`` and before storing its ``read_seq`` (and before clearing a lease).
+Other machines get no ring at all (``shm.ring_fence``).
 
 Names: a segment's name only has to exist until every process that uses it has mapped it.
 The DAG's own start-up removes the names of the rings it creates (see
@@ -72,6 +77,7 @@ FUTEX_WAKE only when some reader's sleeping flag is set. Every sleep slice also 
 DAG's control word (teardown, a death noticed elsewhere) and the peer's pid, so no wait
 outlives a dead peer by more than a fraction of a second.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,18 +87,33 @@ import time
 import numpy as np
 
 from dagc.runtime.channels import shm
-from dagc.runtime.channels.bigvalue import BigSegment, put_array, put_oob, release
-from dagc.runtime.channels.control import WaitTimeout, Waiter
+from dagc.runtime.channels.bigvalue import put_oob, release
+from dagc.runtime.channels.control import Waiter, WaitTimeout
+from dagc.runtime.channels.ring_big import BigWriter
 from dagc.runtime.channels.ring_reader import Reader
-from dagc.runtime.channels.serialize import PickleEncoder
-from dagc.runtime.channels.segment import (KIND_ARRAY, KIND_BIG, KIND_PICKLE, KIND_SYNC,
-                                          RESERVE0,
-                                          SLOT_HDR, W_NPHYS, W_NREADERS, W_NSLOTS, W_SHRINK,
-                                          W_STRIDE, W_WPID, W_WSEQ, W_WSLEEP, W_ZCMIN,
-                                          big_header, big_name, channel_of, create_big,
-                                          create_segment, header_size, lease_offset,
-                                          map_word, round64, round_page, rseq_word,
-                                          rsleep_word)
+from dagc.runtime.channels.segment import (
+    KIND_ARRAY,
+    KIND_PICKLE,
+    RESERVE0,
+    SLOT_HDR,
+    W_NPHYS,
+    W_NREADERS,
+    W_NSLOTS,
+    W_SHRINK,
+    W_STRIDE,
+    W_WPID,
+    W_WSEQ,
+    W_WSLEEP,
+    W_ZCMIN,
+    channel_of,
+    create_segment,
+    header_size,
+    lease_offset,
+    map_word,
+    round64,
+    rseq_word,
+    rsleep_word,
+)
 
 _ndarray = np.ndarray
 _SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
@@ -100,20 +121,29 @@ _uint8 = np.uint8
 _dumps = pickle.dumps
 
 
-class Writer(PickleEncoder):
+class Writer(BigWriter):
     """The writing end of a channel. ``write(value)`` never fails for size: a payload
     larger than a slot goes to that slot's big-value segment; only a full /dev/shm fails
     it (``ShmFullError``, through ``on_encode_error`` when one is set)."""
 
-    def __init__(self, name: str, nreaders: int, slots: int, capacity: int, waiter: Waiter,
-                 reader_procs: tuple = (), create: bool = True):
+    def __init__(
+        self,
+        name: str,
+        nreaders: int,
+        slots: int,
+        capacity: int,
+        waiter: Waiter,
+        reader_procs: tuple = (),
+        create: bool = True,
+    ):
+        self._fence = shm.ring_fence()  # None on x86-64; refuses unknown machines
         self.base = name
         self.channel = channel_of(name)
         self.waiter = waiter
         self.peers = tuple(reader_procs)
         self._bufs: list = []
         self._dispatch = None
-        self._shared_reads = nreaders > 1     # tensors are copied by readers (serialize.py)
+        self._shared_reads = nreaders > 1  # tensors are copied by readers (serialize.py)
         if create:
             create_segment(name, nreaders, slots, capacity).close()
         self.mm, self._fd = shm.open_existing(name, keep_fd=True)
@@ -137,12 +167,12 @@ class Writer(PickleEncoder):
         self.rsleep = [rsleep_word(r) for r in range(nreaders)]
         self.map = map_word(nreaders)
         self._lease_at = [lease_offset(nreaders, slots, r) for r in range(nreaders)]
-        self._leasable = 0        # slots whose message readers may hold views of
-        self._big: dict = {}      # slot -> _Big, its big-value segment
+        self._leasable = 0  # slots whose message readers may hold views of
+        self._big: dict = {}  # slot -> _Big, its big-value segment
         self._gen = 0
-        self._names: list = []    # (big segment name, first message in it) still named
-        self._maint = False       # something for _maintain to do after a write
-        self._kpickle = KIND_PICKLE   # KIND_SYNC for the message after big segments went
+        self._names: list = []  # (big segment name, first message in it) still named
+        self._maint = False  # something for _maintain to do after a write
+        self._kpickle = KIND_PICKLE  # KIND_SYNC for the message after big segments went
         self.size = len(self.mm)
         self.reserved = hdr + nphys * RESERVE0
         self.stats_big_made = 0
@@ -171,8 +201,11 @@ class Writer(PickleEncoder):
             bufs = self._bufs
             if bufs:
                 raws = [b.raw() for b in bufs]
-                need = (round64(16 + 8 * len(raws)) + round64(len(main))
-                        + sum(round64(r.nbytes) for r in raws))
+                need = (
+                    round64(16 + 8 * len(raws))
+                    + round64(len(main))
+                    + sum(round64(r.nbytes) for r in raws)
+                )
             else:
                 need = len(main)
         # The slot: the lowest one no unread message and no live view holds. A DAG run one
@@ -181,29 +214,32 @@ class Writer(PickleEncoder):
         # back from the slot map each time: no state of ours can drift from what the
         # readers see, even if an interrupt cuts a write short.
         w = self.w
-        seq = w[W_WSEQ]                          # only this writer stores it
+        seq = w[W_WSEQ]  # only this writer stores it
         n = self.slots
         low = seq
         for i in self.rseq:
             r = w[i]
             if r < low:
                 low = r
-        if seq - low >= n:                       # every slot is held: wait for the oldest
+        if seq - low >= n:  # every slot is held: wait for the oldest
             for i in self.rseq:
                 if w[i] <= low:
                     self.waiter.wait(w, i, low + 1, self.addr, W_WSLEEP, self.peers, deadline)
             low += 1
+        if self._fence is not None:  # read_seqs before lease bytes and slots
+            self._fence()
         busy = 0
         m = self.map
         while low < seq:
             busy |= 1 << w[m + low % n]
             low += 1
-        if self._leasable:                       # views of earlier messages may be alive
+        if self._leasable:  # views of earlier messages may be alive
             busy = self._leased(busy)
         k = (~busy & (busy + 1)).bit_length() - 1
         if need > self._room[k]:
-            return self._write_big(value, deadline, seq, k, need, arr,
-                                   None if arr is not None else main, raws)
+            return self._write_big(
+                value, deadline, seq, k, need, arr, None if arr is not None else main, raws
+            )
         off = self.slot_off[k]
         mv = self.mv
         p = off + SLOT_HDR
@@ -214,32 +250,35 @@ class Writer(PickleEncoder):
             for j, d in enumerate(arr.shape):
                 w[hw + 2 + j] = d
             q = p + 16 + 8 * arr.ndim
-            mv[q:q + len(dt)] = dt
+            mv[q : q + len(dt)] = dt
             if arr.nbytes:
-                mv[p + hdr:p + need] = arr.reshape(-1).view(_uint8)
+                mv[p + hdr : p + need] = arr.reshape(-1).view(_uint8)
             w[off >> 3] = need
             w[(off >> 3) + 1] = KIND_ARRAY
             if need >= self.zc:
                 self._leasable |= 1 << k
         elif raws is None:
-            mv[p:p + need] = main
+            mv[p : p + need] = main
             w[off >> 3] = need
-            w[(off >> 3) + 1] = self._kpickle      # KIND_PICKLE, or KIND_SYNC once
+            w[(off >> 3) + 1] = self._kpickle  # KIND_PICKLE, or KIND_SYNC once
         else:
             put_oob(mv, w, p, main, raws)
-            w[off >> 3] = -need          # negative length: out-of-band layout
+            w[off >> 3] = -need  # negative length: out-of-band layout
             w[(off >> 3) + 1] = KIND_PICKLE
             bufs.clear()
             if need >= self.zc:
                 self._leasable |= 1 << k
         w[m + seq % n] = k
-        w[W_WSEQ] = seq + 1      # publish
+        if self._fence is not None:  # payload and slot map before write_seq
+            self._fence()
+        w[W_WSEQ] = seq + 1  # publish
         for i in self.rsleep:
             if w[i]:
                 shm.futex_wake(self.addr + W_WSEQ * 8)
                 break
         if self._maint:
             self._maintain(seq + 1)
+        return None  # sent (the same bytecode as falling off the end)
 
     def _leased(self, busy: int) -> int:
         """``busy`` plus the slots some reader still holds views of (read after every
@@ -278,106 +317,22 @@ class Writer(PickleEncoder):
             if (unread | held) + 1 >> self.nphys == 0:
                 return held
 
-    def _write_big(self, value, deadline, seq: int, k: int, need: int, arr, main, raws):
-        """The write of a payload that does not fit what slot ``k`` has reserved: reserve
-        the rest of the slot (once per slot), or put it in the slot's big-value segment."""
-        w = self.w
-        off = self.slot_off[k]
-        h = off >> 3
-        big = None
-        try:
-            if need <= self.capacity:
-                rest = self.stride - RESERVE0
-                if not shm.reserve(self._fd, off + RESERVE0, rest):
-                    raise shm.full_error(f"channel {self.channel}", rest, need)
-                self.reserved += rest
-                self._room[k] = self.capacity
-                mv, words, p = self.mv, w, off + SLOT_HDR
-            else:
-                big = self._big.get(k)
-                if big is None or big.cap < need or seq - big.last >= self.shrink_after:
-                    big = self._new_big(k, need, seq)
-                mv, words, p = big.mv, big.w, big.hdr
-        except shm.ShmFullError as e:
-            self._bufs.clear()
-            return self._write_instead(e, value, deadline)
-        if arr is not None:
-            length, kind = put_array(mv, words, p, arr), KIND_ARRAY
-        elif raws is None:
-            mv[p:p + need] = main
-            length, kind = need, KIND_PICKLE
-        else:
-            put_oob(mv, words, p, main, raws)
-            length, kind = -need, KIND_PICKLE
-            self._bufs.clear()
-        if need >= self.zc and (arr is not None or raws is not None):
-            self._leasable |= 1 << k
-        w[h] = length
-        if big is None:
-            w[h + 1] = kind
-        else:
-            big.last = seq
-            w[h + 2] = kind
-            w[h + 3] = big.gen
-            w[h + 4] = big.cap
-            w[h + 1] = KIND_BIG
-        n = self.slots
-        w[self.map + seq % n] = k
-        w[W_WSEQ] = seq + 1      # publish
-        for i in self.rsleep:
-            if w[i]:
-                shm.futex_wake(self.addr + W_WSEQ * 8)
-                break
-        if self._maint:
-            self._maintain(seq + 1)
-
-    def _new_big(self, k: int, need: int, seq: int) -> BigSegment:
-        """Slot ``k``'s new big-value segment, ``need`` bytes (a page multiple), replacing
-        its old one (every reader has read that one's last message: k is free)."""
-        old = self._big.pop(k, None)
-        if old is not None:
-            old.close()
-        cap = round_page(need)
-        name = big_name(self.base, self._gen + 1)
-        mm = create_big(name, self.nreaders, k, cap, os.getpid(), need)
-        self._gen += 1
-        self.stats_big_made += 1
-        big = self._big[k] = BigSegment(mm, self._gen, cap, big_header(self.nreaders), seq)
-        self._names.append((name, seq))
-        self._maint = True
-        return big
-
-    def _maintain(self, next_seq: int) -> None:
-        """After a write, while big-value segments exist: remove the names every reader
-        has mapped (the fallback to the last reader's removal), unmap the segments no
-        message can use any more."""
-        w = self.w
-        if self._names:
-            low = min(w[i] for i in self.rseq)
-            keep = []
-            for name, first in self._names:
-                if low > first:          # every reader read it, so mapped the segment
-                    shm.unlink(name)
-                else:
-                    keep.append((name, first))
-            self._names = keep
-        self._kpickle = KIND_PICKLE              # the KIND_SYNC message (if any) went
-        if self._big:
-            gone = [k for k, b in self._big.items() if next_seq - b.last >= self.shrink_after]
-            for k in gone:
-                self._big.pop(k).close()
-            if gone:          # readers off their fast path once, to let theirs go too
-                self._kpickle = KIND_SYNC
-        self._maint = bool(self._big or self._names or self._kpickle != KIND_PICKLE)
-
     def stats(self) -> dict:
         """What this channel holds in /dev/shm (the writer knows: it reserves it all)."""
         big = sum(b.size for b in self._big.values())
-        return {"channel": self.channel, "role": "writer", "slots": self.slots,
-                "physical_slots": self.nphys, "slot_bytes": self.capacity,
-                "ring_bytes": self.size, "big_segments": len(self._big),
-                "big_bytes": big, "shm_bytes": self.reserved + big,
-                "mapped_bytes": self.size + big, "big_made": self.stats_big_made}
+        return {
+            "channel": self.channel,
+            "role": "writer",
+            "slots": self.slots,
+            "physical_slots": self.nphys,
+            "slot_bytes": self.capacity,
+            "ring_bytes": self.size,
+            "big_segments": len(self._big),
+            "big_bytes": big,
+            "shm_bytes": self.reserved + big,
+            "mapped_bytes": self.size + big,
+            "big_made": self.stats_big_made,
+        }
 
     def wake_all(self) -> None:
         try:

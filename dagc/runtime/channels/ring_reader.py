@@ -1,5 +1,6 @@
 """The reading end of a shared-memory ring (see ``ring.py`` for the protocol: slots, leases,
 big-value segments, memory order)."""
+
 from __future__ import annotations
 
 import os
@@ -11,15 +12,35 @@ import numpy as np
 from dagc.runtime.channels import shm
 from dagc.runtime.channels.bigvalue import BigSegment, copy_out, release, round64
 from dagc.runtime.channels.control import Waiter
+from dagc.runtime.channels.segment import (
+    B_NREADERS,
+    KIND_ARRAY,
+    KIND_BIG,
+    KIND_PICKLE,
+    KIND_SYNC,
+    SLOT_HDR,
+    W_NPHYS,
+    W_NREADERS,
+    W_NSLOTS,
+    W_SHRINK,
+    W_STRIDE,
+    W_WPID,
+    W_WSEQ,
+    W_WSLEEP,
+    W_ZCMIN,
+    big_header,
+    big_name,
+    big_rpid_word,
+    channel_of,
+    header_size,
+    lease_budget,
+    lease_offset,
+    map_word,
+    rpid_word,
+    rseq_word,
+    rsleep_word,
+)
 from dagc.runtime.channels.serialize import NotDecoded, undecodable
-from dagc.runtime.channels.segment import (B_NREADERS, KIND_ARRAY, KIND_BIG, KIND_PICKLE,
-                                          KIND_SYNC,
-                                          SLOT_HDR, W_NPHYS, W_NREADERS, W_NSLOTS, W_SHRINK,
-                                          W_STRIDE, W_WPID, W_WSEQ, W_WSLEEP, W_ZCMIN,
-                                          big_header,
-                                          big_name, big_rpid_word, channel_of, header_size,
-                                          lease_budget, lease_offset, map_word, rpid_word,
-                                          rseq_word, rsleep_word)
 
 _frombuffer = np.frombuffer
 _U8 = np.dtype(np.uint8)
@@ -31,6 +52,7 @@ class _Lease(weakref.ref):
     """A weak reference to the root array of one message's views, on slot ``k``."""
 
     __slots__ = ("k",)
+    k: int
 
 
 class Reader:
@@ -38,16 +60,16 @@ class Reader:
 
     def __init__(self, name: str, index: int, waiter: Waiter, writer_proc: int = -1):
         shm.tune_malloc()
-        self._fence = shm.ring_fence()      # None on x86-64; refuses unknown machines
+        self._fence = shm.ring_fence()  # None on x86-64; refuses unknown machines
         self.waiter = waiter
         self.index = index
         self.peers = (writer_proc,) if writer_proc >= 0 else ()
-        self.writer_proc = writer_proc      # its control index (-1: find it by its pid)
+        self.writer_proc = writer_proc  # its control index (-1: find it by its pid)
         self.seq = 0
         self.base = name
         self.channel = channel_of(name)
-        self._leases: dict = {}     # slot -> _Lease of the views of the message read there
-        self._big: dict = {}        # slot -> BigSegment (this reader's mapping)
+        self._leases: dict = {}  # slot -> _Lease of the views of the message read there
+        self._big: dict = {}  # slot -> BigSegment (this reader's mapping)
         self.mm = shm.open_existing(name)
         self.mv = memoryview(self.mm)
         self.ro = self.mv.toreadonly()
@@ -68,7 +90,7 @@ class Reader:
         self.shrink_after = w[W_SHRINK]
         self.size = len(self.mm)
         self._unlease_cb = self._unlease
-        self._exp_at = _NEVER       # the first message at which a big segment may expire
+        self._exp_at = _NEVER  # the first message at which a big segment may expire
 
     def ready(self) -> bool:
         return self.w[W_WSEQ] > self.seq
@@ -76,32 +98,33 @@ class Reader:
     def wait_ready(self, deadline: float | None = None) -> None:
         """Wait until a message is there, without consuming it."""
         if self.w[W_WSEQ] <= self.seq:
-            self.waiter.wait(self.w, W_WSEQ, self.seq + 1, self.addr, self.my_sleep,
-                             self.peers, deadline)
+            self.waiter.wait(
+                self.w, W_WSEQ, self.seq + 1, self.addr, self.my_sleep, self.peers, deadline
+            )
 
     def read(self, deadline: float | None = None):
         seq = self.seq
         w = self.w
         if w[W_WSEQ] <= seq:
-            if seq >= self._exp_at:      # idle: drop a big-value segment no longer used
+            if seq >= self._exp_at:  # idle: drop a big-value segment no longer used
                 self._expire(seq)
             self.waiter.wait(w, W_WSEQ, seq + 1, self.addr, self.my_sleep, self.peers, deadline)
-        if self._fence is not None:          # write_seq before the slot map and payload
+        if self._fence is not None:  # write_seq before the slot map and payload
             self._fence()
         k = w[self.map + seq % self.slots]
         off = self.slot_off[k]
         n = w[off >> 3]
         try:
-            if n >= 0 and w[(off >> 3) + 1] == 1:        # KIND_PICKLE, in-band: the fast path
-                value = _loads(self.mv[off + SLOT_HDR:off + SLOT_HDR + n])
+            if n >= 0 and w[(off >> 3) + 1] == 1:  # KIND_PICKLE, in-band: the fast path
+                value = _loads(self.mv[off + SLOT_HDR : off + SLOT_HDR + n])
             else:
                 value = self._decode(k, off, n, seq)
-        except Exception as e:          # consumed all the same: the DAG goes on
+        except Exception as e:  # consumed all the same: the DAG goes on
             value = self._undecodable(e)
         self.seq = seq + 1
-        if self._fence is not None:          # decoding and lease bytes before read_seq
+        if self._fence is not None:  # decoding and lease bytes before read_seq
             self._fence()
-        w[self.my_seq] = seq + 1         # after any lease byte (see the module docstring)
+        w[self.my_seq] = seq + 1  # after any lease byte (see the module docstring)
         if w[W_WSLEEP]:
             shm.futex_wake(self.addr + self.my_seq * 8)
         return value
@@ -112,16 +135,17 @@ class Reader:
         w = self.w
         h = off >> 3
         kind = w[h + 1]
-        if seq >= self._exp_at:          # a big-value segment the writer no longer uses
+        if seq >= self._exp_at:  # a big-value segment the writer no longer uses
             self._expire(seq)
-        if kind == KIND_SYNC:            # an in-band pickle sent to get us here (above)
+        if kind == KIND_SYNC:  # an in-band pickle sent to get us here (above)
             kind = KIND_PICKLE
         if kind == KIND_BIG:
             try:
                 big = self._open_big(k, w[h + 3], w[h + 4])
             except Exception as e:
-                raise NotDecoded(f"its big-value segment {big_name(self.base, w[h + 3])} "
-                                 f"could not be opened") from e
+                raise NotDecoded(
+                    f"its big-value segment {big_name(self.base, w[h + 3])} could not be opened"
+                ) from e
             big.last = seq
             if seq + self.shrink_after < self._exp_at:
                 self._exp_at = seq + self.shrink_after
@@ -130,16 +154,16 @@ class Reader:
         else:
             ro, mv, words, p = self.ro, self.mv, w, off + SLOT_HDR
         if n >= 0 and kind == KIND_PICKLE:
-            return _loads(mv[p:p + n])           # in-band: pickle copies what it keeps
+            return _loads(mv[p : p + n])  # in-band: pickle copies what it keeps
         size = -n if n < 0 else n
         lease = size >= self.zc and len(self._leases) < self.budget
         hw = p >> 3
         if kind == KIND_ARRAY:
             ndim = words[hw]
             dlen = words[hw + 1]
-            shape = tuple(words[hw + 2:hw + 2 + ndim])
+            shape = tuple(words[hw + 2 : hw + 2 + ndim])
             q = p + 16 + 8 * ndim
-            dtype = np.dtype(bytes(mv[q:q + dlen]).decode())
+            dtype = np.dtype(bytes(mv[q : q + dlen]).decode())
             start = p + round64(16 + 8 * ndim + dlen)
             nbytes = p + n - start
             try:
@@ -148,9 +172,8 @@ class Reader:
                 else:
                     root = copy_out(mv, start, nbytes, dtype)
                 return root.reshape(shape)
-            except Exception as e:           # no pickle here: say what did fail
-                raise NotDecoded(f"its array ({dtype}, shape {shape}) could not be "
-                                 f"rebuilt") from e
+            except Exception as e:  # no pickle here: say what did fail
+                raise NotDecoded(f"its array ({dtype}, shape {shape}) could not be rebuilt") from e
         nbufs = words[hw]
         mlen = words[hw + 1]
         lens = [words[hw + 2 + j] for j in range(nbufs)]
@@ -159,11 +182,11 @@ class Reader:
             root = self._lease(k, ro, q, p + size - q, _U8)
         else:
             root = copy_out(mv, q, p + size - q, _U8)
-        bv = memoryview(root)                    # read-only: so is every buffer cut from it
+        bv = memoryview(root)  # read-only: so is every buffer cut from it
         pos = (mlen + 63) & ~63
         parts = []
         for ln in lens:
-            parts.append(bv[pos:pos + ln])
+            parts.append(bv[pos : pos + ln])
             pos = (pos + ln + 63) & ~63
         return _loads(bv[:mlen], buffers=parts)
 
@@ -182,11 +205,11 @@ class Reader:
         k = ref.k
         if self._leases.get(k) is ref:
             del self._leases[k]
-            if self._fence is not None:      # every read of the views before the slot goes
+            if self._fence is not None:  # every read of the views before the slot goes
                 self._fence()
             try:
                 self.mv[self.lease0 + k] = 0
-            except ValueError:                   # this end is closed: nobody writes here
+            except ValueError:  # this end is closed: nobody writes here
                 pass
 
     def _open_big(self, k: int, gen: int, cap: int) -> BigSegment:
@@ -218,14 +241,15 @@ class Reader:
         docstring); views still held keep theirs alive until they go."""
         for k in [k for k, b in self._big.items() if seq - b.last >= self.shrink_after]:
             self._big.pop(k).close()
-        self._exp_at = (min(b.last for b in self._big.values()) + self.shrink_after
-                        if self._big else _NEVER)
+        self._exp_at = (
+            min(b.last for b in self._big.values()) + self.shrink_after if self._big else _NEVER
+        )
 
     def _undecodable(self, exc: Exception):
         procs = self.waiter.procs
         src = self.writer_proc
         ctl = getattr(self.waiter, "control", None)
-        if src < 0 and ctl is not None:          # the process that recorded the writer's pid
+        if src < 0 and ctl is not None:  # the process that recorded the writer's pid
             wpid = self.w[W_WPID]
             src = next((i for i in range(len(procs)) if ctl.pid(i) == wpid), -1)
         who = procs[src] if 0 <= src < len(procs) else "its writer"
@@ -233,10 +257,15 @@ class Reader:
 
     def stats(self) -> dict:
         big = sum(b.size for b in self._big.values())
-        return {"channel": self.channel, "role": "reader", "index": self.index,
-                "big_segments": len(self._big), "big_bytes": big,
-                "mapped_bytes": self.size + big,
-                "leases": len(self._leases)}
+        return {
+            "channel": self.channel,
+            "role": "reader",
+            "index": self.index,
+            "big_segments": len(self._big),
+            "big_bytes": big,
+            "mapped_bytes": self.size + big,
+            "leases": len(self._leases),
+        }
 
     def wake(self) -> None:
         try:

@@ -46,6 +46,7 @@ first, and a name that exists anyway is skipped. Its layout::
 The ring's two ends (``ring.Writer``, ``ring.Reader``) read and write these; the
 stale-segment sweep (``channels.sweep``) reads their magic words, geometry and pids.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -149,8 +150,15 @@ def segment_size(nreaders: int, slots: int, capacity: int) -> tuple[int, int]:
     return header_size(nreaders, slots) + physical_slots(nreaders, slots) * stride, stride
 
 
-def create_segment(name: str, nreaders: int, slots: int, capacity: int, start_seq: int = 0,
-                   shrink_after: int = SHRINK_AFTER, zero_copy_min: int = ZERO_COPY_MIN):
+def create_segment(
+    name: str,
+    nreaders: int,
+    slots: int,
+    capacity: int,
+    start_seq: int = 0,
+    shrink_after: int = SHRINK_AFTER,
+    zero_copy_min: int = ZERO_COPY_MIN,
+):
     """Create ring ``name`` whose slots hold ``buffer_size``=``capacity`` payload bytes (plus
     slack); the header and the first page of every slot are reserved at once (a full
     /dev/shm fails here, with ShmFullError), the rest of a slot when a message needs it."""
@@ -188,8 +196,15 @@ def big_name(ring: str, gen: int) -> str:
     return f"{ring}.x{gen}"
 
 
-def new_big(ring: str, nreaders: int, slot: int, capacity: int, pid: int,
-            value_bytes: int = 0, old_gen: int = 0):
+def new_big(
+    ring: str,
+    nreaders: int,
+    slot: int,
+    capacity: int,
+    pid: int,
+    value_bytes: int = 0,
+    old_gen: int = 0,
+):
     """Create and reserve (all of it) a big-value segment of ring ``ring`` under a new name;
     returns (mapping, generation, name). ShmFullError (nothing left behind) when /dev/shm
     cannot hold it.
@@ -202,16 +217,20 @@ def new_big(ring: str, nreaders: int, slot: int, capacity: int, pid: int,
         if gen == old_gen:
             continue
         try:
-            return create_big(big_name(ring, gen), nreaders, slot, capacity, pid,
-                              value_bytes), gen, big_name(ring, gen)
+            return (
+                create_big(big_name(ring, gen), nreaders, slot, capacity, pid, value_bytes),
+                gen,
+                big_name(ring, gen),
+            )
         except FileExistsError:
             continue
-    raise FileExistsError(f"channel {channel_of(ring)}: {NAME_TRIES} random big-value "
-                          f"segment names in {shm.SHM_DIR} all exist")
+    raise FileExistsError(
+        f"channel {channel_of(ring)}: {NAME_TRIES} random big-value "
+        f"segment names in {shm.SHM_DIR} all exist"
+    )
 
 
-def create_big(name: str, nreaders: int, slot: int, capacity: int, pid: int,
-               value_bytes: int = 0):
+def create_big(name: str, nreaders: int, slot: int, capacity: int, pid: int, value_bytes: int = 0):
     """Create and reserve (all of it) big-value segment ``name``; returns its mapping.
     ShmFullError (nothing left behind) when /dev/shm cannot hold it."""
     size = big_size(nreaders, capacity)

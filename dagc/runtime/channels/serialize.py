@@ -17,6 +17,7 @@ A reader that cannot decode a message still consumes it and passes on the
 :func:`undecodable` Failure, which says what failed: unpickling, or (``NotDecoded``)
 something else, such as a big-value segment that could not be opened.
 """
+
 from __future__ import annotations
 
 import copyreg
@@ -35,9 +36,19 @@ def tensor_dispatch_table(shared: bool = False):
     torch = sys.modules.get("torch")
     if torch is None:
         return None
-    np_ok = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
-             torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
-             torch.complex128}
+    np_ok = {
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    }
 
     rebuild = rebuild_tensor_copy if shared else rebuild_tensor
 
@@ -69,6 +80,7 @@ class _Writable:
 def _from_numpy(arr):
     """A tensor over ``arr``'s memory, with no warning (see the module docstring)."""
     import torch
+
     if not arr.flags.writeable:
         arr = np.asarray(_Writable(arr))
     return torch.from_numpy(arr)
@@ -86,7 +98,8 @@ def rebuild_tensor(arr, requires_grad):
 def rebuild_tensor_copy(arr, requires_grad):
     """A tensor of its own, for a reader that shares the slot with other readers."""
     import torch
-    t = torch.from_numpy(np.array(arr))          # a writeable copy: the only copy made
+
+    t = torch.from_numpy(np.array(arr))  # a writeable copy: the only copy made
     if requires_grad:
         t.requires_grad_(True)
     return t
@@ -102,16 +115,21 @@ def undecodable(exc: Exception, who: str, channel: str):
     decode (``exc``), sent by ``who`` on ``channel`` ("c3", or a TCP channel's
     "<token>:c3"): that execution gets a TaskError saying which value and why."""
     from dagc.runtime.failure import capture
+
     cid = channel.rsplit(":", 1)[-1]
     if isinstance(exc, NotDecoded):
         cause = exc.__cause__ or exc
         cls = OSError if isinstance(cause, OSError) else RuntimeError
-        err = cls(f"a value sent by {who} on channel {cid} could not be read by its reader: "
-                  f"{exc} ({type(cause).__name__}: {cause}). Only that execution fails.")
+        err: Exception = cls(
+            f"a value sent by {who} on channel {cid} could not be read by its reader: "
+            f"{exc} ({type(cause).__name__}: {cause}). Only that execution fails."
+        )
         return capture(err, who, f"<read {cid}>", -1)
-    err = TypeError(f"a value sent by {who} on channel {cid} could not be unpickled by its "
-                    f"reader: {type(exc).__name__}: {exc}. Send values whose classes can be "
-                    f"imported (and rebuilt) on every process of the DAG.")
+    err = TypeError(
+        f"a value sent by {who} on channel {cid} could not be unpickled by its "
+        f"reader: {type(exc).__name__}: {exc}. Send values whose classes can be "
+        f"imported (and rebuilt) on every process of the DAG."
+    )
     return capture(err, who, "<unpickle>", -1)
 
 
@@ -119,12 +137,12 @@ class PickleEncoder:
     """Mixin for channel writers: ``_encode(value)`` -> pickle bytes; buffers in ``_bufs``."""
 
     _bufs: list
-    _dispatch = None          # becomes the tensor table (or {}) once torch is imported
+    _dispatch = None  # becomes the tensor table (or {}) once torch is imported
     # set by actor loops: ``on_encode_error(exc, value)`` -> the Failure to send in place of
     # a value that cannot be pickled; ``write`` then returns True (otherwise None)
     on_encode_error = None
     _writing_instead = False
-    _shared_reads = False     # True: the readers share the bytes (a ring with 2+ readers)
+    _shared_reads = False  # True: the readers share the bytes (a ring with 2+ readers)
 
     def _write_instead(self, exc: Exception, value, deadline) -> bool:
         """Called by ``write`` when ``value`` cannot be sent (``exc``: it cannot be pickled,
@@ -134,12 +152,12 @@ class PickleEncoder:
         out (a tensor-transport end must then send no tensors). Off the hot path: ``write``
         only gets here from its ``except``."""
         handler = self.on_encode_error
-        if handler is None or self._writing_instead:   # the stand-in itself failed: raise
+        if handler is None or self._writing_instead:  # the stand-in itself failed: raise
             raise exc
         self._writing_instead = True
         try:
             stand_in = handler(exc, value)
-            self._encode(stand_in)           # must pickle: raise here rather than loop
+            self._encode(stand_in)  # must pickle: raise here rather than loop
             self.write(stand_in, deadline)
         finally:
             self._writing_instead = False

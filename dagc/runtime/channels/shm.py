@@ -21,6 +21,7 @@ Futexes: FUTEX_WAIT/FUTEX_WAKE on a 32-bit word inside a shared mapping, called 
 ctypes (which releases the GIL for the call). Without the shared flag cleared (no
 FUTEX_PRIVATE_FLAG) they work across processes.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -35,13 +36,14 @@ from dagc.errors import DagcError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "dagc-"
-OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC     # never through a symlink
+OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC  # never through a symlink
 
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
 _FUTEX_PRIVATE = 128
 _SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(
-    platform.machine().lower())
+    platform.machine().lower()
+)
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -58,9 +60,15 @@ _syscall.restype = ctypes.c_long
 STRONGLY_ORDERED = frozenset({"x86_64", "amd64"})
 FENCED = frozenset({"aarch64", "arm64"})
 _FENCE_WORD = ctypes.c_int32(0)
-_FENCE_ARGS = (ctypes.c_long(_SYS_FUTEX or 0), ctypes.c_void_p(ctypes.addressof(_FENCE_WORD)),
-               ctypes.c_long(_FUTEX_WAKE | _FUTEX_PRIVATE), ctypes.c_long(1),
-               ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_long(0))
+_FENCE_ARGS = (
+    ctypes.c_long(_SYS_FUTEX or 0),
+    ctypes.c_void_p(ctypes.addressof(_FENCE_WORD)),
+    ctypes.c_long(_FUTEX_WAKE | _FUTEX_PRIVATE),
+    ctypes.c_long(1),
+    ctypes.c_void_p(0),
+    ctypes.c_void_p(0),
+    ctypes.c_long(0),
+)
 
 
 def fence() -> None:
@@ -86,7 +94,8 @@ def ring_fence():
         f"they are correct on x86-64 (stores in order) and on aarch64 (with barriers), and "
         f"this CPU's memory order is neither. Run the DAG's processes on x86-64 or aarch64 "
         f"nodes, or run this graph with Ray Compiled Graph itself "
-        f"(dag.experimental_compile() without dagc.patch_ray()).")
+        f"(dag.experimental_compile() without dagc.patch_ray())."
+    )
 
 
 class _Timespec(ctypes.Structure):
@@ -97,21 +106,34 @@ def futex_wait(addr: int, expected: int, timeout: float) -> None:
     """Sleep while the u32 at ``addr`` equals ``expected``, at most ``timeout`` seconds."""
     if _SYS_FUTEX is None:  # pragma: no cover - unknown architecture: nap instead
         import time
+
         time.sleep(min(timeout, 0.001))
         return
     ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
-    _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAIT),
-             ctypes.c_long(ctypes.c_int32(expected & 0xFFFFFFFF).value), ctypes.byref(ts),
-             ctypes.c_void_p(0), ctypes.c_long(0))
+    _syscall(
+        ctypes.c_long(_SYS_FUTEX),
+        ctypes.c_void_p(addr),
+        ctypes.c_long(_FUTEX_WAIT),
+        ctypes.c_long(ctypes.c_int32(expected & 0xFFFFFFFF).value),
+        ctypes.byref(ts),
+        ctypes.c_void_p(0),
+        ctypes.c_long(0),
+    )
 
 
 def futex_wake(addr: int) -> None:
     """Wake every sleeper on the u32 at ``addr``."""
     if _SYS_FUTEX is None:  # pragma: no cover
         return
-    _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAKE),
-             ctypes.c_long(0x7FFFFFFF), ctypes.c_void_p(0), ctypes.c_void_p(0),
-             ctypes.c_long(0))
+    _syscall(
+        ctypes.c_long(_SYS_FUTEX),
+        ctypes.c_void_p(addr),
+        ctypes.c_long(_FUTEX_WAKE),
+        ctypes.c_long(0x7FFFFFFF),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_long(0),
+    )
 
 
 _MALLOC_TUNED = False
@@ -131,11 +153,12 @@ def tune_malloc() -> None:
         return
     _MALLOC_TUNED = True
     from dagc import config
+
     if not config.MALLOC_TUNE:
         return
     try:
         mallopt = _libc.mallopt
-    except AttributeError:   # not glibc
+    except AttributeError:  # not glibc
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 32 << 20)
@@ -168,8 +191,7 @@ class ShmFullError(DagcError, MemoryError):
         self.needed, self.free, self.total = needed, free, total
 
     def __reduce__(self):
-        return (type(self), (self.args[0] if self.args else "", self.needed, self.free,
-                             self.total))
+        return (type(self), (self.args[0] if self.args else "", self.needed, self.free, self.total))
 
 
 def mib(n: int) -> str:
@@ -196,7 +218,10 @@ def full_error(what: str, needed: int, value_bytes: int = 0) -> ShmFullError:
         f"Kubernetes: an emptyDir volume with medium: Memory mounted at /dev/shm), send "
         f"smaller values, or compile with a smaller max_inflight or buffer_size (each "
         f"value in flight or held by a reader keeps its own copy).",
-        needed, free, total)
+        needed,
+        free,
+        total,
+    )
 
 
 def _fallocate(fd: int, offset: int, length: int) -> None:
@@ -220,8 +245,7 @@ def reserve(fd: int, offset: int, length: int) -> bool:
     return True
 
 
-def create(name: str, size: int, reserve_ranges=(), what: str = "",
-           keep_fd: bool = False):
+def create(name: str, size: int, reserve_ranges=(), what: str = "", keep_fd: bool = False):
     """Create a new segment (fails if the name exists) and map it.
 
     ``reserve_ranges`` ((offset, length), ...) are allocated before anything is mapped;
@@ -233,8 +257,7 @@ def create(name: str, size: int, reserve_ranges=(), what: str = "",
         for off, ln in reserve_ranges:
             if not reserve(fd, off, ln):
                 unlink(name)
-                raise full_error(what or f"segment {name}",
-                                 sum(n for _, n in reserve_ranges))
+                raise full_error(what or f"segment {name}", sum(n for _, n in reserve_ranges))
         mm = mmap.mmap(fd, size)
     except BaseException:
         os.close(fd)
@@ -321,7 +344,7 @@ def unlink_prefix(prefix: str) -> int:
                 continue
             os.unlink(p)
             n += 1
-        except OSError:           # removed meanwhile
+        except OSError:  # removed meanwhile
             pass
     return n
 
@@ -330,7 +353,6 @@ def names(prefix: str) -> list[str]:
     """Names in SHM_DIR that start with ``prefix``. A plain listing: /dev/shm can hold
     thousands of other programs' entries, and glob's pattern matching costs twice as much."""
     return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
-
 
 
 def pid_alive(pid: int) -> bool:
@@ -346,6 +368,6 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        return data[data.rindex(b")") + 2:data.rindex(b")") + 3] not in (b"Z", b"X")
+        return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] not in (b"Z", b"X")
     except (OSError, ValueError):
         return False

@@ -8,6 +8,7 @@ trusting only this user's own, well-formed segments: a control segment of exactl
 word whose size matches its own header. Names in /dev/shm are visible to, and can be made
 by, every user.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ import struct
 from dagc.runtime.channels import segment, shm
 from dagc.runtime.channels.control import C_MAGIC, C_PIDS, CTL_MAGIC, CTL_SIZE
 
-_CTL_NAME = re.compile(r"^(dagc-[0-9a-f]{24}-)ctl(\.\d+)?$")   # ctl.<node index>
+_CTL_NAME = re.compile(r"^(dagc-[0-9a-f]{24}-)ctl(\.\d+)?$")  # ctl.<node index>
 _CHAN_NAME = re.compile(r"^(dagc-[0-9a-f]{24}-)c\d+(\.x\d+)?$")  # c<n>[.x<big-value gen>]
 
 
@@ -33,7 +34,7 @@ def _read_own(name: str, nbytes: int) -> tuple[int, bytes] | None:
         if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
             return None
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | shm.OPEN_FLAGS)
-    except OSError:           # removed meanwhile, replaced by a symlink (ELOOP), ...
+    except OSError:  # removed meanwhile, replaced by a symlink (ELOOP), ...
         return None
     try:
         st = os.fstat(fd)
@@ -75,9 +76,13 @@ def _channel_pids(name: str) -> list[int] | None:
     magic = struct.unpack_from("<q", data)[0]
     if magic == segment.RING_MAGIC:
         _, nslots, stride, nreaders, _, nphys = struct.unpack_from("<6q", data)
-        if (not 0 < nslots <= 1 << 16 or not 0 < nreaders <= 1 << 12
-                or stride < segment.SLOT_HDR or stride % 64
-                or nphys != segment.physical_slots(nreaders, nslots)):
+        if (
+            not 0 < nslots <= 1 << 16
+            or not 0 < nreaders <= 1 << 12
+            or stride < segment.SLOT_HDR
+            or stride % 64
+            or nphys != segment.physical_slots(nreaders, nslots)
+        ):
             return None
         hdr = segment.header_size(nreaders, nslots)
         if size != hdr + nphys * stride:
@@ -99,13 +104,15 @@ def _channel_pids(name: str) -> list[int] | None:
 
 
 def _stale(pids: list[int] | None) -> bool:
-    return bool(pids) and not any(shm.pid_alive(pid) for pid in pids)
+    if not pids:
+        return False
+    return not any(shm.pid_alive(pid) for pid in pids)
 
 
 def _scan() -> tuple[list[str], list[str]]:
     """(stale prefixes, stale channel segments outside them); see the two functions below."""
     names = shm.names(shm.PREFIX)
-    ctl_of: dict[str, bool] = {}            # prefix -> some trusted control is stale
+    ctl_of: dict[str, bool] = {}  # prefix -> some trusted control is stale
     for name in names:
         m = _CTL_NAME.match(name)
         if m:

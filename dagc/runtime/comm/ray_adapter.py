@@ -51,6 +51,7 @@ import uuid
 from typing import Any
 
 from dagc.runtime.comm.base import DONE, Communicator, Work, check_op, node_ip
+from dagc.runtime.comm.ray_streams import minmax_broken, ready_stream, record, stream_context
 
 _ABORT = "abort"
 # stores opened by prepare(), by (host, port): prepare runs on a copy of the instance that
@@ -89,26 +90,6 @@ def adapt(obj, what: str = "communicator") -> Communicator:
 
 def actor_key(handle) -> str:
     return handle._ray_actor_id.hex()
-
-
-class _EventWork(Work):
-    """A send or receive issued inside the Ray communicator's stream: ``wait`` makes the
-    caller's current stream wait for the event recorded there (the host does not block)."""
-
-    __slots__ = ("event", "tensor")
-
-    def __init__(self, event, tensor):
-        self.event = event
-        self.tensor = tensor
-
-    def wait(self) -> None:
-        import torch
-
-        torch.cuda.current_stream().wait_event(self.event)
-        self.tensor = None
-
-    def is_completed(self) -> bool:
-        return self.event.query()
 
 
 class RayCommunicator(Communicator):
@@ -247,10 +228,10 @@ class RayCommunicator(Communicator):
             "avg": ReduceOp.AVG,
         }
         self._streams = (
-            _stream_context(self.ray_comm, "send_stream") is not None
-            and _stream_context(self.ray_comm, "recv_stream") is not None
+            stream_context(self.ray_comm, "send_stream") is not None
+            and stream_context(self.ray_comm, "recv_stream") is not None
         )
-        self._minmax_by_sum = _minmax_broken(self.ray_comm)
+        self._minmax_by_sum = minmax_broken(self.ray_comm)
 
     def _store(self, rdv: dict, rank: int, timeout: float):
         from torch.distributed import TCPStore
@@ -327,20 +308,20 @@ class RayCommunicator(Communicator):
             self.send(tensor, peer)
             return DONE
         ctx = self.ray_comm.send_stream
-        stream = _ready_stream(ctx)
+        stream = ready_stream(ctx)
         with ctx:
             self.ray_comm.send(tensor, self._peer[peer])
-        return _record(stream, tensor)
+        return record(stream, tensor)
 
     def irecv(self, tensor, peer: int) -> Work:
         if not self._streams:
             self.recv(tensor, peer)
             return DONE
         ctx = self.ray_comm.recv_stream
-        stream = _ready_stream(ctx)
+        stream = ready_stream(ctx)
         with ctx:
             self.recv(tensor, peer)
-        return _record(stream, tensor)
+        return record(stream, tensor)
 
     # -- collectives --------------------------------------------------------------------------
     def allreduce(self, tensor, op: str = "sum") -> None:
@@ -357,7 +338,7 @@ class RayCommunicator(Communicator):
 
     def _minmax(self, tensor, op: str) -> None:
         """MAX/MIN from a SUM all-reduce of every rank's tensor in its own row (for Ray's
-        CPUCommunicator, whose MAX/MIN fail: see _minmax_broken). World x the size, so only
+        CPUCommunicator, whose MAX/MIN fail: see minmax_broken). World x the size, so only
         small tensors should take this way; dagc's own flag words (6 int64) do."""
         import torch
 
@@ -420,48 +401,3 @@ class RayCommunicator(Communicator):
             else "not set up"
         )
         return f"RayCommunicator({type(self.ray_comm).__name__}, {state})"
-
-
-def _minmax_broken(comm) -> bool:
-    """Whether ``comm`` is Ray's CPUCommunicator in a Ray whose barrier cannot MAX or MIN
-    (Ray 2.60's cpu_communicator.py calls ``torch.max`` without importing torch at run
-    time: a NameError in the barrier actor). dagc's collectives all-reduce their flag words
-    with MAX, so the adapter builds MAX/MIN from SUM there."""
-    try:
-        from ray.experimental.channel import cpu_communicator as m
-    except Exception:  # pragma: no cover - ray is a dependency
-        return False
-    return isinstance(comm, m.CPUCommunicator) and "torch" not in vars(m)
-
-
-def _stream_context(comm, name: str):
-    """``comm.send_stream``/``recv_stream`` when it is a context manager (Ray's NCCL group:
-    a ``torch.cuda.StreamContext``), else None (Ray's CPUCommunicator raises or has plain
-    methods there)."""
-    try:
-        ctx = getattr(comm, name)
-    except Exception:
-        return None
-    return ctx if hasattr(ctx, "__enter__") and hasattr(ctx, "__exit__") else None
-
-
-def _ready_stream(ctx):
-    """The CUDA stream of a stream context, made to wait for the caller's current stream
-    (the tensor is ready there), or None when the context has no stream."""
-    stream = getattr(ctx, "stream", None)
-    if stream is None:
-        return None
-    import torch
-
-    stream.wait_stream(torch.cuda.current_stream())
-    return stream
-
-
-def _record(stream, tensor) -> Work:
-    if stream is None:
-        return DONE
-    import torch
-
-    ev = torch.cuda.Event()
-    ev.record(stream)
-    return _EventWork(ev, tensor)

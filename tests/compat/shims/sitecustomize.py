@@ -17,6 +17,7 @@ subprocesses. It makes Ray's test file importable unchanged and fetches nothing:
 Nothing here imports Ray or dagc; processes that never import these names (Ray's own
 helper processes) pay nothing.
 """
+
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -37,8 +38,11 @@ class _Package(importlib.abc.Loader):
 
 
 class _RayTestsFinder(importlib.abc.MetaPathFinder):
-    PACKAGES = {"ray.tests": [], "ray.dag.tests": [],
-                "ray.dag.tests.experimental": [_RAY_TESTS] if _RAY_TESTS else []}
+    PACKAGES = {
+        "ray.tests": [],
+        "ray.dag.tests": [],
+        "ray.dag.tests.experimental": [_RAY_TESTS] if _RAY_TESTS else [],
+    }
 
     def find_spec(self, fullname, path, target=None):
         if fullname == "ray.tests.conftest":
@@ -77,7 +81,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                 inner.exec_module(module)
                 try:
                     callback()
-                except Exception as e:          # never break the import itself
+                except Exception as e:  # never break the import itself
                     print(f"[dagc shim] after importing {fullname}: {e!r}", file=sys.stderr)
 
         spec.loader = _Loader()
@@ -88,11 +92,13 @@ def _alias_run_string_as_driver():
     mod = sys.modules.get("ray._private.test_utils")
     if mod is not None and not hasattr(mod, "run_string_as_driver"):
         from ray._common.test_utils import run_string_as_driver
+
         mod.run_string_as_driver = run_string_as_driver
 
 
 def _patch():
-    from dagc import ray_compat      # importing dagc with DAGC_PATCH_RAY=1 patches
+    from dagc import ray_compat  # importing dagc with DAGC_PATCH_RAY=1 patches
+
     ray_compat.autopatch_from_env()
 
 

@@ -13,11 +13,19 @@ docs/tcp.md.
     writer.py     TcpWriter
     reader.py     TcpReader
 """
+
 from dagc.runtime.channels.tcp.reader import TcpReader
 from dagc.runtime.channels.tcp.tls import FROM_ENV, TlsFiles
-from dagc.runtime.channels.tcp.wire import (TcpAuthError, TcpProtocolError, TcpSetupError,
-                                            new_secret)
+from dagc.runtime.channels.tcp.wire import TcpAuthError, TcpProtocolError, TcpSetupError, new_secret
 from dagc.runtime.channels.tcp.writer import TcpWriter
 
-__all__ = ["TcpReader", "TcpWriter", "TcpAuthError", "TcpProtocolError", "TcpSetupError",
-           "TlsFiles", "FROM_ENV", "new_secret"]
+__all__ = [
+    "TcpReader",
+    "TcpWriter",
+    "TcpAuthError",
+    "TcpProtocolError",
+    "TcpSetupError",
+    "TlsFiles",
+    "FROM_ENV",
+    "new_secret",
+]

@@ -6,6 +6,7 @@ connection that passed as a :class:`Conn` until the writer takes it (``take``). 
 unauthenticated connections is shed (at most 32 handshakes at once); once every reader
 index is taken the listening socket closes.
 """
+
 from __future__ import annotations
 
 import socket
@@ -19,8 +20,7 @@ from dagc.runtime.channels.tcp.wire import tune_socket
 class Conn:
     """The writer's end of one reader's connection."""
 
-    __slots__ = ("sock", "fd", "index", "name", "proc", "acked", "rx", "closed", "queue",
-                 "error")
+    __slots__ = ("sock", "fd", "index", "name", "proc", "acked", "rx", "closed", "queue", "error")
 
     def __init__(self, sock, index, name, proc):
         self.sock = sock
@@ -28,11 +28,11 @@ class Conn:
         self.index = index
         self.name = name
         self.proc = proc
-        self.acked = 0          # messages this reader consumed
-        self.rx = b""           # a partial ack
-        self.closed = False     # the reader sent CLOSE
-        self.queue = deque()    # bytes written and not yet taken by the kernel, in order
-        self.error = None       # a send error the sender thread ran into
+        self.acked = 0  # messages this reader consumed
+        self.rx = b""  # a partial ack
+        self.closed = False  # the reader sent CLOSE
+        self.queue = deque()  # bytes written and not yet taken by the kernel, in order
+        self.error = None  # a send error the sender thread ran into
 
 
 class Acceptor:
@@ -43,9 +43,19 @@ class Acceptor:
     connection passed, so the writer's thread can take it.
     """
 
-    def __init__(self, channel: str, nreaders: int, secret: bytes, ctx, reader_procs: tuple,
-                 reader_names: list, connect_timeout: float, liveness: float,
-                 stall_timeout: float | None, arrived):
+    def __init__(
+        self,
+        channel: str,
+        nreaders: int,
+        secret: bytes,
+        ctx,
+        reader_procs: tuple,
+        reader_names: list,
+        connect_timeout: float,
+        liveness: float,
+        stall_timeout: float | None,
+        arrived,
+    ):
         self.channel = channel
         self._chan = channel.encode()
         self.nreaders = nreaders
@@ -84,8 +94,9 @@ class Acceptor:
                 except OSError:
                     advertise = "127.0.0.1"
         self.address = (advertise, bound[1])
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                        name=f"dagc-tcp-accept-{self.channel}")
+        self._thread = threading.Thread(
+            target=self._accept_loop, daemon=True, name=f"dagc-tcp-accept-{self.channel}"
+        )
         self._thread.start()
         return self.address
 
@@ -111,18 +122,21 @@ class Acceptor:
 
     def _accept_loop(self) -> None:
         ls = self._lsock
+        if ls is None:  # closed before this thread started
+            return
         while not self._closed and len(self._taken) < self.nreaders:
             try:
                 s, _ = ls.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break
             if not self._handshakes.acquire(blocking=False):
-                s.close()           # a flood of unauthenticated connections: shed it
+                s.close()  # a flood of unauthenticated connections: shed it
                 continue
-            threading.Thread(target=self._handshake, args=(s,), daemon=True,
-                             name=f"dagc-tcp-auth-{self.channel}").start()
+            threading.Thread(
+                target=self._handshake, args=(s,), daemon=True, name=f"dagc-tcp-auth-{self.channel}"
+            ).start()
         with self._lock:
             self._lsock = None
         try:
@@ -131,17 +145,17 @@ class Acceptor:
             pass
 
     def _handshake(self, s: socket.socket) -> None:
-        index = -1           # set once this connection owns a reader index
+        index = -1  # set once this connection owns a reader index
         try:
             s.settimeout(min(10.0, self.connect_timeout))
             if self._ctx is not None:
                 # TLS first: a client without a certificate the CA signed, or one not
                 # speaking TLS, fails here (closed below) before a byte of ours is read
-                s = self._ctx.wrap_socket(s, server_side=True, do_handshake_on_connect=False)
-                s.do_handshake()
+                s = tls = self._ctx.wrap_socket(s, server_side=True, do_handshake_on_connect=False)
+                tls.do_handshake()
             got = handshake.challenge(s, self._secret, self._chan, self.nreaders)
             if got is None:
-                s.close()           # wrong secret or channel: say nothing, unpickle nothing
+                s.close()  # wrong secret or channel: say nothing, unpickle nothing
                 return
             claimed, nonce_w, nonce_r = got
             with self._lock:
@@ -172,7 +186,7 @@ class Acceptor:
             self._handshakes.release()
             if len(self._taken) >= self.nreaders:
                 ls = self._lsock
-                if ls is not None:      # all readers in: stop accepting now
+                if ls is not None:  # all readers in: stop accepting now
                     try:
                         ls.shutdown(socket.SHUT_RDWR)
                     except OSError:

@@ -4,6 +4,7 @@ kernel's), and for big frames the previous big frame's buffer again once every v
 from it is gone: a fresh buffer's pages fault in one by one as recv fills them (for 64 MiB
 about a third of what copying it costs), a reused one's are already mapped.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -21,14 +22,15 @@ class _Lent(weakref.ref):
     """A weak reference to the buffer a big frame was received into, with its store."""
 
     __slots__ = ("store",)
+    store: np.ndarray
 
 
 class FrameBuffers:
     """One reader's frame buffers: at most one spare (the last big frame's, once free)."""
 
-    def __init__(self):
-        self._spare = None
-        self._lent: dict = {}         # id -> _Lent of a buffer values still use
+    def __init__(self) -> None:
+        self._spare: np.ndarray | None = None
+        self._lent: dict = {}  # id -> _Lent of a buffer values still use
         self._closed = False
 
     def take(self, n: int):
@@ -40,7 +42,7 @@ class FrameBuffers:
         if store is None or not n <= len(store) <= 2 * n:
             store = _empty(n, _uint8)
         self._spare = None
-        root = store[:n]                  # the values keep this view, and so the store
+        root = store[:n]  # the values keep this view, and so the store
         ref = _Lent(root, self._give_back)
         ref.store = store
         self._lent[id(ref)] = ref

@@ -1,14 +1,15 @@
 """The reading end of a TCP channel: connects, authenticates, parses frames, acks.
 
 See docs/tcp.md for the protocol and the states of a message; ``handshake.py`` has the
-reader's half of the handshake, ``tls.py`` the TLS variants of the per-message methods.
+reader's half of the handshake, ``frames.py`` the parsing of frames, ``tls.py`` the TLS
+variants of the per-message methods.
 """
+
 from __future__ import annotations
 
 import pickle
 import select
 import socket
-import struct
 import threading
 import time
 
@@ -16,18 +17,31 @@ from dagc.runtime.channels.control import ChannelClosed, PeerDied, WaitTimeout
 from dagc.runtime.channels.serialize import undecodable
 from dagc.runtime.channels.tcp import handshake
 from dagc.runtime.channels.tcp.buffers import FrameBuffers
+from dagc.runtime.channels.tcp.frames import Frames
 from dagc.runtime.channels.tcp.tls import FROM_ENV, ReaderTls, resolve_tls, tls_context
-from dagc.runtime.channels.tcp.wire import (ACK, CLOSE_ACK, DONTWAIT, HDR, HDR_SIZE,
-                                            KIND_CLOSE, KIND_DATA, KIND_FAIL, MAX_BUFS,
-                                            MAX_NAME, NOSIGNAL, RING, SLICE, Retry,
-                                            TcpProtocolError, TcpSetupError, WakePipe, again,
-                                            check_secret, mark_failed, proc_name, tune_socket)
+from dagc.runtime.channels.tcp.wire import (
+    ACK,
+    CLOSE_ACK,
+    DONTWAIT,
+    NOSIGNAL,
+    RING,
+    SLICE,
+    Retry,
+    TcpSetupError,
+    WakePipe,
+    again,
+    check_secret,
+    mark_failed,
+    proc_name,
+    tune_socket,
+)
+
 _monotonic = time.monotonic
 _loads = pickle.loads
 _POLLIN = select.POLLIN
 
 
-class TcpReader(ReaderTls):
+class TcpReader(ReaderTls, Frames):
     """The reading end of a TCP channel for reader number ``index``.
 
     Connects (and authenticates) in the constructor, retrying until ``connect_timeout``;
@@ -36,17 +50,30 @@ class TcpReader(ReaderTls):
     ``TcpWriter`` (default: TLS exactly when Ray uses it).
     """
 
-    def __init__(self, host: str, port: int, secret: bytes, index: int = 0, waiter=None,
-                 writer_proc: int = -1, *, channel: str = "", writer_name: str | None = None,
-                 check_peers: tuple = (), connect_timeout: float = 60.0,
-                 liveness: float = 5.0, connect: bool = True, tls=FROM_ENV):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        secret: bytes,
+        index: int = 0,
+        waiter=None,
+        writer_proc: int = -1,
+        *,
+        channel: str = "",
+        writer_name: str | None = None,
+        check_peers: tuple = (),
+        connect_timeout: float = 60.0,
+        liveness: float = 5.0,
+        connect: bool = True,
+        tls=FROM_ENV,
+    ):
         self.tls = resolve_tls(tls)
         self._ctx = None
         if self.tls is not None:
             # the TLS variants of the per-message socket calls (see TcpWriter.__init__)
             self._ctx = tls_context(self.tls, server_side=False)
-            self._fill = self._fill_tls
-            self._send_ack = self._send_ack_tls
+            self._fill = self._fill_tls  # type: ignore[method-assign]
+            self._send_ack = self._send_ack_tls  # type: ignore[method-assign]
             self._ack_new = b""
         self.host, self.port = host, int(port)
         self.channel = channel
@@ -55,25 +82,28 @@ class TcpReader(ReaderTls):
         self.waiter = waiter
         self.writer_proc = writer_proc
         self.writer_name = writer_name or proc_name(
-            waiter, writer_proc, f"writer of channel {channel} at {host}:{port}")
+            waiter, writer_proc, f"writer of channel {channel} at {host}:{port}"
+        )
         self.check_peers = tuple(check_peers)
         self.connect_timeout = connect_timeout
         self.liveness = liveness
         self.seq = 0
-        self.sock: socket.socket | None = None
+        # set by connect(), before any read (the reads take it as set: no check per call)
+        self.sock: socket.socket = None  # type: ignore[assignment]
         self._wake = WakePipe()
         self._buf = bytearray(RING)
         self._mv = memoryview(self._buf)
-        self._lo = self._hi = 0       # unparsed bytes are _buf[_lo:_hi]
-        self._big = None              # [blob, targets, target, filled, pickle span, buffers]
-        self._msg = None              # a complete message not yet read
+        self._lo = self._hi = 0  # unparsed bytes are _buf[_lo:_hi]
+        # [blob, targets, target, filled, pickle span, buffers] of a big frame being received
+        self._big: list | None = None
+        self._msg = None  # a complete message not yet read
         self._buffers = FrameBuffers()  # where frames with out-of-band buffers go
         self._eof = False
         self._drained = True
         self._end: BaseException | None = None
         self._ack_out = b""
         self._closed = False
-        self._rlock = threading.Lock()   # read() vs ready() from another thread
+        self._rlock = threading.Lock()  # read() vs ready() from another thread
         if connect:
             self.connect()
 
@@ -91,18 +121,25 @@ class TcpReader(ReaderTls):
                 raise ChannelClosed()
             left = deadline - _monotonic()
             if left <= 0:
-                tls = "" if self._ctx is not None else (
-                    ", and is this end's RAY_USE_TLS the writer's (a TLS writer never "
-                    "answers a plain reader)")
+                tls = (
+                    ""
+                    if self._ctx is not None
+                    else (
+                        ", and is this end's RAY_USE_TLS the writer's (a TLS writer never "
+                        "answers a plain reader)"
+                    )
+                )
                 raise TcpSetupError(
                     f"could not connect to the writer of channel {self.channel!r} at "
                     f"{self.host}:{self.port} within {self.connect_timeout:g} s ({last}); "
-                    f"is its process alive and the port reachable from this node{tls}?")
+                    f"is its process alive and the port reachable from this node{tls}?"
+                )
             try:
-                s = handshake.dial(self.host, self.port, left, self._ctx, self._secret,
-                                   self.channel, self.index)
+                s = handshake.dial(
+                    self.host, self.port, left, self._ctx, self._secret, self.channel, self.index
+                )
                 break
-            except Retry as e:             # refused, unreachable, timed out, shed: retry
+            except Retry as e:  # refused, unreachable, timed out, shed: retry
                 last = e.__cause__ or e
             if self.waiter is not None:
                 try:
@@ -126,14 +163,14 @@ class TcpReader(ReaderTls):
         big = self._big
         try:
             if big is not None:
-                t = big[1][big[2]][big[3]:]
+                t = big[1][big[2]][big[3] :]
                 want = len(t)
                 n = self.sock.recv_into(t)
             else:
                 if self._hi == len(self._buf):
                     self._compact(len(self._buf) + (RING if self._lo == 0 else 0))
                 want = len(self._buf) - self._hi
-                n = self.sock.recv_into(self._mv[self._hi:])
+                n = self.sock.recv_into(self._mv[self._hi :])
         except (BlockingIOError, InterruptedError):
             self._drained = True
             return False
@@ -145,115 +182,10 @@ class TcpReader(ReaderTls):
         self._drained = n < want
         if big is not None:
             big[3] += n
-            self._advance_big()
+            self._advance_big(big)
         else:
             self._hi += n
         return True
-
-    def _compact(self, need: int) -> None:
-        """Move unparsed bytes to the front; grow the ring if ``need`` bytes will not fit."""
-        lo, hi = self._lo, self._hi
-        if need > len(self._buf):
-            buf = bytearray(need)
-            buf[:hi - lo] = self._mv[lo:hi]
-            self._buf, self._mv = buf, memoryview(buf)
-        elif lo:
-            self._mv[:hi - lo] = self._mv[lo:hi]
-        self._lo, self._hi = 0, hi - lo
-
-    def _advance_big(self) -> None:
-        big = self._big
-        targets = big[1]
-        while big[2] < len(targets) and big[3] >= len(targets[big[2]]):
-            big[2] += 1
-            big[3] = 0
-
-    def _parse(self):
-        """A complete message from what has arrived, or None. Consumes its header."""
-        big = self._big
-        if big is not None:
-            if big[2] < len(big[1]):
-                return None
-            self._big = None
-            return big
-        lo = self._lo
-        avail = self._hi - lo
-        if avail < HDR_SIZE:
-            if lo + HDR_SIZE > len(self._buf):
-                self._compact(0)
-            return None
-        kind, _, _, nbufs, mlen = HDR.unpack_from(self._buf, lo)
-        if kind != KIND_DATA:
-            if kind == KIND_CLOSE:
-                self._lo = lo + HDR_SIZE
-                return KIND_CLOSE
-            if kind == KIND_FAIL and mlen <= MAX_NAME:
-                if avail < HDR_SIZE + mlen:
-                    if lo + HDR_SIZE + mlen > len(self._buf):
-                        self._compact(0)
-                    return None
-                self._lo = lo + HDR_SIZE + mlen
-                return PeerDied(bytes(self._mv[lo + HDR_SIZE:lo + HDR_SIZE + mlen])
-                                .decode("utf-8", "replace"))
-            raise TcpProtocolError(f"bad frame kind {kind} on channel {self.channel!r}")
-        if nbufs == 0 and mlen <= RING - HDR_SIZE:
-            end = lo + HDR_SIZE + mlen
-            if self._hi >= end:
-                self._lo = end
-                return (lo + HDR_SIZE, end)
-            if end > len(self._buf):
-                self._compact(HDR_SIZE + mlen)
-            return None
-        if nbufs > MAX_BUFS:
-            raise TcpProtocolError(f"frame with {nbufs} buffers on channel {self.channel!r}")
-        hlen = HDR_SIZE + 8 * nbufs
-        if avail < hlen:
-            if lo + hlen > len(self._buf):
-                self._compact(hlen)
-            return None
-        lens = struct.unpack_from(f"<{nbufs}Q", self._buf, lo + HDR_SIZE) if nbufs else ()
-        # one blob laid out like the shm slot: pickle, then each buffer 64-byte aligned
-        offs = []
-        size = mlen
-        for ln in lens:
-            size = (size + 63) & ~63
-            offs.append(size)
-            size += ln
-        if nbufs:
-            blob = self._buffers.take(size + 64)
-            shift = -blob.ctypes.data & 63          # put the buffers on 64-byte boundaries
-            offs = [o + shift for o in offs]
-        else:
-            blob = bytearray(size)
-            shift = 0
-        bv = memoryview(blob)
-        targets = [bv[shift:shift + mlen]]
-        targets.extend(bv[o:o + ln] for o, ln in zip(offs, lens))
-        targets = [t for t in targets if len(t)]
-        # what the ring already holds of this frame
-        p = lo + hlen
-        hi = self._hi
-        ti = 0
-        filled = 0
-        while ti < len(targets) and p < hi:
-            t = targets[ti]
-            k = min(len(t) - filled, hi - p)
-            t[filled:filled + k] = self._mv[p:p + k]
-            p += k
-            filled += k
-            if filled == len(t):
-                ti += 1
-                filled = 0
-        self._lo = p
-        if p == hi:
-            self._lo = self._hi = 0
-        ro = bv.toreadonly()        # arrays arrive read-only, as from a shm slot (ring.py)
-        parts = [ro[o:o + ln] for o, ln in zip(offs, lens)]
-        msg = [blob, targets, ti, filled, (shift, shift + mlen), parts]
-        if ti < len(targets):
-            self._big = msg
-            return None
-        return msg
 
     def _next(self, deadline):
         """Wait for a complete message (the next frame, or KIND_CLOSE)."""
@@ -353,8 +285,8 @@ class TcpReader(ReaderTls):
         self._msg = None
         if m.__class__ is tuple:
             try:
-                value = _loads(self._mv[m[0]:m[1]])
-            except Exception as e:     # consumed and acked all the same: the DAG goes on
+                value = _loads(self._mv[m[0] : m[1]])
+            except Exception as e:  # consumed and acked all the same: the DAG goes on
                 value = undecodable(e, self.writer_name, self.channel)
             if self._lo == self._hi:
                 self._lo = self._hi = 0
@@ -365,14 +297,14 @@ class TcpReader(ReaderTls):
                     value = _loads(memoryview(blob)[start:end], buffers=parts)
                 else:
                     value = _loads(blob)
-            except Exception as e:     # as above
+            except Exception as e:  # as above
                 value = undecodable(e, self.writer_name, self.channel)
         elif m.__class__ is PeerDied:  # FAIL: the writer passes on a death it saw
             procs = getattr(self.waiter, "procs", None) or ()
             mark_failed(self.waiter, procs.index(m.who) if m.who in procs else -1)
             self._end = m
             raise again(m)
-        else:                       # KIND_CLOSE
+        else:  # KIND_CLOSE
             self._end = ChannelClosed()
             raise again(self._end)
         self.seq = seq = self.seq + 1
@@ -394,7 +326,7 @@ class TcpReader(ReaderTls):
             n = self.sock.send(data, NOSIGNAL)
         except BlockingIOError:
             n = 0
-        except OSError:             # the writer is gone; the next wait says so
+        except OSError:  # the writer is gone; the next wait says so
             self._ack_out = b""
             return
         self._ack_out = data[n:]
@@ -423,7 +355,7 @@ class TcpReader(ReaderTls):
                 s.close()
             except OSError:
                 pass
-        self._wake.wake()        # the pipe itself closes with this object (no fd reuse race)
+        self._wake.wake()  # the pipe itself closes with this object (no fd reuse race)
 
     def __del__(self):
         pipe = getattr(self, "_wake", None)
@@ -431,5 +363,6 @@ class TcpReader(ReaderTls):
             pipe.close()
 
     def __repr__(self) -> str:
-        return (f"<TcpReader {self.channel} #{self.index} <- {self.host}:{self.port}, "
-                f"seq {self.seq}>")
+        return (
+            f"<TcpReader {self.channel} #{self.index} <- {self.host}:{self.port}, seq {self.seq}>"
+        )

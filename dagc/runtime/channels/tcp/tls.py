@@ -8,26 +8,30 @@ per-message methods when it is made (``_send``/``_drain_acks`` of the writer,
 ``_fill``/``_send_ack`` of the reader), and a plain end runs exactly the code it runs
 without them.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 import ssl
 import threading
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from dagc.runtime.channels.control import ChannelClosed
-from dagc.runtime.channels.tcp.wire import (CLOSE_ACK, RING, TcpSetupError, after,
-                                            freeze)
+from dagc.runtime.channels.tcp.wire import CLOSE_ACK, RING, TcpSetupError, WakePipe, after, freeze
 
-_TLS_JOIN = 16 << 10        # a TLS frame up to one record's payload is joined before writing
+if TYPE_CHECKING:
+    from dagc.runtime.channels.tcp.accept import Conn
 
-FROM_ENV = "ray"        # default of the ends' ``tls``: whatever Ray uses (dagc.config.ray_tls)
+_TLS_JOIN = 16 << 10  # a TLS frame up to one record's payload is joined before writing
+
+FROM_ENV = "ray"  # default of the ends' ``tls``: whatever Ray uses (dagc.config.ray_tls)
 WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class TlsFiles(NamedTuple):
     """PEM files: this end's certificate (chain) and key, and the CA both ends trust."""
+
     cert: str
     key: str
     ca: str
@@ -39,6 +43,7 @@ def resolve_tls(tls) -> TlsFiles | None:
     plain TCP; a (cert, key, ca) tuple: those files."""
     if tls == FROM_ENV:
         from dagc import config
+
         tls = config.ray_tls()
     if not tls:
         return None
@@ -58,18 +63,20 @@ def tls_context(files: TlsFiles, server_side: bool) -> ssl.SSLContext:
     renegotiation: nothing but application data moves after the handshake, so a
     non-blocking end never meets a TLS record it did not ask for."""
     try:
-        stamp = tuple(os.stat(f).st_mtime_ns for f in files)   # a replaced file is re-read
+        stamp = tuple(os.stat(f).st_mtime_ns for f in files)  # a replaced file is re-read
     except OSError as e:
-        raise TcpSetupError(f"TLS is on (RAY_USE_TLS) but {e.filename} cannot be read: "
-                            f"{e.strerror}") from None
+        raise TcpSetupError(
+            f"TLS is on (RAY_USE_TLS) but {e.filename} cannot be read: {e.strerror}"
+        ) from None
     key = (files, stamp, server_side)
     with _CONTEXTS_LOCK:
         ctx = _CONTEXTS.get(key)
         if ctx is not None:
             return ctx
         try:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side
-                                 else ssl.PROTOCOL_TLS_CLIENT)
+            ctx = ssl.SSLContext(
+                ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT
+            )
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             if not server_side:
                 ctx.check_hostname = False
@@ -80,9 +87,10 @@ def tls_context(files: TlsFiles, server_side: bool) -> ssl.SSLContext:
             if server_side:
                 ctx.num_tickets = 0
         except (ssl.SSLError, OSError, ValueError) as e:
-            raise TcpSetupError(f"TLS is on (RAY_USE_TLS) but its files could not be loaded "
-                                f"(cert {files.cert}, key {files.key}, CA {files.ca}): {e}") \
-                from None
+            raise TcpSetupError(
+                f"TLS is on (RAY_USE_TLS) but its files could not be loaded "
+                f"(cert {files.cert}, key {files.key}, CA {files.ca}): {e}"
+            ) from None
         _CONTEXTS[key] = ctx
         return ctx
 
@@ -108,12 +116,26 @@ def tls_send(sock, parts) -> int:
 def tls_refused(e: BaseException) -> bool:
     """A TLS error that means "refused" (a certificate, or a peer not speaking TLS), not a
     connection that merely went away (retried)."""
-    return isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError,
-                                                              ssl.SSLZeroReturnError))
+    return isinstance(e, ssl.SSLError) and not isinstance(
+        e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+    )
 
 
 class WriterTls:
     """The TLS variants of ``TcpWriter``'s per-message methods (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what TcpWriter, which this is mixed into, has
+        channel: str
+        _conns: list[Conn]
+        _lock: threading.Lock
+        _closed: bool
+        _sender: threading.Thread | None
+        _kick: WakePipe
+
+        def _lost(self, c: Conn, exc) -> None: ...
+        def _send_loop(self) -> None: ...
+        @staticmethod
+        def _take_acks(c: Conn, data: bytes) -> None: ...
 
     def _send_tls(self, parts: list) -> None:
         """``_send`` over TLS: the same queueing, every TLS call under the lock (the sender
@@ -122,7 +144,7 @@ class WriterTls:
         for p in parts:
             total += len(p)
         if total <= _TLS_JOIN and len(parts) > 1:
-            parts = [b"".join(parts)]     # one TLS record and one syscall, not one per part
+            parts = [b"".join(parts)]  # one TLS record and one syscall, not one per part
         frozen = None
         kick = False
         for c in self._conns:
@@ -130,7 +152,7 @@ class WriterTls:
                 self._lost(c, c.error)
             error = None
             with self._lock:
-                if self._closed:      # close() took the TLS layer off: never send raw
+                if self._closed:  # close() took the TLS layer off: never send raw
                     raise ChannelClosed()
                 if c.queue:
                     if frozen is None:
@@ -152,8 +174,9 @@ class WriterTls:
                 self._lost(c, error)
         if kick:
             if self._sender is None:
-                self._sender = threading.Thread(target=self._send_loop, daemon=True,
-                                                name=f"dagc-tcp-send-{self.channel}")
+                self._sender = threading.Thread(
+                    target=self._send_loop, daemon=True, name=f"dagc-tcp-send-{self.channel}"
+                )
                 self._sender.start()
             self._kick.wake()
 
@@ -163,7 +186,7 @@ class WriterTls:
         chunks = []
         error = eof = None
         with self._lock:
-            if self._closed:          # close() took the TLS layer off: never read raw
+            if self._closed:  # close() took the TLS layer off: never read raw
                 raise ChannelClosed()
             sock = c.sock
             try:
@@ -189,6 +212,23 @@ class WriterTls:
 class ReaderTls:
     """The TLS variants of ``TcpReader``'s per-message methods (see the module docstring)."""
 
+    if TYPE_CHECKING:  # what TcpReader, which this is mixed into, has
+        sock: socket.socket  # an ssl.SSLSocket here
+        _big: list | None
+        _buf: bytearray
+        _mv: memoryview
+        _lo: int
+        _hi: int
+        _eof: bool
+        _drained: bool
+        _ack_out: bytes
+        _ack_new: bytes
+        _wake: WakePipe
+        _rlock: threading.Lock
+
+        def _advance_big(self, big: list) -> None: ...
+        def _compact(self, need: int) -> None: ...
+
     def _fill_tls(self) -> bool:
         """``_fill`` over TLS: a TLS read returns at most one record, and what it decrypted
         beyond what was asked for waits inside the TLS layer where poll() cannot see it,
@@ -196,19 +236,19 @@ class ReaderTls:
         here, until it is complete or the socket is empty (one call per record, not one
         pass through the wait loop)."""
         big = self._big
-        sock = self.sock
+        sock: ssl.SSLSocket = self.sock  # type: ignore[assignment]  # TLS: an SSLSocket
         if big is not None:
             targets = big[1]
             got = 0
             try:
                 while big[2] < len(targets):
-                    n = sock.recv_into(targets[big[2]][big[3]:])
+                    n = sock.recv_into(targets[big[2]][big[3] :])
                     if not n:
                         self._eof = True
                         return got > 0
                     got += n
                     big[3] += n
-                    self._advance_big()
+                    self._advance_big(big)
             except WANT:
                 self._drained = True
                 return got > 0
@@ -221,7 +261,7 @@ class ReaderTls:
             self._compact(len(self._buf) + (RING if self._lo == 0 else 0))
         want = len(self._buf) - self._hi
         try:
-            n = sock.recv_into(self._mv[self._hi:])
+            n = sock.recv_into(self._mv[self._hi :])
         except WANT:
             self._drained = True
             return False
@@ -238,7 +278,7 @@ class ReaderTls:
         """``_send_ack`` over TLS: a write the TLS layer refused ("want write") must be
         offered again unchanged, so a newer ack waits in ``_ack_new`` behind it."""
         if ack:
-            self._ack_new = ack           # cumulative: replaces an older one not yet sent
+            self._ack_new = ack  # cumulative: replaces an older one not yet sent
         sock = self.sock
         try:
             if self._ack_out:
@@ -252,7 +292,7 @@ class ReaderTls:
                 self._ack_out = b""
         except WANT:
             pass
-        except OSError:               # the writer is gone; the next wait says so
+        except OSError:  # the writer is gone; the next wait says so
             self._ack_out = self._ack_new = b""
 
     def _close_tls(self, s, abort: bool) -> None:

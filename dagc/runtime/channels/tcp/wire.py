@@ -2,6 +2,7 @@
 
 The protocol (handshake, frames, acks, the window, losses) is described in docs/tcp.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,19 +17,19 @@ from dagc.runtime.channels.control import PeerDied
 HELLO = b"DAGCTCP1"
 NONCE = 32
 MAC = 32
-HDR = struct.Struct("<BBHIQ")             # kind, 0, 0, nbufs, main length
-HDR_SIZE = HDR.size                        # 16
+HDR = struct.Struct("<BBHIQ")  # kind, 0, 0, nbufs, main length
+HDR_SIZE = HDR.size  # 16
 KIND_DATA, KIND_CLOSE, KIND_FAIL = 1, 2, 3
 MAX_NAME = 4096
 ACK = struct.Struct("<Q")
 ACK_CLOSE = (1 << 64) - 1
-RING = 256 << 10                           # reader ring: frames up to this size are parsed in place
-MAX_BUFS = 1 << 24                         # sanity bound on a frame's out-of-band buffer count
-IOV_MAX = 512                              # buffers per sendmsg call (the kernel allows 1024)
-SLICE = 0.1                                # longest poll sleep between health checks
+RING = 256 << 10  # reader ring: frames up to this size are parsed in place
+MAX_BUFS = 1 << 24  # sanity bound on a frame's out-of-band buffer count
+IOV_MAX = 512  # buffers per sendmsg call (the kernel allows 1024)
+SLICE = 0.1  # longest poll sleep between health checks
 
-CLOSE_FRAME = HDR.pack(KIND_CLOSE, 0, 0, 0, 0)     # the writer's orderly close
-CLOSE_ACK = ACK.pack(ACK_CLOSE)                    # the reader's orderly close
+CLOSE_FRAME = HDR.pack(KIND_CLOSE, 0, 0, 0, 0)  # the writer's orderly close
+CLOSE_ACK = ACK.pack(ACK_CLOSE)  # the reader's orderly close
 NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
@@ -61,8 +62,18 @@ def check_secret(secret) -> bytes:
 
 
 def mac(secret: bytes, role: bytes, channel: bytes, n1: bytes, n2: bytes, index: int) -> bytes:
-    msg = b"".join((b"dagc-tcp\0", role, b"\0", struct.pack("<I", len(channel)), channel,
-                    n1, n2, struct.pack("<I", index)))
+    msg = b"".join(
+        (
+            b"dagc-tcp\0",
+            role,
+            b"\0",
+            struct.pack("<I", len(channel)),
+            channel,
+            n1,
+            n2,
+            struct.pack("<I", index),
+        )
+    )
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
@@ -139,7 +150,7 @@ class WakePipe:
             if self.w >= 0:
                 try:
                     os.write(self.w, b"\0")
-                except OSError:     # full: a wake-up is already pending
+                except OSError:  # full: a wake-up is already pending
                     pass
 
     def drain(self) -> None:
@@ -170,7 +181,7 @@ def freeze_rest(parts: list, n: int) -> list:
     """What is left of a frame after its first ``n`` bytes were sent, as bytes the writer
     owns (only the unsent part of the caller's buffers is copied)."""
     rest = after(parts, n)
-    head = len(parts) - len(rest)            # parts[head:] is what is left, rest[0] cut
+    head = len(parts) - len(rest)  # parts[head:] is what is left, rest[0] cut
     return [p if head + i < 2 else bytes(p) for i, p in enumerate(rest)]
 
 

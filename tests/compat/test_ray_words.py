@@ -1,0 +1,146 @@
+"""Ray's words where Ray code matches on them (issue 22, part 3).
+
+Code written for Ray Compiled Graph matches on the first sentence of Ray's messages
+(``pytest.raises(..., match=...)``, log filters, retry rules). dagc's messages start with
+Ray's sentence and go on with dagc's detail: under ``dagc.compile`` and under
+``dagc.patch_ray()`` alike. Each case here is matched with Ray's exact sentence.
+"""
+
+import re
+import time
+
+import pytest
+
+import dagc
+
+RAY_DIED = "The actor died unexpectedly before finishing this task."
+RAY_CLOSED = "Channel closed."
+RAY_INPUTS = (
+    "Compiled Graph expects input to be accessed using all of attributes 0, 1, 2, but 1 is "
+    "unused. Ensure all input attributes are used and contribute to the computation of the "
+    "Compiled Graph output."
+)
+
+
+def _cls():
+    import ray
+
+    @ray.remote
+    class WordsWorker:
+        def inc(self, x):
+            return x + 1
+
+        def sleep(self, x):
+            time.sleep(x)
+            return x
+
+    return WordsWorker
+
+
+@pytest.fixture(scope="module")
+def worker(ray_session):
+    w = _cls().remote()
+    ray_session.get(w.inc.remote(0))
+    return w
+
+
+@pytest.fixture(params=["dagc.compile", "patch_ray"])
+def compile_(request, no_shm_leak):
+    """How the DAG is compiled: dagc's own API, or Ray's under the patch."""
+    if request.param == "dagc.compile":
+        yield dagc.compile
+        return
+    with dagc.patched_ray(workers=False):
+        yield lambda dag: dag.experimental_compile()
+
+
+def test_ray_sentences_are_rays_own():
+    """The sentences dagc starts with are the ones installed Ray itself uses."""
+    import inspect
+
+    from ray.dag import compiled_dag_node
+    from ray.exceptions import ActorDiedError
+
+    assert ActorDiedError.BASE_ERROR_MSG == RAY_DIED == dagc.errors.RAY_ACTOR_DIED
+    assert dagc.errors.RAY_CHANNEL_CLOSED == RAY_CLOSED
+    src = inspect.getsource(compiled_dag_node._check_unused_dag_input_attributes)
+    assert "Compiled Graph expects input to be accessed " in src
+    assert "Ensure all input attributes are used and contribute " in src
+
+
+@pytest.mark.timeout(180)
+def test_actor_died_mid_execution(ray_session, compile_):
+    import ray
+    from ray.dag import InputNode
+
+    a = _cls().remote()
+    ray.get(a.inc.remote(0))
+    with InputNode() as inp:
+        dag = a.sleep.bind(inp)
+    cg = compile_(dag)
+    try:
+        assert ray.get(cg.execute(0), timeout=30) == 0
+        ref = cg.execute(30)
+        ray.kill(a)
+        with pytest.raises(ray.exceptions.ActorDiedError, match=re.escape(RAY_DIED)) as ei:
+            ray.get(ref, timeout=60)
+        msg = str(ei.value)
+        assert msg.startswith(RAY_DIED), msg
+        assert "a0:WordsWorker died" in msg, msg  # dagc's detail follows Ray's sentence
+        with pytest.raises(ray.exceptions.ActorDiedError, match=re.escape(RAY_DIED)):
+            cg.execute(1)
+    finally:
+        cg.teardown()
+
+
+@pytest.mark.timeout(120)
+def test_channel_closed_after_teardown(worker, compile_):
+    import ray
+    from ray.dag import InputNode
+
+    with InputNode() as inp:
+        dag = worker.sleep.bind(inp)
+    cg = compile_(dag)
+    ref = cg.execute(0.5)
+    cg.teardown()
+    with pytest.raises(ray.exceptions.RayChannelError, match=re.escape(RAY_CLOSED)) as ei:
+        cg.execute(1)
+    assert str(ei.value).startswith(RAY_CLOSED) and "torn down" in str(ei.value)
+    with pytest.raises(ray.exceptions.RayChannelError, match=re.escape(RAY_CLOSED)):
+        ray.get(ref, timeout=30)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bound", [True, False], ids=["inp1-bound-to-a-leaf", "inp1-taken"])
+def test_unused_input_attribute(worker, compile_, bound):
+    """inp[0] and inp[2] reach the output, inp[1] does not: Ray's message, not a leaf-node
+    error (bound to a method whose result goes nowhere) and not a silent compile (taken,
+    never bound)."""
+    import ray
+    from ray.dag import InputNode, MultiOutputNode
+
+    b = _cls().remote()
+    ray.get(b.inc.remote(0))
+    with InputNode() as inp:
+        x, y, z = inp[0], inp[1], inp[2]
+        dag = MultiOutputNode([worker.inc.bind(x), worker.inc.bind(z)])
+        if bound:
+            b.inc.bind(y)
+    with pytest.raises(ValueError, match=re.escape(RAY_INPUTS)) as ei:
+        compile_(dag)
+    assert isinstance(ei.value, dagc.CompileError)
+    assert "leaf" not in str(ei.value) and "inp[1]" in str(ei.value)
+
+
+@pytest.mark.timeout(120)
+def test_every_input_attribute_used_compiles(worker, compile_):
+    import ray
+    from ray.dag import InputNode, MultiOutputNode
+
+    with InputNode() as inp:
+        dag = MultiOutputNode([worker.inc.bind(inp[0]), worker.inc.bind(inp[1])])
+    cg = compile_(dag)
+    try:
+        assert ray.get(cg.execute(1, 5), timeout=30) == [2, 6]
+    finally:
+        cg.teardown()
