@@ -40,8 +40,12 @@ def overlap_actions(sched: Schedule, actor: str) -> tuple[Entry, ...]:
     sends: dict[tuple[Ref, str], list[str]] = {}  # (value, channel id) -> peers, issue order
     for step, a in sched.of(actor):
         if a.kind == Kind.CRECV:
-            body.insert(last_comm + 1, Entry(step, replace(a, kind=Kind.ICRECV)))
-            last_comm += 1
+            # hoisted to just after the last communicator op, it takes the step of the entry
+            # it lands after (or of the column's first), so every column's steps stay in order
+            at = last_comm + 1
+            moved = body[last_comm].step if last_comm >= 0 else body[0].step if body else step
+            body.insert(at, Entry(moved, replace(a, kind=Kind.ICRECV)))
+            last_comm = at
             recv_waits.append(Entry(step, replace(a, kind=Kind.WAIT_RECV)))
             continue
         if a.kind == Kind.CSEND:

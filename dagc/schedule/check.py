@@ -29,11 +29,25 @@ _COMM_MOVES = (Kind.CSEND, Kind.ISEND, Kind.CRECV, Kind.ICRECV, Kind.WAIT_RECV, 
 
 def problems(sched) -> list[tuple[str, int, str]]:
     out: list[tuple[str, int, str]] = []
+    out += _order_problems(sched)
     out += _channel_problems(sched)
     out += _pairing_problems(sched)
     out += wait_problems(sched)
     out += _collective_problems(sched)
     out += _use_problems(sched)
+    return out
+
+
+def _order_problems(sched) -> list:
+    """A column runs top to bottom, so its steps never go down: the table (rows are steps)
+    must show the program that runs."""
+    out = []
+    for p in sched.actors:
+        prev = None
+        for step, a in sched.of(p):
+            if prev is not None and step < prev:
+                out.append((p, step, f"'{a}' at step {step} comes after step {prev}"))
+            prev = step
     return out
 
 

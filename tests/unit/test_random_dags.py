@@ -7,8 +7,6 @@ A few dozen examples by default (derandomized: the same ones every run); ``pytes
 runs many more (``DAGC_FUZZ_EXAMPLES``). A failure prints the DAG as code to paste.
 """
 
-from dataclasses import replace
-
 import pytest
 from hypothesis import given, note
 from hypothesis import strategies as st
@@ -48,11 +46,6 @@ def bind_orders(spec, traced) -> dict[str, list[str]]:
     return out
 
 
-def in_step_order(s: Schedule) -> Schedule:
-    """``s`` with each column sorted by step (stable: same-step actions keep their order)."""
-    return replace(s, actions={a: tuple(sorted(s.of(a), key=lambda e: e.step)) for a in s.actors})
-
-
 def lower_and_check(spec, overlap: bool, nodes: int):
     traced = traced_of(spec)
     traced.ir.verify()
@@ -73,12 +66,9 @@ def lower_and_check(spec, overlap: bool, nodes: int):
     assert s.simulated_steps is not None
     for aid, methods in bind_orders(spec, traced).items():
         assert [a.method for _, a in s.of(aid) if a.kind in OP_KINDS] == methods, aid
-    # what the table shows: each column in step order. An overlapped column is not always
-    # in that order (test_overlap_keeps_each_column_in_step_order, xfail): once it is,
-    # compare with ``s`` itself
-    shown = in_step_order(s)
+    # what the table shows is the program that runs: every column in step order
     back = Schedule.from_table(str(s))
-    assert back == shown and str(back) == str(s)
+    assert back == s and str(back) == str(s)
     assert Schedule.from_json(s.to_json()) == s
     assert Schedule.from_csv(s.to_csv()) == s
     simulate(back, executions=3, order=comm_order(ir))  # DeadlockError if it can hang
@@ -138,14 +128,9 @@ def _one_spec():
 # -- what the random DAGs found ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="overlap hoists a receive above earlier actions of its "
-    "column but keeps its later step: the column is not in step order, so the "
-    "table prints another program than runs and does not read back "
-    "(passes/overlap_comm.py overlap_actions; found by the random DAGs)",
-)
 def test_overlap_keeps_each_column_in_step_order():
+    """Found by the random DAGs: overlap hoisted a receive above earlier actions of its column
+    but kept its later step, so the table printed another program than the one that ran."""
     # a1 reads the input, then a tensor of a0 through the communicator: its icrecv goes to
     # the front of a1's column with the step of the crecv it replaces
     spec = DagSpec(
