@@ -5,10 +5,12 @@ appearance and values "t0", "t1", ... in a deterministic depth-first order over 
 arguments, so the same DAG always gives the same IR. Each op records its position in its
 actor's bind order (Ray's per-handle bind index, ranked), which the schedule keeps. Live
 objects (actor handles, constants, user communicators) go into the side table, never into
-the IR. A DAG node hidden inside an argument object is refused (``find_nodes``), and so is a
-method call whose result reaches no output (a "leaf node", as Ray Compiled Graph refuses it:
-``_Tracer.check_leaves``). Messages start with Ray's wording where Ray has one, so code
-written against ``experimental_compile`` matches them, and go on to say where and what to do.
+the IR. A function node (``f.bind()``) is a call on an actor id of its own whose side-table
+entry says what to create for it when the DAG is loaded (``functions.py``). A DAG node hidden
+inside an argument object is refused (``find_nodes``), and so is a call whose result reaches
+no output (a "leaf node", as Ray Compiled Graph refuses it: ``leaves.py``). Messages start
+with Ray's wording where Ray has one, so code written against ``experimental_compile``
+matches them, and go on to say where and what to do.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import networkx as nx
 from dagc.errors import CompileError
 from dagc.frontend.find_nodes import find_nodes
 from dagc.frontend.functions import function_actor
+from dagc.frontend.inputs import check_input_attributes
 from dagc.frontend.leaves import find_leaves, raise_leaves
 from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, Const, Field, InputSpec, Op,
                      OutputSpec, Ref, SideTable)
@@ -394,6 +397,7 @@ def trace(dag) -> tuple[IR, SideTable]:
     if not t.actor_specs:
         raise CompileError("the DAG has no actor method or function calls; bind at least one "
                            "(actor.method.bind(inp), f.bind(inp)).")
+    check_input_attributes(t.keep_alive)   # before the leaves, as Ray checks
     t.check_leaves()
     return t.finish(refs, multi)
 

@@ -127,11 +127,11 @@ def test_class_node_is_compile_error(ray_session):
         trace(dag)
 
 
-def test_function_node_is_compile_error(workers):
+def test_function_node_is_a_call_on_an_actor_of_its_own(workers):
     with InputNode() as inp:
         dag = workers[0].inc.bind(plain_function.bind(inp))
-    with pytest.raises(dagc.CompileError, match="function"):
-        trace(dag)
+    ir, side = trace(dag)
+    assert ops(ir) == ["t0 = a0.plain_function($0)", "t1 = a1.inc(t0)"]
 
 
 def test_object_ref_argument_is_compile_error(workers):
