@@ -23,6 +23,9 @@ class Options:
     each does). ``Options()`` is the defaults; :func:`check_options` checks a user's."""
 
     max_inflight: int = 8
+    # executions past max_inflight that wait in the driver (runtime/driver/queued.py);
+    # 0: one more raises CapacityError, as Ray Compiled Graph does
+    max_queued: int = 0
     buffer_size: int = 1 << 20
     get_timeout: float | None = None
     wait: str = "adaptive"
@@ -97,6 +100,9 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         or o["max_inflight"] < 1
     ):
         raise ValueError(f"max_inflight must be an int >= 1, got {o['max_inflight']!r}")
+    mq = o["max_queued"]
+    if not isinstance(mq, int) or isinstance(mq, bool) or mq < 0:
+        raise ValueError(f"max_queued must be an int >= 0, got {mq!r}")
     if not isinstance(o["buffer_size"], int) or o["buffer_size"] < 64:
         raise ValueError(f"buffer_size must be an int >= 64 bytes, got {o['buffer_size']!r}")
     if o["get_timeout"] is not None and not (o["get_timeout"] > 0):

@@ -125,7 +125,8 @@ class RayCompiledDag(CompiledDag):
         try:
             return self._runs.execute(*args, **kwargs)
         except CapacityError as e:
-            n = self._runs._max_inflight
+            # with dagc's queue (max_queued), what may be unfetched is the queue too
+            n = self._runs._max_inflight + getattr(self._runs, "_max_queued", 0)
             raise CapacityError(
                 f"The compiled graph can't have more than {n} in-flight executions, and you "
                 f"currently have {self._runs.pending} in-flight executions. Retrieve an "

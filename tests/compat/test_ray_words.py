@@ -30,6 +30,9 @@ def _cls():
         def inc(self, x):
             return x + 1
 
+        def add(self, x, y=0):
+            return x + y
+
         def sleep(self, x):
             time.sleep(x)
             return x
@@ -144,3 +147,62 @@ def test_every_input_attribute_used_compiles(worker, compile_):
         assert ray.get(cg.execute(1, 5), timeout=30) == [2, 6]
     finally:
         cg.teardown()
+
+
+@pytest.mark.timeout(120)
+def test_what_dagc_accepts_where_ray_refuses(worker, compile_, recwarn):
+    """docs/ray_compat.md lists these: kwargs bound to DAG nodes and a DAG without an
+    InputNode compile (Ray: ValueError / NotImplementedError); results buffered past
+    ``_max_buffered_results`` are kept (Ray: RayCgraphCapacityExceeded)."""
+    import ray
+    from ray.dag import InputNode
+
+    with InputNode() as inp:
+        dag = worker.add.bind(inp, y=worker.inc.bind(inp))      # a DAG node as a kwarg
+    cg = compile_(dag)
+    try:
+        assert ray.get(cg.execute(2), timeout=30) == 5
+    finally:
+        cg.teardown()
+    cg = compile_(worker.inc.bind(41))                          # no InputNode
+    try:
+        assert ray.get(cg.execute(), timeout=30) == 42
+    finally:
+        cg.teardown()
+    with InputNode() as inp:
+        dag = worker.inc.bind(inp)
+    if compile_ is dagc.compile:
+        cg = dagc.compile(dag, max_inflight=4)
+    else:
+        cg = dag.experimental_compile(_max_inflight_executions=4, _max_buffered_results=1)
+    try:
+        refs = [cg.execute(i) for i in range(4)]
+        assert ray.get(refs[3], timeout=30) == 4      # 0..2 buffered: more than 1
+        assert ray.get(refs[:3], timeout=30) == [1, 2, 3]
+    finally:
+        cg.teardown()
+
+
+@pytest.mark.timeout(120)
+def test_compiling_a_dag_twice(worker, no_shm_leak):
+    """dagc.compile compiles the same DAG object again; under the patch,
+    experimental_compile refuses it with Ray's words, as Ray's own tests expect."""
+    import ray
+    from ray.dag import InputNode
+
+    with InputNode() as inp:
+        dag = worker.inc.bind(inp)
+    for _ in range(2):
+        cg = dagc.compile(dag)
+        try:
+            assert ray.get(cg.execute(1), timeout=30) == 2
+        finally:
+            cg.teardown()
+    with dagc.patched_ray(workers=False):
+        with InputNode() as inp:
+            dag = worker.inc.bind(inp)
+        cg = dag.experimental_compile()
+        cg.teardown()
+        with pytest.raises(ValueError, match="It is not allowed to call `experimental_compile` "
+                                             "on the same DAG object multiple times"):
+            dag.experimental_compile()

@@ -182,7 +182,9 @@ def test_death_before_a_collective_names_the_dead_actor(ray, nodes):
         took = time.monotonic() - t0
         print(f"\n[fault] death before an all-reduce: ActorDiedError after {took:.3f} s")
         msg = str(info.value)
-        assert msg.startswith("a1:Node died"), msg
+        # Ray's sentence first, then dagc's detail naming the actor
+        assert msg.startswith("The actor died unexpectedly before finishing this task. "
+                              "a1:Node died"), msg
         assert took < BOUND
         with pytest.raises(dagc.ActorDiedError):
             cg.execute(0)
