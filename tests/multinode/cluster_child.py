@@ -337,6 +337,59 @@ def check_dagc_actor_death(ctx) -> dict:
         cg.teardown()
 
 
+def check_dagc_restart(ctx) -> dict:
+    """An actor on node2 with max_restarts=1 killed mid-stream: Ray restarts it (on node2,
+    where its resource pins it), the DAG re-prepares its TCP channels by itself and every
+    later execution is right (tests/faults/test_restart.py across nodes)."""
+    import ray
+
+    import dagc
+
+    Hop = ctx["Hop"]
+    a = pinned(Hop, "node1", "ra")
+    b = Hop.options(resources={"node2": 0.01}, max_restarts=1).remote("rb")
+    with dagc.InputNode() as inp:
+        dag = b.fwd.bind(a.fwd.bind(inp))
+    cg = dagc.compile(dag)
+    events = []
+    cg.on_restart(events.append)
+    try:
+        token0 = cg._session.token
+        transports = sorted({c.transport for c in cg._ir.channels})
+        pid0 = ray.get(b.where.remote(), timeout=60)["pid"]
+        out, noticed, first_good, t_kill = [], None, None, None
+        i = 0
+        while noticed is None or i < noticed + 20:
+            if i == 5:
+                t_kill = time.monotonic()
+                ray.kill(b, no_restart=False)
+            try:
+                out.append(cg.execute(i).get(timeout=60) == i + 2)
+            except dagc.ActorDiedError:
+                out.append(None)
+                noticed = i if noticed is None else noticed
+            if noticed is not None and first_good is None and out[-1]:
+                first_good = time.monotonic() - t_kill
+            i += 1
+            assert t_kill is None or time.monotonic() - t_kill < 60, "death not noticed"
+        where = ray.get(b.where.remote(), timeout=60)
+        return {
+            "transports": transports,
+            "lost": out.count(None),
+            "before_ok": all(out[:5]),
+            "after_ok": all(out[noticed + 1 :]) if noticed is not None else False,
+            "wrong": out.count(False),
+            "restarts": cg.restarts,
+            "event_s": events[0].seconds if events else None,
+            "first_good_s": first_good,
+            "new_pid": where["pid"] != pid0,
+            "new_token": cg._session.token != token0,
+        }
+    finally:
+        cg.teardown()
+        ray.kill(b)
+
+
 def check_dagc_teardown(ctx) -> dict:
     """teardown() is prompt across nodes and the same actors compile again."""
     import dagc
@@ -525,6 +578,7 @@ CHECKS = {
     "peer_death": check_peer_death,
     "dagc_pipeline": check_dagc_pipeline,
     "dagc_actor_death": check_dagc_actor_death,
+    "dagc_restart": check_dagc_restart,
     "dagc_teardown": check_dagc_teardown,
     "dagc_unpickle": check_dagc_unpickle,
 }

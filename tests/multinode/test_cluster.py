@@ -36,6 +36,7 @@ ENABLED = [
     "dagc_tls",
     "dagc_fanout",
     "dagc_actor_death",
+    "dagc_restart",
     "dagc_teardown",
     "dagc_unpickle",
     "dagc_node_killed",
@@ -188,6 +189,17 @@ def test_dagc_node_removed_mid_run(report):
 def test_dagc_actor_death_across_nodes(report):
     c = check(report, "dagc_actor_death")
     assert c["raised"] and c["detect_s"] < 10, c
+
+
+def test_dagc_actor_restart_across_nodes(report):
+    """tests/faults/test_restart.py across nodes: Ray restarts the actor on node2, the DAG
+    re-prepares its TCP channels and every later execution is right."""
+    c = check(report, "dagc_restart")
+    assert "tcp" in c["transports"] and c["before_ok"] and c["after_ok"], c
+    assert c["wrong"] == 0 and 1 <= c["lost"] <= 2 and c["restarts"] == 1, c
+    assert c["new_pid"] and c["new_token"], c
+    print(f"\nactor on node2 restarted: first good result {c['first_good_s']:.2f} s after "
+          f"the kill (re-prepare {c['event_s']:.2f} s after the death was noticed)")
 
 
 def test_dagc_teardown_across_nodes(report):

@@ -6,20 +6,25 @@ their state.
     Executions   (executions.py)  submit / fetch counters, the result buffer, the locks,
                                   closed or dead; teardown
     Profiler     (profiling.py)   profiled runs and the last Profile
+    Restarts     (restart.py)     running again after Ray restarts an actor of the DAG
 
 Inspection (``schedule``, ``source``, ``visualize``, ``dump``) reads plain data: the lowered
 IR and the generated modules.
 """
 from __future__ import annotations
 
+import weakref
+
 from dagc.ir import DRIVER
 from dagc.runtime.driver.executions import DagRef, executions_for
 from dagc.runtime.driver.profiling import Profile, Profiler
+from dagc.runtime.driver.restart import RestartEvent, Restarts
 from dagc.runtime.driver.session import Session
 
 CREATED_PREFIXES: list[str] = []   # every segment prefix this process made (leak checks)
 
-__all__ = ["CompiledDag", "DagRef", "Profile", "CREATED_PREFIXES", "resolve_actor"]
+__all__ = ["CompiledDag", "DagRef", "Profile", "RestartEvent", "CREATED_PREFIXES",
+           "resolve_actor"]
 
 
 class CompiledDag:
@@ -38,7 +43,7 @@ class CompiledDag:
         self._modules = modules
         self.schedule = ir.schedule
         self.timings = timings if timings is not None else {}
-        session = self._session = Session(ir, side, modules, options, probes, driver_node)
+        session = Session(ir, side, modules, options, probes, driver_node)
         CREATED_PREFIXES.append(session.prefix)
         submit, collect = session.start()
         runs = self._runs = executions_for(session, submit, collect, options, ir.output.multi)
@@ -47,6 +52,15 @@ class CompiledDag:
         if type(self).execute is CompiledDag.execute:
             self.execute = runs.execute
         self._profiler = Profiler(session, runs, ir, profile_sources)
+        # Ray restarts an actor (max_restarts): the DAG runs again on a new session. The
+        # hook holds the profiler weakly: no cycle through the Executions
+        self._restarts = Restarts(_follow(weakref.ref(self._profiler)), weakref.ref(self))
+        runs._restart = self._restarts.on_stop
+
+    @property
+    def _session(self) -> Session:
+        """The session the DAG runs on now (a new one after each restart)."""
+        return self._runs._session
 
     # -- execute / teardown ----------------------------------------------------------------------
     def execute(self, *args, **kwargs) -> DagRef:    # replaced per instance in __init__
@@ -55,6 +69,9 @@ class CompiledDag:
 
     async def execute_async(self, *args, **kwargs):
         """Submit one execution; the awaitable yields its value (a list for MultiOutputNode)."""
+        if self._restarts.busy:          # re-preparing after a restart: wait off the loop
+            import asyncio
+            await asyncio.get_running_loop().run_in_executor(None, self._restarts.wait)
         return await self.execute(*args, **kwargs).get_async()
 
     def teardown(self) -> None:
@@ -65,6 +82,20 @@ class CompiledDag:
     def closed(self) -> bool:
         """Whether teardown() ran."""
         return self._runs.closed
+
+    # -- actor restarts --------------------------------------------------------------------------
+    @property
+    def restarts(self) -> int:
+        """How many times the DAG re-prepared an actor Ray restarted (docs/faults.md)."""
+        return self._restarts.count
+
+    def on_restart(self, fn):
+        """Call ``fn(event)`` each time the DAG has re-prepared actors Ray restarted and
+        accepts executions again. ``event`` is a ``RestartEvent`` (``restart.py``): count,
+        actors, reason, lost, seconds. Runs on a dagc thread, so keep it short. Returns
+        ``fn`` (usable as a decorator)."""
+        self._restarts.callbacks.append(fn)
+        return fn
 
     def __enter__(self):
         return self
@@ -119,6 +150,17 @@ class CompiledDag:
     def __repr__(self) -> str:
         return (f"<dagc.CompiledDag {len(self._ir.actors)} actors, "
                 f"{len(self._ir.channels)} channels, {self._runs.state()}>")
+
+
+def _follow(profiler_ref):
+    """What a restart tells the rest of the DAG of its new session: the leak checks its
+    segment prefix, the profiler where to switch loops."""
+    def on_session(session) -> None:
+        CREATED_PREFIXES.append(session.prefix)
+        prof = profiler_ref()
+        if prof is not None:
+            prof._session = session
+    return on_session
 
 
 def resolve_actor(ir, handles: dict, actor) -> str:

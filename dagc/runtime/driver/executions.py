@@ -36,8 +36,10 @@ import weakref
 
 from ray.experimental.compiled_dag_ref import CompiledDAGRef
 
-from dagc.errors import ActorDiedError, CapacityError, DagClosedError, DagcError, DagTimeoutError
+from dagc.errors import (RAY_ACTOR_DIED, RAY_CHANNEL_CLOSED, ActorDiedError, CapacityError,
+                         DagClosedError, DagcError, DagTimeoutError)
 from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
+from dagc.runtime.driver import metrics
 from dagc.runtime.driver.awaiting import AsyncGets
 from dagc.runtime.driver.session import ArgumentsNotSent
 from dagc.runtime.failure import Failure
@@ -88,6 +90,8 @@ class DagRef(CompiledDAGRef):
                     break
         self._value = value
         self._state = 2 if value.__class__ is Failure else 1     # after _value: read unlocked
+        if self._state == 2:
+            self._runs._stamps.failed += 1     # metrics.py samples it
 
     def _answer(self):
         if self._state == 1:
@@ -151,8 +155,11 @@ class Executions:
         self._dropped: list[int] = []          # abandoned refs not yet accounted
         self._submit_lock = threading.Lock()
         self._read_lock = threading.RLock()
+        self._locks = (self._submit_lock, self._read_lock)   # closing the ends waits for
         self._closed = False
         self._dead: str | None = None
+        self._lost: dict[int, str] = {}    # lost to an actor restart: why (restart.py)
+        self._restart = None         # restart.py's hook (CompiledDag sets it)
         self._gets = AsyncGets()     # await ref
         # a MultiOutputNode's outputs, read failing fast (gather.py); None for one output
         rt = getattr(session, "runtime", None)
@@ -164,6 +171,7 @@ class Executions:
             atexit.register(_teardown_all)
             _ATEXIT = True
         _register_with_ray(self)
+        self._stamps = metrics.watch(self)   # timed executions, failures: metrics.py
         # dropped without teardown: release what teardown releases. The callback holds the
         # session, the locks and the async getter, none of which refers back to this object
         self._finalizer = weakref.finalize(self, _release, session,
@@ -192,6 +200,8 @@ class Executions:
                 self._raise_closed()
             if self._submitted - self._fetched >= self._max_inflight:
                 self._make_room()
+            if not self._submitted & 15:           # metrics.STRIDE - 1
+                self._stamps.begin(self._submitted)
             try:
                 self._submit(args, kwargs)
             except (PeerDied, ChannelClosed) as e:
@@ -246,6 +256,8 @@ class Executions:
             self._on_stop(e)
         i = self._read_next
         self._read_next = i + 1
+        if not i & 15:                 # a timed execution (metrics.STRIDE - 1)
+            self._stamps.end(i)
         if i == want:
             return value
         if i in self._abandoned:
@@ -296,6 +308,8 @@ class Executions:
                 if self._closed or self._dead:
                     self._raise_closed()
                 if idx >= self._submitted or idx < self._read_next:
+                    if idx in self._lost:        # an actor restart (restart.py)
+                        raise ActorDiedError(self._lost[idx])
                     raise ValueError(f"execution {idx} was never submitted or already fetched")
                 while r is self:
                     r = self._read_one(deadline, idx)
@@ -305,7 +319,7 @@ class Executions:
             lock.release()
 
     def _ready(self, idx: int) -> bool:
-        if idx in self._results or self._closed or self._dead:
+        if idx in self._results or self._closed or self._dead or idx in self._lost:
             return True            # get() answers at once: the value, or why there is none
         if idx != self._read_next:
             return False
@@ -324,6 +338,7 @@ class Executions:
     def _take_abandoned(self) -> None:
         while self._dropped:
             idx = self._dropped.pop()
+            self._lost.pop(idx, None)
             if self._results.pop(idx, self) is not self:
                 self._fetched += 1
             elif idx >= self._read_next:
@@ -332,14 +347,17 @@ class Executions:
     def _raise_closed(self):
         if self._dead:
             raise ActorDiedError(self._death_message())
-        raise DagClosedError("this compiled DAG was torn down; compile the DAG again to run it.")
+        raise DagClosedError(f"{RAY_CHANNEL_CLOSED} This compiled DAG was torn down; compile "
+                             f"the DAG again to run it.")
 
     def _death_message(self) -> str:
-        return (f"{self._dead}; the compiled DAG is closed and every pending result is lost. "
-                f"Recreate the actor and compile again.")
+        return (f"{RAY_ACTOR_DIED} {self._dead}; the compiled DAG is closed and every pending "
+                f"result is lost. Recreate the actor and compile again.")
 
 
     def _on_stop(self, e):
+        if self._restart is not None:
+            self._restart(self, e)   # raises while Ray restarts the dead actor (restart.py)
         if isinstance(e, PeerDied) and not self._closed:
             s = self._session
             self._dead = s.why_stopped(e.who)
@@ -347,7 +365,7 @@ class Executions:
             s.release()
             # unmap our ends now unless another thread is inside execute()/get();
             # teardown() (or garbage collection) does it otherwise
-            s.close_ends((self._submit_lock, self._read_lock), None)
+            s.close_ends(self._locks, None)
             raise ActorDiedError(self._death_message()) from None
         self._raise_closed()
 
@@ -362,7 +380,7 @@ class Executions:
         self._closed = True
         _LIVE.discard(self)
         if self._finalizer.detach() is not None:     # garbage collection: nothing left to do
-            _release(self._session, (self._submit_lock, self._read_lock), self._gets, True)
+            _release(self._session, self._locks, self._gets, True)
 
     def state(self) -> str:
         return "closed" if self._closed else ("dead" if self._dead else "running")
@@ -382,10 +400,9 @@ class GatheredExecutions(Executions):
 
 
 def executions_for(session, submit, collect, options: dict, multi: bool) -> Executions:
-    """The Executions of a started session (gathered outputs or not)."""
-    cls = GatheredExecutions if getattr(session.runtime, "gathered", None) is not None \
-        else Executions
-    return cls(session, submit, collect, options, multi)
+    """The Executions of a started session (gathered outputs or not, queued or not)."""
+    from dagc.runtime.driver.queued import executions_class
+    return executions_class(session, options)(session, submit, collect, options, multi)
 
 
 def _release(session, locks: tuple, gets: AsyncGets, wait: bool) -> None:

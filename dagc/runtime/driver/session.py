@@ -146,6 +146,13 @@ class Session:
         self.writers: dict = {}
         self.runtime: DriverRuntime | None = None
 
+    def renewed(self, probes: dict) -> Session:
+        """A fresh session of the same DAG (same IR, modules and options; a new token, so
+        new segment and channel names) for actors whose probe results are ``probes``: the
+        DAG's next run after Ray restarted one of its actors (``restart.py``)."""
+        return Session(self.ir, self.side, self.modules, self.options, probes,
+                       self.layout.driver_node)
+
     # -- start ---------------------------------------------------------------------------------
     def start(self):
         """Make the segments, run the prepare and start rounds, bind the driver module.
