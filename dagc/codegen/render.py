@@ -115,6 +115,9 @@ def _action_model(sched: Schedule, actor: str, step: int, a: Action, m: _Model, 
         d["comment"] = f"step {step}  {call}{grp}" + (f"   {where}" if where else "")
         if k == Kind.CALL:
             fn = m.bind(f"m_{_ident(a.method)}", f"rt.method({a.method!r})")
+            # held around the call only (the actor's method lock; loop.py, method_lock)
+            m.bind("lock_acquire", "rt.lock.acquire")
+            m.bind("lock_release", "rt.lock.release")
         else:
             fn = m.bind(f"coll_{a.group}", f"rt.collective({a.group!r})")
         args = [m.ref(x) for x in call.args]
@@ -189,6 +192,7 @@ def render_actor(
         "h": _header(ir, actor, label, origin),
         "actions": acts,
         "bindings": sorted(m.bindings.items(), key=_binding_order),
+        "locked": "lock_acquire" in m.bindings,
         "profile": profile,
     }
     src = environment().get_template("actor_loop.py.j2").render(**model)
@@ -243,7 +247,17 @@ def render_driver(ir: IR, sched: Schedule, origin: str = "") -> GeneratedModule:
 
 def _binding_order(item):
     name = item[0]
-    order = {"m": 0, "k": 1, "coll": 2, "read": 3, "ready": 3, "cr": 4, "write": 5, "cw": 6}
+    order = {
+        "lock": 0,
+        "m": 0,
+        "k": 1,
+        "coll": 2,
+        "read": 3,
+        "ready": 3,
+        "cr": 4,
+        "write": 5,
+        "cw": 6,
+    }
     prefix = name.split("_", 1)[0] if "_" in name else name[:1]
     return (order.get(prefix, 9), name)
 

@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,6 +16,8 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_double_and_inc = rt.method('double_and_inc')
     m_inc = rt.method('inc')
     read_c0 = rt.reader('c0').read
@@ -22,6 +26,8 @@ def bind(rt):
     write_c4 = rt.writer('c4').write
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_double_and_inc=m_double_and_inc,
              m_inc=m_inc,
              read_c0=read_c0,
@@ -38,17 +44,23 @@ def bind(rt):
             if t2.__class__ is Failure:
                 t3 = first_failure(t2)
             else:
+                lock_acquire()
                 try:
                     t3 = m_double_and_inc(t2)
                 except Exception as e:
                     t3 = capture(e, "a0", "double_and_inc", 5)
+                finally:
+                    lock_release()
             # step 6  send t3>driver via c4
             write_c4(t3)
             # step 7  t0 = inc($0)
+            lock_acquire()
             try:
                 t0 = m_inc(inp)
             except Exception as e:
                 t0 = capture(e, "a0", "inc", 7)
+            finally:
+                lock_release()
             # step 8  send t0>a1 via c1
             write_c1(t0)
 

@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,6 +16,8 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_double_and_inc = rt.method('double_and_inc')
     m_inc = rt.method('inc')
     read_c0 = rt.reader('c0').read
@@ -22,6 +26,8 @@ def bind(rt):
     write_c3 = rt.writer('c3').write
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_double_and_inc=m_double_and_inc,
              m_inc=m_inc,
              read_c0=read_c0,
@@ -33,10 +39,13 @@ def bind(rt):
             # step 1  recv in<driver via c0
             inp = read_c0()
             # step 2  t2 = inc($0)
+            lock_acquire()
             try:
                 t2 = m_inc(inp)
             except Exception as e:
                 t2 = capture(e, "a1", "inc", 2)
+            finally:
+                lock_release()
             # step 3  send t2>a0 via c3
             write_c3(t2)
             # step 9  recv t0<a0 via c1
@@ -45,10 +54,13 @@ def bind(rt):
             if t0.__class__ is Failure:
                 t1 = first_failure(t0)
             else:
+                lock_acquire()
                 try:
                     t1 = m_double_and_inc(t0)
                 except Exception as e:
                     t1 = capture(e, "a1", "double_and_inc", 10)
+                finally:
+                    lock_release()
             # step 11  send t1>driver via c2
             write_c2(t1)
 

@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,11 +16,15 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_fwd = rt.method('fwd')
     read_c0 = rt.reader('c0').read
     write_c1 = rt.writer('c1').write
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_fwd=m_fwd,
              read_c0=read_c0,
              write_c1=write_c1,
@@ -27,10 +33,13 @@ def bind(rt):
             # step 1  recv in<driver via c0
             inp = read_c0()
             # step 2  t0 = fwd($0)
+            lock_acquire()
             try:
                 t0 = m_fwd(inp)
             except Exception as e:
                 t0 = capture(e, "a0", "fwd", 2)
+            finally:
+                lock_release()
             # step 3  send t0>a1 via c1
             write_c1(t0)
 

@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,6 +16,8 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_fwd = rt.method('fwd')
     m_pair = rt.method('pair')
     read_c1 = rt.reader('c1').read
@@ -21,6 +25,8 @@ def bind(rt):
     write_c3 = rt.writer('c3').write
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_fwd=m_fwd,
              m_pair=m_pair,
              read_c1=read_c1,
@@ -34,18 +40,24 @@ def bind(rt):
             if t0.__class__ is Failure:
                 t1 = first_failure(t0)
             else:
+                lock_acquire()
                 try:
                     t1 = m_fwd(t0)
                 except Exception as e:
                     t1 = capture(e, "a1", "fwd", 5, 'pipeline.py:30 Head.fwd')
+                finally:
+                    lock_release()
             # step 6  t2 = pair(t1) -> 2   pipeline.py:41 Head.pair
             if t1.__class__ is Failure:
                 t2 = first_failure(t1)
             else:
+                lock_acquire()
                 try:
                     t2 = m_pair(t1)
                 except Exception as e:
                     t2 = capture(e, "a1", "pair", 6, 'pipeline.py:41 Head.pair')
+                finally:
+                    lock_release()
             if t2.__class__ is Failure:
                 t2_0 = t2_1 = t2
             else:

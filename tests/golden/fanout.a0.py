@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,6 +16,8 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_f = rt.method('f')
     m_pair = rt.method('pair')
     k0 = rt.constant(0)
@@ -24,6 +28,8 @@ def bind(rt):
     write_c5 = rt.writer('c5').write
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_f=m_f,
              m_pair=m_pair,
              k0=k0,
@@ -37,10 +43,13 @@ def bind(rt):
             # step 1  recv in<driver via c0
             inp = read_c0()
             # step 2  t0 = f($0, #0, k=$1)
+            lock_acquire()
             try:
                 t0 = m_f(inp[0], k0, k=inp[1])
             except Exception as e:
                 t0 = capture(e, "a0", "f", 2)
+            finally:
+                lock_release()
             # step 3  send t0>driver,a1,a2 via c1
             write_c1(t0)
             # step 7  recv t1<a1 via c2
@@ -49,10 +58,13 @@ def bind(rt):
             if t1.__class__ is Failure:
                 t3 = first_failure(t1)
             else:
+                lock_acquire()
                 try:
                     t3 = m_pair(t1)
                 except Exception as e:
                     t3 = capture(e, "a0", "pair", 8)
+                finally:
+                    lock_release()
             if t3.__class__ is Failure:
                 t3_0 = t3_1 = t3
             else:

@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,11 +16,15 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_g = rt.method('g')
     read_c1 = rt.reader('c1').read
     write_c2 = rt.writer('c2').write
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_g=m_g,
              read_c1=read_c1,
              write_c2=write_c2,
@@ -30,10 +36,13 @@ def bind(rt):
             if t0.__class__ is Failure:
                 t1 = first_failure(t0)
             else:
+                lock_acquire()
                 try:
                     t1 = m_g(t0)
                 except Exception as e:
                     t1 = capture(e, "a1", "g", 5)
+                finally:
+                    lock_release()
             # step 6  send t1>a0 via c2
             write_c2(t1)
 

@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,11 +16,15 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_g = rt.method('g')
     cr_c1 = rt.comm_reader('c1')
     write_c4 = rt.writer('c4').write
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_g=m_g,
              cr_c1=cr_c1,
              write_c4=write_c4,
@@ -32,10 +38,13 @@ def bind(rt):
             if t0.__class__ is Failure:
                 t2 = first_failure(t0)
             else:
+                lock_acquire()
                 try:
                     t2 = m_g(t0)
                 except Exception as e:
                     t2 = capture(e, "a2", "g", 5)
+                finally:
+                    lock_release()
             # step 6  send t2>driver via c4
             write_c4(t2)
 

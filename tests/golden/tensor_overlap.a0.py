@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,6 +16,8 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_f = rt.method('f')
     coll_g0 = rt.collective('g0')
     read_c0 = rt.reader('c0').read
@@ -21,6 +25,8 @@ def bind(rt):
     cw_c1 = rt.comm_writer('c1')
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_f=m_f,
              coll_g0=coll_g0,
              read_c0=read_c0,
@@ -31,10 +37,13 @@ def bind(rt):
             # step 1  recv in<driver via c0
             inp = read_c0()
             # step 2  t0 = f($0)
+            lock_acquire()
             try:
                 t0 = m_f(inp)
             except Exception as e:
                 t0 = capture(e, "a0", "f", 2)
+            finally:
+                lock_release()
             # step 3  isend t0>a1 via c1
             h_t0_a1 = cw_c1.isend(t0, "a1")
             # step 5  t3 = allreduce.sum(t0) [g0]

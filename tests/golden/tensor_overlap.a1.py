@@ -7,6 +7,8 @@
 
 bind(rt) runs once when the DAG is compiled and returns loop(); the actor runs loop()
 on a background thread until the DAG is torn down (a channel read then raises).
+Each method call holds rt.lock, and only for the call: the lock the actor's other
+compiled DAGs take too when its methods run one at a time (max_concurrency=1).
 """
 
 
@@ -14,6 +16,8 @@ def bind(rt):
     Failure = rt.Failure
     capture = rt.capture
     first_failure = rt.first_failure
+    lock_acquire = rt.lock.acquire
+    lock_release = rt.lock.release
     m_g = rt.method('g')
     m_pre = rt.method('pre')
     coll_g0 = rt.collective('g0')
@@ -22,6 +26,8 @@ def bind(rt):
     write_c3 = rt.writer('c3').write
 
     def loop(Failure=Failure, capture=capture, first_failure=first_failure,
+             lock_acquire=lock_acquire,
+             lock_release=lock_release,
              m_g=m_g,
              m_pre=m_pre,
              coll_g0=coll_g0,
@@ -30,25 +36,31 @@ def bind(rt):
              write_c3=write_c3,
              ):
         while True:
-            # step 3  icrecv t0<a0 via c1
+            # step 1  icrecv t0<a0 via c1
             h_t0 = cr_c1.irecv()
             # step 1  recv in<driver via c0
             inp = read_c0()
             # step 2  t1 = pre($0)
+            lock_acquire()
             try:
                 t1 = m_pre(inp)
             except Exception as e:
                 t1 = capture(e, "a1", "pre", 2)
+            finally:
+                lock_release()
             # step 4  wait t0<a0 via c1
             t0 = h_t0.wait()
             # step 4  t2 = g(t0, t1)
             if t0.__class__ is Failure or t1.__class__ is Failure:
                 t2 = first_failure(t0, t1)
             else:
+                lock_acquire()
                 try:
                     t2 = m_g(t0, t1)
                 except Exception as e:
                     t2 = capture(e, "a1", "g", 4)
+                finally:
+                    lock_release()
             # step 5  t4 = allreduce.sum(t2) [g0]
             t4 = coll_g0(t2)
             # step 6  send t4>driver via c3

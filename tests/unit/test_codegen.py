@@ -9,6 +9,7 @@ and review the diff (git diff tests/golden) before committing.
 
 import difflib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -136,20 +137,29 @@ def test_generated_loop_runs_with_fake_runtime():
     class Stop(Exception):
         pass
 
+    held = []  # whether the actor's method lock was held during each call
+
     class FakeRT:
         Failure = fl.Failure
         capture = staticmethod(fl.capture)
         first_failure = staticmethod(fl.first_failure)
+        lock = threading.Lock()
 
         def __init__(self, inbox):
             self.inbox, self.outbox = inbox, {}
 
         def method(self, name):
-            return {
+            fn = {
                 "f": lambda x, c, k: x + c + k,
                 "g": lambda x: x * 10,
                 "pair": lambda x: (x, -x),
             }[name]
+
+            def call(*a, **kw):
+                held.append(FakeRT.lock.locked())
+                return fn(*a, **kw)
+
+            return call
 
         def constant(self, k):
             return 100
@@ -185,6 +195,8 @@ def test_generated_loop_runs_with_fake_runtime():
     written = {k: v for k, v in rt.outbox.items()}
     assert written[chans["t0"]] == [103]
     assert sorted(v[0] for v in written.values() if v != [103]) == [-50, 50]
+    # every method call holds the actor's method lock, and only the call (loop.method_lock)
+    assert held and all(held) and not FakeRT.lock.locked()
 
 
 def test_driver_writes_every_input_channel():
@@ -222,6 +234,7 @@ def test_comments_and_task_errors_name_the_users_method():
             staticmethod(fl.first_failure),
         )
         sent = []
+        lock = threading.Lock()
 
         def method(self, name):
             return boom
@@ -244,6 +257,7 @@ def test_comments_and_task_errors_name_the_users_method():
     with pytest.raises(StopIteration):
         ns["bind"](RT())()
     err = RT.sent[0].to_error()
+    assert not RT.lock.locked()  # a raising method lets go of the actor's method lock
     assert isinstance(err, KeyError) and err.method == "fwd"
     assert "raised by a1.fwd at pipeline.py:30 Head.fwd (schedule step 5)" in str(err)
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from dataclasses import dataclass
 
 from dagc.placement import ActorPlace
 from dagc.runtime.actor import prepared
-from dagc.runtime.actor.loop import LOCK, LOOPS, ActorLoop
+from dagc.runtime.actor.loop import LOCK, LOOPS, ActorLoop, max_concurrency
 from dagc.runtime.actor.plan import ActorPlan
 from dagc.runtime.channels import shm, sweep
 from dagc.runtime.channels.control import C_STATE, RUNNING, SWAP
+
+# how long a crashed loop of a DAG whose driver never called stop() stays listed
+_CRASH_KEPT = 600.0
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,14 @@ class Probe:
     place: ActorPlace            # node, GPU ids, where its bound methods are defined
     pid: int
     ip: str                      # its node's address, for TCP channels
-    busy: tuple = ()             # tokens of compiled DAGs this actor already runs
+    busy: tuple = ()             # tokens of the compiled DAGs this actor runs already
+                                 # (information: a new one runs beside them)
+    max_concurrency: int = 1     # Ray's: above 1, its DAGs' method calls may overlap
 
 
 def probe(instance, token: str, methods: tuple = (), cwd: str = "") -> Probe:
-    """Where this actor lives, where ``methods`` of its class are defined, and whether it
-    already runs another compiled DAG."""
+    """Where this actor lives, where ``methods`` of its class are defined, and which other
+    compiled DAGs it runs already."""
     import ray
     prepared.expire()
     busy = tuple(t for t, lp in LOOPS.items() if lp.running() and t != token)
@@ -50,7 +56,8 @@ def probe(instance, token: str, methods: tuple = (), cwd: str = "") -> Probe:
     free = tuple(sorted(n for n in methods if _reorderable(type(instance), n)))
     return Probe(place=ActorPlace(node=ctx.get_node_id(), gpus=gpus, methods=where,
                                   reorderable=free),
-                 pid=os.getpid(), ip=ray.util.get_node_ip_address(), busy=busy)
+                 pid=os.getpid(), ip=ray.util.get_node_ip_address(), busy=busy,
+                 max_concurrency=max_concurrency())
 
 
 def _reorderable(cls, name: str) -> bool:
@@ -87,23 +94,25 @@ def comm_prepare(instance, communicator) -> dict:
 
 
 def start(instance, plan: ActorPlan) -> dict:
-    """Open this actor's ends, form its communicators, bind its module, start its loop."""
+    """Open this actor's ends, form its communicators, bind its module, start its loop,
+    beside the loops of any other compiled DAGs this actor runs (each its own thread)."""
     prepared.expire()
-    if plan.node_cleanup:   # segments of DAGs whose processes all died together
-        try:
+    if plan.node_cleanup:   # segments of DAGs whose processes all died together (a live
+        try:                # DAG's segments list live pids: the sweep never takes them)
             sweep.sweep_stale()
         except OSError:
             pass
     with LOCK:
+        now = time.monotonic()
         for t, lp in list(LOOPS.items()):
-            if not lp.running():
+            # a loop that ended without crashing has removed itself; a crashed one stays
+            # for its DAG's status() and stop(), unless that DAG is long gone
+            if not lp.running() and (lp.crash is None or now - lp.ended > _CRASH_KEPT):
                 LOOPS.pop(t, None)
-        busy = [t for t, lp in LOOPS.items() if lp.running()]
-        if busy:
+        if plan.token in LOOPS:
             _abort(plan)
-            from dagc.errors import CompileError
-            raise CompileError(f"actor {plan.label} already runs compiled DAG {busy[0]}; "
-                               f"tear that DAG down before compiling another on this actor.")
+            raise RuntimeError(f"dagc: {plan.label} already runs a loop of compile "
+                               f"{plan.token}")
         try:
             loop = ActorLoop(instance, plan)
         except BaseException as e:

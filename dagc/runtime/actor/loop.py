@@ -6,6 +6,12 @@ constants and ends by name, and runs the module's ``loop()`` on a daemon thread 
 DAG is torn down (a channel read then raises ChannelClosed). The actor's own thread stays
 free for ordinary ``.remote()`` calls. ``lifecycle.py`` has the calls that make, stop and
 switch one.
+
+Several DAGs may run on one actor, each its own ActorLoop (``LOOPS``, by compile token) on
+its own thread. Where Ray runs the actor's methods one at a time (``max_concurrency`` 1,
+Ray's default for a threaded actor), every loop holds the actor's one method lock
+(:func:`method_lock`) around each call of a user method, and only for the call: never
+across a channel or communicator wait, so two DAGs cannot deadlock on it.
 """
 from __future__ import annotations
 
@@ -28,6 +34,37 @@ from dagc.runtime.failure import Failure, capture, first_failure
 
 LOOPS: dict[str, "ActorLoop"] = {}     # compile token -> this process's loop
 LOCK = threading.Lock()                 # guards LOOPS
+
+# id(actor instance) -> the lock its DAGs' loops hold around each method call. An actor
+# process holds one instance for its whole life, so the id is never reused there (in-process
+# tests that reuse an id would only share a lock, never lose one).
+_METHOD_LOCKS: dict[int, threading.Lock] = {}
+_METHOD_LOCKS_GUARD = threading.Lock()   # not LOCK: start() makes loops holding that
+
+
+def max_concurrency() -> int:
+    """How many of this actor's methods Ray may run at once (its ``max_concurrency``: 1 for a
+    threaded actor unless raised, 1000 for an async one unless set); 1 when it cannot be
+    told (not inside a Ray actor), the safe answer."""
+    try:
+        from ray._private.worker import global_worker
+        return int(global_worker.core_worker.current_actor_max_concurrency())
+    except Exception:
+        return 1
+
+
+def method_lock(instance) -> threading.Lock:
+    """The lock a loop holds around each call of ``instance``'s methods: shared by every
+    loop on the instance when Ray runs its methods one at a time, else the loop's own
+    (uncontended: the calls of one loop never overlap anyway). Ray's concurrency groups
+    are not looked at: with ``max_concurrency`` 1, every method is serialized."""
+    if max_concurrency() > 1:
+        return threading.Lock()
+    with _METHOD_LOCKS_GUARD:
+        lock = _METHOD_LOCKS.get(id(instance))
+        if lock is None:
+            lock = _METHOD_LOCKS[id(instance)] = threading.Lock()
+        return lock
 
 
 def _sync_method(fn, event_loops: list | None = None):
@@ -60,7 +97,10 @@ class ActorLoop:
     def __init__(self, instance, plan: ActorPlan):
         self.instance = instance
         self.plan = plan
+        # the generated loop binds lock.acquire and lock.release around each method call
+        self.lock = method_lock(instance)
         self.crash: str | None = None
+        self.ended = 0.0           # when the loop thread ended (monotonic), once it did
         self.records: list = []
         self.thread: threading.Thread | None = None
         self._readers: dict[str, ch.Reader] = {}
@@ -248,6 +288,7 @@ class ActorLoop:
             self._failed_who = self.plan.label
             self.control.fail(self.plan.index)
         finally:
+            self.ended = time.monotonic()
             failed = self.control.state == FAILED
             self.close()
             if failed:

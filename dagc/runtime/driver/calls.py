@@ -29,14 +29,11 @@ def ray_get(refs, timeout, procs, what: str):
 def probe_actors(handles: dict, methods: dict, timeout: float) -> dict:
     """The probe round: {actor id: lifecycle.Probe} for every actor in ``handles`` (actor id
     -> ActorHandle); ``methods`` names, per actor, the methods whose source location the
-    probe reports. An actor that already runs another compiled DAG is a CompileError."""
+    probe reports. An actor may run other compiled DAGs already (``Probe.busy``): the new
+    one runs beside them (``actor/loop.py``: the method lock)."""
     ids = list(handles)
     cwd = os.getcwd()
     probes = ray_get([handles[a].__ray_call__.remote(lifecycle.probe, "",
                                                      tuple(methods.get(a, ())), cwd)
                       for a in ids], timeout, ["driver"] + ids, what="report where they run")
-    for a, p in zip(ids, probes):
-        if p.busy:
-            raise CompileError(f"actor {a} already runs compiled DAG {p.busy[0]}; tear that "
-                               f"DAG down (cg.teardown()) before compiling another on it.")
     return dict(zip(ids, probes))
