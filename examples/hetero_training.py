@@ -20,6 +20,7 @@ NCCL between GPU actors, gloo between CPU actors); each actor takes a GPU when t
 has two. ``main()`` trains a few iterations and checks every loss against the same two
 models trained in this process (everything is seeded).
 """
+
 import argparse
 import time
 
@@ -36,18 +37,28 @@ LR, SEED = 3e-3, 0
 
 def text_tower() -> torch.nn.Module:
     torch.manual_seed(SEED + 1)
-    return torch.nn.ModuleDict({
-        "embed": torch.nn.EmbeddingBag(VOCAB, 64, mode="mean"),
-        "mlp": torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                                   torch.nn.Linear(128, FEAT))})
+    return torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.EmbeddingBag(VOCAB, 64, mode="mean"),
+            "mlp": torch.nn.Sequential(
+                torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, FEAT)
+            ),
+        }
+    )
 
 
 def image_tower() -> torch.nn.Module:
     torch.manual_seed(SEED + 2)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * (IMG // 4) ** 2, FEAT))
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * (IMG // 4) ** 2, FEAT),
+    )
 
 
 def head() -> torch.nn.Module:
@@ -78,8 +89,7 @@ class TextTrainer:
 
     def reset(self) -> None:
         self.tower, self.head = text_tower().to(self.device), head().to(self.device)
-        self.opt = torch.optim.Adam([*self.tower.parameters(), *self.head.parameters()],
-                                    lr=LR)
+        self.opt = torch.optim.Adam([*self.tower.parameters(), *self.head.parameters()], lr=LR)
         self.image_grad = None
 
     def combine(self, tokens, image_features, labels) -> float:
@@ -87,8 +97,7 @@ class TextTrainer:
         of the loss with respect to the image features for the image actor)."""
         img = image_features.to(self.device).detach().requires_grad_()
         txt = text_features(self.tower, tokens.to(self.device))
-        loss = F.cross_entropy(self.head(torch.cat([txt, img], dim=-1)),
-                               labels.to(self.device))
+        loss = F.cross_entropy(self.head(torch.cat([txt, img], dim=-1)), labels.to(self.device))
         loss.backward()
         self.image_grad = img.grad
         return loss.item()
@@ -207,9 +216,11 @@ def main(argv=None) -> None:
         want = reference(a.steps)
         worst = max(abs(g - w) / abs(w) for gw, ww in zip(got, want) for g, w in zip(gw, ww))
         assert worst < 1e-4, f"losses differ from the single-process run: {got} vs {want}"
-        print(f"{a.steps} iterations, loss {got[0][0]:.4f} -> {got[-1][0]:.4f}; losses and "
-              f"gradient norms match the single-process run (largest relative difference "
-              f"{worst:.1e}); {a.steps / dt:.1f} iterations/s")
+        print(
+            f"{a.steps} iterations, loss {got[0][0]:.4f} -> {got[-1][0]:.4f}; losses and "
+            f"gradient norms match the single-process run (largest relative difference "
+            f"{worst:.1e}); {a.steps / dt:.1f} iterations/s"
+        )
     finally:
         ray.shutdown()
 

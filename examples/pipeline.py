@@ -6,6 +6,7 @@ Four actors. The tokenizer hashes words into ids, the embedder averages a learne
 rows, and two heads score the embedding (a sentiment-like and a topic-like score); the
 DAG returns both scores, so the embedding fans out to two actors.
 """
+
 import zlib
 
 import numpy as np
@@ -20,8 +21,9 @@ VOCAB, DIM = 8192, 128
 class Tokenizer:
     def tokenize(self, text: str) -> np.ndarray:
         words = text.lower().split()
-        return np.fromiter((zlib.crc32(w.encode()) % VOCAB for w in words), dtype=np.int64,
-                           count=len(words))
+        return np.fromiter(
+            (zlib.crc32(w.encode()) % VOCAB for w in words), dtype=np.int64, count=len(words)
+        )
 
 
 @ray.remote
@@ -38,7 +40,7 @@ class Embedder:
 @ray.remote
 class Head:
     def __init__(self, seed: int):
-        self.w = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32) / DIM ** 0.5
+        self.w = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32) / DIM**0.5
 
     def score(self, vec: np.ndarray) -> float:
         return float(1.0 / (1.0 + np.exp(-vec @ self.w)))

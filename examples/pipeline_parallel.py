@@ -9,6 +9,7 @@ Activations travel between stages as tensors over the communicator
 (`with_tensor_transport("nccl")`): NCCL when the stages hold GPUs, gloo on CPU — the same
 file runs unchanged on both.
 """
+
 import ray
 import torch
 
@@ -25,8 +26,10 @@ class TransformerStage:
         self.device = "cuda" if USE_GPU else "cpu"
         self.first, self.last = stage == 0, stage == stages - 1
         per = LAYERS // stages
-        layers = [torch.nn.TransformerEncoderLayer(DIM, HEADS, 4 * DIM, dropout=0.0,
-                                                   batch_first=True) for _ in range(per)]
+        layers = [
+            torch.nn.TransformerEncoderLayer(DIM, HEADS, 4 * DIM, dropout=0.0, batch_first=True)
+            for _ in range(per)
+        ]
         self.body = torch.nn.Sequential(*layers).to(self.device).eval()
         self.embed = torch.nn.Embedding(VOCAB, DIM).to(self.device) if self.first else None
         self.head = torch.nn.Linear(DIM, VOCAB).to(self.device) if self.last else None
@@ -38,13 +41,14 @@ class TransformerStage:
             x = self.embed(x)
         x = self.body(x)
         if self.last:
-            return self.head(x[:, -1]).argmax(-1).cpu()   # next-token ids, back on the CPU
+            return self.head(x[:, -1]).argmax(-1).cpu()  # next-token ids, back on the CPU
         return x
 
 
 # A GPU each when there are GPUs; on CPU no explicit resources, so the stages fit any node.
-TransformerStage = (ray.remote(num_gpus=1)(TransformerStage) if USE_GPU
-                    else ray.remote(TransformerStage))
+TransformerStage = (
+    ray.remote(num_gpus=1)(TransformerStage) if USE_GPU else ray.remote(TransformerStage)
+)
 
 
 def build():

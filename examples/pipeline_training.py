@@ -16,6 +16,7 @@ the same for both.
 against the same model trained in this process; then it measures the pipeline bubble with
 ``cg.profile`` and compares it to (P-1)/(M+P-1).
 """
+
 import argparse
 import time
 from collections import deque
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 import dagc
 from dagc.pipelining import measured_bubble, microbatch_args, theoretical_bubble
 
-IN, DIM, CLASSES = 64, 128, 10      # input features, hidden width, classes
-BLOCKS = 4                          # residual MLP blocks, spread over the stages
-BATCH = 32                          # per training step, split into MICROBATCHES
+IN, DIM, CLASSES = 64, 128, 10  # input features, hidden width, classes
+BLOCKS = 4  # residual MLP blocks, spread over the stages
+BATCH = 32  # per training step, split into MICROBATCHES
 STAGES, MICROBATCHES, SCHEDULE = 2, 4, "1f1b"
 LR, SEED = 0.05, 0
 
@@ -83,8 +84,8 @@ class Stage:
         self.emulate_s = emulate_ms / 1e3
         self.executions = 0
         # bookkeeping, read by timings() and call_order() (the last 10,000 calls)
-        self.spans = deque(maxlen=10_000)   # (execution, stage, start_ns, end_ns)
-        self.calls = deque(maxlen=10_000)   # "F0", "F1", "B0", ...: the order they ran in
+        self.spans = deque(maxlen=10_000)  # (execution, stage, start_ns, end_ns)
+        self.calls = deque(maxlen=10_000)  # "F0", "F1", "B0", ...: the order they ran in
         self.reset()
 
     def reset(self) -> None:
@@ -92,7 +93,7 @@ class Stage:
         layers = [make_layer(i) for i in stage_layers(self.stage, self.num_stages)]
         self.model = torch.nn.Sequential(*layers).to(self.device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
-        self.saved = {}          # microbatch -> (input, output) kept for backward
+        self.saved = {}  # microbatch -> (input, output) kept for backward
 
     def forward(self, mb: int, x: torch.Tensor, target: torch.Tensor = None):
         t0 = time.monotonic_ns()
@@ -114,12 +115,12 @@ class Stage:
         if self.emulate_s:
             time.sleep(self.emulate_s)
         x = x.to(self.device)
-        if not self.first:                       # we need d loss / d x for the stage before
+        if not self.first:  # we need d loss / d x for the stage before
             x = x.detach().requires_grad_()
         out = self.model(x)
         if self.last:
             loss = F.cross_entropy(out, target.to(self.device))
-            self.saved[mb] = (x, loss / self.microbatches)   # mean over the microbatches
+            self.saved[mb] = (x, loss / self.microbatches)  # mean over the microbatches
             return loss.item()
         self.saved[mb] = (x, out)
         return out.detach()
@@ -129,15 +130,14 @@ class Stage:
             time.sleep(2 * self.emulate_s)
         x, out = self.saved.pop(mb)
         if self.last:
-            out.backward()                       # out is this microbatch's (scaled) loss
+            out.backward()  # out is this microbatch's (scaled) loss
         else:
             out.backward(grad.to(self.device))
         return None if self.first else x.grad
 
     def step(self, *_done) -> float:
         """Apply the accumulated gradients; returns their norm (before the step)."""
-        norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum()
-                                    for p in self.model.parameters())))
+        norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.model.parameters())))
         self.opt.step()
         self.opt.zero_grad()
         self.executions += 1
@@ -168,16 +168,18 @@ def actor_options(n: int) -> dict:
     return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= n else {}
 
 
-def make_stages(num_stages: int = STAGES, microbatches: int = MICROBATCHES,
-                emulate_ms: float = 0) -> list:
+def make_stages(
+    num_stages: int = STAGES, microbatches: int = MICROBATCHES, emulate_ms: float = 0
+) -> list:
     cls = Stage.options(**actor_options(num_stages))
     stages = [cls.remote(s, num_stages, microbatches, emulate_ms) for s in range(num_stages)]
     ray.get([s.ping.remote() for s in stages])
     return stages
 
 
-def build(stages=None, microbatches: int = MICROBATCHES, schedule: str = SCHEDULE,
-          transport="nccl"):
+def build(
+    stages=None, microbatches: int = MICROBATCHES, schedule: str = SCHEDULE, transport="nccl"
+):
     stages = stages or make_stages(STAGES, microbatches)
     return dagc.pipeline(stages, microbatches=microbatches, schedule=schedule, transport=transport)
 
@@ -195,8 +197,9 @@ def example_input(microbatches: int = MICROBATCHES):
 
 
 # -- the single-process reference --------------------------------------------------------------
-def reference(steps: int, num_stages: int = STAGES, microbatches: int = MICROBATCHES,
-              first_batch: int = 0):
+def reference(
+    steps: int, num_stages: int = STAGES, microbatches: int = MICROBATCHES, first_batch: int = 0
+):
     """Train the whole model in this process: per step the M losses and each stage's grad norm."""
     groups = [[make_layer(i) for i in stage_layers(s, num_stages)] for s in range(num_stages)]
     model = torch.nn.Sequential(*[m for g in groups for m in g])
@@ -209,8 +212,10 @@ def reference(steps: int, num_stages: int = STAGES, microbatches: int = MICROBAT
             loss = F.cross_entropy(model(xm), ym)
             (loss / microbatches).backward()
             losses.append(loss.item())
-        norms = [float(torch.sqrt(sum((p.grad.double() ** 2).sum()
-                                      for m in g for p in m.parameters()))) for g in groups]
+        norms = [
+            float(torch.sqrt(sum((p.grad.double() ** 2).sum() for m in g for p in m.parameters())))
+            for g in groups
+        ]
         opt.step()
         opt.zero_grad()
         out.append((losses, norms))
@@ -240,9 +245,13 @@ def main(argv=None) -> None:
     ap.add_argument("--schedule", choices=("1f1b", "gpipe"), default=SCHEDULE)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--profile", type=int, default=20, help="executions to profile (0: none)")
-    ap.add_argument("--emulate-ms", type=float, default=0,
-                    help="sleep this long in every forward (2x in backward) as stand-in "
-                         "accelerator time, to see the schedule's bubble on a CPU box")
+    ap.add_argument(
+        "--emulate-ms",
+        type=float,
+        default=0,
+        help="sleep this long in every forward (2x in backward) as stand-in "
+        "accelerator time, to see the schedule's bubble on a CPU box",
+    )
     a = ap.parse_args(argv)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -254,27 +263,36 @@ def main(argv=None) -> None:
             want = reference(a.steps, a.stages, a.microbatches)
             worst = 0.0
             for k, ((gl, gn), (wl, wn)) in enumerate(zip(got, want)):
-                worst = max(worst, check(gl, wl, f"step {k} losses"),
-                            check(gn, wn, f"step {k} grad norms"))
-                print(f"step {k}: losses {[round(v, 5) for v in gl]}, "
-                      f"grad norms {[round(v, 5) for v in gn]}")
-            print(f"losses and gradient norms match the single-process run "
-                  f"(largest relative difference {worst:.1e})")
+                worst = max(
+                    worst, check(gl, wl, f"step {k} losses"), check(gn, wn, f"step {k} grad norms")
+                )
+                print(
+                    f"step {k}: losses {[round(v, 5) for v in gl]}, "
+                    f"grad norms {[round(v, 5) for v in gn]}"
+                )
+            print(
+                f"losses and gradient norms match the single-process run "
+                f"(largest relative difference {worst:.1e})"
+            )
             if a.profile:
                 args = microbatch_args(*batch(0), a.microbatches)
                 t0 = time.perf_counter()
                 prof = cg.profile(a.profile, *args)
                 dt = time.perf_counter() - t0
                 b = measured_bubble(prof, a.stages)
-                print(f"bubble: measured {b['bubble']:.3f} (median of {len(b['per_execution'])}"
-                      f" executions; span {b['span'] / 1e3:.1f} ms, busy per stage "
-                      f"{b['busy'] / 1e3:.1f} ms), theory (P-1)/(M+P-1) = "
-                      f"{theoretical_bubble(a.stages, a.microbatches):.3f}; "
-                      f"{a.profile / dt:.1f} steps/s while profiling")
+                print(
+                    f"bubble: measured {b['bubble']:.3f} (median of {len(b['per_execution'])}"
+                    f" executions; span {b['span'] / 1e3:.1f} ms, busy per stage "
+                    f"{b['busy'] / 1e3:.1f} ms), theory (P-1)/(M+P-1) = "
+                    f"{theoretical_bubble(a.stages, a.microbatches):.3f}; "
+                    f"{a.profile / dt:.1f} steps/s while profiling"
+                )
                 if not a.emulate_ms:
-                    print("(the layers here take about a millisecond, so communication and "
-                          "per-call overhead count as bubble; --emulate-ms 20 gives the "
-                          "stages accelerator-like work and shows the schedule's own bubble)")
+                    print(
+                        "(the layers here take about a millisecond, so communication and "
+                        "per-call overhead count as bubble; --emulate-ms 20 gives the "
+                        "stages accelerator-like work and shows the schedule's own bubble)"
+                    )
     finally:
         ray.shutdown()
 

@@ -16,6 +16,7 @@ The stage actors take a GPU each when the cluster has enough of them, else run o
 same file runs on both. ``main()`` checks the logits against the whole model run in this
 process, then prints latency and batches/s at 1, 4 and 8 batches in flight.
 """
+
 import argparse
 import math
 import time
@@ -91,8 +92,11 @@ def make_layer(i: int) -> torch.nn.Module:
 def stage_layers(stage: int, num_stages: int) -> list[int]:
     """Stage s holds blocks [s*L/P, (s+1)*L/P) (+ the embeddings on 0, the head on the last)."""
     lo, hi = stage * LAYERS // num_stages, (stage + 1) * LAYERS // num_stages
-    return ([0] if stage == 0 else []) + list(range(lo + 1, hi + 1)) + (
-        [LAYERS + 1] if stage == num_stages - 1 else [])
+    return (
+        ([0] if stage == 0 else [])
+        + list(range(lo + 1, hi + 1))
+        + ([LAYERS + 1] if stage == num_stages - 1 else [])
+    )
 
 
 def actor_device() -> torch.device:
@@ -111,7 +115,7 @@ class GPTStage:
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.model(x.to(self.device))
-        return y.cpu() if self.last else y      # logits go back to the driver
+        return y.cpu() if self.last else y  # logits go back to the driver
 
     def ping(self) -> bool:
         return True
@@ -177,17 +181,24 @@ def measure(cg, inflight: int, n: int, get=lambda ref: ref.get(timeout=120)) -> 
         lat.append(time.perf_counter() - t0)
     wall = time.perf_counter() - t_start
     lat.sort()
-    return {"p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[min(len(lat) - 1,
-                                                                  int(0.99 * len(lat)))] * 1e3,
-            "batches_per_s": n / wall, "inflight": inflight}
+    return {
+        "p50_ms": lat[len(lat) // 2] * 1e3,
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
+        "batches_per_s": n / wall,
+        "inflight": inflight,
+    }
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", type=int, default=STAGES)
     ap.add_argument("--n", type=int, default=100, help="batches per measurement")
-    ap.add_argument("--inflight", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[1, 4, 8], help="comma-separated, e.g. 1,4,8")
+    ap.add_argument(
+        "--inflight",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 4, 8],
+        help="comma-separated, e.g. 1,4,8",
+    )
     a = ap.parse_args(argv)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -196,12 +207,13 @@ def main(argv=None) -> None:
             for i in range(3):
                 got, want = cg.execute(batch(i)).get(timeout=120), reference(batch(i), a.stages)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            print(f"logits match the single-process model ({a.stages} stages, "
-                  f"{LAYERS} blocks)")
+            print(f"logits match the single-process model ({a.stages} stages, {LAYERS} blocks)")
             for k in a.inflight:
                 m = measure(cg, k, a.n)
-                print(f"{k} in flight: p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms, "
-                      f"{m['batches_per_s']:.1f} batches/s")
+                print(
+                    f"{k} in flight: p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms, "
+                    f"{m['batches_per_s']:.1f} batches/s"
+                )
     finally:
         ray.shutdown()
 

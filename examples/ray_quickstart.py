@@ -9,16 +9,17 @@ steps that need GPUs (NCCL between two GPU actors) run only where two GPUs are p
 
     python examples/ray_quickstart.py
 """
+
 import asyncio
 import time
 
 import dagc
 
-dagc.patch_ray()        # the one line: experimental_compile() now compiles with dagc
+dagc.patch_ray()  # the one line: experimental_compile() now compiles with dagc
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-from ray.dag import InputNode, MultiOutputNode  # noqa: E402
+import ray  # noqa: E402  (after the patch, to show it comes first)
+import torch  # noqa: E402  (after the patch, to show it comes first)
+from ray.dag import InputNode, MultiOutputNode  # noqa: E402  (after the patch, to show it comes first)
 
 
 @ray.remote
@@ -58,7 +59,7 @@ def us(seconds: float) -> str:
 
 def hello_world():
     a = SimpleActor.remote()
-    for _ in range(5):                                   # warm up
+    for _ in range(5):  # warm up
         ray.get(a.echo.remote("hello"))
     t0 = time.perf_counter()
     ray.get(a.echo.remote("hello"))
@@ -79,16 +80,16 @@ def hello_world():
 def data_dependencies():
     a, b = SimpleActor.remote(), SimpleActor.remote()
     with InputNode() as inp:
-        x = a.echo.bind(inp)                             # a chain
+        x = a.echo.bind(inp)  # a chain
         dag = b.echo.bind(x)
     dag = dag.experimental_compile()
     print("chain:", ray.get(dag.execute("hello")))
     dag.teardown()
 
-    with InputNode() as inp:                             # several outputs
+    with InputNode() as inp:  # several outputs
         dag = MultiOutputNode([a.echo.bind(inp), b.echo.bind(inp)])
     dag = dag.experimental_compile()
-    refs = dag.execute("hello")                          # one ref per output
+    refs = dag.execute("hello")  # one ref per output
     print("MultiOutputNode:", ray.get(refs))
     dag.teardown()
 
@@ -115,10 +116,12 @@ def failures_and_timeouts():
     t0 = time.perf_counter()
     try:
         ray.get(dag.execute(2))
-    except RuntimeError as e:                            # the method's own exception class
+    except RuntimeError as e:  # the method's own exception class
         assert isinstance(e, ray.exceptions.RayTaskError)
-        print(f"a method raised, seen after {time.perf_counter() - t0:.2f} s "
-              f"(the 2 s branch is not waited for): {str(e).splitlines()[0]}")
+        print(
+            f"a method raised, seen after {time.perf_counter() - t0:.2f} s "
+            f"(the 2 s branch is not waited for): {str(e).splitlines()[0]}"
+        )
     dag.teardown()
 
     with InputNode() as inp:
@@ -136,7 +139,7 @@ def tensors():
     sender, receiver = TensorSender.remote(), TensorReceiver.remote()
     with InputNode() as inp:
         dag = sender.send.bind(inp.shape, inp.dtype, inp.value)
-        dag = dag.with_tensor_transport()                # "auto": a communicator here
+        dag = dag.with_tensor_transport()  # "auto": a communicator here
         dag = receiver.recv.bind(dag)
     dag = dag.experimental_compile()
     print("tensor received:", ray.get(dag.execute(shape=(10,), dtype=torch.float16, value=1)))

@@ -16,6 +16,7 @@ and every client gets the answer to its own request. The model actor takes a GPU
 cluster has one; the preprocessors stay on CPU. ``main()`` checks every answer against the
 same pipeline run in this process, then reports latency under load.
 """
+
 import argparse
 import statistics
 import threading
@@ -31,31 +32,46 @@ from dagc import InputNode
 
 VOCAB, DIM, NFEAT, SEED = 4096, 64, 4, 0
 LABELS = ("billing", "bug", "feature", "question", "praise", "spam")
-WORDS = ("the app crashes when i pay my bill twice please add dark mode how do i export "
-         "great work thanks refund free money click here login fails slow sync").split()
+WORDS = (
+    "the app crashes when i pay my bill twice please add dark mode how do i export "
+    "great work thanks refund free money click here login fails slow sync"
+).split()
 
 
 # -- the stages, as plain functions (the actors and the reference share them) ------------------
 # Only the model needs torch; pre- and postprocessing pass numpy arrays, so their actors
 # never import torch.
 def tokenize(text: str) -> np.ndarray:
-    return np.array([zlib.crc32(w.encode()) % VOCAB for w in text.lower().split()] or [0],
-                    dtype=np.int64)
+    return np.array(
+        [zlib.crc32(w.encode()) % VOCAB for w in text.lower().split()] or [0], dtype=np.int64
+    )
 
 
 def surface_features(text: str) -> np.ndarray:
     words = text.split()
-    return np.array([len(words) / 20, sum(map(len, words)) / max(1, len(words)) / 10,
-                     text.count("!") + text.count("?"), float(any(c.isdigit() for c in text))],
-                    dtype=np.float32)
+    return np.array(
+        [
+            len(words) / 20,
+            sum(map(len, words)) / max(1, len(words)) / 10,
+            text.count("!") + text.count("?"),
+            float(any(c.isdigit() for c in text)),
+        ],
+        dtype=np.float32,
+    )
 
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(SEED)
-    return torch.nn.ModuleDict({
-        "embed": torch.nn.EmbeddingBag(VOCAB, DIM, mode="mean"),
-        "mlp": torch.nn.Sequential(torch.nn.Linear(DIM + NFEAT, 128), torch.nn.GELU(),
-                                   torch.nn.Linear(128, len(LABELS)))}).eval()
+    return torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.EmbeddingBag(VOCAB, DIM, mode="mean"),
+            "mlp": torch.nn.Sequential(
+                torch.nn.Linear(DIM + NFEAT, 128),
+                torch.nn.GELU(),
+                torch.nn.Linear(128, len(LABELS)),
+            ),
+        }
+    ).eval()
 
 
 @torch.no_grad()
@@ -70,8 +86,12 @@ def answer(request: dict, logits: np.ndarray) -> dict:
     p = np.exp(logits - logits.max())
     p /= p.sum()
     top = np.argsort(-p, kind="stable")[:3]
-    return {"id": request["id"], "label": LABELS[top[0]], "score": round(float(p[top[0]]), 6),
-            "top3": [LABELS[i] for i in top]}
+    return {
+        "id": request["id"],
+        "label": LABELS[top[0]],
+        "score": round(float(p[top[0]]), 6),
+        "top3": [LABELS[i] for i in top],
+    }
 
 
 # -- the actors ----------------------------------------------------------------------------
@@ -105,8 +125,12 @@ class Postprocessor:
 
 def make_actors() -> list:
     gpu = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {}
-    actors = [Tokenizer.remote(), Featurizer.remote(), Classifier.options(**gpu).remote(),
-              Postprocessor.remote()]
+    actors = [
+        Tokenizer.remote(),
+        Featurizer.remote(),
+        Classifier.options(**gpu).remote(),
+        Postprocessor.remote(),
+    ]
     ray.get([a.__ray_ready__.remote() for a in actors])
     return actors
 
@@ -114,7 +138,7 @@ def make_actors() -> list:
 def build_dag(actors: list):
     tok, feat, model, post = actors
     with InputNode() as request:
-        ids = tok.tokenize.bind(request)             # the fan-out: both read the request
+        ids = tok.tokenize.bind(request)  # the fan-out: both read the request
         feats = feat.features.bind(request)
         logits = model.predict.bind(ids, feats)
         return post.postprocess.bind(request, logits)
@@ -143,7 +167,7 @@ _REFERENCE_LOCK = threading.Lock()
 def reference(req: dict) -> dict:
     """The same pipeline in this process (callable from many threads)."""
     global _REFERENCE_MODEL
-    with _REFERENCE_LOCK:        # make_model() seeds torch's global generator: once only
+    with _REFERENCE_LOCK:  # make_model() seeds torch's global generator: once only
         if _REFERENCE_MODEL is None:
             _REFERENCE_MODEL = make_model()
     text = req["text"]
@@ -151,12 +175,15 @@ def reference(req: dict) -> dict:
 
 
 def same_answer(got: dict, want: dict) -> bool:
-    return (got["id"] == want["id"] and got["label"] == want["label"]
-            and got["top3"] == want["top3"] and abs(got["score"] - want["score"]) < 1e-4)
+    return (
+        got["id"] == want["id"]
+        and got["label"] == want["label"]
+        and got["top3"] == want["top3"]
+        and abs(got["score"] - want["score"]) < 1e-4
+    )
 
 
-def load(execute, clients: int, seconds: float = 0.0, per_client: int = 0,
-         check=None) -> dict:
+def load(execute, clients: int, seconds: float = 0.0, per_client: int = 0, check=None) -> dict:
     """``clients`` threads, each sending requests one after another (``execute(req)``
     returns the answer) for ``seconds`` or ``per_client`` requests; latency percentiles,
     requests/s, and the number of answers ``check(request, answer)`` rejected."""
@@ -178,7 +205,7 @@ def load(execute, clients: int, seconds: float = 0.0, per_client: int = 0,
                 if check is not None and not check(req, ans):
                     wrong.append((req, ans))
                 k += 1
-        except BaseException as e:     # reported below, never lost in a thread
+        except BaseException as e:  # reported below, never lost in a thread
             errors.append(e)
         with lock:
             lat.extend(mine)
@@ -195,9 +222,15 @@ def load(execute, clients: int, seconds: float = 0.0, per_client: int = 0,
         raise errors[0]
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3
-    return {"requests": len(lat), "p50_ms": q(0.5), "p99_ms": q(0.99),
-            "mean_ms": statistics.fmean(lat) * 1e3, "requests_per_s": len(lat) / wall,
-            "wrong": len(bad), "clients": clients}
+    return {
+        "requests": len(lat),
+        "p50_ms": q(0.5),
+        "p99_ms": q(0.99),
+        "mean_ms": statistics.fmean(lat) * 1e3,
+        "requests_per_s": len(lat) / wall,
+        "wrong": len(bad),
+        "clients": clients,
+    }
 
 
 def main(argv=None) -> None:
@@ -209,14 +242,22 @@ def main(argv=None) -> None:
     try:
         with dagc.compile(build_dag(make_actors())) as cg:
             run = lambda req: cg.execute(req).get(timeout=60)
-            m = load(run, a.clients, per_client=25,
-                     check=lambda req, ans: same_answer(ans, reference(req)))
+            m = load(
+                run,
+                a.clients,
+                per_client=25,
+                check=lambda req, ans: same_answer(ans, reference(req)),
+            )
             assert m["wrong"] == 0, f"{m['wrong']} answers differ from the reference"
-            print(f"{m['requests']} requests from {a.clients} threads: every answer is its "
-                  f"own request's and matches the single-process pipeline")
+            print(
+                f"{m['requests']} requests from {a.clients} threads: every answer is its "
+                f"own request's and matches the single-process pipeline"
+            )
             m = load(run, a.clients, seconds=a.seconds)
-            print(f"{a.clients} clients for {a.seconds:g} s: p50 {m['p50_ms']:.2f} ms, "
-                  f"p99 {m['p99_ms']:.2f} ms, {m['requests_per_s']:.0f} requests/s")
+            print(
+                f"{a.clients} clients for {a.seconds:g} s: p50 {m['p50_ms']:.2f} ms, "
+                f"p99 {m['p99_ms']:.2f} ms, {m['requests_per_s']:.0f} requests/s"
+            )
     finally:
         ray.shutdown()
 

@@ -16,6 +16,7 @@ The all-reduces run on the communicator: NCCL on GPU actors, gloo on CPU ones; t
 take a GPU each when the cluster has enough, so the same file runs on both. ``main()``
 checks the output against the unsharded model run in this process, then prints steps/s.
 """
+
 import argparse
 import math
 import time
@@ -28,7 +29,7 @@ from ray.experimental.collective import allreduce
 import dagc
 from dagc import InputNode, MultiOutputNode
 
-DIM, HEADS, HIDDEN, LAYERS = 128, 8, 512, 2      # width, heads, MLP width, blocks
+DIM, HEADS, HIDDEN, LAYERS = 128, 8, 512, 2  # width, heads, MLP width, blocks
 BATCH, SEQ = 4, 32
 SHARDS, SEED = 2, 0
 
@@ -38,8 +39,10 @@ def block_weights(layer: int) -> dict:
     g = torch.Generator().manual_seed(SEED + layer)
 
     def lin(n_out, n_in):
-        return torch.randn(n_out, n_in, generator=g) / math.sqrt(n_in), \
-            torch.randn(n_out, generator=g) * 0.02
+        return torch.randn(n_out, n_in, generator=g) / math.sqrt(n_in), torch.randn(
+            n_out, generator=g
+        ) * 0.02
+
     w = {}
     w["qkv"], w["qkv_b"] = lin(3 * DIM, DIM)
     w["proj"], w["proj_b"] = lin(DIM, DIM)
@@ -52,13 +55,20 @@ def shard(w: dict, rank: int, shards: int) -> dict:
     """Rank ``rank``'s part of one block: its heads' q/k/v rows and output-projection
     columns, its rows of fc1 and columns of fc2; biases that follow an all-reduce whole."""
     hd, per = DIM // HEADS, HEADS // shards
-    cols = torch.arange(rank * per * hd, (rank + 1) * per * hd)    # this rank's head dims
+    cols = torch.arange(rank * per * hd, (rank + 1) * per * hd)  # this rank's head dims
     qkv_rows = torch.cat([cols + i * DIM for i in range(3)])
     hid = torch.arange(rank * HIDDEN // shards, (rank + 1) * HIDDEN // shards)
-    return {"qkv": w["qkv"][qkv_rows], "qkv_b": w["qkv_b"][qkv_rows],
-            "proj": w["proj"][:, cols], "proj_b": w["proj_b"],
-            "fc1": w["fc1"][hid], "fc1_b": w["fc1_b"][hid],
-            "fc2": w["fc2"][:, hid], "fc2_b": w["fc2_b"], "heads": per}
+    return {
+        "qkv": w["qkv"][qkv_rows],
+        "qkv_b": w["qkv_b"][qkv_rows],
+        "proj": w["proj"][:, cols],
+        "proj_b": w["proj_b"],
+        "fc1": w["fc1"][hid],
+        "fc1_b": w["fc1_b"][hid],
+        "fc2": w["fc2"][:, hid],
+        "fc2_b": w["fc2_b"],
+        "heads": per,
+    }
 
 
 def attention(x: torch.Tensor, w: dict) -> torch.Tensor:
@@ -92,9 +102,13 @@ class TPShard:
 
     def __init__(self, rank: int, shards: int):
         self.device = actor_device()
-        self.w = [{k: (v.to(self.device) if torch.is_tensor(v) else v)
-                   for k, v in shard(block_weights(layer), rank, shards).items()}
-                  for layer in range(LAYERS)]
+        self.w = [
+            {
+                k: (v.to(self.device) if torch.is_tensor(v) else v)
+                for k, v in shard(block_weights(layer), rank, shards).items()
+            }
+            for layer in range(LAYERS)
+        ]
 
     @torch.no_grad()
     def attn_partial(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +125,7 @@ class TPShard:
     @torch.no_grad()
     def mlp_residual(self, layer: int, x: torch.Tensor, summed: torch.Tensor, last=False):
         y = x + summed + self.w[layer]["fc2_b"]
-        return y.cpu() if last else y            # the result goes back to the driver
+        return y.cpu() if last else y  # the result goes back to the driver
 
     def ping(self) -> bool:
         return True
@@ -142,13 +156,13 @@ def build_dag(actors: list, transport=None):
     with InputNode() as inp:
         xs = [inp] * len(actors)
         for layer in range(LAYERS):
-            sums = allreduce.bind([a.attn_partial.bind(layer, x) for a, x in zip(actors, xs)],
-                                  **kw)
+            sums = allreduce.bind([a.attn_partial.bind(layer, x) for a, x in zip(actors, xs)], **kw)
             xs = [a.attn_residual.bind(layer, x, s) for a, x, s in zip(actors, xs, sums)]
-            sums = allreduce.bind([a.mlp_partial.bind(layer, x) for a, x in zip(actors, xs)],
-                                  **kw)
-            xs = [a.mlp_residual.bind(layer, x, s, layer == LAYERS - 1)
-                  for a, x, s in zip(actors, xs, sums)]
+            sums = allreduce.bind([a.mlp_partial.bind(layer, x) for a, x in zip(actors, xs)], **kw)
+            xs = [
+                a.mlp_residual.bind(layer, x, s, layer == LAYERS - 1)
+                for a, x, s in zip(actors, xs, sums)
+            ]
         return MultiOutputNode(xs)
 
 
@@ -168,7 +182,7 @@ def reference(x: torch.Tensor) -> torch.Tensor:
     """The unsharded blocks in this process."""
     with torch.no_grad():
         for layer in range(LAYERS):
-            w = shard(block_weights(layer), 0, 1)        # one shard = the whole block
+            w = shard(block_weights(layer), 0, 1)  # one shard = the whole block
             x = x + attention(norm(x), w) + w["proj_b"]
             x = x + mlp(norm(x), w) + w["fc2_b"]
     return x
@@ -187,8 +201,10 @@ def main(argv=None) -> None:
                 outs = cg.execute(batch(i)).get(timeout=120)
                 for out in outs:
                     torch.testing.assert_close(out, reference(batch(i)), rtol=1e-4, atol=1e-4)
-            print(f"{a.shards} shards x {LAYERS} blocks: every rank's output matches the "
-                  f"unsharded model")
+            print(
+                f"{a.shards} shards x {LAYERS} blocks: every rank's output matches the "
+                f"unsharded model"
+            )
             x = batch(0)
             t0 = time.perf_counter()
             for _ in range(a.n):
