@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # what __getattr__ loads on first use, named for type checker
     from dagc.runtime.comm.base import Communicator
     from dagc.runtime.comm.gloo import GlooCommunicator
     from dagc.runtime.comm.nccl import NcclCommunicator
-    from dagc.runtime.driver.compiled import CompiledDag, DagRef, Profile
+    from dagc.runtime.driver.compiled import CompiledDag, DagRef, Profile, RestartEvent
     from dagc.schedule import Action, Schedule
     from dagc.schedule.costs import Costs
 
@@ -55,7 +55,7 @@ def __getattr__(name: str) -> Any:
         from dagc.schedule.costs import Costs
 
         return Costs
-    if name in ("CompiledDag", "DagRef", "Profile"):
+    if name in ("CompiledDag", "DagRef", "Profile", "RestartEvent"):
         from dagc.runtime.driver import compiled
 
         return getattr(compiled, name)
@@ -86,6 +86,7 @@ __all__ = [
     "CompiledDag",
     "DagRef",
     "Profile",
+    "RestartEvent",
     "Schedule",
     "Action",
     "Communicator",

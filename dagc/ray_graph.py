@@ -22,6 +22,7 @@ any number of times, and the execution is released when the last of them is drop
 Ray's "-1 waits forever" is honoured by ``get(timeout=-1)``; a timeout says which
 ``RAY_CGRAPH_get_timeout`` is in force, as Ray's message does.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -34,7 +35,7 @@ from dagc.runtime.driver.compiled import CompiledDag
 from dagc.runtime.driver.executions import DagRef
 
 # Ray's "wait forever" (-1) as a dagc timeout: dagc's None means "the compile default"
-FOREVER = 10.0 ** 8
+FOREVER = 10.0**8
 
 __all__ = ["RayCompiledDag", "RayDagRef", "RayDagFuture"]
 
@@ -44,7 +45,7 @@ class RayDagRef(DagRef):
 
     __slots__ = ("_graph", "_shared", "_channel")
 
-    def __init__(self, graph: "RayCompiledDag", shared: DagRef, channel):
+    def __init__(self, graph: RayCompiledDag, shared: DagRef, channel):
         self._graph = graph
         self._shared = shared
         self._channel = channel
@@ -73,11 +74,13 @@ class RayDagRef(DagRef):
         return value if self._channel is None else value[self._channel]
 
     def __del__(self):
-        pass          # the shared DagRef releases the execution when its last ref goes
+        pass  # the shared DagRef releases the execution when its last ref goes
 
     def __str__(self) -> str:
-        return (f"CompiledDAGRef({self._graph.get_id()}, execution_index={self._idx}, "
-                f"channel_index={self._channel})")
+        return (
+            f"CompiledDAGRef({self._graph.get_id()}, execution_index={self._idx}, "
+            f"channel_index={self._channel})"
+        )
 
     __repr__ = __str__
 
@@ -88,8 +91,10 @@ class RayDagFuture(RayDagRef, CompiledDAGFuture):
     __slots__ = ()
 
     def __str__(self) -> str:
-        return (f"CompiledDAGFuture({self._graph.get_id()}, execution_index={self._idx}, "
-                f"channel_index={self._channel})")
+        return (
+            f"CompiledDAGFuture({self._graph.get_id()}, execution_index={self._idx}, "
+            f"channel_index={self._channel})"
+        )
 
     __repr__ = __str__
 
@@ -131,7 +136,8 @@ class RayCompiledDag(CompiledDag):
                 f"The compiled graph can't have more than {n} in-flight executions, and you "
                 f"currently have {self._runs.pending} in-flight executions. Retrieve an "
                 f"output using ray.get before submitting more requests or increase "
-                f"`_max_inflight_executions`. (dagc: {e})") from None
+                f"`_max_inflight_executions`. (dagc: {e})"
+            ) from None
 
     def execute(self, *args, **kwargs):
         """Submit one execution: a ref, or a list of refs for a MultiOutputNode."""
@@ -142,6 +148,7 @@ class RayCompiledDag(CompiledDag):
 
     async def execute_async(self, *args, **kwargs):
         """Submit one execution; yields a future (or a list of them) to await."""
+        await self._restarted()  # a re-prepare is waited for off the event loop
         ref = self._submit(args, kwargs)
         if self._nout is None:
             return RayDagFuture(self, ref, None)
@@ -151,25 +158,33 @@ class RayCompiledDag(CompiledDag):
         """Stop the loops (idempotent); with ``kill_actors``, also ``ray.kill`` the actors."""
         super().teardown()
         import ray
-        if kill_actors and ray.is_initialized():     # never start a Ray to kill actors
+
+        if kill_actors and ray.is_initialized():  # never start a Ray to kill actors
             for h in self._session.handles:
                 try:
                     ray.kill(h)
                 except Exception:
                     pass
 
-    def visualize(self, filename: str = "compiled_graph", format: str = "png",
-                  view: bool = False, channel_details: bool = False):
+    def visualize(  # type: ignore[override]  # Ray's signature
+        self,
+        filename: str = "compiled_graph",
+        format: str = "png",
+        view: bool = False,
+        channel_details: bool = False,
+    ):
         """Ray's ``visualize``: "ascii" returns the text (printed with ``view``); other
         formats write ``filename`` (the DOT source) and ``filename.<format>``, and return
         the DOT source. dagc's graph always names each edge's channel and transport
         (``channel_details``). Without Graphviz's ``dot`` program the picture cannot be
         drawn: a warning says so and the DOT source is still written (Ray raises there)."""
         from dagc.inspect.graph import RenderUnavailableError, render
+
         if format == "ascii":
             if channel_details:
-                raise ValueError("Parameters 'channel_details' are not compatible with "
-                                 "'ascii' format.")
+                raise ValueError(
+                    "Parameters 'channel_details' are not compatible with 'ascii' format."
+                )
             text = render(self.schedule, "ascii")
             if view:
                 print(text)
@@ -182,9 +197,12 @@ class RayCompiledDag(CompiledDag):
         try:
             data = render(self.schedule, format)
         except RenderUnavailableError as e:
-            warnings.warn(f"visualize(): {e} The DOT source is in {filename!r} "
-                          f"(dot -T{format} {filename} -o {filename}.{format}).",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"visualize(): {e} The DOT source is in {filename!r} "
+                f"(dot -T{format} {filename} -o {filename}.{format}).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return dot
         with open(f"{filename}.{format}", "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -199,6 +217,7 @@ class RayCompiledDag(CompiledDag):
 def _view(path: str) -> None:
     import subprocess
     import sys
+
     opener = "open" if sys.platform == "darwin" else "xdg-open"
     try:
         subprocess.Popen([opener, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

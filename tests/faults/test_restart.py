@@ -6,6 +6,7 @@ Nothing here opts in beyond the actor's own ``max_restarts``. Each test kills wi
 ``ray.kill(h, no_restart=False)`` or ``os._exit`` (``ray.kill``'s default forbids the
 restart) and prints what it measured.
 """
+
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from dagc.runtime.driver import restart
 from tests.faults.actors import Node
 from tests.faults.helpers import loops_stopped, segments, state, wait_until
 
-BOUND = 30.0          # generous: a noisy 2-core CI box; observed times are printed
+BOUND = 30.0  # generous: a noisy 2-core CI box; observed times are printed
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def actors(ray_session):
     yield make
     for h in made:
         try:
-            ray_session.kill(h)           # no_restart=True: gone for good
+            ray_session.kill(h)  # no_restart=True: gone for good
         except Exception:
             pass
 
@@ -56,6 +57,7 @@ def _events(cg):
     def on(ev):
         got.append(ev)
         seen.set()
+
     cg.on_restart(on)
     return got, seen
 
@@ -74,7 +76,7 @@ def _stream(cg, after, kill_at, kill, run=None):
             kill()
         try:
             v = run(i) if run else cg.execute(i).get(timeout=BOUND)
-        except ray_mod.exceptions.ActorDiedError as e:     # dagc's is also Ray's
+        except ray_mod.exceptions.ActorDiedError as e:  # dagc's is also Ray's
             v = e
             noticed = i if noticed is None else noticed
         if noticed is not None and first_good is None and v == i:
@@ -115,7 +117,7 @@ def _pid(h):
 def _pid_or_none(h):
     try:
         return _pid(h)
-    except ray_mod.exceptions.RayActorError:     # ActorUnavailableError while restarting
+    except ray_mod.exceptions.RayActorError:  # ActorUnavailableError while restarting
         return None
 
 
@@ -137,14 +139,16 @@ def test_killed_actor_is_restarted_and_the_dag_goes_on(ray_session, actors, whic
         ev = events[0]
         assert ev.count == 1 and ev.actors == (f"a{which}:Node",) and ev.lost == len(errors)
         assert f"a{which}:Node died" in ev.reason
-        assert _pid(victim) != pid0                       # a new process, same handle
+        assert _pid(victim) != pid0  # a new process, same handle
         assert cg._session.token != token0 and not segments(token0)
         # the survivors' loops of the first run are gone; the new run has every loop
         old = [h for h in hs if h is not victim]
         wait_until(lambda: _run_gone(old, token0), BOUND, "old loops stop")
-        print(f"\n[restart] {['first', 'middle', 'last'][which]} actor killed: "
-              f"{len(errors)} execution(s) lost, first good result {first_good:.3f} s "
-              f"after the kill (re-prepare {ev.seconds:.3f} s after the death was noticed)")
+        print(
+            f"\n[restart] {['first', 'middle', 'last'][which]} actor killed: "
+            f"{len(errors)} execution(s) lost, first good result {first_good:.3f} s "
+            f"after the kill (re-prepare {ev.seconds:.3f} s after the death was noticed)"
+        )
         assert first_good < BOUND
     finally:
         cg.teardown()
@@ -178,24 +182,87 @@ def test_pending_executions_fail_and_later_ones_run(ray_session, actors):
 
 
 @pytest.mark.timeout(180)
-def test_death_while_idle(ray_session, actors):
-    """The actor dies and is back before the next execution: at most that one fails (an
-    idle DAG notices the death there), every one after it runs."""
-    a, b = actors(0, 1)
-    cg = dagc.compile(_chain(a, b))
+@pytest.mark.parametrize("which", [0, 1], ids=["first", "last"])
+def test_death_while_idle_is_noticed_and_the_next_execution_runs(ray_session, actors, which):
+    """Nobody executes when the actor dies: the DAG notices by itself (watcher.py),
+    re-prepares the restarted actor, and the next execution - the first after the death -
+    gives its result."""
+    hs = actors(*[1 if k == which else 0 for k in range(2)])
+    cg = dagc.compile(_chain(*hs))
+    events, seen = _events(cg)
     try:
         assert cg.execute(1).get(timeout=BOUND) == 1
-        pid0 = _pid(b)
-        ray_mod.kill(b, no_restart=False)
-        wait_until(lambda: _pid_or_none(b) not in (pid0, None), BOUND, "Ray restarts it")
-        got = []
-        for i in range(10):
-            try:
-                got.append(cg.execute(i).get(timeout=BOUND))
-            except dagc.ActorDiedError:
-                got.append(None)
-        assert got[1:] == list(range(1, 10)) and got[0] in (None, 0), got
+        t0 = time.monotonic()
+        ray_mod.kill(hs[which], no_restart=False)
+        took = wait_until(lambda: cg.restarts == 1, BOUND, "the idle DAG re-prepares")
+        assert seen.wait(BOUND) and events[0].lost == 0
+        first = cg.execute(2).get(timeout=BOUND)
+        good = time.monotonic() - t0
+        assert first == 2
+        assert [cg.execute(i).get(timeout=BOUND) for i in range(10)] == list(range(10))
         assert cg.restarts == 1
+        print(
+            f"\n[restart] idle DAG, {['first', 'last'][which]} actor killed: restarts == 1 "
+            f"{took:.3f} s after the kill (re-prepare {events[0].seconds:.3f} s after the "
+            f"death was noticed), first result {good:.3f} s after it"
+        )
+    finally:
+        cg.teardown()
+
+
+@pytest.mark.timeout(180)
+def test_idle_death_of_an_actor_that_cannot_restart_closes_the_dag(ray_session, actors):
+    """Nobody executes when an actor Ray does not restart dies: the DAG closes by itself
+    soon after, and the next execute() says why at once."""
+    a, b = actors(1, 0)
+    cg = dagc.compile(_chain(a, b))
+    token = cg._session.token
+    try:
+        assert cg.execute(1).get(timeout=BOUND) == 1
+        ray_mod.kill(b)  # no_restart=True
+        took = wait_until(lambda: cg._runs.dead is not None, BOUND, "the idle DAG closes")
+        assert "dead" in repr(cg) and "a1:Node died" in cg._runs.dead
+        t0 = time.monotonic()
+        with pytest.raises(dagc.ActorDiedError, match="a1:Node died.*compile again"):
+            cg.execute(2)
+        assert time.monotonic() - t0 < 1.0 and cg.restarts == 0
+        wait_until(
+            lambda: loops_stopped([a], token) and not segments(token),
+            BOUND,
+            "the survivor's loop stops",
+        )
+        print(f"\n[restart] idle DAG closed {took:.3f} s after its actor's death")
+    finally:
+        cg.teardown()
+
+
+@pytest.mark.timeout(180)
+def test_idle_death_on_another_node_is_noticed_through_tcp(ray_session, actors, monkeypatch):
+    """Each actor on a "node" of its own (every channel TCP; no pid the driver can check):
+    the last actor's death ends the TCP channel the driver reads, and the idle DAG closes
+    by itself (an actor Ray does not restart)."""
+    from dagc.runtime.actor import lifecycle
+    from tests.faults import helpers
+
+    a, b = actors(0, 0)
+    ray_mod.get(
+        [
+            a.__ray_call__.remote(helpers.fake_placement, "fake-node-0"),
+            b.__ray_call__.remote(helpers.fake_placement, "fake-node-1"),
+        ],
+        timeout=BOUND,
+    )
+    monkeypatch.setattr(lifecycle, "probe", helpers.fake_probe)
+    cg = dagc.compile(_chain(a, b))
+    try:
+        assert cg._session.layout.spans_nodes()
+        assert cg.execute(1).get(timeout=BOUND) == 1
+        ray_mod.kill(b)
+        took = wait_until(lambda: cg._runs.dead is not None, BOUND, "the idle DAG closes")
+        assert "a1:Node" in cg._runs.dead
+        with pytest.raises(dagc.ActorDiedError, match="a1:Node"):
+            cg.execute(2)
+        print(f"\n[restart] idle DAG over TCP closed {took:.3f} s after its actor's death")
     finally:
         cg.teardown()
 
@@ -247,8 +314,11 @@ def test_no_restart_left_closes_the_dag_as_before(ray_session, actors):
         with pytest.raises(dagc.ActorDiedError, match="compile again"):
             cg.execute(3)
         assert cg.restarts == 1
-        wait_until(lambda: loops_stopped([b], token) and not segments(token), BOUND,
-                   "the survivor's loop stops")
+        wait_until(
+            lambda: loops_stopped([b], token) and not segments(token),
+            BOUND,
+            "the survivor's loop stops",
+        )
     finally:
         cg.teardown()
 
@@ -314,7 +384,7 @@ class SlowRestart:
 
     def __init__(self, k, marker, hold=60.0):
         self.k = k
-        if os.path.exists(marker):      # restarted
+        if os.path.exists(marker):  # restarted
             time.sleep(hold)
         else:
             open(marker, "w").close()
@@ -329,8 +399,7 @@ class SlowRestart:
 
 
 @pytest.mark.timeout(180)
-def test_actor_that_does_not_come_back_in_time_closes_the_dag(ray_session, actors,
-                                                              tmp_path):
+def test_actor_that_does_not_come_back_in_time_closes_the_dag(ray_session, actors, tmp_path):
     """The restarted actor is not back within start_timeout: the DAG closes, saying so,
     and execute() waiting on the re-prepare gets the error."""
     (a,) = actors(1, cls=SlowRestart, args=(str(tmp_path / "started"),))
@@ -341,7 +410,7 @@ def test_actor_that_does_not_come_back_in_time_closes_the_dag(ray_session, actor
             cg.execute(("exit", 0, None)).get(timeout=BOUND)
         t0 = time.monotonic()
         with pytest.raises(dagc.ActorDiedError, match="did not come back within"):
-            cg.execute(2)                      # waits for the re-prepare, which fails
+            cg.execute(2)  # waits for the re-prepare, which fails
         assert time.monotonic() - t0 < BOUND
         assert cg.restarts == 0
     finally:
@@ -363,8 +432,11 @@ def test_teardown_while_restarting_leaves_nothing(ray_session, actors, tmp_path)
             cg.execute(1)
     finally:
         cg.teardown()
-    wait_until(lambda: not any(t.name == "dagc-restart" for t in threading.enumerate()),
-               BOUND, "the restart thread ends")
+    wait_until(
+        lambda: not any(t.name == "dagc-restart" for t in threading.enumerate()),
+        BOUND,
+        "the restart thread ends",
+    )
     assert not segments(token)
 
 
@@ -372,19 +444,22 @@ def test_teardown_while_restarting_leaves_nothing(ray_session, actors, tmp_path)
 def test_multi_output_and_async(ray_session, actors):
     """A MultiOutputNode DAG, driven from asyncio, across a restart."""
     import asyncio
+
     a, b = actors(0, 1)
     with InputNode() as inp:
         dag = MultiOutputNode([a.step.bind(inp), b.step.bind(inp)])
     cg = dagc.compile(dag)
     try:
+
         async def main():
             assert await cg.execute_async(1) == [1, 1]
             ray_mod.kill(b, no_restart=False)
             with pytest.raises(dagc.ActorDiedError):
                 t0 = time.monotonic()
-                while time.monotonic() - t0 < BOUND:    # the death is noticed by one
+                while time.monotonic() - t0 < BOUND:  # the death is noticed by one
                     await cg.execute_async(0)
             return [await cg.execute_async(i) for i in range(5)]
+
         assert asyncio.run(asyncio.wait_for(main(), 120)) == [[i, i] for i in range(5)]
         assert cg.restarts == 1
     finally:
@@ -399,32 +474,116 @@ def test_under_patch_ray(ray_session, actors):
         cdag = _chain(a, b).experimental_compile()
         try:
             assert ray_mod.get(cdag.execute(1), timeout=BOUND) == 1
-            out, _ = _stream(cdag, 10, 2, lambda: ray_mod.kill(b, no_restart=False),
-                             lambda i: ray_mod.get(cdag.execute(i), timeout=BOUND))
+            out, _ = _stream(
+                cdag,
+                10,
+                2,
+                lambda: ray_mod.kill(b, no_restart=False),
+                lambda i: ray_mod.get(cdag.execute(i), timeout=BOUND),
+            )
             _check_stream(out, 2)
             wait_until(lambda: cdag.restarts == 1, BOUND, "the restart")
         finally:
             cdag.teardown()
 
 
+def _outcomes(refs):
+    got = []
+    for r in refs:
+        try:
+            got.append(r.get(timeout=BOUND))
+        except dagc.ActorDiedError as e:
+            assert "in flight" in str(e), str(e)
+            got.append(None)
+    return got
+
+
 @pytest.mark.timeout(180)
 def test_queued_executions_and_the_restart(ray_session, actors):
-    """max_queued: the executions submitted before the death (in flight or queued in the
-    driver) fail with ActorDiedError or ran; none gets another's result; later ones run."""
+    """max_queued: only the executions in the pipeline at the death (at most max_inflight)
+    fail with ActorDiedError; those queued in the driver run on the restarted actor, each
+    with its own result; later ones run."""
     a, b = actors(0, 1)
     cg = dagc.compile(_chain(a, b), max_inflight=2, max_queued=100)
     try:
         assert cg.execute(1).get(timeout=BOUND) == 1
         refs = [cg.execute(0), cg.execute(("exit", 1, None))]
         refs += [cg.execute(i) for i in range(2, 40)]
-        got = []
-        for r in refs:
-            try:
-                got.append(r.get(timeout=BOUND))
-            except dagc.ActorDiedError:
-                got.append(None)
-        assert got[1] is None and all(v in (i, None) for i, v in enumerate(got)), got
+        got = _outcomes(refs)
+        lost = [i for i, v in enumerate(got) if v is None]
+        assert 1 in lost and set(lost) <= {0, 1, 2, 3}, got
+        assert all(v == i for i, v in enumerate(got) if i not in lost), got
         assert [cg.execute(i).get(timeout=BOUND) for i in range(10)] == list(range(10))
         assert cg.restarts == 1
     finally:
         cg.teardown()
+
+
+@pytest.mark.timeout(180)
+def test_queued_executions_survive_a_restart(ray_session, actors):
+    """max_inflight=2, max_queued=200, 100 executions submitted; the actor Ray restarts is
+    killed while 98 of them wait in the driver: the 2 in flight raise ActorDiedError, every
+    queued one enters the new run in order and gives its own result."""
+    a, b = actors(0, 1)
+    cg = dagc.compile(_chain(a, b), max_inflight=2, max_queued=200)
+    events, seen = _events(cg)
+    try:
+        assert cg.execute(1).get(timeout=BOUND) == 1
+        refs = [cg.execute(("sleep", 0, 1.5))] + [cg.execute(i) for i in range(1, 100)]
+        assert cg._runs.queued == 98
+        ray_mod.kill(b, no_restart=False)  # while a0 sleeps on execution 0
+        got = _outcomes(refs)
+        assert got[:2] == [None, None], got[:2]
+        assert got[2:] == list(range(2, 100)), got
+        assert seen.wait(BOUND) and cg.restarts == 1 and events[0].lost == 2
+        assert [cg.execute(i).get(timeout=BOUND) for i in range(5)] == list(range(5))
+        assert cg._runs.queued == 0
+    finally:
+        cg.teardown()
+
+
+@pytest.mark.timeout(180)
+def test_patched_execute_async_waits_for_a_restart_off_the_event_loop(
+    ray_session, actors, tmp_path
+):
+    """Under dagc.patched_ray(): ``await cdag.execute_async(x)`` while the DAG re-prepares
+    (the restarted actor's constructor takes 3 s) leaves the event loop running."""
+    import asyncio
+
+    (a,) = actors(1, cls=SlowRestart, args=(str(tmp_path / "started"), 3.0))
+    with dagc.patched_ray(workers=False):
+        cdag = _chain(a).experimental_compile()
+        try:
+            assert ray_mod.get(cdag.execute(1), timeout=BOUND) == 1
+            with pytest.raises(dagc.ActorDiedError, match="restart"):
+                ray_mod.get(cdag.execute(("exit", 0, None)), timeout=BOUND)
+            assert cdag._restarts.busy
+
+            async def main():
+                ticks = [time.monotonic()]
+
+                async def tick():
+                    while True:
+                        await asyncio.sleep(0.02)
+                        ticks.append(time.monotonic())
+
+                ticker = asyncio.ensure_future(tick())
+                await asyncio.sleep(0.05)
+                t0 = time.monotonic()
+                fut = await cdag.execute_async(5)
+                waited = time.monotonic() - t0
+                value = await fut
+                ticker.cancel()
+                gaps = [y - x for x, y in zip(ticks, ticks[1:]) if y > t0]
+                return value, waited, max(gaps)
+
+            value, waited, gap = asyncio.run(asyncio.wait_for(main(), 120))
+            assert value == 5 and cdag.restarts == 1
+            assert waited > 1.0, waited  # it did wait for the re-prepare
+            assert gap < 0.5, (gap, waited)  # ... with the event loop running
+            print(
+                f"\n[restart] execute_async waited {waited:.3f} s for the re-prepare; "
+                f"the event loop's longest stall {gap:.3f} s"
+            )
+        finally:
+            cdag.teardown()

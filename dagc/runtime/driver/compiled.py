@@ -7,24 +7,26 @@ their state.
                                   closed or dead; teardown
     Profiler     (profiling.py)   profiled runs and the last Profile
     Restarts     (restart.py)     running again after Ray restarts an actor of the DAG
+    (watcher.py)                  one thread per process: deaths while the DAG is idle
 
 Inspection (``schedule``, ``source``, ``visualize``, ``dump``) reads plain data: the lowered
 IR and the generated modules.
 """
+
 from __future__ import annotations
 
 import weakref
 
 from dagc.ir import DRIVER
+from dagc.runtime.driver import watcher
 from dagc.runtime.driver.executions import DagRef, executions_for
 from dagc.runtime.driver.profiling import Profile, Profiler
 from dagc.runtime.driver.restart import RestartEvent, Restarts
 from dagc.runtime.driver.session import Session
 
-CREATED_PREFIXES: list[str] = []   # every segment prefix this process made (leak checks)
+CREATED_PREFIXES: list[str] = []  # every segment prefix this process made (leak checks)
 
-__all__ = ["CompiledDag", "DagRef", "Profile", "RestartEvent", "CREATED_PREFIXES",
-           "resolve_actor"]
+__all__ = ["CompiledDag", "DagRef", "Profile", "RestartEvent", "CREATED_PREFIXES", "resolve_actor"]
 
 
 class CompiledDag:
@@ -36,8 +38,18 @@ class CompiledDag:
     actor, ``profile_sources`` a callable giving each actor's profiling variant.
     """
 
-    def __init__(self, ir, side, modules, options: dict, probes: dict, *, timings=None,
-                 driver_node: str = "", profile_sources=None):
+    def __init__(
+        self,
+        ir,
+        side,
+        modules,
+        options: dict,
+        probes: dict,
+        *,
+        timings=None,
+        driver_node: str = "",
+        profile_sources=None,
+    ):
         self._ir = ir
         self._side = side
         self._modules = modules
@@ -50,12 +62,13 @@ class CompiledDag:
         # execute() is the Executions' own bound method: a call costs what it always did
         # (a subclass that defines its own execute - dagc.ray_compat's - keeps it)
         if type(self).execute is CompiledDag.execute:
-            self.execute = runs.execute
+            self.execute = runs.execute  # type: ignore[method-assign]
         self._profiler = Profiler(session, runs, ir, profile_sources)
         # Ray restarts an actor (max_restarts): the DAG runs again on a new session. The
         # hook holds the profiler weakly: no cycle through the Executions
         self._restarts = Restarts(_follow(weakref.ref(self._profiler)), weakref.ref(self))
-        runs._restart = self._restarts.on_stop
+        runs._restart = self._restarts.on_stop  # type: ignore[assignment]
+        watcher.watch(runs)  # a death while idle takes the same path
 
     @property
     def _session(self) -> Session:
@@ -63,20 +76,27 @@ class CompiledDag:
         return self._runs._session
 
     # -- execute / teardown ----------------------------------------------------------------------
-    def execute(self, *args, **kwargs) -> DagRef:    # replaced per instance in __init__
+    def execute(self, *args, **kwargs) -> DagRef:  # replaced per instance in __init__
         """Submit one execution; returns its DagRef at once (``get()`` waits for the value)."""
         return self._runs.execute(*args, **kwargs)
 
     async def execute_async(self, *args, **kwargs):
         """Submit one execution; the awaitable yields its value (a list for MultiOutputNode)."""
-        if self._restarts.busy:          # re-preparing after a restart: wait off the loop
-            import asyncio
-            await asyncio.get_running_loop().run_in_executor(None, self._restarts.wait)
+        await self._restarted()
         return await self.execute(*args, **kwargs).get_async()
+
+    async def _restarted(self) -> None:
+        """While the DAG re-prepares after a restart (execute() would block for it), wait
+        off the event loop; returns at once otherwise."""
+        if self._restarts.busy:
+            import asyncio
+
+            await asyncio.get_running_loop().run_in_executor(None, self._restarts.wait)
 
     def teardown(self) -> None:
         """Stop every loop and release every segment. Idempotent; bounded in time."""
         self._runs.teardown()
+        watcher.poke()  # the watcher ends with the last live DAG
 
     @property
     def closed(self) -> bool:
@@ -134,32 +154,40 @@ class CompiledDag:
     def visualize(self, format: str = "ascii"):
         """The dataflow graph: "ascii" (always), "dot", "svg" or "png" (need Graphviz)."""
         from dagc.inspect.graph import render
+
         return render(self.schedule, format)
 
     def dump(self, directory) -> None:
         """Write the generated modules, schedule.{txt,json,csv}, graph.dot (+ trace.json)."""
         from dagc.inspect.artifacts import write_artifacts
+
         last = self._profiler.last
-        write_artifacts(directory, self.schedule, self.sources(),
-                        last.trace() if last is not None else None)
+        write_artifacts(
+            directory, self.schedule, self.sources(), last.trace() if last is not None else None
+        )
 
     def _repr_html_(self) -> str:
         from dagc.inspect.html import compiled_html
+
         return compiled_html(self.schedule, self.sources())
 
     def __repr__(self) -> str:
-        return (f"<dagc.CompiledDag {len(self._ir.actors)} actors, "
-                f"{len(self._ir.channels)} channels, {self._runs.state()}>")
+        return (
+            f"<dagc.CompiledDag {len(self._ir.actors)} actors, "
+            f"{len(self._ir.channels)} channels, {self._runs.state()}>"
+        )
 
 
 def _follow(profiler_ref):
     """What a restart tells the rest of the DAG of its new session: the leak checks its
     segment prefix, the profiler where to switch loops."""
+
     def on_session(session) -> None:
         CREATED_PREFIXES.append(session.prefix)
         prof = profiler_ref()
         if prof is not None:
             prof._session = session
+
     return on_session
 
 
@@ -172,8 +200,9 @@ def resolve_actor(ir, handles: dict, actor) -> str:
                 return a.id
         if actor == DRIVER:
             return DRIVER
-        raise KeyError(f"no actor {actor!r} in this DAG; actors: "
-                       + ", ".join(a.label for a in ir.actors))
+        raise KeyError(
+            f"no actor {actor!r} in this DAG; actors: " + ", ".join(a.label for a in ir.actors)
+        )
     for a in ir.actors:
         if handles[a.id] == actor:
             return a.id

@@ -155,7 +155,7 @@ class Executions:
         self._dropped: list[int] = []          # abandoned refs not yet accounted
         self._submit_lock = threading.Lock()
         self._read_lock = threading.RLock()
-        self._locks = (self._submit_lock, self._read_lock)   # closing the ends waits for
+        self._locks: tuple = (self._submit_lock, self._read_lock)   # closing the ends waits for
         self._closed = False
         self._dead: str | None = None
         self._lost: dict[int, str] = {}    # lost to an actor restart: why (restart.py)

@@ -36,17 +36,23 @@ most ``max_inflight + max_queued`` executions are unfetched, so that bounds both
 Errors keep their places: a queued execution whose arguments cannot be sent (not picklable,
 an ObjectRef whose value cannot be fetched) still enters the pipeline, as a failure in place
 of its input, and its ``get()`` raises it as a ``TaskError``; a method that raises is a
-``TaskError`` at that execution's ``get()``, as always. An actor's death ends the DAG:
-every queued execution's ``get()`` raises ``ActorDiedError``. After ``teardown()`` each
-queued ``get()`` raises ``DagClosedError`` at once, and the pump drops the queue.
+``TaskError`` at that execution's ``get()``, as always. An actor's death that ends the DAG
+fails every queued execution's ``get()`` with ``ActorDiedError``. When Ray restarts the
+actor (restart.py) only the executions sent into the pipeline are lost: the queued ones
+were never sent, so they keep their places; while the DAG re-prepares (``_paused``, the
+restart's event) the pump and a ``get()`` of a queued execution wait for the new run, never
+reading the old run's channels, and the queue then enters the new run in order. After
+``teardown()`` each queued ``get()`` raises ``DagClosedError`` at once, and the pump drops
+the queue.
 """
+
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
 
-from dagc.errors import CapacityError, DagcError
+from dagc.errors import ActorDiedError, CapacityError, DagcError, DagTimeoutError
 from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
 from dagc.runtime.driver.executions import DagRef, Executions, GatheredExecutions
 from dagc.runtime.driver.gather import NOT_READ
@@ -54,7 +60,7 @@ from dagc.runtime.driver.session import ArgumentsNotSent
 from dagc.runtime.failure import capture
 
 _monotonic = time.monotonic
-SLICE = 0.05            # the pump's longest wait before it looks at the queue again
+SLICE = 0.05  # the pump's longest wait before it looks at the queue again
 
 
 class QueuedExecutions(Executions):
@@ -63,13 +69,14 @@ class QueuedExecutions(Executions):
     def __init__(self, session, submit, collect, options: dict, multi: bool):
         super().__init__(session, submit, collect, options, multi)
         self._max_queued = options["max_queued"]
-        self._queue: deque = deque()     # (args, kwargs) of executions _sent .. _submitted-1
+        self._queue: deque = deque()  # (args, kwargs) of executions _sent .. _submitted-1
         self._sent = 0
         self._pump: threading.Thread | None = None
         self._wait_lock = threading.Lock()
         self._locks = (self._submit_lock, self._read_lock, self._wait_lock)
         self._inputs = session.ir.inputs
-        stamps = getattr(self, "_stamps", None)      # metrics.py's timed executions
+        self._paused: threading.Event | None = None  # set while re-preparing (restart.py)
+        stamps = getattr(self, "_stamps", None)  # metrics.py's timed executions
         self._begin = stamps.begin if stamps is not None else _no_stamp
 
     @property
@@ -85,12 +92,12 @@ class QueuedExecutions(Executions):
             if self._submitted - self._fetched >= self._max_inflight + self._max_queued:
                 self._make_room()
             if self._queue:
-                self._send_queued()          # room may have freed since the pump looked
+                self._send_queued()  # room may have freed since the pump looked
             if not self._queue and self._room() > 0:
                 self._send_now(args, kwargs)
             else:
                 if not self._fits(args, kwargs):
-                    self._session.runtime.bad_input(args, kwargs)     # raises, as submit's
+                    self._session.runtime.bad_input(args, kwargs)  # raises, as submit's
                 self._queue.append((args, kwargs))
                 if self._pump is None:
                     self._start_pump()
@@ -125,11 +132,13 @@ class QueuedExecutions(Executions):
         except (ArgumentsNotSent, DagcError):
             raise
         except Exception as e:
-            e.add_note("dagc internal error while submitting an execution (not caused "
-                       "by its arguments); please report it with this traceback.")
+            e.add_note(
+                "dagc internal error while submitting an execution (not caused "
+                "by its arguments); please report it with this traceback."
+            )
             raise
         i = self._sent
-        if not i & 15:                   # metrics.STRIDE - 1, as Executions.execute
+        if not i & 15:  # metrics.STRIDE - 1, as Executions.execute
             self._begin(i)
         self._sent = i + 1
 
@@ -137,11 +146,6 @@ class QueuedExecutions(Executions):
         """Send queued executions, oldest first, while there is room; under the submit
         lock. An execution whose arguments cannot be sent goes in as its failure."""
         q = self._queue
-        while q and self._sent < self._read_next:
-            # executions an actor restart counted lost (restart.py) before they were sent:
-            # their get()s say so; sending them would give later executions their results
-            q.popleft()
-            self._sent += 1
         while q and self._room() > 0:
             args, kwargs = q[0]
             i = self._sent
@@ -150,8 +154,8 @@ class QueuedExecutions(Executions):
             try:
                 self._submit(args, kwargs)
             except (PeerDied, ChannelClosed) as e:
-                self._on_stop(e)         # raises: dead (the queue's gets say so) or closed
-            except Exception as e:       # nothing was sent: a failure in its place
+                self._on_stop(e)  # raises: dead (the queue's gets say so) or closed
+            except Exception as e:  # nothing was sent: a failure in its place
                 self._stand_in(e)
             q.popleft()
             self._sent = i + 1
@@ -169,9 +173,10 @@ class QueuedExecutions(Executions):
         if self._read_lock.acquire(blocking=False):
             try:
                 self._take_abandoned()
-                while (self._submitted - self._fetched >= limit
-                       and any(i < self._sent for i in self._abandoned)):
-                    self._read_one(self._deadline(None))     # sent: its outputs come
+                while self._submitted - self._fetched >= limit and any(
+                    i < self._sent for i in self._abandoned
+                ):
+                    self._read_one(self._deadline(None))  # sent: its outputs come
                 if self._unsettled and self._submitted - self._fetched >= limit:
                     self._settle(self._deadline(None))
             finally:
@@ -182,7 +187,38 @@ class QueuedExecutions(Executions):
                 f"{n} executions are submitted and not fetched (max_inflight="
                 f"{self._max_inflight} in the pipeline, max_queued={self._max_queued} "
                 f"waiting in the driver or read and not fetched); get() earlier results "
-                f"first, or compile with a larger max_queued.")
+                f"first, or compile with a larger max_queued."
+            )
+
+    # -- an actor restart -------------------------------------------------------------------------
+    def _fetch(self, ref: DagRef, timeout) -> None:
+        """Executions._fetch; a queued execution's get() during a restart's re-prepare
+        waits for the new run (it was never sent, so it is not lost) and reads it there."""
+        deadline = self._deadline(timeout)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - _monotonic())
+            try:
+                return super()._fetch(ref, left)
+            except ActorDiedError:
+                p = self._paused
+                if p is None or ref._idx < self._sent or self._dead or self._closed:
+                    raise  # in flight at the death (lost), or the DAG closed
+            if not p.wait(None if deadline is None else max(0.0, deadline - _monotonic())):
+                raise DagTimeoutError(
+                    f"execution {ref._idx} did not finish within the timeout (it waits in "
+                    f"the driver's queue while the compiled DAG re-prepares a restarted "
+                    f"actor); its result can still be fetched later with get()."
+                )
+
+    def _ready(self, idx: int) -> bool:
+        if self._paused is not None and idx >= self._sent and not (self._dead or self._closed):
+            return False  # queued across a re-prepare: the old run has nothing
+        return super()._ready(idx)
+
+    def _resume(self) -> None:
+        """The new run is adopted (restart.py, under every lock): the queue goes into it."""
+        if self._queue and self._pump is None:
+            self._start_pump()
 
     # -- reading frees room ----------------------------------------------------------------------
     def _read_one(self, deadline, want: int = -1):
@@ -191,7 +227,7 @@ class QueuedExecutions(Executions):
             try:
                 self._send_queued()
             except DagcError:
-                pass                 # dead or closed: the next execute()/get() says so
+                pass  # dead or closed: the next execute()/get() says so
             finally:
                 self._submit_lock.release()
         return got
@@ -203,21 +239,29 @@ class QueuedExecutions(Executions):
         t.start()
 
     def _run_pump(self) -> None:
+        me = threading.current_thread()
         try:
             while True:
+                p = self._paused
+                if p is not None:  # re-preparing: the old run takes nothing more
+                    p.wait(1.0)
+                    continue
                 with self._submit_lock:
                     if self._closed or self._dead:
-                        self._queue.clear()      # their gets raise why
+                        self._queue.clear()  # their gets raise why
+                        self._pump = None
                         return
                     try:
                         self._send_queued()
                     except DagcError:
-                        pass                     # dead or closed: the check above ends it
+                        pass  # dead or closed: the check above ends it
                     if not self._queue:
+                        self._pump = None  # under the lock: execute() starts another
                         return
                 self._take_outputs()
         finally:
-            self._pump = None
+            if self._pump is me:
+                self._pump = None
 
     def _take_outputs(self) -> None:
         """The pipeline is full: wait (a slice at most) for the oldest execution's outputs
@@ -231,11 +275,11 @@ class QueuedExecutions(Executions):
             except WaitTimeout:
                 return
             except ChannelClosed:
-                return                   # closing: the pump's next look ends it
+                return  # closing: the pump's next look ends it
             except PeerDied as e:
                 died = e
         if not self._read_lock.acquire(timeout=SLICE):
-            return                       # a get() is reading: it sends as it reads
+            return  # a get() is reading: it sends as it reads
         try:
             if self._closed or self._dead:
                 return
@@ -247,11 +291,11 @@ class QueuedExecutions(Executions):
             while self._read_next < self._sent:
                 if g is None and not all(r.ready() for r in self._readers.values()):
                     break
-                self._read_one(now)      # never waits: the outputs are there
+                self._read_one(now)  # never waits: the outputs are there
             if self._unsettled:
                 self._settle(now)
         except DagcError:
-            pass                         # partly there (a gathered execution), or dead
+            pass  # partly there (a gathered execution), or dead
         finally:
             self._read_lock.release()
 
