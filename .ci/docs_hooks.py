@@ -5,6 +5,7 @@ what it cannot see: a name in ``dagc.__all__`` that docs/api.md does not documen
 public name without a docstring of its own, and a ``dagc.compile`` option missing from
 the contract's table. Each is a warning, which ``--strict`` turns into a failed build.
 """
+
 import importlib
 import logging
 import re
@@ -26,25 +27,25 @@ def _resolve(path: str):
 def _own_doc(obj) -> str:
     doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__
     if isinstance(obj, type) and doc and doc.startswith(obj.__name__ + "("):
-        return ""                     # the signature a dataclass makes up, not a docstring
+        return ""  # the signature a dataclass makes up, not a docstring
     return (doc or "").strip()
 
 
 def _check_api(markdown: str) -> None:
     import dagc
+
     documented = []
     for path in re.findall(r"^::: ([\w.]+)\s*$", markdown, re.M):
         try:
             documented.append(_resolve(path))
         except (ImportError, AttributeError):
             log.warning("docs/api.md: %s does not exist (renamed?)", path)
-    headed = set(re.findall(r"^#+ `dagc\.(\w+)`\s*$", markdown, re.M))   # Ray's classes
+    headed = set(re.findall(r"^#+ `dagc\.(\w+)`\s*$", markdown, re.M))  # Ray's classes
     for name in dagc.__all__:
         obj = getattr(dagc, name)
         ours = obj.__module__.startswith("dagc")
         if ours and not any(obj is d for d in documented):
-            log.warning("docs/api.md: dagc.%s is public (dagc.__all__) but not documented",
-                        name)
+            log.warning("docs/api.md: dagc.%s is public (dagc.__all__) but not documented", name)
         elif not ours and name not in headed:
             log.warning("docs/api.md: dagc.%s (from %s) has no entry", name, obj.__module__)
         if ours and not _own_doc(obj):
@@ -53,6 +54,7 @@ def _check_api(markdown: str) -> None:
 
 def _check_options(markdown: str) -> None:
     from dagc.options import DEFAULTS
+
     for option in (k for k in DEFAULTS if not k.startswith("_")):
         if not re.search(rf"^\| `{option}` \|", markdown, re.M):
             log.warning("docs/contract.md: option %s is not in the options table", option)

@@ -8,6 +8,7 @@ The venv reuses the interpreter's installed packages (--system-site-packages) so
 and torch are not downloaded again; the check then insists that every dagc module it
 imports comes from the venv, never from the checkout's editable install.
 """
+
 import json
 import os
 import shutil
@@ -38,8 +39,13 @@ def run(cmd, **kw):
 
 def source_files() -> list[str]:
     """The files a fresh clone has (tracked, plus new ones git does not ignore)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
 
 
@@ -52,11 +58,14 @@ def source_modules() -> list[str]:
 
 
 def clean_env(venv: Path) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "DAGC_PATCH_RAY", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "DAGC_PATCH_RAY", "VIRTUAL_ENV")
+    }
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
-    env["RAY_ADDRESS"] = "local"             # a Ray of its own, never someone else's
+    env["RAY_ADDRESS"] = "local"  # a Ray of its own, never someone else's
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     return env
 
@@ -65,12 +74,24 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="dagc-wheel-"))
     try:
         src, dist, venv, work = tmp / "src", tmp / "dist", tmp / "venv", tmp / "work"
-        for f in source_files():            # build from a copy: no build/ in the checkout
+        for f in source_files():  # build from a copy: no build/ in the checkout
             (src / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, src / f)
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-             "-w", dist, src])
-        wheel, = dist.glob("dagc-*.whl")
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "-w",
+                dist,
+                src,
+            ]
+        )
+        (wheel,) = dist.glob("dagc-*.whl")
         run([sys.executable, "-m", "venv", "--system-site-packages", venv])
         py = venv / "bin" / "python"
         env = clean_env(venv)
@@ -79,15 +100,24 @@ def main() -> int:
         run([py, "-m", "pip", "install", "-q", wheel], env=env, cwd=work)
 
         names = source_modules()
-        out = run([py, "-c", IMPORT_ALL], env=env, cwd=work, input=json.dumps(names),
-                  capture_output=True, text=True).stdout
+        out = run(
+            [py, "-c", IMPORT_ALL],
+            env=env,
+            cwd=work,
+            input=json.dumps(names),
+            capture_output=True,
+            text=True,
+        ).stdout
         got = json.loads(out.strip().splitlines()[-1])
         site = Path(got["prefix"]).resolve()
-        outside = {n: f for n, f in got["where"].items()
-                   if not Path(f).resolve().is_relative_to(site)}
+        outside = {
+            n: f for n, f in got["where"].items() if not Path(f).resolve().is_relative_to(site)
+        }
         if outside:
-            print(f"wheel check: modules imported from outside the venv {site}: {outside}",
-                  file=sys.stderr)
+            print(
+                f"wheel check: modules imported from outside the venv {site}: {outside}",
+                file=sys.stderr,
+            )
             return 1
         if not got["extra"]["py.typed"] or not got["extra"]["templates"]:
             print(f"wheel check: the wheel lacks package data: {got['extra']}", file=sys.stderr)
@@ -96,8 +126,20 @@ def main() -> int:
 
         shutil.copy2(ROOT / "examples" / "pipeline.py", work / "pipeline.py")
         with _ray_address_file_kept():
-            run([venv / "bin" / "dagc", "compile", "pipeline.py", "-o", work / "out",
-                 "--run", "100"], env=env, cwd=work, timeout=600)
+            run(
+                [
+                    venv / "bin" / "dagc",
+                    "compile",
+                    "pipeline.py",
+                    "-o",
+                    work / "out",
+                    "--run",
+                    "100",
+                ],
+                env=env,
+                cwd=work,
+                timeout=600,
+            )
         print("wheel check: passed")
         return 0
     except subprocess.CalledProcessError as e:
@@ -113,6 +155,7 @@ def main() -> int:
 class _ray_address_file_kept:
     """A Ray started here points /tmp/ray/ray_current_cluster at itself; on a shared
     machine someone else's ``ray.init(address="auto")`` reads it, so it is put back."""
+
     path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 
     def __enter__(self):

@@ -119,9 +119,9 @@ def one_block(v, cg, case, actors, cfg, busy: list) -> list[int]:
         with dagc.compile(build(case, actors[::-1])) as cg2:
             for _ in range(50):
                 cg2.execute(1).get(timeout=60)
-            time.sleep(0.3)                      # past its loops' polling budget
+            time.sleep(0.3)  # past its loops' polling budget
             return latency(cg, n, warm)
-    h = Hammer.remote()                          # beside-busy
+    h = Hammer.remote()  # beside-busy
     try:
         ray.get(h.start.remote(actors, case), timeout=120)
         time.sleep(0.2)
@@ -147,18 +147,22 @@ def run_case(case, actors, variants, cfg) -> dict:
     try:
         for b in range(cfg["blocks"]):
             k = b % len(variants)
-            blocks.append({v: one_block(v, cg, case, actors, cfg, busy)
-                           for v in variants[k:] + variants[:k]})
+            blocks.append(
+                {v: one_block(v, cg, case, actors, cfg, busy) for v in variants[k:] + variants[:k]}
+            )
     finally:
         cg.teardown()
     out = {}
     for v in variants:
         p50s = [_p(blk[v], 0.5) for blk in blocks]
-        out[v] = {"p50_us": round(statistics.median(p50s), 1),
-                  "p90_us": round(statistics.median(_p(blk[v], 0.9) for blk in blocks), 1),
-                  "ratio_p50": round(statistics.median(
-                      _p(blk[v], 0.5) / _p(blk[variants[0]], 0.5) for blk in blocks), 3),
-                  "block_p50s_us": [round(x, 1) for x in p50s]}
+        out[v] = {
+            "p50_us": round(statistics.median(p50s), 1),
+            "p90_us": round(statistics.median(_p(blk[v], 0.9) for blk in blocks), 1),
+            "ratio_p50": round(
+                statistics.median(_p(blk[v], 0.5) / _p(blk[variants[0]], 0.5) for blk in blocks), 3
+            ),
+            "block_p50s_us": [round(x, 1) for x in p50s],
+        }
     return {"latency": out, "busy_executions_per_block": busy}
 
 
@@ -167,12 +171,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
-    cfg = ({"blocks": 8, "n": 300, "warmup": 50} if args.quick
-           else {"blocks": 24, "n": 400, "warmup": 50})
+    cfg = (
+        {"blocks": 8, "n": 300, "warmup": 50}
+        if args.quick
+        else {"blocks": 24, "n": 400, "warmup": 50}
+    )
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False,
-                 log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS", "local"),
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
+        )
     actors = [Stage.remote() for _ in range(2)]
     ray.get([a.echo.remote(0) for a in actors])
     variants = ["alone-nolock", "alone", "beside-idle", "beside-busy"]
@@ -180,8 +190,10 @@ def main() -> None:
     for case in ("echo1", "chain2"):
         got = run_case(case, actors, variants, cfg)
         report[case] = got
-        print(f"\n{case} ({cfg['blocks']} blocks x {cfg['n']} executions per variant; medians "
-              f"over blocks of each block's p50, p90, and p50 / the same block's alone-nolock)")
+        print(
+            f"\n{case} ({cfg['blocks']} blocks x {cfg['n']} executions per variant; medians "
+            f"over blocks of each block's p50, p90, and p50 / the same block's alone-nolock)"
+        )
         print(f"  {'variant':14s} {'p50 us':>9s} {'p90 us':>9s} {'p50 / alone-nolock':>19s}")
         for v in variants:
             e = got["latency"][v]

@@ -291,7 +291,7 @@ def _experimental_compile(
         _default_communicator=_default_communicator,
     )
     from dagc.frontend.inputs import check_dag_inputs
-    from dagc.frontend.trace import check_ray_leaves
+    from dagc.frontend.walk import check_ray_leaves
 
     check_dag_inputs(self)  # an unused inp[i] first, as Ray checks
     check_ray_leaves(self)  # Ray's rule: an unused return of num_returns too

@@ -32,7 +32,7 @@ from ray.experimental.compiled_dag_ref import CompiledDAGFuture
 
 from dagc.errors import CapacityError, DagTimeoutError
 from dagc.runtime.driver.compiled import CompiledDag
-from dagc.runtime.driver.executions import DagRef
+from dagc.runtime.driver.dagref import DagRef
 
 # Ray's "wait forever" (-1) as a dagc timeout: dagc's None means "the compile default"
 FOREVER = 10.0**8

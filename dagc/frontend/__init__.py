@@ -1,4 +1,5 @@
 """Frontend: walk a Ray DAG (InputNode / bind / MultiOutputNode / collectives) into dagc IR."""
-from dagc.frontend.trace import trace
 
-__all__ = ["trace"]
+from dagc.frontend.walk import walk
+
+__all__ = ["walk"]

@@ -11,19 +11,42 @@ DAG node, and a big array costs nothing to skip. Each object is visited once (cy
 ``find_node(value, is_node)`` returns the first node found and its path inside ``value``
 (``.cfg.layers[2]`` style), or None; ``find_nodes`` every distinct node, with its first path.
 """
+
 from __future__ import annotations
 
 import sys
 import types
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
-_ATOMS = (type(None), bool, int, float, complex, str, bytes, bytearray, memoryview, range,
-          type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-          types.ModuleType, type(Ellipsis), type(NotImplemented))
-_ATOM_SET = frozenset(_ATOMS)   # exact types, for the per-item test of big containers
+_ATOMS = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bytearray,
+    memoryview,
+    range,
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.ModuleType,
+    type(Ellipsis),
+    type(NotImplemented),
+)
+_ATOM_SET = frozenset(_ATOMS)  # exact types, for the per-item test of big containers
 _CONTAINERS = frozenset((list, tuple, dict, set, frozenset))
-_LEAF_CLASSES = (("numpy", "ndarray"), ("numpy", "generic"), ("torch", "Tensor"),
-                 ("ray.actor", "ActorHandle"), ("ray", "ObjectRef"))
+_LEAF_CLASSES = (
+    ("numpy", "ndarray"),
+    ("numpy", "generic"),
+    ("torch", "Tensor"),
+    ("ray.actor", "ActorHandle"),
+    ("ray", "ObjectRef"),
+)
 
 
 def _leaf_types() -> tuple:
@@ -39,8 +62,11 @@ def _leaf_types() -> tuple:
 
 def _state_children(state, path: str) -> list[tuple[Any, str]]:
     """Children of a reduce state: a dict of attributes, or (dict, slots dict), or other."""
-    if isinstance(state, tuple) and len(state) == 2 and all(
-            s is None or isinstance(s, dict) for s in state):
+    if (
+        isinstance(state, tuple)
+        and len(state) == 2
+        and all(s is None or isinstance(s, dict) for s in state)
+    ):
         return [c for s in state if s for c in _attrs(s, path)]
     if isinstance(state, dict):
         return _attrs(state, path)
@@ -48,8 +74,7 @@ def _state_children(state, path: str) -> list[tuple[Any, str]]:
 
 
 def _attrs(d: dict, path: str) -> list[tuple[Any, str]]:
-    return [(v, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]")
-            for k, v in d.items()]
+    return [(v, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]") for k, v in d.items()]
 
 
 def _object_children(obj, path: str) -> list[tuple[Any, str]]:
@@ -71,18 +96,17 @@ def _object_children(obj, path: str) -> list[tuple[Any, str]]:
                 out += [(k, f"{path}<key {i}>"), (v, f"{path}[{k!r}]")]
         return out
     if isinstance(rv, str):
-        return []                                     # pickled by name: a global
+        return []  # pickled by name: a global
     out = _attrs(getattr(obj, "__dict__", None) or {}, path)
     for cls in type(obj).__mro__:
         slots = cls.__dict__.get("__slots__", ())
-        for name in ([slots] if isinstance(slots, str) else slots):
+        for name in [slots] if isinstance(slots, str) else slots:
             if hasattr(obj, name) and name not in ("__dict__", "__weakref__"):
                 out.append((getattr(obj, name), f"{path}.{name}"))
     return out
 
 
-def find_node(value, is_node: Callable[[Any], bool],
-              path: str = "") -> Optional[tuple[Any, str]]:
+def find_node(value, is_node: Callable[[Any], bool], path: str = "") -> tuple[Any, str] | None:
     """(node, its path) for the first DAG node inside ``value`` (``path`` prefixes it)."""
     for found in _walk(value, is_node, path):
         return found
@@ -103,15 +127,16 @@ def _walk(value, is_node: Callable[[Any], bool], path: str):
     """Yield (node, path) for each DAG node met inside ``value`` (a node is not entered)."""
     leaves = _leaf_types()
     seen: set[int] = set()
-    keep: list = []                  # objects made by __reduce_ex__ stay alive: ids stay unique
+    keep: list = []  # objects made by __reduce_ex__ stay alive: ids stay unique
     stack: list[tuple[Any, str]] = [(value, path)]
     while stack:
         v, p = stack.pop()
         t = type(v)
         if t in _CONTAINERS:
             if _ATOM_SET.issuperset(map(type, v)) and (
-                    t is not dict or _ATOM_SET.issuperset(map(type, v.values()))):
-                continue             # only scalars and strings inside: checked at C speed
+                t is not dict or _ATOM_SET.issuperset(map(type, v.values()))
+            ):
+                continue  # only scalars and strings inside: checked at C speed
         elif isinstance(v, _ATOMS):
             continue
         elif is_node(v):

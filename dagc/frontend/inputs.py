@@ -10,6 +10,8 @@ sentences (code written for Ray matches on them), so this check runs before the 
 
 from __future__ import annotations
 
+from typing import Any
+
 from dagc.errors import CompileError
 
 
@@ -20,7 +22,7 @@ def check_input_attributes(reached) -> None:
     from ray.dag import InputNode
     from ray.dag.input_node import InputAttributeNode
 
-    inputs: dict[int, object] = {}
+    inputs: dict[int, Any] = {}  # id -> an InputNode
     used: set = set()
     for n in reached:
         if isinstance(n, InputAttributeNode):
@@ -32,8 +34,8 @@ def check_input_attributes(reached) -> None:
             continue
         inputs[id(inp)] = inp
     taken: list = []
-    for inp in inputs.values():
-        for k in getattr(inp, "input_attribute_nodes", {}):
+    for node in inputs.values():
+        for k in getattr(node, "input_attribute_nodes", {}):
             if k not in taken:
                 taken.append(k)
     unused = [k for k in taken if k not in used]
@@ -55,20 +57,9 @@ def check_dag_inputs(dag) -> None:
     """:func:`check_input_attributes` for a DAG not traced yet (``experimental_compile``
     under ``dagc.patch_ray()``, where it must come before Ray's leaf-node rule): the nodes
     reached from ``dag`` through arguments, as Ray walks them."""
-    import ray.dag as rd
+    from dagc.frontend.ray_nodes import reached_nodes
 
-    reached, seen = [], set()
-    stack = [dag]
-    while stack:
-        n = stack.pop()
-        if id(n) in seen or not isinstance(n, rd.DAGNode):
-            continue
-        seen.add(id(n))
-        reached.append(n)
-        stack.extend(n._get_all_child_nodes())
-        if isinstance(n, rd.ClassMethodNode) and n.is_class_method_output:
-            stack.append(n.class_method_call)
-    check_input_attributes(reached)
+    check_input_attributes(reached_nodes(dag))
 
 
 def _order(key) -> tuple:

@@ -1,8 +1,8 @@
 """Leaf nodes: method and function calls whose result reaches no output.
 
 Ray Compiled Graph refuses them, and so does dagc: the walk from the output never meets
-them, so they would silently never run and their errors would never be seen. ``trace``
-refuses them as dagc sees them (``_Tracer.check_leaves``); ``trace.check_ray_leaves`` is
+them, so they would silently never run and their errors would never be seen. ``walk``
+refuses them as dagc sees them (``_Walker.check_leaves``); ``walk.check_ray_leaves`` is
 Ray's stricter rule, for ``experimental_compile`` under ``dagc.patch_ray()``.
 """
 

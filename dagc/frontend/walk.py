@@ -1,6 +1,7 @@
-"""Ray DAG -> dagc IR.
+"""Ray DAG -> dagc IR: the walk behind ``dagc.trace`` (the stage is named as JAX names it;
+this module is the walk itself, so "trace" keeps one meaning: the stage).
 
-``trace(dag)`` returns ``(ir, side)``: the IR names actors "a0", "a1", ... in order of first
+``walk(dag)`` returns ``(ir, side)``: the IR names actors "a0", "a1", ... in order of first
 appearance and values "t0", "t1", ... in a deterministic depth-first order over the
 arguments, so the same DAG always gives the same IR. Each op records its position in its
 actor's bind order (Ray's per-handle bind index, ranked), which the schedule keeps. Live
@@ -8,10 +9,12 @@ objects (actor handles, constants, user communicators) go into the side table, n
 the IR. A function node (``f.bind()``) is a call on an actor id of its own whose side-table
 entry says what to create for it when the DAG is loaded (``functions.py``). A DAG node hidden
 inside an argument object is refused (``find_nodes``), and so is a call whose result reaches
-no output (a "leaf node", as Ray Compiled Graph refuses it: ``leaves.py``). Messages start
-with Ray's wording where Ray has one, so code written against ``experimental_compile``
-matches them, and go on to say where and what to do.
+no output (a "leaf node", as Ray Compiled Graph refuses it: ``leaves.py``). A node's
+transport and device hints become names in ``hints.py``. Messages start with Ray's wording
+where Ray has one, so code written against ``experimental_compile`` matches them, and go on
+to say where and what to do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,54 +25,47 @@ import networkx as nx
 from dagc.errors import CompileError
 from dagc.frontend.find_nodes import find_nodes
 from dagc.frontend.functions import function_actor
+from dagc.frontend.hints import collective_transport, device_of, transport_of
 from dagc.frontend.inputs import check_input_attributes
 from dagc.frontend.leaves import find_leaves, raise_leaves
-from dagc.ir import (CALL, COLLECTIVE, IR, ActorSpec, Arg, Const, Field, InputSpec, Op,
-                     OutputSpec, Ref, SideTable)
+from dagc.frontend.ray_nodes import describe, ray_dag, reached_nodes
+from dagc.ir import (
+    CALL,
+    COLLECTIVE,
+    IR,
+    ActorSpec,
+    Arg,
+    Const,
+    Field,
+    InputSpec,
+    Op,
+    OutputSpec,
+    Ref,
+    SideTable,
+)
 
 # Ray's collective op classes -> dagc's collective kinds (the method name's first part)
-_COLLECTIVES = {"AllReduceOp": "allreduce", "AllGatherOp": "allgather",
-                "ReduceScatterOp": "reducescatter"}
+_COLLECTIVES = {
+    "AllReduceOp": "allreduce",
+    "AllGatherOp": "allgather",
+    "ReduceScatterOp": "reducescatter",
+}
 
 
-def _ray_dag():
-    import ray.dag as rd
-    from ray.dag.collective_node import CollectiveOutputNode
-    from ray.dag.input_node import InputAttributeNode
-    return rd, CollectiveOutputNode, InputAttributeNode
-
-
-def describe(node) -> str:
-    """A short human name for a Ray DAG node, for error messages."""
-    try:
-        rd, _, _ = _ray_dag()
-        if isinstance(node, rd.ClassMethodNode):
-            handle = node._get_actor_handle()
-            cls = handle._ray_actor_creation_function_descriptor.class_name if handle else "?"
-            return f"{cls}.{node.get_method_name()}"
-        if isinstance(node, rd.FunctionNode):
-            return f"function {getattr(node._body, '__name__', node._body)}"
-        if isinstance(node, rd.ClassNode):
-            return f"class {getattr(node._body, '__name__', node._body)}"
-    except Exception:  # pragma: no cover - describing must never fail
-        pass
-    return type(node).__name__
-
-
-class _Tracer:
-    def __init__(self):
-        self.rd, self.CollectiveOutputNode, self.InputAttributeNode = _ray_dag()
+class _Walker:
+    def __init__(self) -> None:
+        self.rd, self.CollectiveOutputNode, self.InputAttributeNode = ray_dag()
         self.graph = nx.DiGraph()
         self.side = SideTable()
-        self.memo: dict[int, Arg] = {}          # id(ray node) -> Arg
-        self.keep_alive: list = []              # nodes whose id() we memoised
-        self.actor_ids: dict[Any, str] = {}     # ActorId -> "aN"
+        self.memo: dict[int, Arg] = {}  # id(ray node) -> Arg
+        self.keep_alive: list = []  # nodes whose id() we memoised
+        self.actor_ids: dict[Any, str] = {}  # ActorId -> "aN"
         self.actor_specs: list[ActorSpec] = []
         self.groups: dict[int, str] = {}
         self.pos_keys: set[int] = set()
         self.kw_keys: set[str] = set()
         self.direct = False
-        self.input_node = None
+        self.input_node: Any = None
         self.input_uses: list[tuple[str, Any]] = []  # ("direct", None) | ("pos", i) | ("kw", k)
         self.n_ops = 0
 
@@ -79,7 +75,8 @@ class _Tracer:
         if handle is None:
             raise CompileError(
                 f"{describe(node)}: the method is bound on an actor class (Actor.bind()), not a "
-                f"live actor. Create the actor first: a = Actor.remote(); a.method.bind(...).")
+                f"live actor. Create the actor first: a = Actor.remote(); a.method.bind(...)."
+            )
         key = handle._ray_actor_id
         aid = self.actor_ids.get(key)
         if aid is None:
@@ -97,13 +94,18 @@ class _Tracer:
         if isinstance(value, rd.DAGNode):
             return self.node(value)
         import ray
+
         if isinstance(value, ray.ObjectRef):
             raise CompileError(
                 f"{describe(consumer)}: an ObjectRef is bound as an argument; compiled DAGs "
                 f"take values, not ObjectRefs. Pass the value (ray.get it first) or feed it "
-                f"through the InputNode.")
-        where = (f"keyword argument {position}=" if isinstance(position, str)
-                 else f"argument {position} ")
+                f"through the InputNode."
+            )
+        where = (
+            f"keyword argument {position}="
+            if isinstance(position, str)
+            else f"argument {position} "
+        )
         found = find_nodes(value, lambda v: isinstance(v, rd.DAGNode))
         if found:
             node, path = found[0]
@@ -117,7 +119,8 @@ class _Tracer:
                 f"(Found {len(found)} DAGNodes from the arg {where.strip()} in "
                 f"{describe(consumer)}. Please ensure that the argument is a single DAGNode "
                 f"and that a DAGNode is not allowed to be placed inside any type of "
-                f"container.)")
+                f"container.)"
+            )
         self.side.constants.append(value)
         return Const(len(self.side.constants) - 1)
 
@@ -129,14 +132,16 @@ class _Tracer:
             self.pos_keys.add(key)
         else:
             self.kw_keys.add(key)
-        return _InputUse(kind, key)   # placeholder, numbered in finish()
+        return _InputUse(kind, key)  # placeholder, numbered in finish()
 
     def check_input(self, node):
         if self.input_node is None:
             self.input_node = node
         elif node is not self.input_node:
-            raise CompileError("the DAG uses two different InputNodes; a compiled DAG has one "
-                               "InputNode: build the whole DAG inside one `with InputNode() as inp:`.")
+            raise CompileError(
+                "the DAG uses two different InputNodes; a compiled DAG has one "
+                "InputNode: build the whole DAG inside one `with InputNode() as inp:`."
+            )
 
     # -- nodes ---------------------------------------------------------------------------
     def node(self, node) -> Arg:
@@ -163,10 +168,12 @@ class _Tracer:
         elif isinstance(node, rd.ClassNode):
             raise CompileError(
                 f"{describe(node)}: actor creation inside the DAG (Actor.bind()) cannot be "
-                f"compiled. Create the actor with Actor.remote() and bind its methods.")
+                f"compiled. Create the actor with Actor.remote() and bind its methods."
+            )
         else:
-            raise CompileError(f"{describe(node)}: unsupported DAG node type "
-                               f"{type(node).__name__}.")
+            raise CompileError(
+                f"{describe(node)}: unsupported DAG node type {type(node).__name__}."
+            )
         self.memo[key] = result
         return result
 
@@ -175,15 +182,15 @@ class _Tracer:
         self.n_ops += 1
         return f"t{i}"
 
-    def method(self, node) -> Arg:
+    def method(self, node) -> Ref:
         if node.is_class_method_output:
-            parent = node.class_method_call
-            base = self.node(parent)
+            base = self.node(node.class_method_call)
+            assert isinstance(base, Ref)  # a method call's value (method() made it)
             return Ref(base.op, node.output_idx)
         is_coll = isinstance(node, self.CollectiveOutputNode) and node.collective_op is not None
         args = tuple(self.arg(a, node, i) for i, a in enumerate(node.get_args()))
         kwargs = tuple((k, self.arg(v, node, k)) for k, v in node.get_kwargs().items())
-        aid = self.actor_of(node)   # after the arguments: actors number in dataflow order
+        aid = self.actor_of(node)  # after the arguments: actors number in dataflow order
         num_returns = 1
         if not is_coll:
             try:
@@ -191,11 +198,13 @@ class _Tracer:
             except Exception:
                 num_returns = 1
             if num_returns in (None, "streaming", "dynamic") or not isinstance(num_returns, int):
-                raise CompileError(f"{describe(node)}: num_returns={num_returns!r} is not "
-                                   f"supported; use a fixed number of returns.")
+                raise CompileError(
+                    f"{describe(node)}: num_returns={num_returns!r} is not "
+                    f"supported; use a fixed number of returns."
+                )
         op_id = self.new_id()
-        transport = self.transport_of(node)
-        device = self.device_of(node)
+        transport = transport_of(node, self.side)
+        device = device_of(node)
         group = None
         method_name = node.get_method_name()
         if is_coll:
@@ -206,12 +215,14 @@ class _Tracer:
                 self.groups[id(cop)] = gid
                 self.keep_alive.append(cop)
             group = gid
-            transport = self.collective_transport(cop)
+            transport = collective_transport(cop, self.side)
             kind = _COLLECTIVES.get(type(cop._op).__name__)
             if kind is None:
-                raise CompileError(f"{describe(node)}: collective {type(cop._op).__name__} is "
-                                   f"not supported; dagc compiles allreduce, allgather and "
-                                   f"reducescatter.")
+                raise CompileError(
+                    f"{describe(node)}: collective {type(cop._op).__name__} is "
+                    f"not supported; dagc compiles allreduce, allgather and "
+                    f"reducescatter."
+                )
             if kind == "allgather":
                 method_name = kind
             else:
@@ -220,87 +231,50 @@ class _Tracer:
             # allreduce.bind([xs, ys]): one op per actor over several tensors, one result each
             num_returns = len(args)
         raw_bind = getattr(node, "_get_bind_index", lambda: None)()
-        op = Op(id=op_id, kind=COLLECTIVE if is_coll else CALL, actor=aid, method=method_name,
-                args=args, kwargs=kwargs, num_returns=num_returns, transport=transport,
-                device=device, group=group,
-                bind_index=raw_bind if isinstance(raw_bind, int) else None)
+        op = Op(
+            id=op_id,
+            kind=COLLECTIVE if is_coll else CALL,
+            actor=aid,
+            method=method_name,
+            args=args,
+            kwargs=kwargs,
+            num_returns=num_returns,
+            transport=transport,
+            device=device,
+            group=group,
+            bind_index=raw_bind if isinstance(raw_bind, int) else None,
+        )
         self.graph.add_node(op_id, op=op)
         for a in op.refs():
             if isinstance(a, Ref):
                 self.graph.add_edge(a.op, op_id)
         return Ref(op_id)
 
-    def function(self, node) -> Arg:
+    def function(self, node) -> Ref:
         """A function node: a call on an actor of its own (``functions.py``), created when
         the DAG is loaded; until then its side-table handle is a FunctionActor."""
         spec = function_actor(node, describe)
         args = tuple(self.arg(a, node, i) for i, a in enumerate(node.get_args()))
         kwargs = tuple((k, self.arg(v, node, k)) for k, v in node.get_kwargs().items())
-        aid = f"a{len(self.actor_ids)}"     # after the arguments, as for methods
+        aid = f"a{len(self.actor_ids)}"  # after the arguments, as for methods
         self.actor_ids[("function", id(node))] = aid
         self.actor_specs.append(ActorSpec(id=aid, cls=spec.method, name=aid))
         self.side.handles[aid] = spec
-        op = Op(id=self.new_id(), kind=CALL, actor=aid, method=spec.method, args=args,
-                kwargs=kwargs, transport=self.transport_of(node), device=self.device_of(node))
+        op = Op(
+            id=self.new_id(),
+            kind=CALL,
+            actor=aid,
+            method=spec.method,
+            args=args,
+            kwargs=kwargs,
+            transport=transport_of(node, self.side),
+            device=device_of(node),
+        )
         self.graph.add_node(op.id, op=op)
         for a in op.refs():
             if isinstance(a, Ref):
                 self.graph.add_edge(a.op, op.id)
         return Ref(op.id)
-
-    def transport_of(self, node) -> str | None:
-        hint = getattr(node, "_type_hint", None)
-        if hint is None:
-            return None
-        name = type(hint).__name__
-        if name == "AutoTransportType":
-            return "auto"
-        if name == "TorchTensorType":
-            custom = getattr(hint, "_communicator", None)   # Ray 2.60 keeps it aside
-            t = getattr(hint, "transport", None)
-            if custom is not None:
-                if t == "cpu":       # a Ray "cpu" communicator: Ray sends these tensors
-                    return None      # through shared memory, never through it
-                return self.custom_communicator(custom)
-            if isinstance(t, str):
-                if t in ("accelerator", "nccl"):
-                    return "nccl"
-                return None  # "shm" tensors travel through shared memory like any value
-            if t is not None:
-                return self.custom_communicator(t)
-        return None
-
-    def device_of(self, node) -> str:
-        """``with_tensor_transport(device=...)``: "" (Ray's "default": tensors stay where
-        the transport delivers them), "cpu" or "cuda" (Ray's "gpu" and "cuda")."""
-        hint = getattr(node, "_type_hint", None)
-        d = getattr(hint, "device", None) if hint is not None else None
-        d = str(getattr(d, "value", d) or "default").lower()
-        if d in ("default", "none"):
-            return ""
-        if d in ("gpu", "cuda"):
-            return "cuda"
-        if d == "cpu":
-            return "cpu"
-        raise CompileError(f"{describe(node)}: with_tensor_transport(device={d!r}) is not "
-                           f"supported; use 'default', 'cpu', 'gpu' or 'cuda'.")
-
-    def collective_transport(self, cop) -> str:
-        custom = getattr(cop._type_hint, "_communicator", None)
-        if custom is not None:
-            return self.custom_communicator(custom)
-        t = getattr(cop._type_hint, "transport", None)
-        if isinstance(t, str) or t is None:
-            return "nccl" if t in (None, "accelerator", "nccl") else str(t)
-        return self.custom_communicator(t)
-
-    def custom_communicator(self, comm) -> str:
-        for name, c in self.side.communicators.items():
-            if c is comm:
-                return name
-        name = f"custom{len(self.side.communicators)}"
-        self.side.communicators[name] = comm
-        return name
 
     # -- leaf nodes ----------------------------------------------------------------------
     def check_leaves(self) -> None:
@@ -320,11 +294,12 @@ class _Tracer:
                 "All tasks must either use InputNode() directly, or they must index to "
                 "specific args or kwargs. This DAG uses the InputNode both directly (inp) "
                 "and indexed (inp[0], inp['key']); use one form: either every method takes "
-                "inp, or every method takes inp[i] / inp['key'].")
+                "inp, or every method takes inp[i] / inp['key']."
+            )
         pos = sorted(self.pos_keys | ({0} if self.direct else set()))
         kws = sorted(self.kw_keys)
         fields = tuple(pos) + tuple(kws)
-        index = {("pos", k): i for i, k in enumerate(pos)}
+        index: dict[tuple[str, Any], int] = {("pos", k): i for i, k in enumerate(pos)}
         index.update({("kw", k): len(pos) + i for i, k in enumerate(kws)})
         index[("direct", None)] = index.get(("pos", 0), 0)
 
@@ -332,18 +307,27 @@ class _Tracer:
             return Field(index[(a.kind, a.key)]) if isinstance(a, _InputUse) else a
 
         bind_rank = _bind_ranks(data["op"] for _, data in self.graph.nodes(data=True))
-        for n, data in self.graph.nodes(data=True):
+        for _, data in self.graph.nodes(data=True):
             op = data["op"]
-            data["op"] = Op(**{**op.__dict__,
-                               "args": tuple(renumber(a) for a in op.args),
-                               "kwargs": tuple((k, renumber(v)) for k, v in op.kwargs),
-                               "bind_index": bind_rank.get(op.id)})
+            data["op"] = Op(
+                **{
+                    **op.__dict__,
+                    "args": tuple(renumber(a) for a in op.args),
+                    "kwargs": tuple((k, renumber(v)) for k, v in op.kwargs),
+                    "bind_index": bind_rank.get(op.id),
+                }
+            )
         out = tuple(renumber(a) for a in out_refs)
         num_positional = (max(pos) + 1) if pos else 0
-        inputs = InputSpec(fields=fields, num_positional=num_positional, kwargs=tuple(kws),
-                           direct=self.direct)
-        ir = IR(graph=self.graph, actors=tuple(self.actor_specs), inputs=inputs,
-                output=OutputSpec(refs=out, multi=multi))
+        inputs = InputSpec(
+            fields=fields, num_positional=num_positional, kwargs=tuple(kws), direct=self.direct
+        )
+        ir = IR(
+            graph=self.graph,
+            actors=tuple(self.actor_specs),
+            inputs=inputs,
+            output=OutputSpec(refs=out, multi=multi),
+        )
         return ir, self.side
 
 
@@ -352,8 +336,8 @@ class _InputUse(Arg):
     """An input use while tracing (``inp``, ``inp[i]``, ``inp["k"]``); a Field once the
     whole DAG is seen and the fields are numbered."""
 
-    kind: str            # "direct" | "pos" | "kw"
-    key: Any             # None | int | str
+    kind: str  # "direct" | "pos" | "kw"
+    key: Any  # None | int | str
 
 
 def _bind_ranks(ops) -> dict[str, int]:
@@ -374,55 +358,48 @@ def _bind_ranks(ops) -> dict[str, int]:
     return ranks
 
 
-def trace(dag) -> tuple[IR, SideTable]:
+def walk(dag) -> tuple[IR, SideTable]:
     """Walk a Ray DAG into dagc IR. Raises CompileError naming the unsupported node."""
     try:
-        rd, _, _ = _ray_dag()
+        rd, _, _ = ray_dag()
     except ImportError as e:  # pragma: no cover
-        raise CompileError(f"ray is not importable ({e}); install ray to compile Ray DAGs.")
-    t = _Tracer()
+        raise CompileError(f"ray is not importable ({e}); install ray to compile Ray DAGs.") from e
+    t = _Walker()
     if isinstance(dag, (list, tuple)):
-        raise CompileError("compile() takes one DAG node; wrap several outputs in "
-                           "MultiOutputNode([...]).")
+        raise CompileError(
+            "compile() takes one DAG node; wrap several outputs in MultiOutputNode([...])."
+        )
     if isinstance(dag, rd.MultiOutputNode):
-        refs = [t.node(n) if isinstance(n, rd.DAGNode) else _not_node(n)
-                for n in dag.get_args()]
+        refs = [t.node(n) if isinstance(n, rd.DAGNode) else _not_node(n) for n in dag.get_args()]
         multi = True
     elif isinstance(dag, rd.DAGNode):
         refs = [t.node(dag)]
         multi = False
     else:
-        raise CompileError(f"compile() needs a Ray DAG node (from .bind()), got "
-                           f"{type(dag).__name__}.")
+        raise CompileError(
+            f"compile() needs a Ray DAG node (from .bind()), got {type(dag).__name__}."
+        )
     if not t.actor_specs:
-        raise CompileError("the DAG has no actor method or function calls; bind at least one "
-                           "(actor.method.bind(inp), f.bind(inp)).")
-    check_input_attributes(t.keep_alive)   # before the leaves, as Ray checks
+        raise CompileError(
+            "the DAG has no actor method or function calls; bind at least one "
+            "(actor.method.bind(inp), f.bind(inp))."
+        )
+    check_input_attributes(t.keep_alive)  # before the leaves, as Ray checks
     t.check_leaves()
     return t.finish(refs, multi)
 
 
 def _not_node(n):
-    raise CompileError(f"MultiOutputNode holds {type(n).__name__}, not a DAG node; list the "
-                       f"nodes to return.")
+    raise CompileError(
+        f"MultiOutputNode holds {type(n).__name__}, not a DAG node; list the nodes to return."
+    )
 
 
 def check_ray_leaves(dag) -> None:
     """Ray Compiled Graph's leaf rule, for ``experimental_compile`` under the patch: every
     method call result, each return of a ``num_returns`` call included, must reach an
     output. Raises CompileError (a ValueError) with Ray's wording."""
-    rd, _, _ = _ray_dag()
-    reached, seen = [], set()
-    stack = [dag]
-    while stack:
-        n = stack.pop()
-        if id(n) in seen or not isinstance(n, rd.DAGNode):
-            continue
-        seen.add(id(n))
-        reached.append(n)
-        stack.extend(n._get_all_child_nodes())
-        if isinstance(n, rd.ClassMethodNode) and n.is_class_method_output:
-            stack.append(n.class_method_call)
-    leaves = find_leaves(reached, rd, per_return=True)
+    rd, _, _ = ray_dag()
+    leaves = find_leaves(reached_nodes(dag), rd, per_return=True)
     if leaves:
         raise_leaves(leaves, describe)

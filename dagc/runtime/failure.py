@@ -4,21 +4,42 @@ A ``Failure`` replaces the op's result; every downstream op that reads it skips 
 and passes the same Failure on, so the error reaches ``get()`` with the actor, method,
 step and remote traceback of where it started, and the loop keeps running.
 """
+
 from __future__ import annotations
 
 import linecache
 import pickle
 import traceback
+from typing import Any
 
 from dagc.errors import TaskError, make_task_error
 
 
 class Failure:
-    __slots__ = ("exc_bytes", "cls_bytes", "type_name", "message", "tb", "actor", "method",
-                 "step", "where")
+    __slots__ = (
+        "exc_bytes",
+        "cls_bytes",
+        "type_name",
+        "message",
+        "tb",
+        "actor",
+        "method",
+        "step",
+        "where",
+    )
 
-    def __init__(self, exc_bytes, cls_bytes, type_name, message, tb, actor, method, step,
-                 where=""):
+    def __init__(
+        self,
+        exc_bytes: bytes | None,
+        cls_bytes: bytes | None,
+        type_name: str,
+        message: str,
+        tb: str,
+        actor: str,
+        method: str,
+        step: int,
+        where: str = "",
+    ):
         self.exc_bytes = exc_bytes
         self.cls_bytes = cls_bytes
         self.type_name = type_name
@@ -27,15 +48,27 @@ class Failure:
         self.actor = actor
         self.method = method
         self.step = step
-        self.where = where              # the user's method: "pipeline.py:23 Embedder.embed"
+        self.where = where  # the user's method: "pipeline.py:23 Embedder.embed"
 
-    def __reduce__(self):
-        return (Failure, (self.exc_bytes, self.cls_bytes, self.type_name, self.message,
-                          self.tb, self.actor, self.method, self.step, self.where))
+    def __reduce__(self) -> tuple[type[Failure], tuple[Any, ...]]:
+        return (
+            Failure,
+            (
+                self.exc_bytes,
+                self.cls_bytes,
+                self.type_name,
+                self.message,
+                self.tb,
+                self.actor,
+                self.method,
+                self.step,
+                self.where,
+            ),
+        )
 
     def to_error(self) -> TaskError:
-        cause = None
-        cause_type = Exception
+        cause: BaseException | None = None
+        cause_type: type = Exception
         try:
             if self.exc_bytes is not None:
                 cause = pickle.loads(self.exc_bytes)
@@ -46,10 +79,12 @@ class Failure:
             cause = None
         if isinstance(cause, TaskError):
             return cause
-        msg = (f"{self.type_name}: {self.message}\n\n"
-               f"raised by {self.actor}.{self.method}"
-               f"{f' at {self.where}' if self.where else ''} (schedule step {self.step}); "
-               f"remote traceback:\n{self.tb}")
+        msg = (
+            f"{self.type_name}: {self.message}\n\n"
+            f"raised by {self.actor}.{self.method}"
+            f"{f' at {self.where}' if self.where else ''} (schedule step {self.step}); "
+            f"remote traceback:\n{self.tb}"
+        )
         return make_task_error(cause, cause_type, msg, self.actor, self.method, self.tb)
 
     def __repr__(self) -> str:
@@ -101,28 +136,33 @@ def capture(exc: BaseException, actor: str, method: str, step: int, where: str =
         message = str(exc)
     except Exception:
         message = "<unprintable exception>"
-    return Failure(exc_bytes, cls_bytes, type(exc).__name__, message, tb, actor, method, step,
-                   where)
+    return Failure(
+        exc_bytes, cls_bytes, type(exc).__name__, message, tb, actor, method, step, where
+    )
 
 
 class _Shell:
     """Rebuilds an exception without calling its __init__."""
 
-    def __init__(self, cls, args, state):
+    def __init__(self, cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]):
         self.cls, self.args, self.state = cls, args, state
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (_rebuild_exception, (self.cls, self.args, self.state))
 
 
-def _rebuild_exception(cls, args, state):
+def _rebuild_exception(
+    cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]
+) -> BaseException:
     exc = cls.__new__(cls, *args)
     exc.args = args
     exc.__dict__.update(state)
     return exc
 
 
-def first_failure(*values):
+def first_failure(*values: Any) -> Failure | None:
+    """The first of ``values`` that is a Failure (an exact class test: values may be
+    anything, arrays included), or None."""
     for v in values:
         if v.__class__ is Failure:
             return v

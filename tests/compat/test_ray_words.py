@@ -158,13 +158,13 @@ def test_what_dagc_accepts_where_ray_refuses(worker, compile_, recwarn):
     from ray.dag import InputNode
 
     with InputNode() as inp:
-        dag = worker.add.bind(inp, y=worker.inc.bind(inp))      # a DAG node as a kwarg
+        dag = worker.add.bind(inp, y=worker.inc.bind(inp))  # a DAG node as a kwarg
     cg = compile_(dag)
     try:
         assert ray.get(cg.execute(2), timeout=30) == 5
     finally:
         cg.teardown()
-    cg = compile_(worker.inc.bind(41))                          # no InputNode
+    cg = compile_(worker.inc.bind(41))  # no InputNode
     try:
         assert ray.get(cg.execute(), timeout=30) == 42
     finally:
@@ -177,7 +177,7 @@ def test_what_dagc_accepts_where_ray_refuses(worker, compile_, recwarn):
         cg = dag.experimental_compile(_max_inflight_executions=4, _max_buffered_results=1)
     try:
         refs = [cg.execute(i) for i in range(4)]
-        assert ray.get(refs[3], timeout=30) == 4      # 0..2 buffered: more than 1
+        assert ray.get(refs[3], timeout=30) == 4  # 0..2 buffered: more than 1
         assert ray.get(refs[:3], timeout=30) == [1, 2, 3]
     finally:
         cg.teardown()
@@ -203,6 +203,9 @@ def test_compiling_a_dag_twice(worker, no_shm_leak):
             dag = worker.inc.bind(inp)
         cg = dag.experimental_compile()
         cg.teardown()
-        with pytest.raises(ValueError, match="It is not allowed to call `experimental_compile` "
-                                             "on the same DAG object multiple times"):
+        with pytest.raises(
+            ValueError,
+            match="It is not allowed to call `experimental_compile` "
+            "on the same DAG object multiple times",
+        ):
             dag.experimental_compile()

@@ -1,4 +1,5 @@
 """End-to-end: compile real Ray DAGs and run them (one shared Ray session)."""
+
 import asyncio
 import dataclasses
 import time
@@ -9,7 +10,7 @@ import ray
 
 import dagc
 from dagc import InputNode, MultiOutputNode
-from tests.e2e.actors import CustomError, Worker
+from tests.e2e.actors import CustomError
 
 
 def test_chain(workers):
@@ -32,8 +33,19 @@ def test_single_actor_echo_types(workers):
     with InputNode() as inp:
         dag = a.echo.bind(inp)
     with dagc.compile(dag) as cg:
-        for v in [None, 0, -5, 2 ** 70, 1.5, "s" * 100, b"bytes", [1, [2, 3]], {"k": (1, 2)},
-                  np.float32(3.0), {1, 2}]:
+        for v in [
+            None,
+            0,
+            -5,
+            2**70,
+            1.5,
+            "s" * 100,
+            b"bytes",
+            [1, [2, 3]],
+            {"k": (1, 2)},
+            np.float32(3.0),
+            {1, 2},
+        ]:
             assert cg.execute(v).get(timeout=10) == v
 
 
@@ -97,7 +109,7 @@ def test_same_node_read_twice_and_by_driver(workers):
     a, b = workers[:2]
     with InputNode() as inp:
         x = a.inc.bind(inp)
-        y = b.add.bind(x, x)           # read twice by one method
+        y = b.add.bind(x, x)  # read twice by one method
         dag = MultiOutputNode([x, y, x])  # listed twice in the output
     with dagc.compile(dag) as cg:
         assert cg.execute(1).get(timeout=10) == [2, 4, 2]
@@ -105,7 +117,7 @@ def test_same_node_read_twice_and_by_driver(workers):
 
 def test_nodes_without_input_run_once_per_execution(workers):
     a, b = workers[:2]
-    with InputNode() as inp:                       # the InputNode is never read
+    with InputNode() as inp:  # the InputNode is never read
         dag = b.inc.bind(a.pid.bind())
     with dagc.compile(dag) as cg:
         pid = ray.get(a.pid.remote())
@@ -113,7 +125,7 @@ def test_nodes_without_input_run_once_per_execution(workers):
         with pytest.raises(dagc.DagcError, match="takes 0 positional"):
             cg.execute(1)
     calls = ray.get(a.num_calls.remote())
-    with InputNode() as inp:                       # one branch reads it, one only a constant
+    with InputNode() as inp:  # one branch reads it, one only a constant
         dag = MultiOutputNode([a.inc.bind(41), b.echo.bind(inp)])
     with dagc.compile(dag) as cg:
         assert cg.execute("x").get(timeout=10) == [42, "x"]
@@ -126,7 +138,7 @@ def test_revisited_actor_a_b_a(workers):
     with InputNode() as inp:
         x = a.inc.bind(inp)
         y = b.scale.bind(x, factor=10)
-        z = a.add.bind(y, x)          # back on a, using a local value and b's result
+        z = a.add.bind(y, x)  # back on a, using a local value and b's result
         dag = b.inc.bind(z)
     with dagc.compile(dag) as cg:
         sched = cg.schedule
@@ -163,7 +175,7 @@ def test_pipelined_executions_fetched_out_of_order(workers):
             refs = [cg.execute(i) for i in range(6)]
             order = [3, 0, 5, 1, 4, 2]
             assert [refs[i].get(timeout=10) for i in order] == [i + 2 for i in order]
-            assert refs[3].get() == 5          # get again: same value
+            assert refs[3].get() == 5  # get again: same value
         assert dagc.get([cg.execute(i) for i in range(4)], timeout=10) == [2, 3, 4, 5]
 
 
@@ -181,7 +193,7 @@ def test_exception_becomes_task_error_and_dag_recovers(workers):
         assert isinstance(e.cause, ValueError) and "bad input 3" in str(e)
         assert "fail_if" in str(e) and "Traceback" in str(e)
         with pytest.raises(ValueError):
-            ref.get()                     # the same error again
+            ref.get()  # the same error again
         assert cg.execute(4).get(timeout=10) == 5
 
 
@@ -243,7 +255,7 @@ def test_dropped_refs_free_their_place(workers):
         dag = a.inc.bind(inp)
     with dagc.compile(dag, max_inflight=2) as cg:
         for i in range(10):
-            cg.execute(i)                 # dropped at once
+            cg.execute(i)  # dropped at once
         assert cg.execute(41).get(timeout=10) == 42
 
 
@@ -321,10 +333,12 @@ def test_execute_async(workers):
     with InputNode() as inp:
         dag = b.inc.bind(a.inc.bind(inp))
     with dagc.compile(dag) as cg:
+
         async def main():
             one = await cg.execute_async(1)
             many = await asyncio.gather(*[cg.execute_async(i) for i in range(5)])
             return one, many
+
         one, many = asyncio.run(asyncio.wait_for(main(), 30))
         assert one == 3 and many == [2, 3, 4, 5, 6]
 
@@ -403,6 +417,7 @@ def test_threads_getting_one_ref_all_get_its_value(workers):
     """Several threads get() the same pending ref (ThreadPoolExecutor().map(ray.get, refs)):
     every one gets the value, none "was never submitted or already fetched"."""
     from concurrent.futures import ThreadPoolExecutor
+
     a, b = workers[:2]
     with InputNode() as inp:
         dag = MultiOutputNode([a.sleep.bind(inp, 0.3), b.inc.bind(inp)])
@@ -412,7 +427,7 @@ def test_threads_getting_one_ref_all_get_its_value(workers):
             got = list(pool.map(lambda r: r.get(timeout=30), [ref] * 6))
             assert got == [[i, i + 1]] * 6
             assert list(pool.map(ray.get, [ref] * 3)) == [[i, i + 1]] * 3
-        bad = cg.execute("x")                       # "x" + 1: a TypeError for every thread
+        bad = cg.execute("x")  # "x" + 1: a TypeError for every thread
         errs = list(pool.map(lambda r: _error_of(r.get, 30), [bad] * 6))
         assert all(isinstance(e, dagc.TaskError) and "TypeError" in str(e) for e in errs), errs
 
@@ -420,7 +435,7 @@ def test_threads_getting_one_ref_all_get_its_value(workers):
 def _error_of(fn, *args):
     try:
         fn(*args)
-    except Exception as e:      # noqa: BLE001 - the test inspects it
+    except Exception as e:  # noqa: BLE001 - the test inspects it
         return e
     return None
 
@@ -429,6 +444,7 @@ def test_failed_ref_raises_a_fresh_error_on_each_get(workers):
     """A failed ref's get() raises a new exception each time: the traceback does not grow
     with every call, and no earlier call's frames are kept alive."""
     import traceback
+
     a = workers[0]
     with InputNode() as inp:
         dag = a.fail_if.bind(inp)
@@ -451,10 +467,11 @@ def test_object_ref_arguments_are_resolved(workers):
     with dagc.compile(one) as cg:
         assert cg.execute(ray.put(5)).get(timeout=10) == 7
         assert cg.execute(a.inc.remote(1)).get(timeout=10) == 4
-        with pytest.raises(dagc.ExecuteArgumentError,
-                           match="(?s)argument 0 could not.*bad input 3"):
+        with pytest.raises(
+            dagc.ExecuteArgumentError, match="(?s)argument 0 could not.*bad input 3"
+        ):
             cg.execute(b.fail_if.remote(3))
-        assert cg.execute(1).get(timeout=10) == 3          # nothing was sent for it
+        assert cg.execute(1).get(timeout=10) == 3  # nothing was sent for it
     with InputNode() as inp:
         several = a.add.bind(inp[0], y=inp.y)
     with dagc.compile(several) as cg:

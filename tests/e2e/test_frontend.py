@@ -8,7 +8,7 @@ import ray
 
 import dagc
 from dagc import InputNode, MultiOutputNode
-from dagc.frontend import trace
+from dagc.frontend import walk as trace
 from tests.e2e.actors import Worker
 
 

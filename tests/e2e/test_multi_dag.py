@@ -103,18 +103,18 @@ def _run(fn, n_threads=2):
 def test_two_dags_on_the_same_actors_run_interleaved(pair):
     a, b = pair
     with dagc.compile(_chain(a, b, 1, 10)) as cg1, dagc.compile(_chain(b, a, 100, 1000)) as cg2:
-        assert len(_busy(a)) == 2 and len(_busy(b)) == 2   # the probe still says which
+        assert len(_busy(a)) == 2 and len(_busy(b)) == 2  # the probe still says which
         for i in range(30):
             r1, r2 = cg1.execute(i), cg2.execute(i)
             assert r2.get(timeout=10) == i + 1100
             assert r1.get(timeout=10) == i + 11
-        refs = [(cg1.execute(i), cg2.execute(-i)) for i in range(6)]   # both pipelined
+        refs = [(cg1.execute(i), cg2.execute(-i)) for i in range(6)]  # both pipelined
         for i, (r1, r2) in enumerate(refs):
             assert (r1.get(timeout=10), r2.get(timeout=10)) == (i + 11, -i + 1100)
         # per-DAG state on the shared actors: each one's channels, each one's profile
         m1, m2 = cg1.memory(), cg2.memory()
         assert len(m1["channels"]) == len(m2["channels"]) == 3
-        ref = cg2.execute(5)                     # in flight while cg1's loops switch
+        ref = cg2.execute(5)  # in flight while cg1's loops switch
         assert cg1.profile(3, 0).executions == 3
         assert (ref.get(timeout=10), cg1.execute(1).get(timeout=10)) == (1105, 12)
 
@@ -138,12 +138,12 @@ def test_teardown_of_one_leaves_the_other_running(pair):
     a, b = pair
     with dagc.compile(_chain(a, b)) as cg1, dagc.compile(_chain(a, b, 5, 5)) as cg2:
         assert cg1.execute(1).get(timeout=10) == 3
-        ref = cg2.execute(1)                      # in flight while cg1 goes
+        ref = cg2.execute(1)  # in flight while cg1 goes
         cg1.teardown()
         assert ref.get(timeout=10) == 11
         assert [cg2.execute(i).get(timeout=10) for i in range(20)] == [i + 10 for i in range(20)]
         assert len(_busy(a)) == 1
-        with dagc.compile(_chain(b, a, 2, 2)) as cg3:    # a new one beside the survivor
+        with dagc.compile(_chain(b, a, 2, 2)) as cg3:  # a new one beside the survivor
             assert (cg2.execute(0).get(timeout=10), cg3.execute(0).get(timeout=10)) == (10, 4)
         assert cg2.execute(7).get(timeout=10) == 17
 
@@ -171,11 +171,11 @@ def test_an_actor_death_ends_every_dag_on_it(ray_session):
     try:
         with dagc.compile(dying) as cg1, dagc.compile(_chain(b, a)) as cg2:
             assert (cg1.execute(1).get(timeout=10), cg2.execute(1).get(timeout=10)) == (2, 3)
-            r1 = cg1.execute(-1)                  # a dies in cg1's call
+            r1 = cg1.execute(-1)  # a dies in cg1's call
             t0 = time.monotonic()
             with pytest.raises(dagc.ActorDiedError):
                 r1.get(timeout=30)
-            with pytest.raises(dagc.ActorDiedError):   # cg2 runs on a too
+            with pytest.raises(dagc.ActorDiedError):  # cg2 runs on a too
                 while time.monotonic() - t0 < 30:
                     cg2.execute(1).get(timeout=10)
             assert time.monotonic() - t0 < 30
@@ -192,6 +192,7 @@ def test_methods_never_overlap_across_dags_with_max_concurrency_1(pair):
         g2 = b.add.bind(a.guarded.bind(inp))
     before = ray.get(a.overlaps_seen.remote(), timeout=10)
     with dagc.compile(g1) as cg1, dagc.compile(g2) as cg2:
+
         def drive(i):
             cg = (cg1, cg2)[i]
             for n in range(60):
@@ -242,7 +243,7 @@ def test_a_caller_blocked_on_one_dag_while_another_is_busy(pair):
         refs = [cg_slow.execute(0.3) for _ in range(3)]
         t0 = time.monotonic()
         assert cg_fast.execute(5).get(timeout=10) == 7
-        assert time.monotonic() - t0 < 0.9    # waited for at most the one call under way
+        assert time.monotonic() - t0 < 0.9  # waited for at most the one call under way
         assert [r.get(timeout=20) for r in refs] == [0.3] * 3
 
 
@@ -258,7 +259,7 @@ def test_five_dags_on_one_actor(pair):
             refs = [cg.execute(i) for cg in cgs]
             assert [r.get(timeout=10) for r in refs] == [i + k for k in range(5)]
         left = list(range(5))
-        for gone in (3, 0):                     # teardown in any order; the rest go on
+        for gone in (3, 0):  # teardown in any order; the rest go on
             cgs[gone].teardown()
             left.remove(gone)
             assert [cgs[k].execute(1).get(timeout=10) for k in left] == [1 + k for k in left]
@@ -283,12 +284,12 @@ def test_idle_dags_cost_no_cpu(pair):
         for cg in cgs:
             for i in range(20):
                 cg.execute(i).get(timeout=10)
-        time.sleep(0.5)                         # past every loop's polling budget
+        time.sleep(0.5)  # past every loop's polling budget
         c0, t0 = _cpu_seconds(pid), time.monotonic()
         time.sleep(1.0)
         used, wall = _cpu_seconds(pid) - c0, time.monotonic() - t0
         print(f"\n[multi-dag] actor CPU with 3 idle DAGs: {used * 1e3:.1f} ms in {wall:.2f} s")
-        assert used < 0.1 * wall                # ~0 (futex sleeps); a spinning loop is ~1.0
+        assert used < 0.1 * wall  # ~0 (futex sleeps); a spinning loop is ~1.0
     finally:
         for cg in cgs:
             cg.teardown()

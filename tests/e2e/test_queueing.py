@@ -38,8 +38,11 @@ def test_500_before_any_get_in_order_and_the_error_one_past_the_queue(workers):
         refs = [cg.execute(i) for i in range(500)]
         # the driver moves them in and takes their results without any get(); the last
         # max_inflight stay in the pipeline for get() (no pump once the queue is empty)
-        _wait_until(lambda: cg._runs.queued == 0 and cg._runs._read_next >= 498, 60,
-                    "the queue drains without a get()")
+        _wait_until(
+            lambda: cg._runs.queued == 0 and cg._runs._read_next >= 498,
+            60,
+            "the queue drains without a get()",
+        )
         _wait_until(lambda: not _pump_threads(), 10, "the pump ends with the queue")
         assert [r.get(timeout=30) for r in refs] == [i + 2 for i in range(500)]
         # full: 2 in the pipeline + 1000 queued or read and not fetched
@@ -47,7 +50,7 @@ def test_500_before_any_get_in_order_and_the_error_one_past_the_queue(workers):
         with pytest.raises(dagc.CapacityError, match="max_queued=1000") as ei:
             cg.execute(0)
         assert "1002 executions are submitted and not fetched" in str(ei.value)
-        assert refs[0].get(timeout=30) == 2          # one fetched: room for one more
+        assert refs[0].get(timeout=30) == 2  # one fetched: room for one more
         more = cg.execute(7)
         with pytest.raises(dagc.CapacityError):
             cg.execute(0)
@@ -71,7 +74,7 @@ def test_from_four_threads_at_once(workers):
         try:
             refs = [cg.execute(t * 1000, i) for i in range(100)]
             got[t] = [r.get(timeout=60) for r in refs]
-        except BaseException as e:     # reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     try:
@@ -95,7 +98,8 @@ def test_from_asyncio_many_at_once(workers):
 
     async def main():
         return await asyncio.wait_for(
-            asyncio.gather(*[cg.execute_async(i) for i in range(300)]), 60)
+            asyncio.gather(*[cg.execute_async(i) for i in range(300)]), 60
+        )
 
     try:
         assert asyncio.run(main()) == [i + 1 for i in range(300)]
@@ -133,7 +137,7 @@ def test_errors_in_queued_executions_reach_their_get(workers):
     cg = dagc.compile(dag, max_inflight=2, max_queued=100)
     try:
         inputs = list(range(40))
-        inputs[17] = threading.Lock()          # cannot be pickled: fails when it is sent
+        inputs[17] = threading.Lock()  # cannot be pickled: fails when it is sent
         refs = [cg.execute(x) for x in inputs]
         for i, r in enumerate(refs):
             if i == 3:
@@ -168,8 +172,9 @@ def test_actor_death_fails_every_queued_execution(ray_session):
         ray_session.kill(w)
         t0 = time.monotonic()
         for r in refs[1:]:
-            with pytest.raises(dagc.ActorDiedError,
-                               match="The actor died unexpectedly before finishing this task"):
+            with pytest.raises(
+                dagc.ActorDiedError, match="The actor died unexpectedly before finishing this task"
+            ):
                 r.get(timeout=60)
         assert time.monotonic() - t0 < 30
         with pytest.raises(dagc.ActorDiedError):
@@ -204,7 +209,7 @@ def test_max_queued_zero_is_capacity_error_as_before(workers):
         dag = a.inc.bind(inp)
     cg = dagc.compile(dag, max_inflight=2)
     try:
-        assert type(cg._runs).__name__ == "Executions"        # no queue, no pump
+        assert type(cg._runs).__name__ == "Executions"  # no queue, no pump
         refs = [cg.execute(1), cg.execute(2)]
         with pytest.raises(dagc.CapacityError, match=r"max_inflight=2\)"):
             cg.execute(3)
@@ -217,8 +222,7 @@ def test_max_queued_zero_is_capacity_error_as_before(workers):
 
 
 @pytest.mark.timeout(120)
-def test_patched_ray_reaches_max_queued_through_the_environment(workers, monkeypatch,
-                                                                  no_shm_leak):
+def test_patched_ray_reaches_max_queued_through_the_environment(workers, monkeypatch, no_shm_leak):
     """Under dagc.patch_ray(): DAGC_MAX_QUEUED (no Ray keyword maps); Ray's own
     capacity error past the queue."""
     import ray
@@ -231,8 +235,10 @@ def test_patched_ray_reaches_max_queued_through_the_environment(workers, monkeyp
         cdag = dag.experimental_compile(_max_inflight_executions=2)
         try:
             refs = [cdag.execute(i) for i in range(32)]
-            with pytest.raises(ray.exceptions.RayCgraphCapacityExceeded,
-                               match="can't have more than 32 in-flight executions"):
+            with pytest.raises(
+                ray.exceptions.RayCgraphCapacityExceeded,
+                match="can't have more than 32 in-flight executions",
+            ):
                 cdag.execute(0)
             assert ray.get(refs, timeout=60) == [i + 1 for i in range(32)]
         finally:

@@ -4,6 +4,7 @@
 a tuple ``(command, k, arg)`` makes node ``k`` (and only it) do ``command``. Commands
 travel the whole DAG, so one input picks which actor fails and how.
 """
+
 import ctypes
 import os
 import sys
@@ -70,11 +71,13 @@ class Node:
     def tensor(self, x):
         """A tensor for collectives; step's commands ("exit", k, None) apply first."""
         import torch
+
         self.step(x)
         return torch.full((4,), float(self.k))
 
     async def astep(self, x):
         import asyncio
+
         await asyncio.sleep(0)
         return x
 

@@ -16,6 +16,7 @@ actors (or over actors it creates itself when none are named), prints
            teardown() and exit; prints ``DAGC-AFTER {json}`` and, from the last exit hook,
            ``DAGC-EXIT {json}``: how often anything called ray.init after the shutdown
 """
+
 from __future__ import annotations
 
 import json
@@ -27,18 +28,17 @@ import time
 def main(argv: list[str]) -> int:
     address, namespace, mode, *names = argv
     import atexit
+
     inits: list = []
-    if mode == "shutdown":     # registered first, so it runs after every other exit hook
-        atexit.register(lambda: print("DAGC-EXIT " + json.dumps({"inits": len(inits)}),
-                                      flush=True))
+    if mode == "shutdown":  # registered first, so it runs after every other exit hook
+        atexit.register(lambda: print("DAGC-EXIT " + json.dumps({"inits": len(inits)}), flush=True))
     import ray
 
     import dagc
     from dagc import InputNode
     from tests.faults.actors import Node
 
-    ray.init(address=address, namespace=namespace, log_to_driver=False,
-             logging_level="ERROR")
+    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
     if names:
         actors = [ray.get_actor(n, namespace=namespace) for n in names]
     else:
@@ -84,14 +84,16 @@ def _await_and_exit(cg) -> int:
         await asyncio.sleep(0.5)
         assert not task.done()
         print("DAGC-AWAITING", flush=True)
+
     asyncio.run(main())
     return 0
 
 
 def _shutdown_then_teardown(ray, cg, inits: list) -> int:
-    def no_init(*args, **kwargs):      # never start or join a cluster from here
+    def no_init(*args, **kwargs):  # never start or join a cluster from here
         inits.append(1)
         raise RuntimeError("ray.init called after ray.shutdown()")
+
     ray.shutdown()
     ray.init = no_init
     print("DAGC-SHUTDOWN " + json.dumps({"closed": cg.closed}), flush=True)
@@ -99,11 +101,20 @@ def _shutdown_then_teardown(ray, cg, inits: list) -> int:
     error = None
     try:
         cg.teardown()
-    except Exception as e:             # noqa: BLE001 - reported to the test
+    except Exception as e:  # noqa: BLE001 - reported to the test
         error = repr(e)
-    print("DAGC-AFTER " + json.dumps({"closed": cg.closed, "inits": len(inits),
-                                      "initialized": ray.is_initialized(), "error": error}),
-          flush=True)
+    print(
+        "DAGC-AFTER "
+        + json.dumps(
+            {
+                "closed": cg.closed,
+                "inits": len(inits),
+                "initialized": ray.is_initialized(),
+                "error": error,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

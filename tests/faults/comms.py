@@ -1,4 +1,5 @@
 """Communicators that fail on purpose (importable by actors; imports torch)."""
+
 from dagc.runtime.comm.gloo import GlooCommunicator
 
 

@@ -1,5 +1,6 @@
 """Fault-injection tests share the session Ray (tests/conftest.py: ``ray_session``) and
 fail any test that leaves dagc segments in /dev/shm (``no_shm_leak``)."""
+
 import pytest
 
 
@@ -17,6 +18,7 @@ def ray(ray_session):
 def nodes(ray_session):
     """``nodes(n)``: n fresh ``Node`` actors owned by this test, killed when it ends."""
     from tests.faults.actors import Node
+
     made = []
 
     def make(n: int, start: int = 0):

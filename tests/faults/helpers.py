@@ -4,6 +4,7 @@ and a subprocess driver that can be killed.
 Functions here run inside actor processes through ``actor.__ray_call__`` too, so this
 module must stay importable there (it imports nothing from pytest).
 """
+
 from __future__ import annotations
 
 import glob
@@ -54,13 +55,15 @@ def open_fds(pid: int, token: str) -> int:
 def inside(instance, token: str) -> dict:
     """Run in an actor (``h.__ray_call__.remote(inside, token)``): its dagc state for one DAG."""
     from dagc.runtime.actor import lifecycle
+
     st = lifecycle.status(instance, token)
     return {
         "pid": os.getpid(),
         "running": st["running"],
         "crash": st["crash"],
-        "loop_threads": sorted(t.name for t in threading.enumerate()
-                               if t.name.startswith("dagc-loop") and t.is_alive()),
+        "loop_threads": sorted(
+            t.name for t in threading.enumerate() if t.name.startswith("dagc-loop") and t.is_alive()
+        ),
         "maps": mapped(os.getpid(), token),
         "shm_fds": open_fds(os.getpid(), token),
         "fds": len(os.listdir("/proc/self/fd")),
@@ -69,6 +72,7 @@ def inside(instance, token: str) -> dict:
 
 def state(handle, token: str, timeout: float = 10.0) -> dict:
     import ray
+
     return ray.get(handle.__ray_call__.remote(inside, token), timeout=timeout)
 
 
@@ -101,16 +105,29 @@ class ChildDriver:
 
     def __init__(self, mode: str, *names: str, timeout: float = 120.0):
         import ray
+
         ctx = ray.get_runtime_context()
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("RAY_ADDRESS", None)
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.child_driver", ctx.gcs_address,
-             ctx.namespace, mode, *names],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._err, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "tests.faults.child_driver",
+                ctx.gcs_address,
+                ctx.namespace,
+                mode,
+                *names,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            start_new_session=True,
+        )
         self._buf = b""
         self.info = self.read_line("DAGC-CHILD", timeout)
 
@@ -127,7 +144,7 @@ class ChildDriver:
                 if line == want:
                     return None
                 if line.startswith(want + b" "):
-                    return json.loads(line[len(want) + 1:])
+                    return json.loads(line[len(want) + 1 :])
             if time.monotonic() >= deadline:
                 break
             r, _, _ = select.select([fd], [], [], 0.2)
@@ -139,8 +156,10 @@ class ChildDriver:
             elif self.proc.poll() is not None:
                 break
         err = self.kill_and_reap()
-        raise AssertionError(f"child driver gave no {tag} line within {timeout} s; "
-                             f"stdout={self._buf[-2000:]!r} stderr={err[-4000:]!r}")
+        raise AssertionError(
+            f"child driver gave no {tag} line within {timeout} s; "
+            f"stdout={self._buf[-2000:]!r} stderr={err[-4000:]!r}"
+        )
 
     def send_line(self, text: str = "") -> None:
         self.proc.stdin.write(text.encode() + b"\n")
@@ -158,7 +177,7 @@ class ChildDriver:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill_and_reap()
-            raise AssertionError(f"child driver did not exit within {timeout} s")
+            raise AssertionError(f"child driver did not exit within {timeout} s") from None
 
     def stderr(self) -> str:
         try:
@@ -187,7 +206,7 @@ class ChildDriver:
 
 # -- a failed compile leaves the actors as they were (test_failed_compile.py) ----------------
 
-_GRPC_POOLS = ("grpc_global_tim", "event_engine")   # Ray's gRPC starts and ends these
+_GRPC_POOLS = ("grpc_global_tim", "event_engine")  # Ray's gRPC starts and ends these
 
 
 def census(instance=None) -> dict:
@@ -195,6 +214,7 @@ def census(instance=None) -> dict:
     what a compile that fails must leave exactly as it found it. Runs in an actor through
     ``__ray_call__`` or in the driver (``census()``)."""
     from dagc.runtime.actor import loop, prepared
+
     fds = os.listdir("/proc/self/fd")
     socks = set()
     for fd in fds:
@@ -213,7 +233,7 @@ def census(instance=None) -> dict:
             continue
         for row in rows:
             cols = row.split()
-            if cols[3] == "0A" and int(cols[9]) in socks:      # 0A: LISTEN
+            if cols[3] == "0A" and int(cols[9]) in socks:  # 0A: LISTEN
                 listening += 1
     native = 0
     for tid in os.listdir("/proc/self/task"):
@@ -223,15 +243,20 @@ def census(instance=None) -> dict:
         except OSError:
             continue
         native += not name.startswith(_GRPC_POOLS)
-    return {"fds": len(fds), "sockets": len(socks), "listening": listening,
-            # a Dummy-N is a thread Ray's C++ side called into Python on, not one started
-            "threads": sorted(t.name for t in threading.enumerate()
-                              if not isinstance(t, threading._DummyThread)),
-            "native_threads": native,
-            "dagc_threads": sorted(t.name for t in threading.enumerate()
-                                   if t.name.startswith("dagc")),
-            "prepared": prepared.tokens(), "loops": sorted(loop.LOOPS),
-            "shm_maps": _dagc_maps()}
+    return {
+        "fds": len(fds),
+        "sockets": len(socks),
+        "listening": listening,
+        # a Dummy-N is a thread Ray's C++ side called into Python on, not one started
+        "threads": sorted(
+            t.name for t in threading.enumerate() if not isinstance(t, threading._DummyThread)
+        ),
+        "native_threads": native,
+        "dagc_threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("dagc")),
+        "prepared": prepared.tokens(),
+        "loops": sorted(loop.LOOPS),
+        "shm_maps": _dagc_maps(),
+    }
 
 
 def _dagc_maps() -> int:
@@ -251,6 +276,7 @@ def fake_probe(instance, *args):
     import dataclasses
 
     from dagc.runtime.actor import lifecycle
+
     p = lifecycle.probe(instance, *args)
     node, ip = getattr(instance, "_dagc_fake", (None, None))
     if node is not None:
@@ -262,11 +288,13 @@ def fake_probe(instance, *args):
 
 # -- segment modes at creation time (test_security.py) ---------------------------------------
 
+
 def record_creates(instance=None) -> None:
     """From now on, this process creates segments under a umask of 0 and records each
     one's (name, mode, owner) right after creating it (names no longer exist while a DAG
     runs, so they are checked as they are made). ``created_segments`` stops it."""
     from dagc.runtime.channels import shm
+
     if getattr(shm, "_test_real_create", None) is None:
         real = shm._test_real_create = shm.create
         shm._test_created = []
@@ -276,6 +304,7 @@ def record_creates(instance=None) -> None:
             st = os.lstat(shm.path(name))
             shm._test_created.append((name, st.st_mode, st.st_uid))
             return mm
+
         shm.create = create
         shm._test_umask = os.umask(0)
 
@@ -283,6 +312,7 @@ def record_creates(instance=None) -> None:
 def created_segments(instance=None) -> list:
     """Stop :func:`record_creates`; the (name, mode, owner) of each segment created."""
     from dagc.runtime.channels import shm
+
     real = getattr(shm, "_test_real_create", None)
     if real is None:
         return []
@@ -290,4 +320,3 @@ def created_segments(instance=None) -> list:
     shm._test_real_create = None
     os.umask(shm._test_umask)
     return list(shm._test_created)
-

@@ -6,6 +6,7 @@ over named actors this test owns, so the actors outlive it. The actors' loops mu
 within seconds, stop (no dagc thread left), unmap, and leave no segment in /dev/shm; the
 actors stay usable and can be compiled again.
 """
+
 import signal
 import time
 import uuid
@@ -61,8 +62,11 @@ def test_driver_death_stops_loops_and_frees_segments(ray, named, ending):
         else:
             t0 = time.monotonic()
         child.wait(60)
-        took = wait_until(lambda: loops_stopped(hs, token) and not segments(token),
-                          BOUND, f"loops stop and segments go after {ending}")
+        took = wait_until(
+            lambda: loops_stopped(hs, token) and not segments(token),
+            BOUND,
+            f"loops stop and segments go after {ending}",
+        )
         took = time.monotonic() - t0
         print(f"\n[fault] driver {ending}: loops stopped, segments gone after {took:.3f} s")
         assert took < BOUND
@@ -95,12 +99,20 @@ def test_driver_killed_with_the_actors_it_owns_leaves_nothing(ray):
         t0 = time.monotonic()
         child.kill(signal.SIGKILL)
         child.wait(60)
-        wait_until(lambda: not segments(token), 5.0 - (time.monotonic() - t0),
-                   "no /dev/shm entry of the killed driver's DAG")
-        took = wait_until(lambda: not any(shm.pid_alive(p) for p in pids), 60,
-                          "Ray kills the actors of a dead driver")
-        print(f"\n[fault] driver SIGKILL with owned actors: actors gone after {took:.3f} s;"
-              f" segments left: {len(segments(token))}")
+        wait_until(
+            lambda: not segments(token),
+            5.0 - (time.monotonic() - t0),
+            "no /dev/shm entry of the killed driver's DAG",
+        )
+        took = wait_until(
+            lambda: not any(shm.pid_alive(p) for p in pids),
+            60,
+            "Ray kills the actors of a dead driver",
+        )
+        print(
+            f"\n[fault] driver SIGKILL with owned actors: actors gone after {took:.3f} s;"
+            f" segments left: {len(segments(token))}"
+        )
         assert not segments(token)
     finally:
         child.kill_and_reap()
@@ -122,7 +134,7 @@ def test_exit_with_an_awaited_execution_pending_is_bounded(ray, named):
         took = time.monotonic() - t0
         print(f"\n[fault] exit with an awaited execution pending took {took:.3f} s")
         assert code == 0, child.stderr()[-3000:]
-        assert took < 25.0                  # teardown_timeout (5 s), Ray's own shutdown
+        assert took < 25.0  # teardown_timeout (5 s), Ray's own shutdown
         assert not segments(token)
     finally:
         child.kill_and_reap()
@@ -141,10 +153,13 @@ def test_ray_shutdown_tears_down_dagc_dags(ray, named):
         token = child.info["token"]
         after_shutdown = child.read_line("DAGC-SHUTDOWN", 60)
         assert after_shutdown == {"closed": True}
-        took = wait_until(lambda: loops_stopped(hs, token) and not segments(token), BOUND,
-                          "ray.shutdown() stops the loops of the driver's DAGs")
+        took = wait_until(
+            lambda: loops_stopped(hs, token) and not segments(token),
+            BOUND,
+            "ray.shutdown() stops the loops of the driver's DAGs",
+        )
         print(f"\n[fault] ray.shutdown(): loops stopped after {took:.3f} s")
-        assert child.proc.poll() is None                # the driver still runs
+        assert child.proc.poll() is None  # the driver still runs
         child.send_line("go")
         after = child.read_line("DAGC-AFTER", 60)
         assert after == {"closed": True, "inits": 0, "initialized": False, "error": None}

@@ -14,14 +14,14 @@ Each case makes the compile fail at another point after prepare, on a2 or before
 start: a2 writes to the driver only, which connects before the start round, so no other
 actor's start waits for a2.
 """
+
+import dataclasses
 import gc
 
 import pytest
 
 import dagc
 from dagc import InputNode
-import dataclasses
-
 from dagc.runtime.actor import lifecycle, prepared
 from dagc.runtime.actor.plan import PrepareSpec, TcpOut
 from dagc.runtime.driver import compiled, plans
@@ -34,7 +34,7 @@ BOUND = 20.0
 def _chain(a0, a1, a2, tensor=False):
     with InputNode() as inp:
         x = a0.step.bind(inp)
-        if tensor:             # a1 -> a2 through the compile's communicator
+        if tensor:  # a1 -> a2 through the compile's communicator
             x = a1.tensor.bind(x).with_tensor_transport("nccl")
         else:
             x = a1.step.bind(x)
@@ -48,6 +48,7 @@ def _all_states(ray, hs):
 def _settle(ray, hs, before, timeout=BOUND):
     """Wait until every process is back to ``before``; fail showing the difference."""
     import time
+
     deadline = time.monotonic() + timeout
     while True:
         now = _all_states(ray, hs)
@@ -55,10 +56,14 @@ def _settle(ray, hs, before, timeout=BOUND):
             return
         if time.monotonic() > deadline:
             names = ["a0", "a1", "a2", "driver"]
-            diff = {names[i]: {k: (b[k], n[k]) for k in b if b[k] != n[k]}
-                    for i, (b, n) in enumerate(zip(before, now)) if b != n}
-            raise AssertionError(f"the failed compile left something behind "
-                                 f"(before, after): {diff}")
+            diff = {
+                names[i]: {k: (b[k], n[k]) for k in b if b[k] != n[k]}
+                for i, (b, n) in enumerate(zip(before, now))
+                if b != n
+            }
+            raise AssertionError(
+                f"the failed compile left something behind (before, after): {diff}"
+            )
         time.sleep(0.2)
 
 
@@ -70,9 +75,14 @@ def placed(ray, nodes, monkeypatch):
 
 
 def _place(ray, a0, a1, a2, monkeypatch):
-    ray.get([a0.__ray_call__.remote(helpers.fake_placement, "fake-node-0"),
-             a1.__ray_call__.remote(helpers.fake_placement, "fake-node-1"),
-             a2.__ray_call__.remote(helpers.fake_placement, "fake-node-1")], timeout=30)
+    ray.get(
+        [
+            a0.__ray_call__.remote(helpers.fake_placement, "fake-node-0"),
+            a1.__ray_call__.remote(helpers.fake_placement, "fake-node-1"),
+            a2.__ray_call__.remote(helpers.fake_placement, "fake-node-1"),
+        ],
+        timeout=30,
+    )
     monkeypatch.setattr(lifecycle, "probe", helpers.fake_probe)
 
 
@@ -82,19 +92,22 @@ def _plan_for_a2(monkeypatch, change):
     def plan(layout, ir, actor, *args):
         p = real(layout, ir, actor, *args)
         return change(p) if actor.id == "a2" else p
+
     monkeypatch.setattr(plans, "actor_plan", plan)
 
 
 def _missing_segment(p):
     cid, ring = next(iter(p.readers.items()))
-    return dataclasses.replace(p, readers={
-        **p.readers, cid: dataclasses.replace(ring, segment=p.prefix + "c99")})
+    return dataclasses.replace(
+        p, readers={**p.readers, cid: dataclasses.replace(ring, segment=p.prefix + "c99")}
+    )
 
 
 def _missing_method(p):
     assert "rt.method('step')" in p.source
     return dataclasses.replace(
-        p, source=p.source.replace("rt.method('step')", "rt.method('no_such_method')"))
+        p, source=p.source.replace("rt.method('step')", "rt.method('no_such_method')")
+    )
 
 
 CASES = {
@@ -114,28 +127,31 @@ CASES = {
 def test_failed_compile_leaves_actors_as_they_were(ray, placed, monkeypatch, case):
     a0, a1, a2 = hs = placed
     tensor, words = CASES[case]
-    _run_once(a0, a1, a2, tensor)     # warm up: lazy imports, Ray's own threads
-    gc.collect()                      # what earlier tests left to the garbage collector
-    _settle(ray, hs, _all_states(ray, hs), 5)          # nothing moves once it is gone
+    _run_once(a0, a1, a2, tensor)  # warm up: lazy imports, Ray's own threads
+    gc.collect()  # what earlier tests left to the garbage collector
+    _settle(ray, hs, _all_states(ray, hs), 5)  # nothing moves once it is gone
     before = _all_states(ray, hs)
-    assert not any(s["prepared"] or s["loops"] or s["dagc_threads"] or s["shm_maps"]
-                   for s in before), before
+    assert not any(
+        s["prepared"] or s["loops"] or s["dagc_threads"] or s["shm_maps"] for s in before
+    ), before
 
     options = {}
     if case == "communicator-prepare":
         from tests.faults.comms import BadPrepareComm
+
         options["communicator"] = BadPrepareComm()
     elif case == "ring-missing":
         _plan_for_a2(monkeypatch, _missing_segment)
     elif case == "method-missing":
         _plan_for_a2(monkeypatch, _missing_method)
-    elif case == "listen-fails":          # TEST-NET-1: not an address of this machine
-        ray.get(a2.__ray_call__.remote(helpers.fake_placement, "fake-node-1", "192.0.2.1"),
-                timeout=30)
+    elif case == "listen-fails":  # TEST-NET-1: not an address of this machine
+        ray.get(
+            a2.__ray_call__.remote(helpers.fake_placement, "fake-node-1", "192.0.2.1"), timeout=30
+        )
     with pytest.raises(dagc.DagcError) as ei:
         dagc.compile(_chain(a0, a1, a2, tensor), **options)
     assert words in str(ei.value), str(ei.value)
-    token = compiled.CREATED_PREFIXES[-1][len("dagc-"):-1]
+    token = compiled.CREATED_PREFIXES[-1][len("dagc-") : -1]
 
     _settle(ray, hs, before)
     assert not segments(token)
@@ -149,8 +165,10 @@ def test_failed_compile_leaves_actors_as_they_were(ray, placed, monkeypatch, cas
 def _run_once(a0, a1, a2, tensor, names_gone=False):
     with dagc.compile(_chain(a0, a1, a2, tensor)) as cg:
         assert sorted(c.transport for c in cg._ir.channels).count("tcp") == 3
-        if names_gone:   # three nodes' control segments and a ring: all names went once
-            assert not segments(cg._session.token), segments(cg._session.token)   # their node mapped them
+        if names_gone:  # three nodes' control segments and a ring: all names went once
+            assert not segments(cg._session.token), segments(
+                cg._session.token
+            )  # their node mapped them
         assert cg.execute(1).get(timeout=60) is not None
 
 
@@ -161,15 +179,21 @@ def test_prepared_writers_of_a_vanished_driver_expire():
     prepare or start once they expired (no thread waits for that)."""
     import threading
     import time
+
     from dagc.runtime.channels import tcp
+
     token = "f" * 24
-    spec = PrepareSpec(secret=tcp.new_secret(), host="127.0.0.1", timeout=0.1,
-                       tcp=(TcpOut("c0", 1, 2, (2,), ("a1:Node",)),))
-    (host, port), = prepared.prepare(None, token, spec).values()
+    spec = PrepareSpec(
+        secret=tcp.new_secret(),
+        host="127.0.0.1",
+        timeout=0.1,
+        tcp=(TcpOut("c0", 1, 2, (2,), ("a1:Node",)),),
+    )
+    ((host, port),) = prepared.prepare(None, token, spec).values()
     try:
         w = prepared._PREPARED[token]["writers"]["c0"]
         assert w.address == (host, port)
-        prepared.expire()                         # not yet expired: kept
+        prepared.expire()  # not yet expired: kept
         assert token in prepared.tokens()
         prepared._PREPARED[token]["expires"] = time.monotonic() - 1
         prepared.expire()

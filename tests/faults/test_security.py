@@ -2,6 +2,7 @@
 adopted when the name already exists (O_EXCL: no pre-created file or symlink is used).
 Cleaning up after dead DAGs trusts only this user's own, well-formed segments: what
 another user plants in /dev/shm cannot make dagc remove a live DAG's segments."""
+
 import os
 import re
 import secrets
@@ -35,12 +36,12 @@ def test_segments_are_private_and_unguessable(ray, nodes):
     try:
         cg = dagc.compile(dag, buffer_size=4096)
         with cg:
-            assert not segments(cg._session.token), segments(cg._session.token)   # gone once mapped
+            assert not segments(cg._session.token), segments(cg._session.token)  # gone once mapped
             x = np.ones(100_000)
             # the driver's input ring, a's and b's output rings all make a big-value
             # segment (.x1) for it
             assert cg.execute(x).get(timeout=30).sum() == x.sum()
-            assert not segments(cg._session.token), segments(cg._session.token)   # followed, so gone
+            assert not segments(cg._session.token), segments(cg._session.token)  # followed, so gone
             assert cg.execute(x).get(timeout=30).sum() == x.sum()
     finally:
         made = created_segments()
@@ -48,8 +49,9 @@ def test_segments_are_private_and_unguessable(ray, nodes):
             made += ray.get(h.__ray_call__.remote(created_segments), timeout=30)
     names = [n for n, _, _ in made]
     bigs = [n.rsplit("-", 1)[1] for n in names if ".x" in n]
-    assert {b.split(".")[0] for b in bigs} >= {"c0", "c1", "c2"} \
-        and any("-ctl" in n for n in names), names
+    assert {b.split(".")[0] for b in bigs} >= {"c0", "c1", "c2"} and any(
+        "-ctl" in n for n in names
+    ), names
     # a big-value segment's generation is random: the next name cannot be guessed
     assert all(int(b.split(".x")[1]) > 1 << 32 for b in bigs), bigs
     assert all(n.startswith(f"dagc-{cg._session.token}-") for n in names), names
@@ -60,7 +62,7 @@ def test_segments_are_private_and_unguessable(ray, nodes):
         assert uid == os.getuid(), name
     with dagc.compile(c_dag(nodes)) as other:
         assert other._session.token != cg._session.token
-    assert len(cg._session.token) == 24 and int(cg._session.token, 16) >= 0   # 96 random bits
+    assert len(cg._session.token) == 24 and int(cg._session.token, 16) >= 0  # 96 random bits
 
 
 def c_dag(nodes):
@@ -76,7 +78,7 @@ def test_existing_name_is_never_adopted(tmp_path):
     mm = shm.create(name, 4096)
     try:
         with pytest.raises(FileExistsError):
-            shm.create(name, 4096)                  # a pre-created file is not reused
+            shm.create(name, 4096)  # a pre-created file is not reused
     finally:
         mm.close()
         shm.unlink(name)
@@ -85,7 +87,7 @@ def test_existing_name_is_never_adopted(tmp_path):
     link = os.path.join(shm.SHM_DIR, f"dagc-{secrets.token_hex(12)}-c0")
     os.symlink(target, link)
     try:
-        with pytest.raises(FileExistsError):        # nor is a symlink followed
+        with pytest.raises(FileExistsError):  # nor is a symlink followed
             shm.create(os.path.basename(link), 4096)
         assert target.read_bytes() == b""
     finally:
@@ -124,8 +126,7 @@ def test_planted_big_value_names_never_stop_a_dag(ray, nodes):
                 assert np.array_equal(got, x)
             assert cg.execute(5).get(timeout=30) == 5
             after = [os.lstat(p) for p in planted]
-            assert [(s.st_ino, s.st_size) for s in after] == \
-                [(s.st_ino, s.st_size) for s in before]
+            assert [(s.st_ino, s.st_size) for s in after] == [(s.st_ino, s.st_size) for s in before]
             assert all(open(p, "rb").read() == b"planted" for p in planted)
     finally:
         for p in planted:
@@ -138,8 +139,9 @@ def test_planted_big_value_name_moves_to_the_next_name(monkeypatch):
     """Even a planted file under the very name the writer draws is skipped: the writer
     draws another name and the value goes through; the reader follows it."""
     from dagc.runtime import channels as ch
+
     prefix = f"dagc-{secrets.token_hex(12)}-"
-    draws = iter([41, 42, 42, 43])              # +1 in the writer: .x42, .x43, .x43, .x44
+    draws = iter([41, 42, 42, 43])  # +1 in the writer: .x42, .x43, .x43, .x44
     monkeypatch.setattr(segment.secrets, "randbits", lambda n: next(draws))
     planted = [_plant(f"{prefix}c0.x{g}") for g in (42, 43)]
     ctl = ch.Control(prefix + "ctl", create=True)
@@ -150,7 +152,7 @@ def test_planted_big_value_name_moves_to_the_next_name(monkeypatch):
         try:
             x = np.arange(10_000)
             w.write(x, time.monotonic() + 10)
-            assert w._big[0].gen == 44                # 42 and 43 exist: skipped
+            assert w._big[0].gen == 44  # 42 and 43 exist: skipped
             assert np.array_equal(r.read(time.monotonic() + 10), x)
         finally:
             r.close()
@@ -169,8 +171,7 @@ def test_stale_sweep_spares_live_and_half_created_dags():
     a control segment still without a driver pid (being created) is left alone."""
     dead = _dead_pid()
     made = {}
-    for kind, pids in {"live": [os.getpid(), dead], "stale": [dead, dead],
-                       "new": []}.items():
+    for kind, pids in {"live": [os.getpid(), dead], "stale": [dead, dead], "new": []}.items():
         prefix = f"dagc-{secrets.token_hex(12)}-"
         c = control.Control(prefix + "ctl.0", create=True)
         for i, p in enumerate(pids):
@@ -193,12 +194,14 @@ def test_stale_sweep_spares_live_and_half_created_dags():
 def _dead_pid() -> int:
     import subprocess
     import sys
+
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
 
 
 # -- what cleaning up after dead DAGs trusts ---------------------------------------------------
+
 
 def _write(path, data: bytes) -> None:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -214,8 +217,12 @@ CTL_MAGIC = int.from_bytes(b"dagc-ctl", "little")
 
 
 def test_control_layout():
-    assert (control.CTL_SIZE, control.C_MAGIC, control.C_PIDS, control.CTL_MAGIC) == \
-        (CTL_SIZE, CTL_MAGIC_WORD, CTL_PIDS, CTL_MAGIC)
+    assert (control.CTL_SIZE, control.C_MAGIC, control.C_PIDS, control.CTL_MAGIC) == (
+        CTL_SIZE,
+        CTL_MAGIC_WORD,
+        CTL_PIDS,
+        CTL_MAGIC,
+    )
 
 
 def _ctl_bytes(pids, magic=True, size=CTL_SIZE) -> bytes:
@@ -237,8 +244,7 @@ def _other_owner(path, monkeypatch) -> None:
         monkeypatch.setattr(shm.os, "getuid", lambda: os.geteuid() + 1)
 
 
-PLANTED = ["other-owner", "symlink", "hard-link", "wrong-size", "no-magic", "fifo",
-           "directory"]
+PLANTED = ["other-owner", "symlink", "hard-link", "wrong-size", "no-magic", "fifo", "directory"]
 
 
 @pytest.mark.timeout(60)
@@ -249,17 +255,17 @@ def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path,
     stale sweep remove that DAG's segments; the planted entry itself is left untouched.
     A real stale DAG next to it is still swept."""
     dead = _dead_pid()
-    live = f"dagc-{secrets.token_hex(12)}-"           # the victim: a grown ring in use
+    live = f"dagc-{secrets.token_hex(12)}-"  # the victim: a grown ring in use
     segment.create_segment(live + "c0.x1", 1, 2, 64).close()
     seg = memoryview(shm.open_existing(live + "c0.x1")).cast("q")
-    seg[4] = seg[25] = os.getpid()                    # its writer's and reader's pids
-    stale = f"dagc-{secrets.token_hex(12)}-"          # a real leftover, to show the sweep runs
+    seg[4] = seg[25] = os.getpid()  # its writer's and reader's pids
+    stale = f"dagc-{secrets.token_hex(12)}-"  # a real leftover, to show the sweep runs
     _write(shm.path(stale + "ctl.0"), _ctl_bytes([dead]))
     segment.create_segment(stale + "c0", 1, 2, 64).close()
     planted = shm.path(live + "ctl.7")
-    elsewhere = shm.path(f"dagc-{secrets.token_hex(12)}-x")   # a link's target
+    elsewhere = shm.path(f"dagc-{secrets.token_hex(12)}-x")  # a link's target
     try:
-        good = _ctl_bytes([dead, dead])               # what the sweep would act on
+        good = _ctl_bytes([dead, dead])  # what the sweep would act on
         if kind == "other-owner":
             _write(planted, good)
             _other_owner(planted, monkeypatch)
@@ -273,19 +279,23 @@ def test_planted_control_file_cannot_make_dagc_remove_a_live_dag(kind, tmp_path,
             _write(planted, _ctl_bytes([dead, dead], size=2 * CTL_SIZE))
         elif kind == "no-magic":
             _write(planted, _ctl_bytes([dead, dead], magic=False))
-        elif kind == "fifo":                          # opening it must not block
+        elif kind == "fifo":  # opening it must not block
             os.mkfifo(planted, 0o600)
         elif kind == "directory":
             os.mkdir(planted, 0o700)
         before = os.lstat(planted)
-        ours = not (kind == "other-owner" and os.getuid() != 0)   # see _other_owner
+        ours = not (kind == "other-owner" and os.getuid() != 0)  # see _other_owner
         stale_now = sweep.stale_prefixes()
         assert live not in stale_now and (stale in stale_now or not ours), stale_now
         sweep.sweep_stale()
         assert os.path.exists(shm.path(live + "c0.x1")), "the live DAG's segment was removed"
-        after = os.lstat(planted)                     # untouched, not even replaced
-        assert (after.st_ino, after.st_mode, after.st_uid, after.st_size) == \
-               (before.st_ino, before.st_mode, before.st_uid, before.st_size)
+        after = os.lstat(planted)  # untouched, not even replaced
+        assert (after.st_ino, after.st_mode, after.st_uid, after.st_size) == (
+            before.st_ino,
+            before.st_mode,
+            before.st_uid,
+            before.st_size,
+        )
         if kind in ("symlink", "hard-link"):
             assert open(elsewhere, "rb").read() == good
         if ours:
@@ -333,7 +343,7 @@ def test_sweep_removes_big_value_segments_whose_processes_all_died(monkeypatch):
     try:
         _other_owner(shm.path(other), monkeypatch)
         mine = [n for n in sweep.stale_segments() if n in made.values()]
-        if os.getuid() != 0:          # dagc believes it is another user: nothing is its own
+        if os.getuid() != 0:  # dagc believes it is another user: nothing is its own
             assert mine == []
             return
         assert mine == [made["all-dead"]]

@@ -9,6 +9,7 @@ that finds no such test exits with "no tests ran", status 5). ``python benchmark
 prints the full table. No time is asserted here: a slow, shared CI box must not fail a
 leak check (the pytest timeout still bounds a hang).
 """
+
 import pytest
 
 from benchmarks.soak import Stage, soak
@@ -25,12 +26,17 @@ def _run(ray, executions: int, warmup: int, reports: int) -> dict:
             ray.kill(h)
     g = res["growth"]
     ring = res["samples"][-1]["segment_bytes"]
-    print(f"\n[fault] soak {res['executions']:,} executions in {res['seconds']:.1f} s; growth: "
-          + ", ".join(f"{n} rss {g[n]['rss'] / MiB:+.1f} MiB (private "
-                      f"{g[n]['private'] / MiB:+.1f}) fds {g[n]['fds']:+d} "
-                      f"threads {g[n]['threads']:+d}" for n in ("driver", "a", "b", "c"))
-          + f", segments {g['segments']:+d} ({res['samples'][-1]['segments']} mapped, "
-            f"{ring / MiB:.1f} MiB)")
+    print(
+        f"\n[fault] soak {res['executions']:,} executions in {res['seconds']:.1f} s; growth: "
+        + ", ".join(
+            f"{n} rss {g[n]['rss'] / MiB:+.1f} MiB (private "
+            f"{g[n]['private'] / MiB:+.1f}) fds {g[n]['fds']:+d} "
+            f"threads {g[n]['threads']:+d}"
+            for n in ("driver", "a", "b", "c")
+        )
+        + f", segments {g['segments']:+d} ({res['samples'][-1]['segments']} mapped, "
+        f"{ring / MiB:.1f} MiB)"
+    )
     for name in ("driver", "a", "b", "c"):
         # a leak grows private memory; RSS may also grow by channel slots touched for the
         # first time, but never past the (unchanged) size of the segments

@@ -6,6 +6,7 @@ into the main thread during a long get() (a real signal that interrupts the fute
 or ``_thread.interrupt_main``) leaves the DAG consistent: get() again returns the value,
 and later executions return their own values.
 """
+
 import _thread
 import signal
 import threading
@@ -28,22 +29,22 @@ def _fan(a, b):
 def test_timeouts_keep_results_fetchable(ray, nodes):
     a, b = nodes(2)
     with dagc.compile(_fan(a, b)) as cg:
-        slow = cg.execute(("sleep", 1, 1.0))       # b sleeps; a's output is there at once
+        slow = cg.execute(("sleep", 1, 1.0))  # b sleeps; a's output is there at once
         later = cg.execute(2)
         t0 = time.monotonic()
         with pytest.raises(dagc.DagTimeoutError, match="fetched later"):
-            later.get(timeout=0.05)                 # waits behind the slow one
+            later.get(timeout=0.05)  # waits behind the slow one
         took = time.monotonic() - t0
         print(f"\n[fault] get(timeout=0.05) raised after {took:.3f} s")
         assert took < 0.5
         with pytest.raises(TimeoutError):
-            slow.get(timeout=0)                     # a zero timeout polls
-        for _ in range(10):                         # many timeouts change nothing
+            slow.get(timeout=0)  # a zero timeout polls
+        for _ in range(10):  # many timeouts change nothing
             with pytest.raises(dagc.DagTimeoutError):
                 slow.get(timeout=0.01)
         with pytest.raises(dagc.DagTimeoutError):
             dagc.get([slow, later], timeout=0.05)
-        assert later.get(timeout=30) == [2, 2]      # fetching the later one reads both
+        assert later.get(timeout=30) == [2, 2]  # fetching the later one reads both
         assert slow.get(timeout=30) == [("sleep", 1, 1.0)] * 2
         assert [cg.execute(i).get(timeout=30) for i in range(3)] == [[0, 0], [1, 1], [2, 2]]
 
@@ -57,17 +58,20 @@ def test_capacity_error_is_immediate_and_recoverable(ray, nodes):
         for _ in range(3):
             with pytest.raises(dagc.CapacityError, match="max_inflight=3"):
                 cg.execute(9)
-        assert time.monotonic() - t0 < 0.5          # never waits for the busy actors
+        assert time.monotonic() - t0 < 0.5  # never waits for the busy actors
         with pytest.raises(dagc.DagTimeoutError):
             refs[2].get(timeout=0.05)
-        with pytest.raises(dagc.CapacityError):     # a timed-out get frees nothing
+        with pytest.raises(dagc.CapacityError):  # a timed-out get frees nothing
             cg.execute(9)
-        assert refs[1].get(timeout=30) == [1, 1]    # fetching frees one place
+        assert refs[1].get(timeout=30) == [1, 1]  # fetching frees one place
         r = cg.execute(3)
         with pytest.raises(dagc.CapacityError):
             cg.execute(9)
         assert [x.get(timeout=30) for x in (refs[0], refs[2], r)] == [
-            [("sleep", 0, 1.0)] * 2, [2, 2], [3, 3]]
+            [("sleep", 0, 1.0)] * 2,
+            [2, 2],
+            [3, 3],
+        ]
 
 
 @pytest.mark.timeout(120)
@@ -79,11 +83,12 @@ def test_ref_collected_inside_a_fetch_keeps_the_counts(ray, nodes):
     every execution is fetched or dropped, the full capacity is there again."""
     import gc
     import weakref
+
     (a,) = nodes(1)
     with InputNode() as inp:
         dag = a.step.bind(inp)
     with dagc.compile(dag, max_inflight=2) as cg:
-        runs = cg._runs                        # what DagRef.get() reads through
+        runs = cg._runs  # what DagRef.get() reads through
         cls = type(runs)
         seen = {}
 
@@ -95,20 +100,20 @@ def test_ref_collected_inside_a_fetch_keeps_the_counts(ray, nodes):
             @_read_next.setter
             def _read_next(self, value):
                 self.__dict__["_read_next"] = value
-                if value == 1 and "collected" not in seen:   # execution 0 was just read
+                if value == 1 and "collected" not in seen:  # execution 0 was just read
                     gc.collect()
                     seen["collected"] = gone() is None
 
-        gc.disable()               # only the hook collects
+        gc.disable()  # only the hook collects
         try:
             r0, r1 = cg.execute(0), cg.execute(1)
             gone = weakref.ref(r0)
             cycle = [r0]
-            cycle.append(cycle)    # unreachable once the names go: only gc frees it
+            cycle.append(cycle)  # unreachable once the names go: only gc frees it
             del r0, cycle
             runs.__class__ = Hooked
             try:
-                assert r1.get(timeout=30) == 1       # reads execution 0 first
+                assert r1.get(timeout=30) == 1  # reads execution 0 first
             finally:
                 runs.__class__ = cls
         finally:
@@ -159,14 +164,14 @@ def test_ctrl_c_during_get_leaves_dag_consistent(ray, nodes, wait, how):
             finally:
                 timer.join()
             took = time.monotonic() - t0
-            print(f"\n[fault] KeyboardInterrupt ({how}, wait={wait}) left get() "
-                  f"after {took:.3f} s")
-            assert took < 1.4                      # it did interrupt the wait
+            print(f"\n[fault] KeyboardInterrupt ({how}, wait={wait}) left get() after {took:.3f} s")
+            assert took < 1.4  # it did interrupt the wait
             # the same execution is still there, and every later one is its own
             assert slow.get(timeout=30) == [("sleep", 1, 1.5)] * 2
             assert [r.get(timeout=30) for r in after] == [[1, 1], [2, 2], [3, 3]]
             assert [cg.execute(i).get(timeout=30) for i in range(4, 8)] == [
-                [i, i] for i in range(4, 8)]
+                [i, i] for i in range(4, 8)
+            ]
     finally:
         restore()
 
@@ -185,7 +190,7 @@ def test_ctrl_c_during_dagc_get_of_many(ray, nodes):
                     dagc.get(refs, timeout=60)
             finally:
                 timer.join()
-            assert refs[0].get(timeout=30) == [1, 1]       # fetched before the interrupt
+            assert refs[0].get(timeout=30) == [1, 1]  # fetched before the interrupt
             assert dagc.get(refs, timeout=30) == [[1, 1], [("sleep", 1, 1.5)] * 2, [3, 3]]
     finally:
         restore()
@@ -202,7 +207,7 @@ def test_teardown_while_another_thread_waits(ray, nodes):
     def wait():
         try:
             ref.get(timeout=60)
-        except BaseException as e:   # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001
             out["error"] = e
         out["at"] = time.monotonic()
 

@@ -6,6 +6,7 @@ num_returns mismatch with too many values, and a missing / extra execute() argum
 a multi-field input. These extend that to fan-out/fan-in joins under pipelining, the
 driver's own channels, and to checking the DAG keeps working after each error.
 """
+
 import threading
 
 import pytest
@@ -27,10 +28,10 @@ def test_fan_out_branch_error_pipelined(ray, nodes):
         dag = MultiOutputNode([a.join.bind(y, z), z])
     with dagc.compile(dag, max_inflight=8) as cg:
         joins_before = ray.get(a.num_joins.remote(), timeout=30)
-        for rnd in range(3):
+        for _ in range(3):
             inputs = [("raise", 1, i) if i % 3 == 1 else i for i in range(8)]
             refs = [cg.execute(v) for v in inputs]
-            for i in [7, 0, 4, 1, 6, 2, 5, 3]:          # fetched out of order
+            for i in [7, 0, 4, 1, 6, 2, 5, 3]:  # fetched out of order
                 if i % 3 == 1:
                     with pytest.raises(dagc.TaskError) as ei:
                         refs[i].get(timeout=30)
@@ -104,15 +105,16 @@ def test_only_argument_encoding_blames_the_arguments(ray, nodes, error):
         with pytest.raises(TypeError, match="could not send its arguments") as ei:
             cg.execute(threading.Lock() if error == "TypeError" else _ReduceFails())
         assert error in str(ei.value)
-        (w,) = cg._session.writers.values()            # the driver's input channel
+        (w,) = cg._session.writers.values()  # the driver's input channel
         real = w.slot_off
-        try:                                   # a dagc bug after the value was encoded
+        try:  # a dagc bug after the value was encoded
             if error == "TypeError":
-                w.slot_off = None              # 'NoneType' object is not subscriptable
+                w.slot_off = None  # 'NoneType' object is not subscriptable
             else:
-                del w.slot_off                 # no attribute 'slot_off'
-            with pytest.raises({"TypeError": TypeError,
-                                "AttributeError": AttributeError}[error]) as ei:
+                del w.slot_off  # no attribute 'slot_off'
+            with pytest.raises(
+                {"TypeError": TypeError, "AttributeError": AttributeError}[error]
+            ) as ei:
                 cg.execute(1)
         finally:
             w.slot_off = real
@@ -125,8 +127,7 @@ def test_only_argument_encoding_blames_the_arguments(ray, nodes, error):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("value, words", [("three", "returned tuple"),
-                                          ("scalar", "returned int")])
+@pytest.mark.parametrize("value, words", [("three", "returned tuple"), ("scalar", "returned int")])
 def test_wrong_number_of_returns(ray, nodes, value, words):
     a, b = nodes(2)
     with InputNode() as inp:
@@ -172,9 +173,10 @@ def test_execute_wrong_keywords_multi_field(ray, nodes):
 # the error into a Failure and consumes the message, so the DAG goes on. These run over
 # shared memory; tests/multinode/test_cluster.py::test_value_that_fails_to_unpickle_over_tcp
 # runs both across nodes, over TCP.
-UNPICKLE_ERROR = (r"a value sent by a0:Node on channel c1 could not be unpickled .*"
-                  r"BadUnpickle cannot be loaded")
-
+UNPICKLE_ERROR = (
+    r"a value sent by a0:Node on channel c1 could not be unpickled .*"
+    r"BadUnpickle cannot be loaded"
+)
 
 
 @pytest.mark.timeout(120)
@@ -201,5 +203,6 @@ def test_value_that_fails_to_unpickle_in_an_actor(ray, nodes):
 
 def test_bad_unpickle_helper_really_fails():
     import pickle
+
     with pytest.raises(RuntimeError):
         pickle.loads(pickle.dumps(BadUnpickle()))

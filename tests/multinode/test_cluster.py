@@ -198,8 +198,10 @@ def test_dagc_actor_restart_across_nodes(report):
     assert "tcp" in c["transports"] and c["before_ok"] and c["after_ok"], c
     assert c["wrong"] == 0 and 1 <= c["lost"] <= 2 and c["restarts"] == 1, c
     assert c["new_pid"] and c["new_token"], c
-    print(f"\nactor on node2 restarted: first good result {c['first_good_s']:.2f} s after "
-          f"the kill (re-prepare {c['event_s']:.2f} s after the death was noticed)")
+    print(
+        f"\nactor on node2 restarted: first good result {c['first_good_s']:.2f} s after "
+        f"the kill (re-prepare {c['event_s']:.2f} s after the death was noticed)"
+    )
 
 
 def test_dagc_teardown_across_nodes(report):

@@ -7,6 +7,7 @@ is free), ``prepared.prepare`` (only across nodes or over TCP), :func:`comm_prep
 :func:`fetch_profile` while profiling, :func:`status` when the driver wants to know why a
 loop stopped, and :func:`stop`.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,18 +30,19 @@ _CRASH_KEPT = 600.0
 class Probe:
     """What the probe round learns about one actor."""
 
-    place: ActorPlace            # node, GPU ids, where its bound methods are defined
+    place: ActorPlace  # node, GPU ids, where its bound methods are defined
     pid: int
-    ip: str                      # its node's address, for TCP channels
-    busy: tuple = ()             # tokens of the compiled DAGs this actor runs already
-                                 # (information: a new one runs beside them)
-    max_concurrency: int = 1     # Ray's: above 1, its DAGs' method calls may overlap
+    ip: str  # its node's address, for TCP channels
+    busy: tuple = ()  # tokens of the compiled DAGs this actor runs already
+    # (information: a new one runs beside them)
+    max_concurrency: int = 1  # Ray's: above 1, its DAGs' method calls may overlap
 
 
 def probe(instance, token: str, methods: tuple = (), cwd: str = "") -> Probe:
     """Where this actor lives, where ``methods`` of its class are defined, and which other
     compiled DAGs it runs already."""
     import ray
+
     prepared.expire()
     busy = tuple(t for t, lp in LOOPS.items() if lp.running() and t != token)
     ctx = ray.get_runtime_context()
@@ -54,21 +56,27 @@ def probe(instance, token: str, methods: tuple = (), cwd: str = "") -> Probe:
         if at:
             where[name] = at
     free = tuple(sorted(n for n in methods if _reorderable(type(instance), n)))
-    return Probe(place=ActorPlace(node=ctx.get_node_id(), gpus=gpus, methods=where,
-                                  reorderable=free),
-                 pid=os.getpid(), ip=ray.util.get_node_ip_address(), busy=busy,
-                 max_concurrency=max_concurrency())
+    return Probe(
+        place=ActorPlace(node=ctx.get_node_id(), gpus=gpus, methods=where, reorderable=free),
+        pid=os.getpid(),
+        ip=ray.util.get_node_ip_address(),
+        busy=busy,
+        max_concurrency=max_concurrency(),
+    )
 
 
 def _reorderable(cls, name: str) -> bool:
     """Whether method ``name`` of ``cls`` is marked ``@dagc.reorderable``."""
     from dagc.placement import REORDERABLE
+
     try:
         fn = getattr(cls, name)
     except AttributeError:
         return False
-    return any(getattr(f, REORDERABLE, False) is True
-               for f in (fn, getattr(fn, "__func__", None), getattr(fn, "__wrapped__", None)))
+    return any(
+        getattr(f, REORDERABLE, False) is True
+        for f in (fn, getattr(fn, "__func__", None), getattr(fn, "__wrapped__", None))
+    )
 
 
 def _defined_at(cls, name: str, cwd: str) -> str | None:
@@ -97,8 +105,8 @@ def start(instance, plan: ActorPlan) -> dict:
     """Open this actor's ends, form its communicators, bind its module, start its loop,
     beside the loops of any other compiled DAGs this actor runs (each its own thread)."""
     prepared.expire()
-    if plan.node_cleanup:   # segments of DAGs whose processes all died together (a live
-        try:                # DAG's segments list live pids: the sweep never takes them)
+    if plan.node_cleanup:  # segments of DAGs whose processes all died together (a live
+        try:  # DAG's segments list live pids: the sweep never takes them)
             sweep.sweep_stale()
         except OSError:
             pass
@@ -111,12 +119,11 @@ def start(instance, plan: ActorPlan) -> dict:
                 LOOPS.pop(t, None)
         if plan.token in LOOPS:
             _abort(plan)
-            raise RuntimeError(f"dagc: {plan.label} already runs a loop of compile "
-                               f"{plan.token}")
+            raise RuntimeError(f"dagc: {plan.label} already runs a loop of compile {plan.token}")
         try:
             loop = ActorLoop(instance, plan)
         except BaseException as e:
-            _abort(plan)            # the ends it opened are closed already
+            _abort(plan)  # the ends it opened are closed already
             prepared.drop_frames(e)
             raise
         LOOPS[plan.token] = loop
@@ -134,12 +141,12 @@ def start(instance, plan: ActorPlan) -> dict:
 def _abort(plan: ActorPlan) -> None:
     """This actor's start failed, so the compile does: leave nothing of it here."""
     prepared.discard(plan.token)
-    if plan.node_cleanup:                 # the node's leader: the node's segments too
+    if plan.node_cleanup:  # the node's leader: the node's segments too
         shm.unlink_prefix(plan.prefix)
 
 
 def stop(instance, token: str, timeout: float = 2.0) -> dict:
-    prepared.discard(token)               # a compile that failed before this loop started
+    prepared.discard(token)  # a compile that failed before this loop started
     loop = LOOPS.pop(token, None)
     if loop is None:
         return {"stopped": False}

@@ -7,6 +7,7 @@ fails before that. An entry whose driver never came back (it died between the ro
 is discarded by this actor's next probe, prepare or start once it expired (the driver
 gives up on a round after start_timeout).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ def prepare(instance, token: str, spec: PrepareSpec) -> dict:
     All or nothing: on failure, whatever it made is closed and removed.
     """
     expire()
-    entry = _PREPARED.setdefault(token, {
-        "writers": {}, "leader": False, "expires": time.monotonic() + 3 * spec.timeout + 10.0})
+    entry = _PREPARED.setdefault(
+        token,
+        {"writers": {}, "leader": False, "expires": time.monotonic() + 3 * spec.timeout + 10.0},
+    )
     try:
         return _prepare(token, spec, entry)
     except BaseException as e:
@@ -41,17 +44,26 @@ def prepare(instance, token: str, spec: PrepareSpec) -> dict:
 
 def _prepare(token: str, spec: PrepareSpec, entry: dict) -> dict:
     from dagc.runtime.channels import tcp
+
     if spec.ctl:
         entry["leader"] = True
-        Control(spec.ctl, create=True, nprocs=spec.nprocs, index=spec.index,
-                pid=os.getpid()).release()
+        Control(
+            spec.ctl, create=True, nprocs=spec.nprocs, index=spec.index, pid=os.getpid()
+        ).release()
     for ring in spec.segments:
         create_segment(ring.segment, ring.nreaders, ring.slots, ring.capacity).close()
     addrs = {}
     for out in spec.tcp:
-        w = tcp.TcpWriter(tcp_channel_name(token, out.channel), out.nreaders, out.slots,
-                          spec.secret, None, tuple(out.readers),
-                          reader_names=list(out.reader_names), connect_timeout=spec.timeout)
+        w = tcp.TcpWriter(
+            tcp_channel_name(token, out.channel),
+            out.nreaders,
+            out.slots,
+            spec.secret,
+            None,
+            tuple(out.readers),
+            reader_names=list(out.reader_names),
+            connect_timeout=spec.timeout,
+        )
         entry["writers"][out.channel] = w
         addrs[out.channel] = w.listen(spec.host)
     return addrs

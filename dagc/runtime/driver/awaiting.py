@@ -10,11 +10,16 @@ close the DAG. A daemon thread is never joined: exit takes what teardown takes
 The thread holds its queue and, while it waits for one, a pending ref; never the DAG's
 state, so a DAG whose refs are all gone is collected as usual.
 """
+
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
+from typing import Any
+
+# what the thread's queue carries: (ref, its awaiting loop, the future), or None to end
+_Job = tuple[Any, asyncio.AbstractEventLoop, asyncio.Future[Any]]
 
 
 class AsyncGets:
@@ -24,24 +29,26 @@ class AsyncGets:
     __slots__ = ("_queue", "_thread", "_lock", "_name")
 
     def __init__(self, name: str = "dagc-get"):
-        self._queue: queue.SimpleQueue | None = None
+        self._queue: queue.SimpleQueue[_Job | None] | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._name = name
 
-    def submit(self, ref) -> asyncio.Future:
+    def submit(self, ref: Any) -> asyncio.Future[Any]:
         """A future of the running event loop that ``ref.get()``'s outcome completes."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if self._thread is None:
+        q = self._queue
+        if q is None:
             with self._lock:
-                if self._thread is None:
-                    self._queue = q = queue.SimpleQueue()
-                    t = threading.Thread(target=_serve, args=(q,), name=self._name,
-                                         daemon=True)
+                q = self._queue
+                if q is None:
+                    q = queue.SimpleQueue()
+                    t = threading.Thread(target=_serve, args=(q,), name=self._name, daemon=True)
                     t.start()
                     self._thread = t
-        self._queue.put((ref, loop, fut))
+                    self._queue = q  # last: whoever sees the queue sees its thread started
+        q.put((ref, loop, fut))
         return fut
 
     def shutdown(self) -> None:
@@ -55,26 +62,27 @@ class AsyncGets:
         return self._thread
 
 
-def _serve(q: queue.SimpleQueue) -> None:
+def _serve(q: queue.SimpleQueue[_Job | None]) -> None:
     while True:
         job = q.get()
         if job is None:
             return
         ref, loop, fut = job
         job = None
+        outcome: Any
         try:
             outcome, ok = ref.get(), True
-        except BaseException as e:        # handed to the awaiting coroutine
+        except BaseException as e:  # handed to the awaiting coroutine
             outcome, ok = e, False
-        ref = None                        # a pending ref keeps its DAG alive: let go now
+        ref = None  # a pending ref keeps its DAG alive: let go now
         try:
             loop.call_soon_threadsafe(_settle, fut, ok, outcome)
         except RuntimeError:
-            pass                          # the event loop closed: nobody awaits it any more
-        loop = fut = outcome = None
+            pass  # the event loop closed: nobody awaits it any more
+        del loop, fut, outcome  # nor keep the last one's objects while waiting for the next
 
 
-def _settle(fut: asyncio.Future, ok: bool, outcome) -> None:
+def _settle(fut: asyncio.Future[Any], ok: bool, outcome: Any) -> None:
     if fut.cancelled():
         return
     if ok:

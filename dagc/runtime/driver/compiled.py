@@ -15,11 +15,15 @@ IR and the generated modules.
 
 from __future__ import annotations
 
+import os
 import weakref
+from collections.abc import Callable
+from typing import Any
 
-from dagc.ir import DRIVER
+from dagc.ir import DRIVER, IR
 from dagc.runtime.driver import watcher
-from dagc.runtime.driver.executions import DagRef, executions_for
+from dagc.runtime.driver.dagref import DagRef
+from dagc.runtime.driver.executions import executions_for
 from dagc.runtime.driver.profiling import Profile, Profiler
 from dagc.runtime.driver.restart import RestartEvent, Restarts
 from dagc.runtime.driver.session import Session
@@ -40,16 +44,16 @@ class CompiledDag:
 
     def __init__(
         self,
-        ir,
-        side,
-        modules,
-        options: dict,
-        probes: dict,
+        ir: IR,
+        side: Any,
+        modules: dict[str, Any],
+        options: dict[str, Any],
+        probes: dict[str, Any],
         *,
-        timings=None,
+        timings: dict[str, float] | None = None,
         driver_node: str = "",
-        profile_sources=None,
-    ):
+        profile_sources: Callable[[], Any] | None = None,
+    ) -> None:
         self._ir = ir
         self._side = side
         self._modules = modules
@@ -76,11 +80,11 @@ class CompiledDag:
         return self._runs._session
 
     # -- execute / teardown ----------------------------------------------------------------------
-    def execute(self, *args, **kwargs) -> DagRef:  # replaced per instance in __init__
+    def execute(self, *args: Any, **kwargs: Any) -> DagRef:  # replaced per instance in __init__
         """Submit one execution; returns its DagRef at once (``get()`` waits for the value)."""
         return self._runs.execute(*args, **kwargs)
 
-    async def execute_async(self, *args, **kwargs):
+    async def execute_async(self, *args: Any, **kwargs: Any) -> Any:
         """Submit one execution; the awaitable yields its value (a list for MultiOutputNode)."""
         await self._restarted()
         return await self.execute(*args, **kwargs).get_async()
@@ -109,7 +113,7 @@ class CompiledDag:
         """How many times the DAG re-prepared an actor Ray restarted (docs/faults.md)."""
         return self._restarts.count
 
-    def on_restart(self, fn):
+    def on_restart(self, fn: Callable[[RestartEvent], object]) -> Callable[[RestartEvent], object]:
         """Call ``fn(event)`` each time the DAG has re-prepared actors Ray restarted and
         accepts executions again. ``event`` is a ``RestartEvent`` (``restart.py``): count,
         actors, reason, lost, seconds. Runs on a dagc thread, so keep it short. Returns
@@ -117,14 +121,14 @@ class CompiledDag:
         self._restarts.callbacks.append(fn)
         return fn
 
-    def __enter__(self):
+    def __enter__(self) -> CompiledDag:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.teardown()
 
     # -- profiling -------------------------------------------------------------------------------
-    def profile(self, n: int, *args, **kwargs) -> Profile:
+    def profile(self, n: int, *args: Any, **kwargs: Any) -> Profile:
         """Run ``n`` executions of ``execute(*args, **kwargs)`` with per-op timing.
 
         The loops switch to their profiling variant (timing calls compiled in) for these
@@ -137,27 +141,27 @@ class CompiledDag:
         return prof
 
     # -- inspection ------------------------------------------------------------------------------
-    def memory(self) -> dict:
+    def memory(self) -> dict[str, Any]:
         """Shared memory (/dev/shm) this DAG's channels hold now: ``shm_bytes`` in all,
         ``big_bytes`` of it in big-value segments (values bigger than ``buffer_size``;
         they go again after a burst), and per channel its writer's and readers' figures."""
         return self._session.memory()
 
-    def sources(self) -> dict:
+    def sources(self) -> dict[str, str]:
         """The generated modules' text, by actor id (and "driver")."""
         return {a: m.source for a, m in self._modules.items()}
 
-    def source(self, actor) -> str:
+    def source(self, actor: Any) -> str:
         """The generated loop module of ``actor`` (an ActorHandle or its schedule name)."""
         return self._modules[resolve_actor(self._ir, self._side.handles, actor)].source
 
-    def visualize(self, format: str = "ascii"):
+    def visualize(self, format: str = "ascii") -> str | bytes:
         """The dataflow graph: "ascii" (always), "dot", "svg" or "png" (need Graphviz)."""
         from dagc.inspect.graph import render
 
         return render(self.schedule, format)
 
-    def dump(self, directory) -> None:
+    def dump(self, directory: str | os.PathLike[str]) -> None:
         """Write the generated modules, schedule.{txt,json,csv}, graph.dot (+ trace.json)."""
         from dagc.inspect.artifacts import write_artifacts
 

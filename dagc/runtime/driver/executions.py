@@ -14,37 +14,38 @@ are read the execution keeps its place in the ``max_inflight`` count (``_unsettl
 no ring ever holds more messages than it has slots and ``execute()`` never blocks on a
 full input ring.
 
-:class:`DagRef` is a subclass of Ray's ``CompiledDAGRef``: Ray's own ``ray.get`` dispatches
-on ``isinstance(x, CompiledDAGRef)`` and calls ``x.get(timeout=...)``, for one ref or each of
-a list, so ``ray.get(ref)``, ``ray.get([refs], timeout=...)`` and ``await ref`` work on dagc
-refs without any patch. dagc's rules stay: ``get()`` may be called any number of times, and
-a held result never blocks later executions. Every thread that calls ``get()`` on a ref
-gets its value (or its error); each ``get()`` of a failed ref raises a new exception (its
-traceback starts there and holds no earlier call's frames).
+``execute()`` returns a :class:`~dagc.runtime.driver.dagref.DagRef` (``dagref.py``).
 
 Dropping a DAG releases what ``teardown()`` releases (:func:`_release`, the one routine both
 take), without Ray calls: the closed control stops the loops on this node, closed channel
 ends stop the others. ``ray.shutdown()`` tears every live DAG down first, through the hook
 Ray has for its own Compiled Graphs (:func:`_register_with_ray`).
 """
+
 from __future__ import annotations
 
 import atexit
 import threading
 import time
 import weakref
+from typing import Any
 
-from ray.experimental.compiled_dag_ref import CompiledDAGRef
-
-from dagc.errors import (RAY_ACTOR_DIED, RAY_CHANNEL_CLOSED, ActorDiedError, CapacityError,
-                         DagClosedError, DagcError, DagTimeoutError)
+from dagc.errors import (
+    RAY_ACTOR_DIED,
+    RAY_CHANNEL_CLOSED,
+    ActorDiedError,
+    CapacityError,
+    DagcError,
+    DagClosedError,
+    DagTimeoutError,
+)
 from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
 from dagc.runtime.driver import metrics
 from dagc.runtime.driver.awaiting import AsyncGets
-from dagc.runtime.driver.session import ArgumentsNotSent
-from dagc.runtime.failure import Failure
+from dagc.runtime.driver.dagref import DagRef
+from dagc.runtime.driver.runtime import ArgumentsNotSent
 
-_LIVE: "weakref.WeakSet[Executions]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Executions] = weakref.WeakSet()
 _ATEXIT = False
 _monotonic = time.monotonic
 
@@ -55,81 +56,6 @@ def _teardown_all() -> None:
             runs.teardown()
         except Exception:
             pass
-
-
-class DagRef(CompiledDAGRef):
-    """The result of one execution. ``get()`` blocks until it is there; may be called again.
-
-    Also a Ray ``CompiledDAGRef`` (see the module docstring): ``ray.get(ref)`` is
-    ``ref.get()``. Not copyable or picklable (Ray's rule: it belongs to this process's DAG).
-    """
-
-    __slots__ = ("_runs", "_idx", "_state", "_value")
-
-    def __init__(self, runs: "Executions", idx: int):
-        self._runs = runs
-        self._idx = idx
-        self._state = 0          # 0 pending, 1 value, 2 error
-
-    def get(self, timeout: float | None = None):
-        if self._state == 1:
-            return self._value
-        if self._state == 0:
-            # settles this ref under the read lock: a second thread waiting on the same
-            # ref finds it settled there and answers from it
-            self._runs._fetch(self, timeout)
-        return self._answer()
-
-    def _settle(self, value) -> None:
-        """Keep the execution's outcome (under the read lock): the value, or its Failure
-        (plain data: the error is made anew by each get(), see _answer)."""
-        if value.__class__ is not Failure and self._runs._multi:
-            for v in value:
-                if v.__class__ is Failure:
-                    value = v
-                    break
-        self._value = value
-        self._state = 2 if value.__class__ is Failure else 1     # after _value: read unlocked
-        if self._state == 2:
-            self._runs._stamps.failed += 1     # metrics.py samples it
-
-    def _answer(self):
-        if self._state == 1:
-            return self._value
-        raise self._value.to_error()
-
-    def ready(self) -> bool:
-        return self._state != 0 or self._runs._ready(self._idx)
-
-    async def get_async(self):
-        if self.ready():
-            return self.get()
-        return await self._runs._gets.submit(self)
-
-    def __await__(self):
-        return self.get_async().__await__()
-
-    def __del__(self):
-        if self._state == 0:
-            try:
-                self._runs._abandon(self._idx)
-            except Exception:
-                pass
-
-    def __repr__(self) -> str:
-        return f"DagRef(execution={self._idx})"
-
-    __str__ = __repr__             # CompiledDAGRef's reads a Ray DAG's id
-
-    def __reduce__(self):
-        raise TypeError("a DagRef cannot be pickled: it belongs to this process's compiled "
-                        "DAG; get() the value and pass that.")
-
-    def __copy__(self):
-        return self                # one execution, one result: a copy is the same ref
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 class Executions:
@@ -152,32 +78,32 @@ class Executions:
         self._read_next = 0
         self._results: dict[int, object] = {}
         self._abandoned: set[int] = set()
-        self._dropped: list[int] = []          # abandoned refs not yet accounted
+        self._dropped: list[int] = []  # abandoned refs not yet accounted
         self._submit_lock = threading.Lock()
         self._read_lock = threading.RLock()
-        self._locks: tuple = (self._submit_lock, self._read_lock)   # closing the ends waits for
+        self._locks: tuple = (self._submit_lock, self._read_lock)  # closing the ends waits for
         self._closed = False
         self._dead: str | None = None
-        self._lost: dict[int, str] = {}    # lost to an actor restart: why (restart.py)
-        self._restart = None         # restart.py's hook (CompiledDag sets it)
-        self._gets = AsyncGets()     # await ref
+        self._lost: dict[int, str] = {}  # lost to an actor restart: why (restart.py)
+        self._restart = None  # restart.py's hook (CompiledDag sets it)
+        self._gets = AsyncGets()  # await ref
         # a MultiOutputNode's outputs, read failing fast (gather.py); None for one output
         rt = getattr(session, "runtime", None)
-        self._gather = getattr(rt, "gathered", None)
-        self._unsettled = 0          # answered early, outputs not all read: still in flight
+        self._gather: Any = getattr(rt, "gathered", None)
+        self._unsettled = 0  # answered early, outputs not all read: still in flight
         _LIVE.add(self)
         global _ATEXIT
         if not _ATEXIT:
             atexit.register(_teardown_all)
             _ATEXIT = True
         _register_with_ray(self)
-        self._stamps = metrics.watch(self)   # timed executions, failures: metrics.py
+        self._stamps = metrics.watch(self)  # timed executions, failures: metrics.py
         # dropped without teardown: release what teardown releases. The callback holds the
         # session, the locks and the async getter, none of which refers back to this object
-        self._finalizer = weakref.finalize(self, _release, session,
-                                           (self._submit_lock, self._read_lock), self._gets,
-                                           False)
-        self._finalizer.atexit = False   # at exit _teardown_all stops the loops properly
+        self._finalizer = weakref.finalize(
+            self, _release, session, (self._submit_lock, self._read_lock), self._gets, False
+        )
+        self._finalizer.atexit = False  # at exit _teardown_all stops the loops properly
 
     @property
     def closed(self) -> bool:
@@ -196,11 +122,11 @@ class Executions:
     # -- execute / get ---------------------------------------------------------------------------
     def execute(self, *args, **kwargs) -> DagRef:
         with self._submit_lock:
-            if self._closed or self._dead:     # checked under the lock: teardown takes it too
+            if self._closed or self._dead:  # checked under the lock: teardown takes it too
                 self._raise_closed()
             if self._submitted - self._fetched >= self._max_inflight:
                 self._make_room()
-            if not self._submitted & 15:           # metrics.STRIDE - 1
+            if not self._submitted & 15:  # metrics.STRIDE - 1
                 self._stamps.begin(self._submitted)
             try:
                 self._submit(args, kwargs)
@@ -211,8 +137,10 @@ class Executions:
                 # the encoder itself, nothing was sent), or do not match the InputNode
                 raise
             except Exception as e:
-                e.add_note("dagc internal error while submitting an execution (not caused "
-                           "by its arguments); please report it with this traceback.")
+                e.add_note(
+                    "dagc internal error while submitting an execution (not caused "
+                    "by its arguments); please report it with this traceback."
+                )
                 raise
             i = self._submitted
             self._submitted = i + 1
@@ -228,12 +156,16 @@ class Executions:
             if self._unsettled and self._submitted - self._fetched >= self._max_inflight:
                 self._settle(self._deadline(None))
         if self._submitted - self._fetched >= self._max_inflight:
-            late = (f", {self._unsettled} of them failed and still wait for their slower "
-                    f"outputs" if self._unsettled else "")
+            late = (
+                f", {self._unsettled} of them failed and still wait for their slower outputs"
+                if self._unsettled
+                else ""
+            )
             raise CapacityError(
                 f"{self._submitted - self._fetched} executions are submitted and not fetched "
                 f"(max_inflight={self._max_inflight}){late}; get() earlier results first, or "
-                f"compile with a larger max_inflight.")
+                f"compile with a larger max_inflight."
+            )
 
     def _deadline(self, timeout):
         if timeout is None:
@@ -251,12 +183,13 @@ class Executions:
         except WaitTimeout:
             raise DagTimeoutError(
                 f"execution {self._read_next} did not finish within the timeout; its result "
-                f"can still be fetched later with get().") from None
+                f"can still be fetched later with get()."
+            ) from None
         except (PeerDied, ChannelClosed) as e:
             self._on_stop(e)
         i = self._read_next
         self._read_next = i + 1
-        if not i & 15:                 # a timed execution (metrics.STRIDE - 1)
+        if not i & 15:  # a timed execution (metrics.STRIDE - 1)
             self._stamps.end(i)
         if i == want:
             return value
@@ -272,7 +205,7 @@ class Executions:
         try:
             self._gather.drain(deadline)
         except WaitTimeout:
-            pass                   # still in flight: execute() says so (CapacityError)
+            pass  # still in flight: execute() says so (CapacityError)
         except (PeerDied, ChannelClosed) as e:
             self._on_stop(e)
         finally:
@@ -296,10 +229,11 @@ class Executions:
                 raise DagTimeoutError(
                     f"execution {ref._idx} did not finish within the timeout (another "
                     f"thread is reading results); its result can still be fetched later "
-                    f"with get().")
+                    f"with get()."
+                )
         try:
             if ref._state:
-                return             # another thread's get() of this ref settled it
+                return  # another thread's get() of this ref settled it
             idx = ref._idx
             if self._dropped:
                 self._take_abandoned()
@@ -308,7 +242,7 @@ class Executions:
                 if self._closed or self._dead:
                     self._raise_closed()
                 if idx >= self._submitted or idx < self._read_next:
-                    if idx in self._lost:        # an actor restart (restart.py)
+                    if idx in self._lost:  # an actor restart (restart.py)
                         raise ActorDiedError(self._lost[idx])
                     raise ValueError(f"execution {idx} was never submitted or already fetched")
                 while r is self:
@@ -320,7 +254,7 @@ class Executions:
 
     def _ready(self, idx: int) -> bool:
         if idx in self._results or self._closed or self._dead or idx in self._lost:
-            return True            # get() answers at once: the value, or why there is none
+            return True  # get() answers at once: the value, or why there is none
         if idx != self._read_next:
             return False
         if self._gather is not None:
@@ -347,17 +281,20 @@ class Executions:
     def _raise_closed(self):
         if self._dead:
             raise ActorDiedError(self._death_message())
-        raise DagClosedError(f"{RAY_CHANNEL_CLOSED} This compiled DAG was torn down; compile "
-                             f"the DAG again to run it.")
+        raise DagClosedError(
+            f"{RAY_CHANNEL_CLOSED} This compiled DAG was torn down; compile "
+            f"the DAG again to run it."
+        )
 
     def _death_message(self) -> str:
-        return (f"{RAY_ACTOR_DIED} {self._dead}; the compiled DAG is closed and every pending "
-                f"result is lost. Recreate the actor and compile again.")
-
+        return (
+            f"{RAY_ACTOR_DIED} {self._dead}; the compiled DAG is closed and every pending "
+            f"result is lost. Recreate the actor and compile again."
+        )
 
     def _on_stop(self, e):
         if self._restart is not None:
-            self._restart(self, e)   # raises while Ray restarts the dead actor (restart.py)
+            self._restart(self, e)  # raises while Ray restarts the dead actor (restart.py)
         if isinstance(e, PeerDied) and not self._closed:
             s = self._session
             self._dead = s.why_stopped(e.who)
@@ -379,7 +316,7 @@ class Executions:
             return
         self._closed = True
         _LIVE.discard(self)
-        if self._finalizer.detach() is not None:     # garbage collection: nothing left to do
+        if self._finalizer.detach() is not None:  # garbage collection: nothing left to do
             _release(self._session, self._locks, self._gets, True)
 
     def state(self) -> str:
@@ -402,6 +339,7 @@ class GatheredExecutions(Executions):
 def executions_for(session, submit, collect, options: dict, multi: bool) -> Executions:
     """The Executions of a started session (gathered outputs or not, queued or not)."""
     from dagc.runtime.driver.queued import executions_class
+
     return executions_class(session, options)(session, submit, collect, options, multi)
 
 
@@ -413,7 +351,7 @@ def _release(session, locks: tuple, gets: AsyncGets, wait: bool) -> None:
     loops on this node, the closed channel ends (TCP: EOF) the loops on other nodes."""
     try:
         session.stop_actors(wait=wait, ask=wait)
-    finally:                   # even on Ctrl-C while waiting for the actors
+    finally:  # even on Ctrl-C while waiting for the actors
         # an execute()/get() in another thread sees the closed state within a wait slice
         # and lets go; if it does not, its ends (and the control it polls) stay mapped
         # until garbage collection rather than vanish under it
@@ -431,6 +369,7 @@ def _register_with_ray(runs: Executions) -> None:
     shutdown, so it is looked up at each compile."""
     try:
         from ray.dag import compiled_dag_node
+
         compiled_dag_node._compiled_dags[f"dagc-{runs._session.token}"] = runs
-    except Exception:          # a Ray without the table: the atexit hook still runs
+    except Exception:  # a Ray without the table: the atexit hook still runs
         pass

@@ -22,9 +22,12 @@ and a long wait wakes the driver about ten times a second - far from a spin.
 Timeouts keep their meaning: a ``deadline`` bounds the whole call; values read before it
 ran out are kept (``got``) and the next call goes on from them.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from dagc.runtime.channels import WaitTimeout
 from dagc.runtime.failure import Failure
@@ -43,7 +46,7 @@ class _NotRead:
 NOT_READ = _NotRead()
 
 
-def _first_unread(got) -> int:
+def _first_unread(got: Sequence[Any]) -> int:
     for j, g in enumerate(got):
         if g is NOT_READ:
             return j
@@ -61,27 +64,27 @@ class Gather:
 
     __slots__ = ("readers", "got", "owed", "pend", "max_slice")
 
-    def __init__(self, readers, max_slice: float = 0.1):
+    def __init__(self, readers: Iterable[Any], max_slice: float = 0.1):
         self.readers = tuple(readers)
         self.max_slice = max_slice
         n = len(self.readers)
-        self.got = [NOT_READ] * n          # this execution's values read so far
-        self.owed = [0] * n                # per channel: messages of answered executions
-        self.pend = []                     # [] <=> nothing partly read, nothing owed
+        self.got: list[Any] = [NOT_READ] * n  # this execution's values read so far
+        self.owed = [0] * n  # per channel: messages of answered executions
+        self.pend: list[bool] = []  # [] <=> nothing partly read, nothing owed
 
     @property
     def undrained(self) -> int:
         """Executions answered early (fail fast) whose every output is not read yet."""
         return max(self.owed)
 
-    def collect(self, deadline):
+    def collect(self, deadline: float | None) -> Any:
         """The execution's values by channel (a new list), or its first Failure at once."""
         try:
             return self._collect(deadline)
         finally:
             self._pend()
 
-    def _collect(self, deadline):
+    def _collect(self, deadline: float | None) -> Any:
         got, owed, readers = self.got, self.owed, self.readers
         slice_ = min(FIRST_SLICE, self.max_slice)
         max_slice = self.max_slice
@@ -89,7 +92,7 @@ class Gather:
             for j, r in enumerate(readers):
                 while got[j] is NOT_READ and r.ready():
                     v = r.read()
-                    if owed[j]:                 # an answered execution's late output
+                    if owed[j]:  # an answered execution's late output
                         owed[j] -= 1
                         continue
                     got[j] = v
@@ -121,7 +124,7 @@ class Gather:
             if slice_ < max_slice:
                 slice_ = min(max_slice, slice_ * 2)
 
-    def drain(self, deadline) -> None:
+    def drain(self, deadline: float | None) -> None:
         """Read (and drop) every owed output, waiting for them up to ``deadline``."""
         try:
             for j, r in enumerate(self.readers):

@@ -146,7 +146,7 @@ class _Dag:
 class Sampler:
     """The process's sampler thread and its table of live DAGs."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.RLock()  # gone() runs from garbage collection, any thread
         self.dags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.closed: list[_Dag] = []  # dropped or torn down: zero their gauges

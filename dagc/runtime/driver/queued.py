@@ -54,9 +54,10 @@ from collections import deque
 
 from dagc.errors import ActorDiedError, CapacityError, DagcError, DagTimeoutError
 from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
-from dagc.runtime.driver.executions import DagRef, Executions, GatheredExecutions
+from dagc.runtime.driver.dagref import DagRef
+from dagc.runtime.driver.executions import Executions, GatheredExecutions
 from dagc.runtime.driver.gather import NOT_READ
-from dagc.runtime.driver.session import ArgumentsNotSent
+from dagc.runtime.driver.runtime import ArgumentsNotSent
 from dagc.runtime.failure import capture
 
 _monotonic = time.monotonic

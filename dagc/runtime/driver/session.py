@@ -7,15 +7,13 @@ other node's first actor creates that node's control and ring segments; TCP writ
 listening), and the start round (open the ends, form communicators, bind the module, start
 the thread). A :class:`Session` knows nothing of executions (``executions.py``).
 """
+
 from __future__ import annotations
 
 import os
 import secrets
 import traceback
 
-from ray import ObjectRef
-
-from dagc.errors import DagTimeoutError, ExecuteArgumentError
 from dagc.ir import DRIVER
 from dagc.runtime import channels as ch
 from dagc.runtime import generated
@@ -24,104 +22,7 @@ from dagc.runtime.actor.plan import tcp_channel_name
 from dagc.runtime.channels import shm, sweep
 from dagc.runtime.driver import plans
 from dagc.runtime.driver.calls import ray_get
-from dagc.runtime.failure import Failure
-
-
-class ArgumentsNotSent(TypeError):
-    """``execute()``'s arguments could not be pickled (raised by the driver's writers)."""
-
-
-def arguments_not_picklable(exc: Exception, value):
-    """The driver's writers' ``on_encode_error``: encoding the user's arguments failed.
-    Only this becomes execute()'s "could not send its arguments" error; anything else
-    raised while submitting is dagc's own bug and propagates as it is."""
-    if isinstance(exc, shm.ShmFullError):
-        # no room in /dev/shm for this input: the execution carries the error to get()
-        # (a Failure in its place keeps every input channel in step), the DAG goes on
-        from dagc.runtime.failure import capture
-        return capture(exc, "driver", "execute", -1)
-    raise ArgumentsNotSent(f"execute() could not send its arguments to the actors: "
-                           f"{type(exc).__name__}: {exc}. Pass picklable values.") from exc
-
-
-class DriverRuntime:
-    """The ``rt`` object the generated driver module binds against."""
-
-    Failure = Failure
-
-    ObjectRef = ObjectRef          # execute()'s top-level ObjectRefs are resolved
-
-    def __init__(self, readers, writers, inputs, read_slice: float = 0.1,
-                 get_timeout: float | None = None):
-        self._readers = readers
-        self._writers = writers
-        self._inputs = inputs
-        self._read_slice = read_slice
-        self._get_timeout = get_timeout
-        self.gathered = None          # the Gather of a MultiOutputNode's outputs, if made
-
-    def reader(self, cid):
-        return self._readers[cid]
-
-    def writer(self, cid):
-        return self._writers[cid]
-
-    def gather(self, cids):
-        from dagc.runtime.driver.gather import Gather
-        self.gathered = Gather([self._readers[c] for c in cids], self._read_slice)
-        return self.gathered
-
-    def resolve_refs(self, args, kwargs):
-        """execute()'s arguments with every top-level ``ObjectRef`` replaced by its value,
-        as Ray resolves a ``.remote()`` call's (nested refs are passed on as they are).
-        Waits for the values up to ``get_timeout``."""
-        import ray
-        from ray.exceptions import GetTimeoutError
-        where = [(i, a) for i, a in enumerate(args) if isinstance(a, ray.ObjectRef)]
-        where += [(k, a) for k, a in kwargs.items() if isinstance(a, ray.ObjectRef)]
-        try:
-            values = ray.get([a for _, a in where], timeout=self._get_timeout)
-        except GetTimeoutError:
-            raise DagTimeoutError(
-                f"execute() waited {self._get_timeout} s for the value of the ObjectRef it "
-                f"was given as argument {where[0][0]!r} (execute() resolves top-level "
-                f"ObjectRefs, as .remote() does); nothing was submitted.") from None
-        except Exception as e:
-            raise ExecuteArgumentError(
-                f"execute() passes the value of an ObjectRef argument (as .remote() does), "
-                f"and the value of the ObjectRef given as argument "
-                f"{' or '.join(repr(k) for k, _ in where)} could not be fetched; nothing was "
-                f"submitted. {type(e).__name__}: {e}") from e
-        args, kwargs = list(args), dict(kwargs)
-        for (k, _), v in zip(where, values):
-            if isinstance(k, int):
-                args[k] = v
-            else:
-                kwargs[k] = v
-        return tuple(args), kwargs
-
-    def bad_input(self, args, kwargs):
-        """execute()'s arguments do not match the InputNode's use. The first sentence is
-        Ray Compiled Graph's (code written for Ray matches it); then what dagc expected."""
-        spec = self._inputs
-        want = f"{spec.num_positional} positional argument(s)"
-        if spec.kwargs:
-            want += " and keyword argument(s) " + ", ".join(spec.kwargs)
-        if len(args) != spec.num_positional:
-            ray_says = (f"dag.execute() or dag.execute_async() must be called with "
-                        f"{spec.num_positional} positional args, got {len(args)}")
-        else:
-            missing = [k for k in spec.kwargs if k not in kwargs]
-            if missing:
-                ray_says = (f"dag.execute() or dag.execute_async() must be called with "
-                            f"kwarg `{missing[0]}`")
-            else:
-                extra = sorted(set(kwargs) - set(spec.kwargs))
-                ray_says = (f"dag.execute() or dag.execute_async() got unexpected kwarg(s) "
-                            f"{', '.join(f'`{k}`' for k in extra)}")
-        raise ExecuteArgumentError(
-            f"{ray_says}: execute() takes {want} (as the DAG uses its InputNode), got "
-            f"{len(args)} positional and keyword(s) {sorted(kwargs) or 'none'}.")
+from dagc.runtime.driver.runtime import DriverRuntime, arguments_not_picklable
 
 
 class Session:
@@ -134,7 +35,7 @@ class Session:
         self.side = side
         self.modules = modules
         self.options = options
-        self.probes = probes                     # actor id -> lifecycle.Probe
+        self.probes = probes  # actor id -> lifecycle.Probe
         self.token = secrets.token_hex(12)
         self.layout = plans.Layout.of(ir, self.token, driver_node)
         self.prefix = self.layout.prefix
@@ -150,20 +51,26 @@ class Session:
         """A fresh session of the same DAG (same IR, modules and options; a new token, so
         new segment and channel names) for actors whose probe results are ``probes``: the
         DAG's next run after Ray restarted one of its actors (``restart.py``)."""
-        return Session(self.ir, self.side, self.modules, self.options, probes,
-                       self.layout.driver_node)
+        return Session(
+            self.ir, self.side, self.modules, self.options, probes, self.layout.driver_node
+        )
 
     # -- start ---------------------------------------------------------------------------------
     def start(self):
         """Make the segments, run the prepare and start rounds, bind the driver module.
         On failure everything made so far is stopped and released before raising."""
         here = self.layout.driver_node
-        try:   # this node's segments of DAGs whose processes all died together
+        try:  # this node's segments of DAGs whose processes all died together
             sweep.sweep_stale()
         except OSError:
             pass
-        self.control = ch.Control(self.layout.ctl_name(here), create=True,
-                                  nprocs=self.layout.node_procs(here), index=0, pid=os.getpid())
+        self.control = ch.Control(
+            self.layout.ctl_name(here),
+            create=True,
+            nprocs=self.layout.node_procs(here),
+            index=0,
+            pid=os.getpid(),
+        )
         try:
             return self._launch()
         except BaseException as e:
@@ -180,48 +87,72 @@ class Session:
         ir, opts, layout = self.ir, self.options, self.layout
         here = layout.driver_node
         for a in ir.actors:
-            if a.node == here:     # a pid means something on its own node only
+            if a.node == here:  # a pid means something on its own node only
                 self.control.set_pid(layout.index[a.id], self.probes[a.id].pid)
         waiter = ch.Waiter(self.control, self.procs, opts["wait"])
         local = layout.local_actors()
         for c in ir.channels:
             if not c.over_tcp and layout.node_of[c.writer] == here:
-                ch.create_segment(self.prefix + c.id, len(c.readers), c.slots,
-                                  c.buffer_size).close()
+                ch.create_segment(
+                    self.prefix + c.id, len(c.readers), c.slots, c.buffer_size
+                ).close()
         addrs = self._prepare_nodes(waiter)
         for c in ir.channels:
             seg = self.prefix + c.id
             if c.writer == DRIVER and not c.over_tcp:
-                self.writers[c.id] = ch.Writer(seg, len(c.readers), c.slots,
-                                               c.buffer_size, waiter, local, create=False)
+                self.writers[c.id] = ch.Writer(
+                    seg, len(c.readers), c.slots, c.buffer_size, waiter, local, create=False
+                )
             if DRIVER in c.readers:
                 if c.over_tcp:
                     from dagc.runtime.channels import tcp
+
                     host, port = addrs[c.id]
                     self.readers[c.id] = tcp.TcpReader(
-                        host, port, self.secret, c.readers.index(DRIVER), waiter,
-                        layout.index[c.writer], channel=tcp_channel_name(self.token, c.id),
-                        connect_timeout=opts["start_timeout"])
+                        host,
+                        port,
+                        self.secret,
+                        c.readers.index(DRIVER),
+                        waiter,
+                        layout.index[c.writer],
+                        channel=tcp_channel_name(self.token, c.id),
+                        connect_timeout=opts["start_timeout"],
+                    )
                 else:
                     r = self.readers[c.id] = ch.Reader(seg, c.readers.index(DRIVER), waiter, -1)
                     r.peers = local
-        for w in self.writers.values():     # execute()'s arguments: see Executions.execute
+        for w in self.writers.values():  # execute()'s arguments: see Executions.execute
             w.on_encode_error = arguments_not_picklable
         for cid, dev in plans.read_devices(ir, DRIVER).items():
-            from dagc.runtime.comm.packing import OnDevice     # with_tensor_transport(device=)
+            from dagc.runtime.comm.packing import OnDevice  # with_tensor_transport(device=)
+
             self.readers[cid] = OnDevice(self.readers[cid], dev)
         # the driver has mapped its ends: the last process here removes the names
         self.control.mark_opened(layout.node_names(here))
         comms, rdv = self._prepare_comms()
         constants = self.side.constants
-        todo = [plans.actor_plan(layout, ir, a, self.modules[a.id], constants, comms, rdv,
-                                 addrs, self.secret, opts["wait"]) for a in ir.actors]
+        todo = [
+            plans.actor_plan(
+                layout,
+                ir,
+                a,
+                self.modules[a.id],
+                constants,
+                comms,
+                rdv,
+                addrs,
+                self.secret,
+                opts["wait"],
+            )
+            for a in ir.actors
+        ]
         refs = [h.__ray_call__.remote(lifecycle.start, p) for h, p in zip(self.handles, todo)]
         ray_get(refs, opts["start_timeout"], self.procs, what="start the loops")
         mod = self.modules[DRIVER]
         ns = generated.load(mod.source, mod.filename)
-        self.runtime = DriverRuntime(self.readers, self.writers, ir.inputs,
-                                     opts.get("_read_slice", 0.1), opts["get_timeout"])
+        self.runtime = DriverRuntime(
+            self.readers, self.writers, ir.inputs, opts.get("_read_slice", 0.1), opts["get_timeout"]
+        )
         return ns["bind"](self.runtime)
 
     def _prepare_nodes(self, waiter) -> dict:
@@ -234,21 +165,30 @@ class Session:
         if not tcp_chans and not layout.spans_nodes():
             return {}
         from dagc.runtime.channels import tcp
+
         self.secret = tcp.new_secret()
         addrs: dict = {}
         for c in tcp_chans:
             if c.writer == DRIVER:
                 ridx = tuple(layout.index[r] for r in c.readers)
-                tw = tcp.TcpWriter(tcp_channel_name(self.token, c.id), len(c.readers),
-                                   c.slots, self.secret, waiter, ridx,
-                                   reader_names=[self.procs[i] for i in ridx],
-                                   connect_timeout=timeout)
+                tw = tcp.TcpWriter(
+                    tcp_channel_name(self.token, c.id),
+                    len(c.readers),
+                    c.slots,
+                    self.secret,
+                    waiter,
+                    ridx,
+                    reader_names=[self.procs[i] for i in ridx],
+                    connect_timeout=timeout,
+                )
                 addrs[c.id] = tw.listen(_driver_ip())
                 self.writers[c.id] = tw
         ips = {a: p.ip for a, p in self.probes.items()}
         specs = plans.prepare_specs(layout, self.secret, ips, timeout)
-        refs = [self.side.handles[aid].__ray_call__.remote(prepared.prepare, self.token, spec)
-                for aid, spec in specs.items()]
+        refs = [
+            self.side.handles[aid].__ray_call__.remote(prepared.prepare, self.token, spec)
+            for aid, spec in specs.items()
+        ]
         for got in ray_get(refs, timeout, self.procs, what="prepare their nodes' channels"):
             addrs.update(got)
         return addrs
@@ -259,6 +199,7 @@ class Session:
         if not self.ir.comm_groups:
             return {}, {}
         from dagc.runtime.comm.backends import make_communicator
+
         comms, refs = {}, {}
         for g in self.ir.comm_groups:
             comm = self.side.communicators.get(g.backend)
@@ -270,8 +211,12 @@ class Session:
             comms[g.id] = comm
             h = self.side.handles[g.members[0]]
             refs[g.id] = h.__ray_call__.remote(lifecycle.comm_prepare, comm)
-        vals = ray_get(list(refs.values()), self.options["start_timeout"], self.procs,
-                       what="prepare communicators")
+        vals = ray_get(
+            list(refs.values()),
+            self.options["start_timeout"],
+            self.procs,
+            what="prepare communicators",
+        )
         return comms, dict(zip(refs.keys(), vals))
 
     # -- stop ------------------------------------------------------------------------------------
@@ -298,6 +243,7 @@ class Session:
                 pass
         if wait and refs:
             import ray
+
             try:
                 ray.wait(refs, num_returns=len(refs), timeout=self.options["teardown_timeout"])
             except Exception:
@@ -313,8 +259,9 @@ class Session:
         held = []
         try:
             for lock in locks:
-                if not (lock.acquire(blocking=False) if wait is None
-                        else lock.acquire(timeout=wait)):
+                if not (
+                    lock.acquire(blocking=False) if wait is None else lock.acquire(timeout=wait)
+                ):
                     return False
                 held.append(lock)
             for r in self.readers.values():
@@ -331,13 +278,15 @@ class Session:
     def memory(self, timeout: float = 30.0) -> dict:
         """Shared memory held by this DAG's channels (``CompiledDag.memory``)."""
         import ray
-        ends = [dict(e.stats(), pid=os.getpid(), process="driver")
-                for e in list(self.writers.values()) + list(self.readers.values())
-                if hasattr(e, "stats")]
+
+        ends = [
+            dict(e.stats(), pid=os.getpid(), process="driver")
+            for e in list(self.writers.values()) + list(self.readers.values())
+            if hasattr(e, "stats")
+        ]
         refs = [h.__ray_call__.remote(lifecycle.memory, self.token) for h in self.handles]
         for actor, got in zip(self.ir.actors, ray.get(refs, timeout=timeout)):
-            ends += [dict(e, process=actor.label)
-                     for e in got]
+            ends += [dict(e, process=actor.label) for e in got]
         return summarize_memory(ends)
 
     def release(self) -> None:
@@ -352,6 +301,7 @@ class Session:
     def crash_report(self, who: str) -> str | None:
         """If ``who``'s process is alive, its loop crashed: fetch the traceback."""
         import ray
+
         i = self.procs.index(who) if who in self.procs else -1
         if i <= 0:
             return None
@@ -359,8 +309,9 @@ class Session:
         if actor.node == self.layout.driver_node and not shm.pid_alive(self.probes[actor.id].pid):
             return None
         try:
-            st = ray.get(self.handles[i - 1].__ray_call__.remote(lifecycle.status, self.token),
-                         timeout=2.0)
+            st = ray.get(
+                self.handles[i - 1].__ray_call__.remote(lifecycle.status, self.token), timeout=2.0
+            )
             return st.get("crash")
         except Exception:
             return None
@@ -373,12 +324,16 @@ class Session:
         if not crash:
             return f"{who} died (its process is gone)"
         here = self.layout.driver_node
-        gone = [a.label for a in self.ir.actors
-                if a.node == here and a.label != who and not shm.pid_alive(self.probes[a.id].pid)]
+        gone = [
+            a.label
+            for a in self.ir.actors
+            if a.node == here and a.label != who and not shm.pid_alive(self.probes[a.id].pid)
+        ]
         if gone:
             last = crash.strip().splitlines()[-1]
-            return (f"{gone[0]} died (its process is gone); {who}'s dagc loop stopped "
-                    f"after it: {last}")
+            return (
+                f"{gone[0]} died (its process is gone); {who}'s dagc loop stopped after it: {last}"
+            )
         return f"{who} (its dagc loop crashed: {crash.strip()})"
 
 
@@ -409,9 +364,11 @@ def summarize_memory(ends: list) -> dict:
 
 def _ray_connected() -> bool:
     import ray
+
     return ray.is_initialized()
 
 
 def _driver_ip() -> str:
     import ray
+
     return ray.util.get_node_ip_address()
