@@ -9,12 +9,11 @@ and the life of a group.
 from __future__ import annotations
 
 import datetime
-import threading
 import time
-import uuid
 from typing import Any
 
 from dagc.runtime.comm.base import Communicator, Work, check_op, node_ip
+from dagc.runtime.comm.rendezvous import connect, forget, open_master, take_master
 
 # A very long op timeout ("wait as long as it takes"): gloo's waits need some value, and a
 # timeout there closes every connection of the group. Peer death still ends a wait at once
@@ -29,12 +28,6 @@ def _average(tensor, n: int) -> None:
         tensor.div_(n)
     else:
         tensor.div_(n, rounding_mode="trunc")
-
-
-# master stores started by prepare(), by (host, port), so that setup() on rank 0 finds the
-# one its process started even when it runs on another copy of the instance
-_MASTERS: dict = {}
-_MASTERS_LOCK = threading.Lock()
 
 
 class _GlooWork(Work):
@@ -96,22 +89,12 @@ class GlooCommunicator(Communicator):
 
     # -- rendezvous ------------------------------------------------------------------------
     def prepare(self) -> dict:
-        from torch.distributed import TCPStore
-
-        host = node_ip()
-        # port 0: the store binds a free port itself (no pick-then-bind race)
-        master = TCPStore(
-            host, 0, None, True, datetime.timedelta(seconds=300), wait_for_workers=False
-        )
-        rdv = {"host": host, "port": int(master.port), "prefix": f"dagc-{uuid.uuid4().hex[:16]}/"}
-        self._master = master
-        with _MASTERS_LOCK:
-            _MASTERS[(host, rdv["port"])] = master
+        self._master, rdv = open_master("dagc")
         return rdv
 
     def setup(self, rank: int, world_size: int, rendezvous: dict, timeout: float) -> None:
         import torch.distributed as dist
-        from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+        from torch.distributed import PrefixStore, ProcessGroupGloo
 
         if self._pg is not None:
             raise RuntimeError(f"{self!r} is already set up")
@@ -123,13 +106,9 @@ class GlooCommunicator(Communicator):
         try:
             store = None
             if rank == 0:
-                with _MASTERS_LOCK:
-                    store = _MASTERS.pop((host, port), None)
-                if store is None:
-                    store = self._master
+                store = take_master(rendezvous) or self._master
             if store is None:
-                # the client retries its connection until the timeout
-                store = TCPStore(host, port, None, False, tmo, wait_for_workers=False)
+                store = connect(rendezvous, timeout)
             store.set_timeout(tmo)
             prefixed = PrefixStore(rendezvous["prefix"], store)
             opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # not in torch's stubs
@@ -221,10 +200,7 @@ class GlooCommunicator(Communicator):
                 pg.shutdown()
             except Exception:
                 pass
-        with _MASTERS_LOCK:
-            for k, v in list(_MASTERS.items()):
-                if v is self._master:
-                    del _MASTERS[k]
+        forget(self._master)
         self._pg = None
         self._store = None
         self._master = None

@@ -44,20 +44,14 @@ why to the store before raising, and every other member raises at once too.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import threading
 import time
-import uuid
 from typing import Any
 
-from dagc.runtime.comm.base import DONE, Communicator, Work, check_op, node_ip
+from dagc.runtime.comm.base import DONE, Communicator, Work, check_op
 from dagc.runtime.comm.ray_streams import minmax_broken, ready_stream, record, stream_context
+from dagc.runtime.comm.rendezvous import connect, open_master, take_master
 
 _ABORT = "abort"
-# stores opened by prepare(), by (host, port): prepare runs on a copy of the instance that
-# is then dropped, so rank 0's setup (on another copy, same process) finds its store here
-_MASTERS: dict = {}
-_MASTERS_LOCK = threading.Lock()
 
 
 def ray_communicator_class():
@@ -157,19 +151,8 @@ class RayCommunicator(Communicator):
 
     # -- set-up ----------------------------------------------------------------------------
     def prepare(self) -> dict:
-        from torch.distributed import TCPStore
-
-        host = node_ip()
-        master = TCPStore(
-            host, 0, None, True, datetime.timedelta(seconds=300), wait_for_workers=False
-        )
-        with _MASTERS_LOCK:
-            _MASTERS[(host, int(master.port))] = master
-        return {
-            "host": host,
-            "port": int(master.port),
-            "prefix": f"dagc-ray-{uuid.uuid4().hex[:16]}/",
-        }
+        _, rdv = open_master("dagc-ray")
+        return rdv
 
     def setup(self, rank: int, world_size: int, rendezvous: dict, timeout: float) -> None:
         if self._initialized:
@@ -234,17 +217,13 @@ class RayCommunicator(Communicator):
         self._minmax_by_sum = minmax_broken(self.ray_comm)
 
     def _store(self, rdv: dict, rank: int, timeout: float):
-        from torch.distributed import TCPStore
-
         if rank == 0:
-            with _MASTERS_LOCK:
-                master = _MASTERS.pop((rdv["host"], int(rdv["port"])), None)
+            master = take_master(rdv)
             if master is not None:
                 self._master = master  # kept until destroy: the others read it
                 return master
-        tmo = datetime.timedelta(seconds=max(0.1, timeout))
         try:
-            return TCPStore(rdv["host"], int(rdv["port"]), None, False, tmo, wait_for_workers=False)
+            return connect(rdv, timeout)
         except Exception as e:
             raise TimeoutError(
                 f"{type(self.ray_comm).__name__} set-up (rank {rank}) could "

@@ -50,6 +50,14 @@ _ATEXIT = False
 _monotonic = time.monotonic
 
 
+def internal_error(e: BaseException) -> None:
+    """Say on ``e`` that submitting failed inside dagc, not because of the arguments."""
+    e.add_note(
+        "dagc internal error while submitting an execution (not caused by its arguments); "
+        "please report it with this traceback."
+    )
+
+
 def _teardown_all() -> None:
     for runs in list(_LIVE):
         try:
@@ -137,10 +145,7 @@ class Executions:
                 # the encoder itself, nothing was sent), or do not match the InputNode
                 raise
             except Exception as e:
-                e.add_note(
-                    "dagc internal error while submitting an execution (not caused "
-                    "by its arguments); please report it with this traceback."
-                )
+                internal_error(e)
                 raise
             i = self._submitted
             self._submitted = i + 1

@@ -55,7 +55,7 @@ from collections import deque
 from dagc.errors import ActorDiedError, CapacityError, DagcError, DagTimeoutError
 from dagc.runtime.channels import ChannelClosed, PeerDied, WaitTimeout
 from dagc.runtime.driver.dagref import DagRef
-from dagc.runtime.driver.executions import Executions, GatheredExecutions
+from dagc.runtime.driver.executions import Executions, GatheredExecutions, internal_error
 from dagc.runtime.driver.gather import NOT_READ
 from dagc.runtime.driver.runtime import ArgumentsNotSent
 from dagc.runtime.failure import capture
@@ -133,10 +133,7 @@ class QueuedExecutions(Executions):
         except (ArgumentsNotSent, DagcError):
             raise
         except Exception as e:
-            e.add_note(
-                "dagc internal error while submitting an execution (not caused "
-                "by its arguments); please report it with this traceback."
-            )
+            internal_error(e)
             raise
         i = self._sent
         if not i & 15:  # metrics.STRIDE - 1, as Executions.execute
