@@ -61,18 +61,61 @@ class FakeNcclError(RuntimeError):
 
 # -- device memory ------------------------------------------------------------------------
 class CudaTensor(torch.Tensor):
-    """A CPU tensor that says it is on the GPU (ops on it keep the class)."""
+    """A CPU tensor that says it is on the GPU (ops on it keep the class). Its device is
+    ``cuda:i``: the index it was made for (``cuda(t, i)``), which the results of ops on it
+    inherit; else the calling thread's current device."""
+
+    _fake_index: int | None = None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs)
+        index = _index_of(args)
+        if index is not None:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, CudaTensor) and t._fake_index is None:
+                    t._fake_index = index
+        return out
 
     @property
     def is_cuda(self):
         return True
 
+    @property
+    def device(self):
+        i = self._fake_index
+        return torch.device("cuda", current_device() if i is None else i)
+
     def record_stream(self, stream):
         log("record_stream", stream.cuda_stream)
 
+    def cpu(self):
+        """A copy in host memory, a plain tensor (as ``.cpu()`` of a GPU tensor is)."""
+        return self.as_subclass(torch.Tensor).clone()
 
-def cuda(t: torch.Tensor) -> CudaTensor:
-    return torch.Tensor._make_subclass(CudaTensor, t.contiguous() if t.dim() else t)
+    def numpy(self, *, force=False):
+        raise TypeError(
+            f"can't convert {self.device} device type tensor to numpy. "
+            f"Use Tensor.cpu() to copy the tensor to host memory first."
+        )
+
+
+def _index_of(args):
+    """The device index of the first CudaTensor among ``args`` (in lists too) that has one."""
+    for a in args:
+        if isinstance(a, (tuple, list)):
+            a = _index_of(a)
+            if a is not None:
+                return a
+        elif isinstance(a, CudaTensor) and a._fake_index is not None:
+            return a._fake_index
+    return None
+
+
+def cuda(t: torch.Tensor, index: int | None = None) -> CudaTensor:
+    out = torch.Tensor._make_subclass(CudaTensor, t.contiguous() if t.dim() else t)
+    out._fake_index = index
+    return out
 
 
 # -- torch.cuda ---------------------------------------------------------------------------
