@@ -28,6 +28,7 @@ import time
 import weakref
 
 from dagc import config
+from dagc.runtime.driver.wake import Wake
 
 # one execution in STRIDE is timed (a power of two: executions.py tests i & (STRIDE - 1))
 STRIDE = 16
@@ -147,10 +148,10 @@ class Sampler:
     """The process's sampler thread and its table of live DAGs."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()  # gone() runs from garbage collection, any thread
+        self.lock = threading.RLock()
         self.dags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.closed: list[_Dag] = []  # dropped or torn down: zero their gauges
-        self.wake = threading.Event()
+        self.wake = Wake()  # gone() runs from garbage collection: it only wakes the thread
         self.thread: threading.Thread | None = None
         self.metrics: dict | None = None
         self.interval = config.METRICS_INTERVAL
@@ -162,29 +163,29 @@ class Sampler:
             d = self.dags[runs] = _Dag(slot)
             weakref.finalize(runs, self.gone, d)  # dropped without teardown
             if self.thread is None or not self.thread.is_alive():
-                self.wake.clear()
                 self.thread = threading.Thread(target=self._main, name="dagc-metrics", daemon=True)
                 self.thread.start()
 
     def gone(self, d: _Dag) -> None:
         """A DAG was dropped (garbage collection, any thread): zero its gauges, and let the
         thread end now if it was the last (an idle one would linger up to an interval)."""
-        with self.lock:
-            if not d.retired:  # a torn-down DAG's gauges were zeroed when it closed
-                d.retired = True
-                self.closed.append(d)
-        self.wake.set()
+        self.wake.set(d)  # no lock here: see wake.py
 
     def _main(self) -> None:
         while True:
-            self.wake.wait(self.interval)
-            self.wake.clear()
+            dropped = self.wake.wait(self.interval)
+            if dropped:
+                with self.lock:
+                    for d in dropped:
+                        if not d.retired:  # a torn-down DAG's gauges were zeroed at close
+                            d.retired = True
+                            self.closed.append(d)
             try:
                 self.sample()
             except Exception:  # Ray shut down under us, a metric refused: next wake
                 pass
             with self.lock:
-                if not self.dags and not self.closed:
+                if not self.dags and not self.closed and self.wake.empty():
                     self.thread = None
                     return
 

@@ -35,6 +35,7 @@ from dagc.errors import DagcError
 from dagc.ir import DRIVER
 from dagc.runtime.channels import PeerDied, shm
 from dagc.runtime.channels.control import C_WHO, FAILED
+from dagc.runtime.driver.wake import Wake
 
 INTERVAL = 0.5  # seconds between two looks at every live DAG
 
@@ -45,7 +46,7 @@ class Watcher:
     def __init__(self):
         self.lock = threading.Lock()
         self.dags: weakref.WeakSet = weakref.WeakSet()
-        self.wake = threading.Event()
+        self.wake = Wake()  # set by finalizers too: see wake.py
         self.thread: threading.Thread | None = None
 
     def watch(self, runs) -> None:
@@ -53,14 +54,12 @@ class Watcher:
             self.dags.add(runs)
             weakref.finalize(runs, self.wake.set)  # dropped: maybe the last one
             if self.thread is None:
-                self.wake.clear()
                 self.thread = threading.Thread(target=self._main, name="dagc-watcher", daemon=True)
                 self.thread.start()
 
     def _main(self) -> None:
         while True:
             self.wake.wait(INTERVAL)
-            self.wake.clear()
             with self.lock:
                 # weak: a DAG dropped meanwhile is collected at once, as without the watcher
                 live = [weakref.ref(r) for r in self.dags if not (r._closed or r._dead)]
