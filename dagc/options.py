@@ -33,7 +33,6 @@ class Options:
     communicator: Any = "auto"
     overlap_communication: bool = False
     output_dir: str | None = None
-    profile: bool = False
     start_timeout: float = 120.0
     teardown_timeout: float = 5.0
     # what the scheduler predicts with: None (uniform), a Profile (cg.profile(n)), a
