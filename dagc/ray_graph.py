@@ -37,6 +37,10 @@ from dagc.runtime.driver.dagref import DagRef
 # Ray's "wait forever" (-1) as a dagc timeout: dagc's None means "the compile default"
 FOREVER = 10.0**8
 
+# how long teardown(kill_actors=True) waits for Ray to report its killed actors dead
+# (Ray's own teardown timeout); killing is quick, the bound is for a wedged cluster
+KILL_WAIT = 30.0
+
 __all__ = ["RayCompiledDag", "RayDagRef", "RayDagFuture"]
 
 
@@ -155,16 +159,13 @@ class RayCompiledDag(CompiledDag):
         return [RayDagFuture(self, ref, i) for i in range(self._nout)]
 
     def teardown(self, kill_actors: bool = False) -> None:
-        """Stop the loops (idempotent); with ``kill_actors``, also ``ray.kill`` the actors."""
+        """Stop the loops (idempotent); with ``kill_actors``, also ``ray.kill`` the actors
+        and return once Ray reports each of them dead (at most ``KILL_WAIT`` seconds)."""
         super().teardown()
         import ray
 
         if kill_actors and ray.is_initialized():  # never start a Ray to kill actors
-            for h in self._session.handles:
-                try:
-                    ray.kill(h)
-                except Exception:
-                    pass
+            _kill_and_wait(list(self._session.handles), KILL_WAIT)
 
     def visualize(  # type: ignore[override]  # Ray's signature
         self,
@@ -223,3 +224,38 @@ def _view(path: str) -> None:
         subprocess.Popen([opener, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:
         pass
+
+
+def _kill_and_wait(handles: list, wait: float) -> None:
+    """``ray.kill`` each actor, then wait until a call on it fails with
+    ``ActorDiedError``. ``ray.kill`` only asks Ray to kill; a call made just after it may
+    still run on the live actor, and code that tears down with ``kill_actors=True``
+    expects the actors gone when it returns. Bounded by ``wait`` seconds in all."""
+    import time
+
+    import ray
+    from ray.exceptions import ActorDiedError
+
+    alive = []
+    for h in handles:
+        try:
+            ray.kill(h)
+        except Exception:  # not an actor Ray can kill: nothing to wait for
+            continue
+        alive.append(h)
+    deadline = time.monotonic() + wait
+    while alive and time.monotonic() < deadline:
+        pings = [h.__ray_ready__.remote() for h in alive]
+        left = []
+        for h, ping in zip(alive, pings):
+            try:
+                ray.get(ping, timeout=max(0.0, deadline - time.monotonic()))
+            except ActorDiedError:
+                continue
+            except Exception:  # unavailable for now, or the wait timed out: ask again
+                left.append(h)
+            else:
+                left.append(h)  # the kill has not reached it yet
+        alive = left
+        if alive:
+            time.sleep(0.02)
