@@ -16,6 +16,7 @@ import pytest
 
 import dagc
 from dagc import ray_compat as rc
+from dagc import ray_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,7 +97,7 @@ def test_every_ray_keyword_is_accepted():
 
 def test_options_without_effect_warn_once(ctx_defaults, monkeypatch):
     for key in ("submit_timeout", "max_buffered_results", "deadlock"):
-        rc._WARNED.discard(key)
+        ray_options._WARNED.discard(key)
     import ray.dag.constants as consts
 
     monkeypatch.setattr(consts, "RAY_CGRAPH_ENABLE_DETECT_DEADLOCK", False)
@@ -166,7 +167,7 @@ def test_patch_unpatch_and_context_manager():
 
 
 def test_patch_after_ray_init_warns_that_workers_are_not_reached(ray_session):
-    rc._WARNED.discard("workers")
+    ray_options._WARNED.discard("workers")
     with pytest.warns(RuntimeWarning, match="before ray.init"):
         with dagc.patched_ray():
             pass

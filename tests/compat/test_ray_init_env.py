@@ -16,6 +16,7 @@ import pytest
 
 import dagc
 from dagc import ray_compat as rc
+from dagc import ray_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -34,7 +35,7 @@ def init_calls(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv(JOB_VAR, raising=False)
     monkeypatch.delenv("RAY_OVERRIDE_JOB_RUNTIME_ENV", raising=False)
-    rc._WARNED.discard("hook")
+    ray_options._WARNED.discard("hook")
     dagc.patch_ray()
     try:
         yield calls

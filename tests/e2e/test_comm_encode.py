@@ -19,12 +19,16 @@ import torch
 
 import dagc
 from dagc import InputNode, MultiOutputNode
+from tests.faults.actors import BadUnpickle
 
 
 @ray.remote
 class Producer:
     def make(self, n):
-        """n >= 0: a tensor of n elements (value n); n < 0: the same plus a lock."""
+        """n >= 0: a tensor of n elements (value n); n < 0: the same plus a lock;
+        ("bad", n): the same plus an object that pickles but cannot be unpickled."""
+        if isinstance(n, tuple):
+            return {"t": torch.full((n[1],), float(n[1])), "n": n[1], "bad": BadUnpickle()}
         value = {"t": torch.full((abs(n),), float(abs(n))), "n": n}
         if n < 0:
             value["lock"] = threading.Lock()
@@ -74,5 +78,33 @@ def test_unpicklable_part_of_a_tensor_value_is_a_task_error_then_all_is_well(
         refs = [cg.execute(m) for m in (2, -2, 4)]  # in flight together
         assert refs[0].get(timeout=30) == [(k, 4.0, 2) for k in (1, 2)[:nreaders]]
         with pytest.raises(dagc.TaskError, match="value\\['lock'\\]"):
+            refs[1].get(timeout=30)
+        assert refs[2].get(timeout=30) == [(k, 16.0, 4) for k in (1, 2)[:nreaders]]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["send", "overlap"])
+@pytest.mark.parametrize("nreaders", [1, 2])
+def test_skeleton_that_fails_to_unpickle_on_the_reader_is_a_task_error_then_all_is_well(
+    actors, nreaders, overlap
+):
+    """The writer pickles the skeleton fine and sends the tensors; each reader fails to
+    unpickle it. Each reader still receives the tensors (the specs decode), so the next
+    execution's receives pair with its own sends, even with sizes that differ."""
+    p, cs = actors
+    with InputNode() as inp:
+        d = p.make.bind(inp).with_tensor_transport("nccl")  # gloo on CPU actors
+        dag = MultiOutputNode([c.total.bind(d) for c in cs[:nreaders]])
+    with dagc.compile(dag, overlap_communication=overlap) as cg:
+        for bad, n in ((7, 3), (2, 5)):
+            with pytest.raises(dagc.TaskError) as ei:
+                cg.execute(("bad", bad)).get(timeout=30)
+            msg = str(ei.value)
+            assert "could not be unpickled" in msg and "BadUnpickle cannot be loaded" in msg
+            assert "on channel c" in msg, msg  # names the metadata channel
+            want = [(k, float(n * n), n) for k in (1, 2)[:nreaders]]
+            assert cg.execute(n).get(timeout=30) == want
+        refs = [cg.execute(m) for m in (2, ("bad", 6), 4)]  # in flight together
+        assert refs[0].get(timeout=30) == [(k, 4.0, 2) for k in (1, 2)[:nreaders]]
+        with pytest.raises(dagc.TaskError, match="BadUnpickle cannot be loaded"):
             refs[1].get(timeout=30)
         assert refs[2].get(timeout=30) == [(k, 16.0, 4) for k in (1, 2)[:nreaders]]

@@ -761,6 +761,64 @@ def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(shm_p
             e.release()
 
 
+def _explode(msg):
+    raise RuntimeError(msg)
+
+
+class _LoadsBadly:
+    """Pickles fine; raises when unpickled (as a class the reader cannot import would)."""
+
+    def __reduce__(self):
+        return (_explode, ("_LoadsBadly cannot be loaded",))
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_skeleton_that_fails_to_unpickle_still_drains_its_tensors(shm_prefix, transport):
+    """The writer pickles the skeleton and sends the tensors; the readers cannot unpickle
+    it. Each reader receives the tensors all the same (the specs decode apart from the
+    skeleton), drops them, and returns a Failure naming the channel: nothing is left
+    queued for the next value, whose sizes differ (blocking recv and irecv alike)."""
+    comm = _RecordingComm()
+    ends = []
+    if transport == "tcp":
+        from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret
+
+        secret = new_secret()
+        w = TcpWriter("c0", 2, 4, secret, tls=None)
+        host, port = w.listen("127.0.0.1")
+        rs = [TcpReader(host, port, secret, i, channel="c0", tls=None) for i in (0, 1)]
+    else:
+        make_channel(shm_prefix + "c0", 2)
+        ctl, waiter = _ends(shm_prefix)
+        ends.append(ctl)
+        w = Writer(shm_prefix + "c0", 2, 4, 1 << 16, waiter, create=False)
+        rs = [Reader(shm_prefix + "c0", i, waiter) for i in (0, 1)]
+    try:
+        cw = CommWriter(w, comm, {"a0": 0, "a1": 1, "a2": 2}, ("a1", "a2"), actor="a0")
+        crs = [CommReader(r, _PeerView(comm, rank), 0) for rank, r in ((1, rs[0]), (2, rs[1]))]
+        for blocking in (True, False):
+            value = {"t": torch.ones(5), "u": torch.zeros(2, 2), "bad": _LoadsBadly()}
+            cw.send(value, "a1")
+            cw.isend(value, "a2").wait()
+            assert [len(q) for q in comm.queues.values()] == [2, 2]  # the writer sent
+            for cr in crs:
+                bad = cr.recv() if blocking else cr.irecv().wait()
+                assert bad.__class__ is Failure, bad
+                assert "on channel c0 could not be unpickled" in bad.message, bad.message
+                assert "_LoadsBadly cannot be loaded" in bad.message, bad.message
+            assert comm.queues == {1: [], 2: []}, "the readers left tensors behind"
+            for peer in ("a1", "a2"):
+                cw.send({"t": torch.full((3,), 7.0), "n": 1}, peer)
+            for cr in crs:
+                got = cr.recv() if blocking else cr.irecv().wait()
+                assert got["t"].tolist() == [7.0] * 3 and got["n"] == 1
+    finally:
+        for e in [w, *rs]:
+            e.close()
+        for e in ends:
+            e.release()
+
+
 def test_unpicklable_part_names_the_path():
     import threading
 

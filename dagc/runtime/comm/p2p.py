@@ -3,12 +3,19 @@
 How a value is split into metadata and tensors is in ``packing.py``.
 
 The metadata of an execution is written once, when the value is sent to the first reader in
-``readers``; every reader gets the tensors by its own send. When the metadata cannot be
-pickled (a lock or a lambda next to the tensors), a Failure saying which part and why is
-published in its place and no tensor is sent to any reader: each reader returns the Failure
-without receiving, so sends and receives stay paired for the next execution. The writer
-sends contiguous tensors on the communicator's device (copies where needed); the reader
-allocates on its device and receives into them.
+``readers``; every reader gets the tensors by its own send. Sends and receives must stay
+paired whatever goes wrong, or the next execution's receive gets this one's tensors:
+
+- the writer pickles the skeleton itself (``(blob, specs)``: ``packing.py``). When it
+  cannot (a lock or a lambda next to the tensors), a Failure saying which part and why is
+  published in its place and no tensor is sent to any reader: each reader returns the
+  Failure without receiving;
+- the specs always decode, the skeleton may not (its class cannot be imported or rebuilt
+  on the reader): the reader then receives the tensors all the same, drops them, and
+  returns a Failure naming the writer and the channel.
+
+The writer sends contiguous tensors on the communicator's device (copies where needed);
+the reader allocates on its device and receives into them.
 
 Deferred receives. ``irecv`` (overlap) cannot post the tensor receives before the metadata
 is there, and must not block for it: the schedule may hoist it above ops the sender needs.
@@ -40,6 +47,9 @@ from dagc.runtime.comm.packing import DTYPES, device_of, fill, spec, strip, unpi
 from dagc.runtime.failure import Failure, capture
 
 _empty = torch.empty
+_dumps = pickle.dumps
+_loads = pickle.loads
+_PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError, RecursionError)
 
 
 # -- ordering of one process's ops on one communicator --------------------------------------
@@ -137,8 +147,13 @@ class CommWriter:
 
     def _encode_error(self, exc: Exception, meta) -> Failure:
         """on_encode_error of the metadata writer: the Failure its readers get in place of
-        a value whose non-tensor part (``meta[0]``, the skeleton) cannot be pickled."""
+        a value whose non-tensor part (``meta[0]``, the skeleton) cannot be pickled, or of
+        metadata that could not be written (no room in shared memory: its own error)."""
         value = meta[0] if meta.__class__ is tuple and len(meta) == 2 else meta
+        if value is None or value.__class__ is bytes:  # pickled already: not a pickling error
+            if self._hook is not None:
+                return self._hook(exc, value)
+            return capture(exc, self.actor, "<send>", -1)
         path, part = unpicklable_part(value) or ("value", value)
         err = TypeError(
             f"{path} ({type(part).__name__}) cannot be pickled: {exc}. On a "
@@ -177,11 +192,16 @@ class CommWriter:
             return (t,) if t.numel() else ()
         out: list = []
         skel = strip(value, out, {})
+        try:
+            blob = _dumps(skel, 5)
+        except _PICKLE_ERRORS as e:
+            self._write(self._encode_error(e, (skel, ())))
+            return ()
         ts = [self._prep(t) for t in out]
         try:
-            if self._write((skel, tuple(spec(t) for t in ts))):
+            if self._write((blob, tuple(spec(t) for t in ts))):
                 return ()  # a Failure went instead (see _encode_error): no tensors
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
+        except _PICKLE_ERRORS as e:
             # a writer that raises instead of calling on_encode_error: nothing reached it
             self._write(self._encode_error(e, (skel, ())))
             return ()
@@ -232,8 +252,8 @@ class _RecvHandle:
         if meta.__class__ is Failure:
             self.skel = meta
             return
-        skel, specs = meta
-        self.skel = skel
+        blob, specs = meta
+        self.skel = None if blob is None else cr._skeleton(blob)
         if specs:
             ts = cr._alloc(specs)
             irecv, src = cr._irecv, cr._src
@@ -247,9 +267,10 @@ class _RecvHandle:
             w.wait()
         self.works = ()
         ts = self.ts
-        if ts is None:
-            return self.skel  # a Failure, or a value with no tensors
-        return ts[0] if self.skel is None else fill(self.skel, ts)
+        skel = self.skel
+        if ts is None or skel.__class__ is Failure:
+            return skel  # a Failure (tensors received and dropped), or no tensors
+        return ts[0] if skel is None else fill(skel, ts)
 
     def is_completed(self) -> bool:
         return self.posted and all(w.is_completed() for w in self.works)
@@ -273,6 +294,17 @@ class CommReader:
         self._src = writer_rank
         self._dev = device_of(comm, device)
         self._pending = pending_of(comm, writer_rank)
+        self._undecodable = getattr(reader, "_undecodable", None)
+
+    def _skeleton(self, blob: bytes):
+        """The skeleton the writer pickled, or the Failure this execution gets when it
+        cannot be unpickled here (its tensors are received all the same)."""
+        try:
+            return _loads(blob)
+        except Exception as e:
+            if self._undecodable is not None:
+                return self._undecodable(e)
+            return capture(e, "the writer", "<unpickle>", -1)
 
     def _alloc(self, specs) -> list:
         dev = self._dev
@@ -286,7 +318,8 @@ class CommReader:
         meta = self._read()
         if meta.__class__ is Failure:
             return meta
-        skel, specs = meta
+        blob, specs = meta
+        skel = None if blob is None else self._skeleton(blob)
         if not specs:
             return skel
         ts = self._alloc(specs)
@@ -294,7 +327,9 @@ class CommReader:
         for t in ts:
             if t.numel():
                 recv(t, src)
-        return ts[0] if skel is None else fill(skel, ts)
+        if skel is None:
+            return ts[0]
+        return skel if skel.__class__ is Failure else fill(skel, ts)
 
     def irecv(self) -> _RecvHandle:
         h = _RecvHandle(self)

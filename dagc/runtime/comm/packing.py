@@ -5,14 +5,16 @@ A "comm" channel (``p2p.py``) carries one value per execution in two parts::
 
     metadata  the channel's shared-memory ring (a ring.Writer / ring.Reader):
                 Failure              the upstream op failed; no tensors follow
-                (skeleton, specs)    specs: one (shape, dtype code) per tensor, in send
-                                     order; skeleton: the value with each tensor replaced
-                                     by _Slot(i), or None when the value is one bare tensor
+                (blob, specs)        specs: one (shape, dtype code) per tensor, in send
+                                     order; blob: the skeleton (the value with each tensor
+                                     replaced by _Slot(i)) pickled by the writer, so the
+                                     specs decode even where the skeleton cannot; None
+                                     when the value is one bare tensor
     tensors   the Communicator: one send per non-empty tensor, in spec order, per reader
 
 Tensors are found in dicts, lists, tuples (named too) and dataclass fields, nested; a tensor
-inside any other object travels inside the metadata, pickled (CPU tensors as out-of-band
-buffers; CUDA tensors through torch's own pickling, which is slow). The same tensor object
+inside any other object travels inside the metadata, pickled with the skeleton (through
+torch's own pickling, which is slow for CUDA tensors). The same tensor object
 twice in a value is sent once and comes back as one tensor in both places.
 
 Received tensors are on the communicator's device. A ``with_tensor_transport(device=...)``

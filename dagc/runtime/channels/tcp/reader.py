@@ -278,6 +278,11 @@ class TcpReader(ReaderTls, Frames):
         with self._rlock:
             return self._read(deadline)
 
+    def _undecodable(self, exc: Exception):
+        """The Failure passed on in place of a message this end (or a comm reader over
+        it, ``comm/p2p.py``) consumed but could not decode."""
+        return undecodable(exc, self.writer_name, self.channel)
+
     def _read(self, deadline):
         m = self._msg
         if m is None:
@@ -287,7 +292,7 @@ class TcpReader(ReaderTls, Frames):
             try:
                 value = _loads(self._mv[m[0] : m[1]])
             except Exception as e:  # consumed and acked all the same: the DAG goes on
-                value = undecodable(e, self.writer_name, self.channel)
+                value = self._undecodable(e)
             if self._lo == self._hi:
                 self._lo = self._hi = 0
         elif m.__class__ is list:
@@ -298,7 +303,7 @@ class TcpReader(ReaderTls, Frames):
                 else:
                     value = _loads(blob)
             except Exception as e:  # as above
-                value = undecodable(e, self.writer_name, self.channel)
+                value = self._undecodable(e)
         elif m.__class__ is PeerDied:  # FAIL: the writer passes on a death it saw
             procs = getattr(self.waiter, "procs", None) or ()
             mark_failed(self.waiter, procs.index(m.who) if m.who in procs else -1)
