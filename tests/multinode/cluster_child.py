@@ -116,6 +116,9 @@ def actor_class():
         def fwd(self, x):
             return x + 1
 
+        def add(self, x, y):
+            return x + y
+
         def maybe_bad(self, x):
             """x, or for "bad" a value that pickles but fails to unpickle on its reader."""
             if x == "bad":
@@ -390,6 +393,41 @@ def check_dagc_restart(ctx) -> dict:
         ray.kill(b)
 
 
+def check_dagc_idle_remote_death(ctx) -> dict:
+    """An idle DAG: the middle of a chain, on node2, read only by an actor on node1 that
+    waits on the driver's input first, is killed (Ray restarts it). No socket of the
+    driver's node ends and no loop there waits on it: the watcher reads Ray's actor table
+    and the DAG re-prepares by itself, before any execution."""
+    import ray
+
+    import dagc
+
+    Hop = ctx["Hop"]
+    a, c = pinned(Hop, "node1", "ia"), pinned(Hop, "node1", "ic")
+    b = Hop.options(resources={"node2": 0.01}, max_restarts=1).remote("ib")
+    with dagc.InputNode() as inp:
+        dag = c.add.bind(inp, b.fwd.bind(a.fwd.bind(inp)))
+    cg = dagc.compile(dag)
+    try:
+        before = [cg.execute(i).get(timeout=60) == 2 * i + 2 for i in range(5)]
+        t_kill = time.monotonic()
+        ray.kill(b, no_restart=False)
+        while cg.restarts == 0 and time.monotonic() - t_kill < 30:
+            time.sleep(0.05)
+        noticed_s = time.monotonic() - t_kill if cg.restarts else None
+        after = [cg.execute(i).get(timeout=60) == 2 * i + 2 for i in range(5)]
+        return {
+            "before_ok": all(before),
+            "noticed_s": noticed_s,
+            "restarts": cg.restarts,
+            "after_ok": all(after),
+        }
+    finally:
+        cg.teardown()
+        for h in (a, b, c):
+            ray.kill(h)
+
+
 def check_dagc_teardown(ctx) -> dict:
     """teardown() is prompt across nodes and the same actors compile again."""
     import dagc
@@ -580,6 +618,7 @@ CHECKS = {
     "dagc_actor_death": check_dagc_actor_death,
     "dagc_restart": check_dagc_restart,
     "dagc_teardown": check_dagc_teardown,
+    "dagc_idle_remote_death": check_dagc_idle_remote_death,
     "dagc_unpickle": check_dagc_unpickle,
 }
 NEEDS = {"tcp": "cluster", "peer_death": "tcp"}

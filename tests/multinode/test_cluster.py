@@ -39,6 +39,7 @@ ENABLED = [
     "dagc_restart",
     "dagc_teardown",
     "dagc_unpickle",
+    "dagc_idle_remote_death",
     "dagc_node_killed",
 ]
 PENDING: list = []
@@ -202,6 +203,16 @@ def test_dagc_actor_restart_across_nodes(report):
         f"\nactor on node2 restarted: first good result {c['first_good_s']:.2f} s after "
         f"the kill (re-prepare {c['event_s']:.2f} s after the death was noticed)"
     )
+
+
+def test_idle_dag_notices_a_death_on_a_node_it_does_not_read(report):
+    """watcher.py reads Ray's actor table for remote actors the driver does not read: an
+    idle DAG re-prepares after such an actor's restart, and every execution after is right."""
+    c = check(report, "dagc_idle_remote_death")
+    assert c["before_ok"] and c["restarts"] == 1 and c["after_ok"], c
+    assert c["noticed_s"] is not None and c["noticed_s"] < 15, c
+    took = c["noticed_s"]
+    print(f"\nidle DAG, actor on node2 restarted: re-prepared {took:.2f} s after the kill")
 
 
 def test_dagc_teardown_across_nodes(report):

@@ -16,13 +16,15 @@ What it looks at, per DAG (none of it touches the hot path):
 * the pids of the DAG's actors on the driver's node (``os.kill(pid, 0)``);
 * while nothing is in flight, whether a TCP channel the driver reads has ended (an actor on
   another node writing to the driver died: its socket is at EOF), under the DAG's locks
-  taken only if free, so no execution races the look.
-
-An actor on another node that is neither read by the driver nor by a loop on the driver's
-node is noticed by the next execution, as before (docs/faults.md, "Actor restarts").
+  taken only if free, so no execution races the look;
+* every ``ASK_EVERY`` looks, Ray's actor table (one GCS call per actor) for the actors on
+  other nodes that the driver does not read: one in the middle of a chain on a third node
+  has no socket here to end. Dead, restarting, or alive with another pid than it had at
+  the compile: it died.
 
 The thread starts with the first DAG compiled and ends once no DAG is live: a dropped DAG
-wakes it (a finalizer), a torn-down one ends it within ``INTERVAL``. It makes no Ray call
+wakes it (a finalizer), a torn-down one ends it within ``INTERVAL``. A DAG on the
+driver's node alone (and a DAG the driver reads every remote actor of) makes no Ray call
 unless a death is seen (the restart path asks Ray's actor table).
 """
 
@@ -38,6 +40,7 @@ from dagc.runtime.channels.control import C_WHO, FAILED
 from dagc.runtime.driver.wake import Wake
 
 INTERVAL = 0.5  # seconds between two looks at every live DAG
+ASK_EVERY = 4  # looks between two reads of Ray's actor table (actors on other nodes)
 
 
 class Watcher:
@@ -58,7 +61,9 @@ class Watcher:
                 self.thread.start()
 
     def _main(self) -> None:
+        n = 0
         while True:
+            n += 1
             self.wake.wait(INTERVAL)
             with self.lock:
                 # weak: a DAG dropped meanwhile is collected at once, as without the watcher
@@ -72,18 +77,21 @@ class Watcher:
                 if runs is None:
                     continue
                 try:
-                    look(runs)
+                    look(runs, ask_ray=n % ASK_EVERY == 0)
                 except Exception:  # released under us (a teardown, a restart): next look
                     pass
                 runs = None
 
 
-def look(runs) -> None:
-    """One look at one DAG; a death found takes get()'s path (restart or close)."""
+def look(runs, ask_ray: bool = False) -> None:
+    """One look at one DAG; a death found takes get()'s path (restart or close).
+    ``ask_ray``: also read Ray's actor table for the remote actors the driver does not read."""
     if runs._closed or runs._dead or getattr(runs, "_paused", None) is not None:
         return  # closed, or re-preparing after a death already seen
     session = runs._session
     who = _gone(session)
+    if who is None and ask_ray:
+        who = _gone_remote(session)
     tcp = _tcp_readers(session) if who is None else []
     if who is None and not tcp:
         return
@@ -129,6 +137,22 @@ def _gone(session) -> str | None:
         if pid and not shm.pid_alive(pid):
             ctl.fail(i)
             return procs[i]
+    return None
+
+
+def _gone_remote(session) -> str | None:
+    """The process of an actor on another node, not read by the driver, that Ray's actor
+    table says is dead, restarting, or running in another process than at the compile."""
+    from dagc.runtime.driver.restart import actor_info
+
+    here = session.layout.driver_node
+    read = {c.writer for c in session.ir.channels if c.over_tcp and DRIVER in c.readers}
+    for i, (a, h) in enumerate(zip(session.ir.actors, session.handles), start=1):
+        if a.node == here or a.id in read:
+            continue
+        info = actor_info(h)
+        if info is not None and (info.state != "ALIVE" or info.pid != session.probes[a.id].pid):
+            return session.procs[i]
     return None
 
 
