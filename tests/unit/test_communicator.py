@@ -712,6 +712,22 @@ class _PeerView(Communicator):
         tensor.copy_(q.pop(0))
 
 
+def _metadata_ends(shm_prefix, transport: str):
+    """A metadata channel "c0" with two readers, on a shared-memory ring or over TCP (a
+    reader on another node): (writer, readers, control ends to release)."""
+    if transport == "tcp":
+        from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret
+
+        secret = new_secret()
+        w = TcpWriter("c0", 2, 4, secret, tls=None)
+        host, port = w.listen("127.0.0.1")
+        return w, [TcpReader(host, port, secret, i, channel="c0", tls=None) for i in (0, 1)], []
+    make_channel(shm_prefix + "c0", 2)
+    ctl, waiter = _ends(shm_prefix)
+    w = Writer(shm_prefix + "c0", 2, 4, 1 << 16, waiter, create=False)
+    return w, [Reader(shm_prefix + "c0", i, waiter) for i in (0, 1)], [ctl]
+
+
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(shm_prefix, transport):
     """The same, in one process, with the metadata on a shared-memory ring or on a TCP
@@ -720,20 +736,7 @@ def test_unpicklable_metadata_sends_no_tensor_over_either_metadata_channel(shm_p
     import threading
 
     comm = _RecordingComm()
-    ends = []
-    if transport == "tcp":
-        from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret
-
-        secret = new_secret()
-        w = TcpWriter("c0", 2, 4, secret, tls=None)
-        host, port = w.listen("127.0.0.1")
-        rs = [TcpReader(host, port, secret, i, channel="c0", tls=None) for i in (0, 1)]
-    else:
-        make_channel(shm_prefix + "c0", 2)
-        ctl, waiter = _ends(shm_prefix)
-        ends.append(ctl)
-        w = Writer(shm_prefix + "c0", 2, 4, 1 << 16, waiter, create=False)
-        rs = [Reader(shm_prefix + "c0", i, waiter) for i in (0, 1)]
+    w, rs, ends = _metadata_ends(shm_prefix, transport)
     try:
         w.on_encode_error = _loop_hook
         cw = CommWriter(w, comm, {"a0": 0, "a1": 1, "a2": 2}, ("a1", "a2"), actor="a0")
@@ -779,20 +782,7 @@ def test_skeleton_that_fails_to_unpickle_still_drains_its_tensors(shm_prefix, tr
     skeleton), drops them, and returns a Failure naming the channel: nothing is left
     queued for the next value, whose sizes differ (blocking recv and irecv alike)."""
     comm = _RecordingComm()
-    ends = []
-    if transport == "tcp":
-        from dagc.runtime.channels.tcp import TcpReader, TcpWriter, new_secret
-
-        secret = new_secret()
-        w = TcpWriter("c0", 2, 4, secret, tls=None)
-        host, port = w.listen("127.0.0.1")
-        rs = [TcpReader(host, port, secret, i, channel="c0", tls=None) for i in (0, 1)]
-    else:
-        make_channel(shm_prefix + "c0", 2)
-        ctl, waiter = _ends(shm_prefix)
-        ends.append(ctl)
-        w = Writer(shm_prefix + "c0", 2, 4, 1 << 16, waiter, create=False)
-        rs = [Reader(shm_prefix + "c0", i, waiter) for i in (0, 1)]
+    w, rs, ends = _metadata_ends(shm_prefix, transport)
     try:
         cw = CommWriter(w, comm, {"a0": 0, "a1": 1, "a2": 2}, ("a1", "a2"), actor="a0")
         crs = [CommReader(r, _PeerView(comm, rank), 0) for rank, r in ((1, rs[0]), (2, rs[1]))]
