@@ -89,7 +89,7 @@ class Executions:
         self._dropped: list[int] = []  # abandoned refs not yet accounted
         self._submit_lock = threading.Lock()
         self._read_lock = threading.RLock()
-        self._locks: tuple = (self._submit_lock, self._read_lock)  # closing the ends waits for
+        self._locks: tuple = self._own_locks()  # closing the ends waits for these
         self._closed = False
         self._dead: str | None = None
         self._lost: dict[int, str] = {}  # lost to an actor restart: why (restart.py)
@@ -108,9 +108,7 @@ class Executions:
         self._stamps = metrics.watch(self)  # timed executions, failures: metrics.py
         # dropped without teardown: release what teardown releases. The callback holds the
         # session, the locks and the async getter, none of which refers back to this object
-        self._finalizer = weakref.finalize(
-            self, _release, session, (self._submit_lock, self._read_lock), self._gets, False
-        )
+        self._finalizer = weakref.finalize(self, _release, session, self._locks, self._gets, False)
         self._finalizer.atexit = False  # at exit _teardown_all stops the loops properly
 
     @property
@@ -310,6 +308,11 @@ class Executions:
             s.close_ends(self._locks, None)
             raise ActorDiedError(self._death_message()) from None
         self._raise_closed()
+
+    def _own_locks(self) -> tuple:
+        """The locks a thread inside ``execute()``/``get()`` may hold: closing the ends
+        waits for them (teardown) or takes them only if free (garbage collection)."""
+        return (self._submit_lock, self._read_lock)
 
     # -- teardown ----------------------------------------------------------------------------------
     def teardown(self, kill_actors: bool = False) -> None:

@@ -73,12 +73,14 @@ class QueuedExecutions(Executions):
         self._queue: deque = deque()  # (args, kwargs) of executions _sent .. _submitted-1
         self._sent = 0
         self._pump: threading.Thread | None = None
-        self._wait_lock = threading.Lock()
-        self._locks = (self._submit_lock, self._read_lock, self._wait_lock)
         self._inputs = session.ir.inputs
         self._paused: threading.Event | None = None  # set while re-preparing (restart.py)
         stamps = getattr(self, "_stamps", None)  # metrics.py's timed executions
         self._begin = stamps.begin if stamps is not None else _no_stamp
+
+    def _own_locks(self) -> tuple:
+        self._wait_lock = threading.Lock()  # made here: the base class's finalizer holds it
+        return (self._submit_lock, self._read_lock, self._wait_lock)
 
     @property
     def queued(self) -> int:
