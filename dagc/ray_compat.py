@@ -99,9 +99,10 @@ def _experimental_compile(
     from dagc.frontend.inputs import check_dag_inputs
     from dagc.frontend.walk import check_ray_leaves
 
+    self.is_cgraph_output_node = True
+    _check_compiled_once(self)  # before Ray's other checks, as Ray walks first
     check_dag_inputs(self)  # an unused inp[i] first, as Ray checks
     check_ray_leaves(self)  # Ray's rule: an unused return of num_returns too
-    self.is_cgraph_output_node = True
     check = check_named_communicators if ray_side["need_named_communicator"] else None
     cg = stages.compile_as(RayCompiledDag, self, opts, check=check)
     cg._ray_get_timeout = ray_side["get_timeout"]
@@ -109,6 +110,32 @@ def _experimental_compile(
     if ray_side["visualize_schedule"]:
         print(cg.schedule)
     return cg
+
+
+def _check_compiled_once(root) -> None:
+    """Ray's rule under the patch: no other node of the DAG connected to ``root`` (up or
+    down its edges) was compiled (a branch of a compiled ``MultiOutputNode``), refused
+    with Ray's words."""
+    from collections import deque
+
+    from dagc.errors import CompileError
+
+    seen: set[int] = set()
+    queue, first = deque([root]), None
+    while queue:
+        node = queue.popleft()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if getattr(node, "is_cgraph_output_node", False):
+            if first is not None:
+                raise CompileError(
+                    "The DAG was compiled more than once. The following two nodes call "
+                    f"`experimental_compile`: (1) {first}, (2) {node}"
+                )
+            first = node
+        queue.extend(getattr(node, "_downstream_nodes", ()))
+        queue.extend(getattr(node, "_upstream_nodes", ()))
 
 
 def patch_ray(workers: bool = True) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import uuid
 import warnings
 
-from ray.experimental.compiled_dag_ref import CompiledDAGFuture
+from ray.experimental.compiled_dag_ref import CompiledDAGFuture, CompiledDAGRef
 
 from dagc.errors import CapacityError, DagTimeoutError
 from dagc.runtime.driver.compiled import CompiledDag
@@ -44,10 +44,24 @@ KILL_WAIT = 30.0
 __all__ = ["RayCompiledDag", "RayDagRef", "RayDagFuture"]
 
 
-class RayDagRef(DagRef):
+class _NotPickled(TypeError, ValueError):
+    """Pickling a Ray-style ref: Ray's ``ValueError``, and a ``TypeError`` as well."""
+
+
+class _ShownAsRays(type):
+    """The refs' metaclass: the class reads as Ray's own in what Ray writes about it
+    (``ray.wait(ref)``'s "got <class '...CompiledDAGRef'>"), as the same code reads
+    under Ray. ``__name__`` and ``__module__`` stay dagc's."""
+
+    def __repr__(cls) -> str:
+        return repr(cls.__dict__.get("_shown_as", cls))
+
+
+class RayDagRef(DagRef, metaclass=_ShownAsRays):
     """One output of one execution (``channel`` None: the only output), Ray-style."""
 
     __slots__ = ("_graph", "_shared", "_channel")
+    _shown_as: type = CompiledDAGRef
 
     def __init__(self, graph: RayCompiledDag, shared: DagRef, channel):
         self._graph = graph
@@ -80,6 +94,17 @@ class RayDagRef(DagRef):
     def __del__(self):
         pass  # the shared DagRef releases the execution when its last ref goes
 
+    # Ray's rules and words: not copied, deep-copied or pickled (a dagc DagRef copies as
+    # itself and refuses pickling with dagc's words)
+    __copy__ = CompiledDAGRef.__copy__
+    __deepcopy__ = CompiledDAGRef.__deepcopy__
+
+    def __reduce__(self):
+        # Ray's ValueError to pickle.dumps(ref); a TypeError too, which is what makes
+        # ray.put/.remote() of a value holding one say it "was found to be
+        # non-serializable" (Ray's serializer catches TypeError)
+        raise _NotPickled("CompiledDAGRef cannot be pickled.")
+
     def __str__(self) -> str:
         return (
             f"CompiledDAGRef({self._graph.get_id()}, execution_index={self._idx}, "
@@ -93,6 +118,7 @@ class RayDagFuture(RayDagRef, CompiledDAGFuture):
     """What ``await cdag.execute_async(...)`` yields: ``await fut`` gives the value."""
 
     __slots__ = ()
+    _shown_as = CompiledDAGFuture
 
     def __str__(self) -> str:
         return (

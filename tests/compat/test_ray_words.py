@@ -209,3 +209,63 @@ def test_compiling_a_dag_twice(worker, no_shm_leak):
             "on the same DAG object multiple times",
         ):
             dag.experimental_compile()
+        # a branch of a compiled MultiOutputNode: Ray's walk finds two compiled outputs
+        from ray.dag import MultiOutputNode
+
+        other = _cls().remote()
+        with InputNode() as inp:
+            branch1, branch2 = worker.inc.bind(inp), other.inc.bind(inp)
+            dag = MultiOutputNode([branch1, branch2])
+        dag.experimental_compile().teardown()
+        with pytest.raises(
+            ValueError,
+            match="The DAG was compiled more than once. The following two nodes call "
+            "`experimental_compile`: ",
+        ):
+            branch2.experimental_compile()
+        ray.kill(other)
+
+
+@pytest.mark.timeout(120)
+def test_refs_under_the_patch_follow_rays_rules(worker, no_shm_leak):
+    """A ref of experimental_compile's DAG is not copied, deep-copied or pickled, and is
+    no task argument, with Ray's words, where Ray's messages name Ray's class; get()
+    may be called again (docs/ray_compat.md: what dagc accepts where Ray refuses)."""
+    import copy
+    import pickle
+
+    import ray
+    from ray.dag import InputNode
+
+    @ray.remote
+    def f(x):
+        return x
+
+    with dagc.patched_ray(workers=False):
+        with InputNode() as inp:
+            dag = worker.inc.bind(inp)
+        cg = dag.experimental_compile()
+    try:
+        ref = cg.execute(1)
+        ray_cls = "<class 'ray.experimental.compiled_dag_ref.CompiledDAGRef'>"
+        with pytest.raises(TypeError, match=re.escape(f"ray.ObjectRefGenerator, got {ray_cls}")):
+            ray.wait(ref)
+        with pytest.raises(TypeError, match=re.escape(f"got list containing {ray_cls}")):
+            ray.wait([ref])
+        with pytest.raises(TypeError, match="was found to be non-serializable"):
+            ray.put([ref])
+        with pytest.raises(ValueError, match=r"CompiledDAGRef cannot be copied\."):
+            copy.copy(ref)
+        with pytest.raises(ValueError, match=r"CompiledDAGRef cannot be deep copied\."):
+            copy.deepcopy(ref)
+        with pytest.raises(ValueError, match=r"CompiledDAGRef cannot be pickled\."):
+            pickle.dumps(ref)
+        for call in (f.remote, worker.inc.remote):
+            with pytest.raises(TypeError, match="cannot be used as Ray task/actor argument"):
+                call(ref)
+        assert ray.get(ref, timeout=30) == 2
+        assert ray.get(ref, timeout=30) == 2  # Ray: ValueError, called once only
+        fut_cls = "<class 'ray.experimental.compiled_dag_ref.CompiledDAGFuture'>"
+        assert repr(dagc.ray_graph.RayDagFuture) == fut_cls  # execute_async's futures
+    finally:
+        cg.teardown()
