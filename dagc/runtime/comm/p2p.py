@@ -198,12 +198,8 @@ class CommWriter:
             self._write(self._encode_error(e, (skel, ())))
             return ()
         ts = [self._prep(t) for t in out]
-        try:
-            if self._write((blob, tuple(spec(t) for t in ts))):
-                return ()  # a Failure went instead (see _encode_error): no tensors
-        except _PICKLE_ERRORS as e:
-            # a writer that raises instead of calling on_encode_error: nothing reached it
-            self._write(self._encode_error(e, (skel, ())))
+        # bytes and specs always pickle; True: no room for them, a Failure went instead
+        if self._write((blob, tuple(spec(t) for t in ts))):
             return ()
         return tuple(t for t in ts if t.numel())
 

@@ -146,7 +146,7 @@ def _gone_remote(session) -> str | None:
     from dagc.runtime.driver.restart import actor_info
 
     here = session.layout.driver_node
-    read = {c.writer for c in session.ir.channels if c.over_tcp and DRIVER in c.readers}
+    read = {c.writer for c in _read_over_tcp(session)}
     for i, (a, h) in enumerate(zip(session.ir.actors, session.handles), start=1):
         if a.node == here or a.id in read:
             continue
@@ -156,13 +156,18 @@ def _gone_remote(session) -> str | None:
     return None
 
 
+def _read_over_tcp(session) -> list:
+    """The DAG's channels the driver reads over TCP (from actors on other nodes)."""
+    return [c for c in session.ir.channels if c.over_tcp and DRIVER in c.readers]
+
+
 def _tcp_readers(session) -> list:
     """[(reader, writer's process name)] of the TCP channels the driver reads."""
     index = session.layout.index
     return [
         (session.readers[c.id], session.procs[index[c.writer]])
-        for c in session.ir.channels
-        if c.over_tcp and DRIVER in c.readers and c.id in session.readers
+        for c in _read_over_tcp(session)
+        if c.id in session.readers
     ]
 
 
